@@ -1,0 +1,3 @@
+//! ferry: an event-sourced, distributed CI/CD job system for GitLab. See ARCHITECTURE.md.
+
+pub mod store;

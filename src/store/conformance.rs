@@ -1,0 +1,1 @@
+//! The conformance suite: backend-agnostic cases that every store must pass.

@@ -1,0 +1,87 @@
+//! What appending an event does to the live structures (queues and leases). Pure, and shared by
+//! every backend, so that "the queues are a projection of the log" holds by construction.
+
+use ferry_proto::{Event, StepId};
+
+/// A change to the live structures that an appended event implies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Put the step in its pool's ready queue (replacing any queue entry it had).
+    Enqueue {
+        step: StepId,
+        attempt: u32,
+        pool: String,
+        priority: i32,
+    },
+    /// Put the step in the delayed set until `due_ms` (store clock), then in its ready queue.
+    Schedule {
+        step: StepId,
+        attempt: u32,
+        pool: String,
+        priority: i32,
+        due_ms: u64,
+    },
+    /// The step's attempt is over: drop its lease and any queue entry.
+    Finish { step: StepId },
+    /// The job is over: drop every queue entry and lease it has.
+    ClearJob,
+}
+
+/// The effect of appending `event` to a job's stream. Events that scripts write themselves
+/// (`StepClaimed`, `LeaseExpired`, `StepReleased`) carry out their effects inside the script.
+pub fn effects_of(event: &Event) -> Option<Effect> {
+    Some(match event {
+        Event::StepQueued(e) => Effect::Enqueue {
+            step: e.step.clone(),
+            attempt: e.attempt,
+            pool: e.pool.clone(),
+            priority: e.priority,
+        },
+        Event::StepRetryScheduled(e) => Effect::Schedule {
+            step: e.step.clone(),
+            attempt: e.attempt,
+            pool: e.pool.clone(),
+            priority: e.priority,
+            due_ms: e.due_ms,
+        },
+        Event::StepSucceeded(e) => Effect::Finish {
+            step: e.step.clone(),
+        },
+        Event::StepFailed(e) => Effect::Finish {
+            step: e.step.clone(),
+        },
+        Event::JobSucceeded(_)
+        | Event::JobFailed(_)
+        | Event::JobCancelled(_)
+        | Event::JobSuperseded(_) => Effect::ClearJob,
+        _ => return None,
+    })
+}
+
+/// Priorities are clamped to this range when ordering a queue.
+pub const PRIORITY_RANGE: (i32, i32) = (-100, 100);
+
+/// The sort score of a ready entry: higher priority first, then earlier enqueue time. Exact in
+/// an `f64` (Redis sorted-set scores) for any enqueue time before the year 2248.
+pub fn queue_score(priority: i32, enqueued_ms: u64) -> f64 {
+    let p = priority.clamp(PRIORITY_RANGE.0, PRIORITY_RANGE.1);
+    let band = (PRIORITY_RANGE.1 - p) as u64; // 0 ..= 200, 0 = most urgent
+    (band * (1u64 << 43) + enqueued_ms.min((1u64 << 43) - 1)) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn higher_priority_sorts_first_then_older() {
+        let now = 1_800_000_000_000;
+        assert!(queue_score(10, now + 1_000_000) < queue_score(0, now));
+        assert!(queue_score(0, now) < queue_score(0, now + 1));
+        assert!(queue_score(-100, now) < queue_score(-101, now + 1) + 1.0);
+        // exact in f64
+        let s = queue_score(-100, now);
+        assert_eq!(s as u64 as f64, s);
+        assert_eq!(s as u64 % (1 << 43), now);
+    }
+}

@@ -1,0 +1,371 @@
+//! Storage ports: the event log (with its consumer-group feed), the work queue, step leases, the
+//! leader lock and snapshots. Each is a narrow trait whose doc comment is its contract; every
+//! backend implements all of them and passes the one conformance suite ([`conformance`]).
+//!
+//! The store keeps two kinds of data: the **log** (streams of events: the truth) and **live
+//! structures** (ready and delayed queues, leases) that the store derives from the events it
+//! appends, inside the same atomic operation. Callers never touch queues directly: appending a
+//! `StepQueued` event is what enqueues a step ([`effects_of`]). So the live structures can always
+//! be checked against a fold of the log (`ferry replay --verify`).
+
+pub mod conformance;
+mod effects;
+pub mod redis;
+
+pub use effects::{effects_of, queue_score, Effect, PRIORITY_RANGE};
+
+use async_trait::async_trait;
+use ferry_proto::{AgentId, DecodeError, Envelope, Event, FencingToken, JobId, StepId};
+use std::fmt;
+use std::time::Duration;
+
+/// The number of events in a stream. A stream that was never written has version 0.
+pub type Version = u64;
+
+/// A position in the global log, opaque to callers and ordered by the store. Redis uses the
+/// stream entry id (`<ms>-<seq>`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct LogPos(pub String);
+
+impl fmt::Display for LogPos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A named event stream. Every job has its own; webhooks and agents have one each.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum StreamId {
+    Job(JobId),
+    Webhooks,
+    Agents,
+}
+
+impl StreamId {
+    /// The name written into envelopes: `job:<uuid>`, `webhooks`, `agents`.
+    pub fn name(&self) -> String {
+        match self {
+            StreamId::Job(j) => format!("job:{j}"),
+            StreamId::Webhooks => "webhooks".into(),
+            StreamId::Agents => "agents".into(),
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<StreamId> {
+        match name {
+            "webhooks" => Some(StreamId::Webhooks),
+            "agents" => Some(StreamId::Agents),
+            _ => name
+                .strip_prefix("job:")
+                .and_then(|j| j.parse().ok())
+                .map(StreamId::Job),
+        }
+    }
+
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            StreamId::Job(j) => Some(*j),
+            _ => None,
+        }
+    }
+}
+
+/// What the writer believes the stream's version is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// Append whatever the version (agents' facts, sweeps).
+    Any,
+    /// Append only if the stream holds exactly this many events (decisions).
+    Exactly(Version),
+}
+
+/// The lease an append is made under. The store rejects the append unless `token` is the live
+/// lease's token for `step` of this job and the lease has not run out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub step: StepId,
+    pub token: FencingToken,
+}
+
+/// One atomic append.
+#[derive(Clone, Debug)]
+pub struct Append {
+    pub stream: StreamId,
+    pub expected: Expected,
+    pub fence: Option<Fence>,
+    /// Dedupe keys: if any of them was recorded within its window, nothing is written and the
+    /// log position recorded under it is returned. Otherwise all are recorded, pointing at the
+    /// first new event, for `dedupe_window`.
+    pub dedupe: Vec<String>,
+    pub dedupe_window: Duration,
+    /// Wall-clock ms written into the envelopes.
+    pub at_ms: u64,
+    pub events: Vec<Event>,
+}
+
+impl Append {
+    /// An append of `events` to `stream` with no conditions.
+    pub fn new(stream: StreamId, events: Vec<Event>) -> Self {
+        Append {
+            stream,
+            expected: Expected::Any,
+            fence: None,
+            dedupe: Vec::new(),
+            dedupe_window: Duration::ZERO,
+            at_ms: now_ms(),
+            events,
+        }
+    }
+
+    pub fn expect(mut self, version: Version) -> Self {
+        self.expected = Expected::Exactly(version);
+        self
+    }
+
+    pub fn fenced(mut self, step: StepId, token: FencingToken) -> Self {
+        self.fence = Some(Fence { step, token });
+        self
+    }
+
+    pub fn dedupe(mut self, keys: Vec<String>, window: Duration) -> Self {
+        self.dedupe = keys;
+        self.dedupe_window = window;
+        self
+    }
+}
+
+/// What an append did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// The events were written; `version` is the stream's new version and `positions` their
+    /// places in the global log, in order.
+    Written {
+        version: Version,
+        positions: Vec<LogPos>,
+    },
+    /// A dedupe key matched: nothing was written. `original` is the first event of the append
+    /// that recorded the key.
+    Duplicate { original: LogPos },
+}
+
+/// An event as read back from the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// Its place in the global log.
+    pub pos: LogPos,
+    pub envelope: Envelope,
+}
+
+impl Stored {
+    pub fn decode(&self) -> Result<Event, Error> {
+        self.envelope.decode().map_err(|source| Error::Decode {
+            pos: self.pos.clone(),
+            source,
+        })
+    }
+}
+
+/// A step the claim script handed to an agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub job: JobId,
+    pub step: StepId,
+    pub attempt: u32,
+    pub pool: String,
+    pub token: FencingToken,
+    /// Store-clock ms at which the lease runs out unless renewed.
+    pub deadline_ms: u64,
+}
+
+/// A step waiting in a queue.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Queued {
+    pub job: JobId,
+    pub step: StepId,
+    pub attempt: u32,
+    pub pool: String,
+    pub priority: i32,
+    /// `Some(due)` while the step waits in the delayed set, `None` once it is ready.
+    pub due_ms: Option<u64>,
+}
+
+/// A live step lease.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Lease {
+    pub job: JobId,
+    pub step: StepId,
+    pub attempt: u32,
+    pub agent: AgentId,
+    pub token: FencingToken,
+    pub deadline_ms: u64,
+}
+
+/// Errors every port may return. An operation that returns an error may or may not have taken
+/// effect only when the error is [`Error::Unavailable`]; all other errors mean it did not.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("version conflict on {stream}: expected {expected}, found {actual}")]
+    Conflict {
+        stream: String,
+        expected: Version,
+        actual: Version,
+    },
+    #[error("stale fencing token {token} for step {step}: {reason}")]
+    Stale {
+        step: StepId,
+        token: FencingToken,
+        reason: String,
+    },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("cannot decode event at {pos}: {source}")]
+    Decode { pos: LogPos, source: DecodeError },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// **Event log.** Streams of events with optimistic concurrency, and the global log.
+///
+/// - `append` is atomic: either every event is written (to its stream and, in the same order,
+///   to the global log) and every effect of [`effects_of`] is applied, or nothing is.
+/// - With `Expected::Exactly(v)` the append fails with [`Error::Conflict`] unless the stream
+///   holds exactly `v` events. Of two writers that read the same version, exactly one wins.
+/// - With a [`Fence`], the append fails with [`Error::Stale`] unless the job's lease on that step
+///   is live and carries that token.
+/// - Dedupe keys make the append a no-op returning [`Appended::Duplicate`] (see [`Append`]).
+/// - A stream's events come back in append order; the global log is totally ordered and its
+///   order is consistent with every stream's order.
+#[async_trait]
+pub trait EventLog: Send + Sync {
+    async fn append(&self, append: Append) -> Result<Appended>;
+    /// The events of one stream from version `from` (0 = the start), in order.
+    async fn read_stream(&self, stream: &StreamId, from: Version) -> Result<Vec<Stored>>;
+    /// Up to `count` global-log events after `after` (`None` = from the start), in order.
+    async fn read_log(&self, after: Option<&LogPos>, count: usize) -> Result<Vec<Stored>>;
+    /// Job ids in creation order, after `after`, at most `limit`.
+    async fn jobs(&self, after: Option<JobId>, limit: usize) -> Result<Vec<JobId>>;
+    /// The store answers.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// **Feed.** The global log delivered through consumer groups (at least once).
+///
+/// - A group created with `ensure_group` starts at the beginning of the log; creating it again
+///   is a no-op.
+/// - `read_new` delivers entries no consumer of the group has seen yet, and marks them pending
+///   for `consumer` until acknowledged; it waits up to `block` when there are none.
+/// - `read_pending` delivers `consumer`'s own pending entries (a restarted consumer reads these
+///   first).
+/// - `claim_idle` moves to `consumer` the pending entries of any consumer idle for at least
+///   `min_idle` (a dead consumer's work) and returns them.
+#[async_trait]
+pub trait Feed: Send + Sync {
+    async fn ensure_group(&self, group: &str) -> Result<()>;
+    async fn read_new(
+        &self,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Stored>>;
+    async fn read_pending(&self, group: &str, consumer: &str, count: usize) -> Result<Vec<Stored>>;
+    async fn ack(&self, group: &str, positions: &[LogPos]) -> Result<()>;
+    async fn claim_idle(
+        &self,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<Stored>>;
+}
+
+/// **Work queue.** Ready queues per pool ordered by priority (higher first) then enqueue time
+/// (older first); a delayed set ordered by due time. Steps enter them only through the effects of
+/// appended events.
+///
+/// - `claim` atomically pops the best ready step over `pools`, grants `agent` a lease of `ttl`
+///   with a fresh fencing token, and appends `StepClaimed` to the job's stream. Each queued step
+///   is claimed at most once.
+/// - `promote_due` moves delayed steps whose due time passed (store clock) to their ready queue,
+///   appending `StepQueued` for each.
+/// - `wait_for_work` returns when work may have arrived for one of `pools`, or after `timeout`.
+///   It may return early without work; it never busy-polls the store.
+#[async_trait]
+pub trait WorkQueue: Send + Sync {
+    async fn claim(&self, pools: &[String], agent: &AgentId, ttl: Duration)
+        -> Result<Option<Claim>>;
+    async fn promote_due(&self, max: usize) -> Result<usize>;
+    async fn wait_for_work(&self, pools: &[String], timeout: Duration) -> Result<()>;
+    /// Everything waiting, ready and delayed, in no particular order.
+    async fn queued(&self) -> Result<Vec<Queued>>;
+}
+
+/// **Leases** on claimed steps. Deadlines use the store's clock, never the caller's.
+///
+/// - `renew` extends the lease by `ttl` from now if `token` is still the live token and the lease
+///   has not run out; otherwise [`Error::Stale`].
+/// - `release` gives the lease back (compare-and-release) and appends `StepReleased`.
+/// - `expire_due` ends leases whose deadline passed and appends `LeaseExpired` for each. Their
+///   tokens are dead from that moment: renewals and fenced appends with them fail.
+#[async_trait]
+pub trait Leases: Send + Sync {
+    async fn renew(
+        &self,
+        job: JobId,
+        step: &StepId,
+        token: FencingToken,
+        ttl: Duration,
+    ) -> Result<u64>;
+    async fn release(
+        &self,
+        job: JobId,
+        step: &StepId,
+        token: FencingToken,
+        reason: &str,
+    ) -> Result<()>;
+    async fn expire_due(&self, max: usize) -> Result<Vec<Lease>>;
+    async fn leases(&self) -> Result<Vec<Lease>>;
+}
+
+/// **Leader lock** for singleton duties (the lease sweep, delayed promotion).
+///
+/// - `acquire` succeeds for one holder at a time and returns a fencing token larger than any
+///   issued before for any lock or lease.
+/// - `renew` and `release` succeed only for the current holder with its token.
+/// - An unrenewed lock lapses after `ttl` and can then be acquired by anyone.
+#[async_trait]
+pub trait LeaderLock: Send + Sync {
+    async fn acquire(&self, name: &str, holder: &str, ttl: Duration)
+        -> Result<Option<FencingToken>>;
+    async fn renew(
+        &self,
+        name: &str,
+        holder: &str,
+        token: FencingToken,
+        ttl: Duration,
+    ) -> Result<bool>;
+    async fn release(&self, name: &str, holder: &str, token: FencingToken) -> Result<bool>;
+}
+
+/// **Snapshots**: named blobs (a projection and the log position it reflects). Last write wins.
+#[async_trait]
+pub trait Snapshots: Send + Sync {
+    async fn put_snapshot(&self, name: &str, bytes: &[u8]) -> Result<()>;
+    async fn get_snapshot(&self, name: &str) -> Result<Option<Vec<u8>>>;
+}
+
+/// Every port, as one object that roles share.
+pub trait Store: EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots {}
+impl<T: EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots> Store for T {}
+
+/// Wall-clock milliseconds since the Unix epoch, for envelope timestamps only.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
