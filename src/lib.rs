@@ -1,3 +1,5 @@
 //! ferry: an event-sourced, distributed CI/CD job system for GitLab. See ARCHITECTURE.md.
 
+pub mod domain;
+pub mod replay;
 pub mod store;

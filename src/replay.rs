@@ -1,0 +1,251 @@
+//! Replay: rebuild the [`View`] from the global log (optionally from a snapshot), and verify it
+//! against the live projection the store keeps — each job's own stream, the queues and the
+//! leases. `ferry replay` drives this.
+
+use crate::domain::view::{leases_of, queue_of, LeaseEntry, QueueEntry};
+use crate::domain::{JobState, View};
+use crate::store::{self, LogPos, StreamId, Store};
+use ferry_proto::JobId;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Name under which `ferry replay --save-snapshot` stores the view.
+pub const SNAPSHOT: &str = "view";
+
+const BATCH: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("snapshot {name} is unreadable: {reason}")]
+    Snapshot { name: String, reason: String },
+}
+
+/// Folds the global log into `view`, from just after `view.position` to the end.
+pub async fn catch_up(store: &dyn Store, view: &mut View) -> Result<(), Error> {
+    loop {
+        let after = view.position.clone().map(LogPos);
+        let batch = store.read_log(after.as_ref(), BATCH).await?;
+        for stored in &batch {
+            let event = stored.decode()?;
+            view.apply(
+                &stored.pos.0,
+                &stored.envelope.stream,
+                &event,
+                stored.envelope.at_ms,
+            );
+        }
+        if batch.len() < BATCH {
+            return Ok(());
+        }
+    }
+}
+
+/// The view rebuilt from the whole log.
+pub async fn rebuild(store: &dyn Store) -> Result<View, Error> {
+    let mut view = View::default();
+    catch_up(store, &mut view).await?;
+    Ok(view)
+}
+
+/// Stores `view` as the snapshot, with the position it reflects inside it.
+pub async fn save_snapshot(store: &dyn Store, view: &View) -> Result<(), Error> {
+    let bytes = rmp_serde::to_vec_named(view).map_err(|e| Error::Snapshot {
+        name: SNAPSHOT.into(),
+        reason: e.to_string(),
+    })?;
+    store.put_snapshot(SNAPSHOT, &bytes).await?;
+    Ok(())
+}
+
+/// The stored snapshot, if there is one.
+pub async fn load_snapshot(store: &dyn Store) -> Result<Option<View>, Error> {
+    let Some(bytes) = store.get_snapshot(SNAPSHOT).await? else {
+        return Ok(None);
+    };
+    rmp_serde::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::Snapshot {
+            name: SNAPSHOT.into(),
+            reason: e.to_string(),
+        })
+}
+
+/// The outcome of [`verify`].
+#[derive(Debug, Default)]
+pub struct Verification {
+    /// Jobs compared in full.
+    pub checked: usize,
+    /// Jobs that changed while being verified; they are not compared.
+    pub skipped: Vec<JobId>,
+    /// Every difference found, most important first.
+    pub differences: Vec<String>,
+}
+
+impl Verification {
+    pub fn ok(&self) -> bool {
+        self.differences.is_empty()
+    }
+}
+
+/// Compares `view` (a fold of the global log) with the live projection: each job's stream
+/// folded on its own, the store's queues and its leases.
+///
+/// Every change to a job's queue entries or lease is made atomically with an append to that
+/// job's stream, and streams only grow. So a job whose stream still has the version the view
+/// saw did not change since, and its queue entries and lease read after the view must match
+/// exactly. Jobs that did change are reported as skipped, not as differences.
+pub async fn verify(store: &dyn Store, view: &View) -> Result<Verification, Error> {
+    let queued = store.queued().await?;
+    let leases = store.leases().await?;
+
+    let mut live_queue: BTreeMap<JobId, BTreeSet<QueueEntry>> = BTreeMap::new();
+    for q in queued {
+        live_queue.entry(q.job).or_default().insert(QueueEntry {
+            job: q.job,
+            step: q.step,
+            attempt: q.attempt,
+            pool: q.pool,
+            priority: q.priority,
+            due_ms: q.due_ms,
+        });
+    }
+    let mut live_leases: BTreeMap<JobId, BTreeSet<LeaseEntry>> = BTreeMap::new();
+    for l in leases {
+        live_leases.entry(l.job).or_default().insert(LeaseEntry {
+            job: l.job,
+            step: l.step,
+            attempt: l.attempt,
+            agent: l.agent,
+            token: l.token,
+        });
+    }
+
+    let mut jobs: BTreeSet<JobId> = view.jobs.keys().copied().collect();
+    let mut after = None;
+    loop {
+        let page = store.jobs(after, BATCH).await?;
+        after = page.last().copied();
+        let done = page.len() < BATCH;
+        jobs.extend(page);
+        if done {
+            break;
+        }
+    }
+    jobs.extend(live_queue.keys().copied());
+    jobs.extend(live_leases.keys().copied());
+
+    let mut out = Verification::default();
+    let empty = JobState::new(JobId::default());
+    for job in jobs {
+        let stream = store.read_stream(&StreamId::Job(job), 0).await?;
+        let mut live = JobState::new(job);
+        for stored in &stream {
+            live.evolve(&stored.decode()?, stored.envelope.at_ms);
+        }
+        let logged = view.jobs.get(&job);
+        let seen = logged.map_or(0, |j| j.version);
+        if live.version > seen {
+            let changed_after_view = match (stream.get(seen as usize), &view.position) {
+                (Some(first_new), Some(pos)) => {
+                    compare_pos(&first_new.pos.0, pos) == Ordering::Greater
+                }
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if changed_after_view {
+                out.skipped.push(job);
+                continue;
+            }
+        }
+        let logged = logged.unwrap_or(&empty);
+        if live != *logged {
+            out.differences.push(format!(
+                "job {job}: the global log folds to version {} ({}), its own stream to version {} ({})",
+                logged.version,
+                logged.phase.as_str(),
+                live.version,
+                live.phase.as_str()
+            ));
+            continue;
+        }
+        let want: BTreeSet<QueueEntry> = queue_of(logged).into_iter().collect();
+        let have = live_queue.remove(&job).unwrap_or_default();
+        for missing in want.difference(&have) {
+            out.differences.push(format!(
+                "job {job}: step {} attempt {} should be queued in pool {} (due {:?}) but is not",
+                missing.step, missing.attempt, missing.pool, missing.due_ms
+            ));
+        }
+        for extra in have.difference(&want) {
+            out.differences.push(format!(
+                "job {job}: step {} attempt {} is queued in pool {} (due {:?}) but the log says it should not be",
+                extra.step, extra.attempt, extra.pool, extra.due_ms
+            ));
+        }
+        let want: BTreeSet<LeaseEntry> = leases_of(logged).into_iter().collect();
+        let have = live_leases.remove(&job).unwrap_or_default();
+        for missing in want.difference(&have) {
+            out.differences.push(format!(
+                "job {job}: step {} should be leased to {} with token {} but is not",
+                missing.step, missing.agent, missing.token
+            ));
+        }
+        for extra in have.difference(&want) {
+            out.differences.push(format!(
+                "job {job}: step {} is leased to {} with token {} but the log says it should not be",
+                extra.step, extra.agent, extra.token
+            ));
+        }
+        out.checked += 1;
+    }
+    Ok(out)
+}
+
+/// Orders two log positions of the same store: `<ms>-<seq>` (Redis) or a plain sequence
+/// number, compared part by part as numbers.
+pub fn compare_pos(a: &str, b: &str) -> Ordering {
+    let parts = |s: &str| -> Vec<u64> { s.split('-').map(|p| p.parse().unwrap_or(0)).collect() };
+    parts(a).cmp(&parts(b))
+}
+
+/// A few lines for humans: jobs by phase, queue, leases, agents.
+pub fn summary(view: &View) -> String {
+    let mut s = format!(
+        "{} events folded, up to log position {}\n",
+        view.events,
+        view.position.as_deref().unwrap_or("(none)")
+    );
+    let phases: Vec<String> = view
+        .jobs_by_phase()
+        .iter()
+        .map(|(p, n)| format!("{} {n}", p.as_str()))
+        .collect();
+    s += &format!(
+        "jobs: {} ({})\n",
+        view.jobs.len(),
+        if phases.is_empty() {
+            "none".into()
+        } else {
+            phases.join(", ")
+        }
+    );
+    s += &format!(
+        "queued steps: {}\nleased steps: {}\n",
+        view.queue().len(),
+        view.leases().len()
+    );
+    let live = view.agents.values().filter(|a| a.lost.is_none()).count();
+    s += &format!(
+        "agents: {} known, {} not lost\nwebhooks: {}\n",
+        view.agents.len(),
+        live,
+        view.webhooks
+            .iter()
+            .map(|(a, n)| format!("{a} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    s
+}
