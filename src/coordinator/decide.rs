@@ -1,0 +1,321 @@
+//! What a coordinator decides for a job, as a pure function of the job's state.
+//!
+//! Decisions are level-triggered: [`next`] looks at where the job stands, not at which event
+//! woke the coordinator. Handling a feed entry twice, or two coordinators handling the same job,
+//! can therefore never double an effect: the second look sees the first decision already in the
+//! stream (and optimistic concurrency makes sure only one of two racing decisions lands).
+
+use crate::domain::{JobState, StepStatus};
+use ferry_proto::{Event, JobFailed, JobSucceeded, StepQueued, StepRetryScheduled};
+use std::time::Duration;
+
+/// How failures are retried.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Attempts per step, the first included.
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles per attempt.
+    pub base: Duration,
+    /// Upper bound of the delay.
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before attempt `next` (≥ 2): `base * 2^(next-2)`, capped at `max`, scaled by a
+    /// jitter factor in `[0.5, 1.0)` so that steps failed together do not retry together.
+    pub fn delay(&self, next: u32, jitter: f64) -> Duration {
+        let exp = next.saturating_sub(2).min(30);
+        let raw = self.base.saturating_mul(1u32 << exp).min(self.max);
+        raw.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    }
+}
+
+/// The events the job needs next, given its state. `now_ms` dates retries; `jitter` in `[0, 1)`
+/// spreads them. Empty when the job is waiting on something outside the coordinator (a queue,
+/// an agent) or is over.
+pub fn next(job: &JobState, policy: &RetryPolicy, now_ms: u64, jitter: f64) -> Vec<Event> {
+    if job.phase.is_terminal() || job.plan.is_none() {
+        return Vec::new();
+    }
+    let Some(step) = job
+        .steps
+        .iter()
+        .find(|s| !matches!(s.status, StepStatus::Succeeded { .. }))
+    else {
+        return vec![JobSucceeded {}.into()];
+    };
+    // `delayed`: a failure the step reported backs off; an interruption (the lease expired or
+    // was handed back) goes straight back to the queue, so a dead agent's step is picked up
+    // again within lease TTL + one sweep.
+    let retry_or_fail = |attempt: u32, why: &str, delayed: bool| -> Event {
+        if attempt < policy.max_attempts && !delayed {
+            StepQueued {
+                step: step.step.clone(),
+                attempt: attempt + 1,
+                pool: step.pool.clone(),
+                priority: step.priority,
+            }
+            .into()
+        } else if attempt < policy.max_attempts {
+            let next = attempt + 1;
+            let delay = policy.delay(next, jitter);
+            StepRetryScheduled {
+                step: step.step.clone(),
+                attempt: next,
+                pool: step.pool.clone(),
+                priority: step.priority,
+                due_ms: now_ms + delay.as_millis() as u64,
+                reason: why.to_string(),
+            }
+            .into()
+        } else {
+            JobFailed {
+                reason: format!(
+                    "step {} failed after {attempt} attempts: {why}",
+                    step.step
+                ),
+                step: Some(step.step.clone()),
+            }
+            .into()
+        }
+    };
+    match &step.status {
+        StepStatus::Pending => vec![StepQueued {
+            step: step.step.clone(),
+            attempt: 1,
+            pool: step.pool.clone(),
+            priority: step.priority,
+        }
+        .into()],
+        StepStatus::Queued { .. } | StepStatus::Delayed { .. } | StepStatus::Claimed { .. } => {
+            Vec::new()
+        }
+        StepStatus::Interrupted { attempt, reason } => vec![retry_or_fail(*attempt, reason, false)],
+        StepStatus::Failed {
+            attempt,
+            error,
+            retryable: true,
+        } => vec![retry_or_fail(*attempt, error, true)],
+        StepStatus::Failed {
+            error,
+            retryable: false,
+            ..
+        } => vec![JobFailed {
+            reason: format!("step {} failed: {error}", step.step),
+            step: Some(step.step.clone()),
+        }
+        .into()],
+        StepStatus::Succeeded { .. } => unreachable!("found the first step not succeeded"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::JobPhase;
+    use ferry_proto::*;
+
+    fn job() -> JobState {
+        let id: JobId = "01890a5d-ac96-774b-bcce-b30209900001".parse().unwrap();
+        let plan = JobCreated {
+            job: id,
+            project_id: 1,
+            project: "g/app".into(),
+            tag: "v1".into(),
+            git_ref: "refs/tags/v1".into(),
+            sha: "a".repeat(40),
+            priority: 0,
+            trigger: "test".into(),
+            steps: ["build", "deploy:prod"]
+                .into_iter()
+                .map(|s| StepPlan {
+                    step: StepId::new(s),
+                    pool: "default".into(),
+                    priority: 5,
+                    spec: StepSpec::Noop,
+                })
+                .collect(),
+        };
+        let mut j = JobState::new(id);
+        j.evolve(&plan.into(), 1);
+        j
+    }
+
+    fn run(j: &mut JobState, events: &[Event]) {
+        for e in events {
+            j.evolve(e, 2);
+        }
+    }
+
+    fn decide(j: &JobState) -> Vec<Event> {
+        next(j, &RetryPolicy::default(), 10_000, 0.0)
+    }
+
+    fn claimed(step: &str, attempt: u32) -> Event {
+        StepClaimed {
+            step: StepId::new(step),
+            attempt,
+            agent: AgentId::new("a"),
+            token: FencingToken(attempt as u64),
+            lease_ttl_ms: 1000,
+        }
+        .into()
+    }
+
+    #[test]
+    fn walks_the_plan_step_by_step_and_is_idempotent() {
+        let mut j = job();
+        let d = decide(&j);
+        assert!(matches!(&d[..], [Event::StepQueued(q)] if q.step.as_str() == "build" && q.attempt == 1 && q.priority == 5));
+        run(&mut j, &d);
+        assert!(decide(&j).is_empty(), "queued: nothing more to decide");
+        run(&mut j, &[claimed("build", 1)]);
+        assert!(decide(&j).is_empty());
+        run(
+            &mut j,
+            &[StepSucceeded {
+                step: StepId::new("build"),
+                attempt: 1,
+            }
+            .into()],
+        );
+        let d = decide(&j);
+        assert!(matches!(&d[..], [Event::StepQueued(q)] if q.step.as_str() == "deploy:prod"));
+        run(&mut j, &d);
+        run(
+            &mut j,
+            &[
+                claimed("deploy:prod", 1),
+                StepSucceeded {
+                    step: StepId::new("deploy:prod"),
+                    attempt: 1,
+                }
+                .into(),
+            ],
+        );
+        let d = decide(&j);
+        assert!(matches!(&d[..], [Event::JobSucceeded(_)]));
+        run(&mut j, &d);
+        assert_eq!(j.phase, JobPhase::Succeeded);
+        assert!(decide(&j).is_empty());
+    }
+
+    #[test]
+    fn an_expired_lease_requeues_at_once_until_attempts_run_out() {
+        let mut j = job();
+        let d = decide(&j);
+        run(&mut j, &d);
+        for attempt in 1..=3 {
+            run(
+                &mut j,
+                &[
+                    claimed("build", attempt),
+                    LeaseExpired {
+                        step: StepId::new("build"),
+                        attempt,
+                        agent: AgentId::new("a"),
+                        token: FencingToken(attempt as u64),
+                    }
+                    .into(),
+                ],
+            );
+            let d = decide(&j);
+            if attempt < 3 {
+                assert!(matches!(&d[..], [Event::StepQueued(q)] if q.attempt == attempt + 1));
+                run(&mut j, &d);
+            } else {
+                assert!(matches!(&d[..], [Event::JobFailed(f)] if f.reason.contains("3 attempts")));
+            }
+        }
+    }
+
+    #[test]
+    fn reported_infrastructure_failures_retry_with_backoff_then_fail() {
+        let mut j = job();
+        let d = decide(&j);
+        run(&mut j, &d);
+        for attempt in 1..=3 {
+            run(
+                &mut j,
+                &[
+                    claimed("build", attempt),
+                    StepFailed {
+                        step: StepId::new("build"),
+                        attempt,
+                        error: "clone failed".into(),
+                        retryable: true,
+                        exit_code: None,
+                    }
+                    .into(),
+                ],
+            );
+            let d = decide(&j);
+            if attempt < 3 {
+                let Event::StepRetryScheduled(r) = &d[0] else {
+                    panic!("expected a retry, got {d:?}")
+                };
+                assert_eq!(r.attempt, attempt + 1);
+                assert!(r.due_ms > 10_000);
+                run(&mut j, &d);
+                run(
+                    &mut j,
+                    &[StepQueued {
+                        step: StepId::new("build"),
+                        attempt: attempt + 1,
+                        pool: "default".into(),
+                        priority: 5,
+                    }
+                    .into()],
+                );
+            } else {
+                assert!(matches!(&d[..], [Event::JobFailed(f)] if f.reason.contains("3 attempts")));
+            }
+        }
+    }
+
+    #[test]
+    fn a_command_failure_is_not_retried() {
+        let mut j = job();
+        let d = decide(&j);
+        run(&mut j, &d);
+        run(
+            &mut j,
+            &[
+                claimed("build", 1),
+                StepFailed {
+                    step: StepId::new("build"),
+                    attempt: 1,
+                    error: "exit status 2".into(),
+                    retryable: false,
+                    exit_code: Some(2),
+                }
+                .into(),
+            ],
+        );
+        assert!(matches!(&decide(&j)[..], [Event::JobFailed(f)] if f.reason.contains("exit status 2")));
+    }
+
+    #[test]
+    fn backoff_doubles_is_capped_and_jittered() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(5),
+        };
+        assert_eq!(p.delay(2, 1.0), Duration::from_secs(1));
+        assert_eq!(p.delay(3, 1.0), Duration::from_secs(2));
+        assert_eq!(p.delay(4, 1.0), Duration::from_secs(4));
+        assert_eq!(p.delay(9, 1.0), Duration::from_secs(5));
+        assert_eq!(p.delay(3, 0.0), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,6 @@
+//! The coordinator role: consumes the feed through a consumer group, turns webhooks into jobs,
+//! decides each job's next step ([`decide::next`]) and appends the decision with optimistic
+//! concurrency; one coordinator at a time (leader lock) sweeps expired leases and promotes due
+//! retries.
+
+pub mod decide;
