@@ -4,3 +4,7 @@
 //! retries.
 
 pub mod decide;
+pub mod plan;
+mod service;
+
+pub use service::{run, Options};
