@@ -1,5 +1,6 @@
 //! ferry: an event-sourced, distributed CI/CD job system for GitLab. See ARCHITECTURE.md.
 
+pub mod agent;
 pub mod coordinator;
 pub mod domain;
 pub mod replay;

@@ -4,7 +4,7 @@
 
 use crate::domain::view::{leases_of, queue_of, LeaseEntry, QueueEntry};
 use crate::domain::{JobState, View};
-use crate::store::{self, LogPos, StreamId, Store};
+use crate::store::{self, LogPos, Store, StreamId};
 use ferry_proto::JobId;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};

@@ -236,8 +236,7 @@ fn every_current_kind_has_a_golden_fixture_that_still_encodes_identically() {
         let golden = std::fs::read(&path)
             .unwrap_or_else(|e| panic!("missing fixture {}: {e}", path.display()));
         assert_eq!(
-            golden,
-            bytes,
+            golden, bytes,
             "encoding of {name} v{version} changed: a field was renamed, reordered or retyped"
         );
     }
@@ -294,7 +293,11 @@ fn unknown_kinds_and_versions_are_errors() {
     );
     assert!(matches!(
         Event::decode_payload(3, 99, &bytes),
-        Err(DecodeError::UnknownVersion { kind: 3, version: 99, .. })
+        Err(DecodeError::UnknownVersion {
+            kind: 3,
+            version: 99,
+            ..
+        })
     ));
     let err = Event::decode_payload(2, 1, &bytes).unwrap_err();
     assert!(

@@ -80,10 +80,7 @@ pub fn next(job: &JobState, policy: &RetryPolicy, now_ms: u64, jitter: f64) -> V
             .into()
         } else {
             JobFailed {
-                reason: format!(
-                    "step {} failed after {attempt} attempts: {why}",
-                    step.step
-                ),
+                reason: format!("step {} failed after {attempt} attempts: {why}", step.step),
                 step: Some(step.step.clone()),
             }
             .into()
@@ -176,7 +173,9 @@ mod tests {
     fn walks_the_plan_step_by_step_and_is_idempotent() {
         let mut j = job();
         let d = decide(&j);
-        assert!(matches!(&d[..], [Event::StepQueued(q)] if q.step.as_str() == "build" && q.attempt == 1 && q.priority == 5));
+        assert!(
+            matches!(&d[..], [Event::StepQueued(q)] if q.step.as_str() == "build" && q.attempt == 1 && q.priority == 5)
+        );
         run(&mut j, &d);
         assert!(decide(&j).is_empty(), "queued: nothing more to decide");
         run(&mut j, &[claimed("build", 1)]);
@@ -302,7 +301,9 @@ mod tests {
                 .into(),
             ],
         );
-        assert!(matches!(&decide(&j)[..], [Event::JobFailed(f)] if f.reason.contains("exit status 2")));
+        assert!(
+            matches!(&decide(&j)[..], [Event::JobFailed(f)] if f.reason.contains("exit status 2"))
+        );
     }
 
     #[test]

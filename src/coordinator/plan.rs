@@ -55,7 +55,12 @@ pub fn plan_job(
         .clone_url
         .clone()
         .or_else(|| webhook.clone_url.clone())
-        .ok_or_else(|| format!("project {} has no clone_url and the webhook none", project.path))?;
+        .ok_or_else(|| {
+            format!(
+                "project {} has no clone_url and the webhook none",
+                project.path
+            )
+        })?;
     let mut steps = vec![StepPlan {
         step: StepId::new("build"),
         pool: project.build_pool.clone(),

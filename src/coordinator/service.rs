@@ -3,7 +3,7 @@
 use super::decide::{next, RetryPolicy};
 use super::plan::{plan_job, ProjectPlan};
 use crate::domain::JobState;
-use crate::store::{self, now_ms, Append, Error, LeaderLock, LogPos, Store, Stored, StreamId};
+use crate::store::{self, now_ms, Append, Error, LogPos, Store, Stored, StreamId};
 use ferry_proto::{Event, FencingToken, JobId};
 use std::future::Future;
 use std::sync::Arc;
@@ -101,7 +101,10 @@ impl Coordinator {
                     .await
                 {
                     Ok(batch) if !batch.is_empty() => {
-                        info!(entries = batch.len(), "took over feed entries of an idle coordinator");
+                        info!(
+                            entries = batch.len(),
+                            "took over feed entries of an idle coordinator"
+                        );
                         self.handle_batch(batch).await
                     }
                     Ok(_) => {}
@@ -126,7 +129,9 @@ impl Coordinator {
         for stored in batch {
             match self.handle(&stored).await {
                 Ok(()) => done.push(stored.pos),
-                Err(e) => warn!(pos = %stored.pos, error = %e, "feed entry not handled; it will be retried"),
+                Err(e) => {
+                    warn!(pos = %stored.pos, error = %e, "feed entry not handled; it will be retried")
+                }
             }
         }
         if !done.is_empty() {
@@ -256,7 +261,7 @@ async fn sweep_duty(store: Arc<dyn Store>, holder: String, every: Duration) {
     loop {
         tick.tick().await;
         token = match token {
-            Some(t) => match LeaderLock::renew(&*store, SWEEP_LOCK, &holder, t, ttl).await {
+            Some(t) => match store.lock_renew(SWEEP_LOCK, &holder, t, ttl).await {
                 Ok(true) => Some(t),
                 Ok(false) => {
                     warn!(%holder, "lost the sweep lock");
@@ -267,7 +272,7 @@ async fn sweep_duty(store: Arc<dyn Store>, holder: String, every: Duration) {
                     None
                 }
             },
-            None => match store.acquire(SWEEP_LOCK, &holder, ttl).await {
+            None => match store.lock_acquire(SWEEP_LOCK, &holder, ttl).await {
                 Ok(Some(t)) => {
                     info!(%holder, token = %t, "holding the sweep lock");
                     Some(t)

@@ -55,9 +55,14 @@ pub enum StepStatus {
     /// Waiting for an earlier step.
     Pending,
     /// In its pool's ready queue.
-    Queued { attempt: u32 },
+    Queued {
+        attempt: u32,
+    },
     /// Waiting for a retry's due time (store clock ms).
-    Delayed { attempt: u32, due_ms: u64 },
+    Delayed {
+        attempt: u32,
+        due_ms: u64,
+    },
     /// Held by an agent under a lease.
     Claimed {
         attempt: u32,
@@ -67,8 +72,13 @@ pub enum StepStatus {
     },
     /// The attempt ended without an outcome (lease expired or released); the coordinator
     /// decides what next.
-    Interrupted { attempt: u32, reason: String },
-    Succeeded { attempt: u32 },
+    Interrupted {
+        attempt: u32,
+        reason: String,
+    },
+    Succeeded {
+        attempt: u32,
+    },
     Failed {
         attempt: u32,
         error: String,
@@ -192,7 +202,11 @@ impl JobState {
             }
             Event::StepQueued(e) => {
                 self.route(&e.step, &e.pool, e.priority);
-                self.set(&e.step, e.attempt, StepStatus::Queued { attempt: e.attempt })
+                self.set(
+                    &e.step,
+                    e.attempt,
+                    StepStatus::Queued { attempt: e.attempt },
+                )
             }
             Event::StepRetryScheduled(e) => {
                 self.route(&e.step, &e.pool, e.priority);
@@ -227,9 +241,11 @@ impl JobState {
                     *started = true;
                 }
             }
-            Event::StepSucceeded(e) => self.set(&e.step, e.attempt, StepStatus::Succeeded {
-                attempt: e.attempt,
-            }),
+            Event::StepSucceeded(e) => self.set(
+                &e.step,
+                e.attempt,
+                StepStatus::Succeeded { attempt: e.attempt },
+            ),
             Event::StepFailed(e) => self.set(
                 &e.step,
                 e.attempt,
@@ -280,7 +296,10 @@ impl JobState {
             Event::JobCancelled(e) => self.end(JobPhase::Cancelled, Some(e.reason.clone())),
             Event::JobSuperseded(e) => self.end(
                 JobPhase::Superseded,
-                Some(format!("superseded by job {} on {}", e.by_job, e.environment)),
+                Some(format!(
+                    "superseded by job {} on {}",
+                    e.by_job, e.environment
+                )),
             ),
             Event::WebhookReceived(_)
             | Event::StepLog(_)

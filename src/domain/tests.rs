@@ -7,7 +7,9 @@ use ferry_proto::*;
 use proptest::prelude::*;
 
 fn job(i: u8) -> JobId {
-    format!("01890a5d-ac96-774b-bcce-b30209900{i:03}").parse().unwrap()
+    format!("01890a5d-ac96-774b-bcce-b30209900{i:03}")
+        .parse()
+        .unwrap()
 }
 
 fn plan(j: JobId) -> Event {

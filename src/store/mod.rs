@@ -24,7 +24,9 @@ pub type Version = u64;
 
 /// A position in the global log, opaque to callers and ordered by the store. Redis uses the
 /// stream entry id (`<ms>-<seq>`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct LogPos(pub String);
 
 impl fmt::Display for LogPos {
@@ -296,8 +298,12 @@ pub trait Feed: Send + Sync {
 ///   It may return early without work; it never busy-polls the store.
 #[async_trait]
 pub trait WorkQueue: Send + Sync {
-    async fn claim(&self, pools: &[String], agent: &AgentId, ttl: Duration)
-        -> Result<Option<Claim>>;
+    async fn claim(
+        &self,
+        pools: &[String],
+        agent: &AgentId,
+        ttl: Duration,
+    ) -> Result<Option<Claim>>;
     async fn promote_due(&self, max: usize) -> Result<usize>;
     async fn wait_for_work(&self, pools: &[String], timeout: Duration) -> Result<()>;
     /// Everything waiting, ready and delayed, in no particular order.
@@ -333,22 +339,26 @@ pub trait Leases: Send + Sync {
 
 /// **Leader lock** for singleton duties (the lease sweep, delayed promotion).
 ///
-/// - `acquire` succeeds for one holder at a time and returns a fencing token larger than any
+/// - `lock_acquire` succeeds for one holder at a time and returns a fencing token larger than any
 ///   issued before for any lock or lease.
-/// - `renew` and `release` succeed only for the current holder with its token.
+/// - `lock_renew` and `lock_release` succeed only for the current holder with its token.
 /// - An unrenewed lock lapses after `ttl` and can then be acquired by anyone.
 #[async_trait]
 pub trait LeaderLock: Send + Sync {
-    async fn acquire(&self, name: &str, holder: &str, ttl: Duration)
-        -> Result<Option<FencingToken>>;
-    async fn renew(
+    async fn lock_acquire(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<FencingToken>>;
+    async fn lock_renew(
         &self,
         name: &str,
         holder: &str,
         token: FencingToken,
         ttl: Duration,
     ) -> Result<bool>;
-    async fn release(&self, name: &str, holder: &str, token: FencingToken) -> Result<bool>;
+    async fn lock_release(&self, name: &str, holder: &str, token: FencingToken) -> Result<bool>;
 }
 
 /// **Snapshots**: named blobs (a projection and the log position it reflects). Last write wins.

@@ -1,0 +1,189 @@
+//! The agent role: claims steps under fenced leases, keeps the leases renewed, runs the steps
+//! and appends what happened — every append carrying the lease's token.
+//!
+//! If a lease cannot be renewed (another holder got the step, the job was cancelled, or the
+//! store was unreachable for longer than the TTL), the step's execution is dropped at once —
+//! before the store could hand the step to someone else — and nothing more is appended for it.
+
+use crate::domain::JobState;
+use crate::store::{Append, Claim, Error, Store, StreamId};
+use ferry_proto::{AgentId, AgentJoined, Event, StepSpec, StepStarted, StepSucceeded};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+use tracing::{info, warn};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub name: AgentId,
+    pub pools: Vec<String>,
+    pub labels: Vec<String>,
+    /// Steps run at once.
+    pub concurrency: usize,
+    pub lease_ttl: Duration,
+}
+
+/// Runs an agent until `shutdown` resolves; then takes no new work and waits for running steps.
+pub async fn run(
+    store: Arc<dyn Store>,
+    opts: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let opts = Arc::new(opts);
+    store
+        .append(Append::new(
+            StreamId::Agents,
+            vec![AgentJoined {
+                agent: opts.name.clone(),
+                pools: opts.pools.clone(),
+                labels: opts.labels.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                capacity: opts.concurrency as u32,
+            }
+            .into()],
+        ))
+        .await?;
+    info!(agent = %opts.name, pools = ?opts.pools, "agent started");
+    let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let claim = tokio::select! {
+            _ = &mut shutdown => break,
+            c = store.claim(&opts.pools, &opts.name, opts.lease_ttl) => c,
+        };
+        match claim {
+            Ok(Some(claim)) => {
+                let store = store.clone();
+                let opts = opts.clone();
+                tokio::spawn(async move {
+                    run_step(store, opts, claim).await;
+                    drop(permit);
+                });
+            }
+            Ok(None) => {
+                drop(permit);
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    r = store.wait_for_work(&opts.pools, Duration::from_secs(1)) => {
+                        if let Err(e) = r {
+                            warn!(error = %e, "waiting for work failed");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                drop(permit);
+                warn!(error = %e, "claiming work failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    info!(agent = %opts.name, "agent stopping; waiting for running steps");
+    let _ = slots.acquire_many(opts.concurrency.max(1) as u32).await;
+    Ok(())
+}
+
+async fn run_step(store: Arc<dyn Store>, opts: Arc<Options>, claim: Claim) {
+    let (lost_tx, mut lost) = watch::channel(false);
+    let renewer = tokio::spawn(keep_renewed(
+        store.clone(),
+        claim.clone(),
+        opts.lease_ttl,
+        lost_tx,
+    ));
+    let work = execute(&store, &opts, &claim);
+    let outcome = tokio::select! {
+        r = work => Some(r),
+        _ = lost.wait_for(|l| *l) => None,
+    };
+    renewer.abort();
+    match outcome {
+        None => {
+            warn!(job = %claim.job, step = %claim.step, token = %claim.token, "lease lost; step abandoned")
+        }
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            warn!(job = %claim.job, step = %claim.step, error = %e, "step result not recorded")
+        }
+    }
+}
+
+/// Runs the claimed step and records its outcome under the lease's token.
+async fn execute(store: &Arc<dyn Store>, opts: &Options, claim: &Claim) -> Result<(), Error> {
+    let stream = StreamId::Job(claim.job);
+    let mut job = JobState::new(claim.job);
+    for stored in store.read_stream(&stream, 0).await? {
+        job.evolve(&stored.decode()?, stored.envelope.at_ms);
+    }
+    let spec = job
+        .plan
+        .as_ref()
+        .and_then(|p| p.steps.iter().find(|s| s.step == claim.step))
+        .map(|s| s.spec.clone());
+    let fenced = |events: Vec<Event>| {
+        Append::new(stream.clone(), events).fenced(claim.step.clone(), claim.token)
+    };
+    store
+        .append(fenced(vec![StepStarted {
+            step: claim.step.clone(),
+            attempt: claim.attempt,
+            agent: opts.name.clone(),
+        }
+        .into()]))
+        .await?;
+    let outcome: Event = match spec {
+        Some(StepSpec::Noop) => StepSucceeded {
+            step: claim.step.clone(),
+            attempt: claim.attempt,
+        }
+        .into(),
+        other => ferry_proto::StepFailed {
+            step: claim.step.clone(),
+            attempt: claim.attempt,
+            error: match other {
+                None => "the job's plan has no such step".into(),
+                Some(_) => "this agent cannot run build or deploy steps yet".into(),
+            },
+            retryable: false,
+            exit_code: None,
+        }
+        .into(),
+    };
+    store.append(fenced(vec![outcome])).await?;
+    Ok(())
+}
+
+/// Renews every TTL/3. Signals `lost` when the store refuses the token, or when it could not be
+/// reached for longer than the TTL (by then the lease may have been granted to someone else).
+async fn keep_renewed(
+    store: Arc<dyn Store>,
+    claim: Claim,
+    ttl: Duration,
+    lost: watch::Sender<bool>,
+) {
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match store.renew(claim.job, &claim.step, claim.token, ttl).await {
+            Ok(_) => last_ok = tokio::time::Instant::now(),
+            Err(Error::Stale { reason, .. }) => {
+                warn!(job = %claim.job, step = %claim.step, %reason, "lease renewal refused");
+                let _ = lost.send(true);
+                return;
+            }
+            Err(e) => {
+                warn!(job = %claim.job, step = %claim.step, error = %e, "lease renewal failed");
+                if last_ok.elapsed() >= ttl.mul_f64(0.9) {
+                    let _ = lost.send(true);
+                    return;
+                }
+            }
+        }
+    }
+}
