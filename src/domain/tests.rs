@@ -38,7 +38,7 @@ fn plan(j: JobId) -> Event {
 /// An arbitrary event for one of four jobs (or the agents/webhooks streams), built from small
 /// numbers so that sequences hit the interesting transitions often.
 fn event_from(op: u8, j: u8, s: u8, n: u32) -> (String, Event) {
-    let step = StepId::new(if s % 2 == 0 { "build" } else { "deploy:prod" });
+    let step = StepId::new(if s.is_multiple_of(2) { "build" } else { "deploy:prod" });
     let agent = AgentId::new(format!("a{}", n % 3));
     let stream = format!("job:{}", job(j % 4));
     let e: Event = match op % 16 {
@@ -82,7 +82,7 @@ fn event_from(op: u8, j: u8, s: u8, n: u32) -> (String, Event) {
             step,
             attempt: n % 4,
             error: "e".into(),
-            retryable: n % 2 == 0,
+            retryable: n.is_multiple_of(2),
             exit_code: None,
         }
         .into(),
