@@ -23,9 +23,32 @@ use std::time::Duration;
 pub type Version = u64;
 
 /// A position in the global log, opaque to callers and ordered by the store. Redis uses the
-/// stream entry id (`<ms>-<seq>`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+/// stream entry id (`<ms>-<seq>`); positions of that shape order numerically (`1-9 < 1-10`),
+/// anything else by its text.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct LogPos(pub String);
+
+impl LogPos {
+    fn numeric(&self) -> Option<(u64, u64)> {
+        let (ms, seq) = self.0.split_once('-')?;
+        Some((ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl Ord for LogPos {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (self.numeric(), other.numeric()) {
+            (Some(a), Some(b)) => a.cmp(&b).then_with(|| self.0.cmp(&other.0)),
+            _ => self.0.cmp(&other.0),
+        }
+    }
+}
+
+impl PartialOrd for LogPos {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl fmt::Display for LogPos {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -296,8 +319,12 @@ pub trait Feed: Send + Sync {
 ///   It may return early without work; it never busy-polls the store.
 #[async_trait]
 pub trait WorkQueue: Send + Sync {
-    async fn claim(&self, pools: &[String], agent: &AgentId, ttl: Duration)
-        -> Result<Option<Claim>>;
+    async fn claim(
+        &self,
+        pools: &[String],
+        agent: &AgentId,
+        ttl: Duration,
+    ) -> Result<Option<Claim>>;
     async fn promote_due(&self, max: usize) -> Result<usize>;
     async fn wait_for_work(&self, pools: &[String], timeout: Duration) -> Result<()>;
     /// Everything waiting, ready and delayed, in no particular order.
@@ -339,8 +366,12 @@ pub trait Leases: Send + Sync {
 /// - An unrenewed lock lapses after `ttl` and can then be acquired by anyone.
 #[async_trait]
 pub trait LeaderLock: Send + Sync {
-    async fn acquire(&self, name: &str, holder: &str, ttl: Duration)
-        -> Result<Option<FencingToken>>;
+    async fn acquire(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<FencingToken>>;
     async fn renew(
         &self,
         name: &str,
@@ -368,4 +399,18 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogPos;
+
+    #[test]
+    fn redis_log_positions_order_numerically() {
+        let p = |s: &str| LogPos(s.to_string());
+        assert!(p("1700000000000-9") < p("1700000000000-10"));
+        assert!(p("999-5") < p("1000-0"));
+        assert!(p("5-1") < p("5-2"));
+        assert_eq!(p("5-1").cmp(&p("5-1")), std::cmp::Ordering::Equal);
+    }
 }

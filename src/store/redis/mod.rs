@@ -392,10 +392,7 @@ impl EventLog for RedisStore {
             None => 0,
             Some(j) => {
                 let rank: Option<i64> = self
-                    .query(
-                        "find job",
-                        redis::cmd("ZRANK").arg(&key).arg(j.to_string()),
-                    )
+                    .query("find job", redis::cmd("ZRANK").arg(&key).arg(j.to_string()))
                     .await?;
                 rank.ok_or_else(|| Error::Invalid(format!("unknown job {j}")))? + 1
             }
@@ -450,7 +447,11 @@ impl Feed for RedisStore {
             return Ok(Vec::new());
         }
         let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
+        cmd.arg("GROUP")
+            .arg(group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count);
         let what = format!("read group {group}");
         let block_ms = ms(block);
         let v: Value = if block_ms == 0 {
@@ -561,13 +562,13 @@ impl WorkQueue for RedisStore {
         for p in pools {
             inv.arg(p);
         }
-        let reply: Option<Vec<String>> = inv
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| match script_failure(&e) {
-                Some(("FERRY_CORRUPT", why)) => Error::Corrupt(why.to_string()),
-                _ => command_error("claim", e),
-            })?;
+        let reply: Option<Vec<String>> =
+            inv.invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| match script_failure(&e) {
+                    Some(("FERRY_CORRUPT", why)) => Error::Corrupt(why.to_string()),
+                    _ => command_error("claim", e),
+                })?;
         let Some(r) = reply else { return Ok(None) };
         let [job, step, attempt, pool, token, deadline] = <[String; 6]>::try_from(r)
             .map_err(|r| Error::Corrupt(format!("claim script answered {r:?}")))?;

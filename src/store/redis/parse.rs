@@ -87,7 +87,8 @@ fn stored(id: String, fields: Value, source: Source) -> Result<Stored> {
         let b = map
             .get(f)
             .ok_or_else(|| corrupt(format!("entry {id} has no field {f}")))?;
-        String::from_utf8(b.clone()).map_err(|_| corrupt(format!("entry {id} field {f} is not utf-8")))
+        String::from_utf8(b.clone())
+            .map_err(|_| corrupt(format!("entry {id} field {f} is not utf-8")))
     };
     let num = |f: &str| -> Result<u64> {
         text(f)?
