@@ -6,7 +6,7 @@
 //! `#[tokio::test(flavor = "multi_thread")]` per case for a fixture factory, so every backend
 //! runs the same cases:
 //!
-//! ```ignore
+//! ```text
 //! ferry::store_conformance!(crate::harness::redis_fixture());
 //! ```
 //!
@@ -111,6 +111,7 @@ macro_rules! store_conformance {
             step_claimed_event_decodes,
             renew_and_release_need_the_holder,
             expire_due_appends_lease_expired,
+            a_lease_that_ran_out_is_dead_before_the_sweep,
             scheduled_steps_are_promoted_only_when_due,
             clear_job_removes_queue_entries_and_leases,
             finish_drops_the_lease,
@@ -716,6 +717,41 @@ pub async fn expire_due_appends_lease_expired(fx: &Fixture) {
     assert!(
         s.expire_due(10).await.unwrap().is_empty(),
         "nothing expires twice"
+    );
+}
+
+pub async fn a_lease_that_ran_out_is_dead_before_the_sweep(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    let js = StreamId::Job(job);
+    enqueue(s, job, "build", "linux", 0).await;
+    let c = s
+        .claim(&pools(&["linux"]), &"a".into(), Duration::from_millis(150))
+        .await
+        .unwrap()
+        .unwrap();
+    // nobody sweeps: the deadline alone must end the token's validity
+    wait_until(DEADLINE, || async {
+        let a = Append::new(js.clone(), vec![started("build")]).fenced(c.step.clone(), c.token);
+        match s.append(a).await {
+            Ok(_) => false,
+            Err(Error::Stale { .. }) => true,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    })
+    .await;
+    assert!(matches!(
+        Leases::renew(s, job, &c.step, c.token, LONG).await,
+        Err(Error::Stale { .. })
+    ));
+    assert!(matches!(
+        Leases::release(s, job, &c.step, c.token, "late").await,
+        Err(Error::Stale { .. })
+    ));
+    assert_eq!(
+        s.expire_due(10).await.unwrap().len(),
+        1,
+        "the sweep still ends it"
     );
 }
 
