@@ -38,7 +38,11 @@ fn plan(j: JobId) -> Event {
 /// An arbitrary event for one of four jobs (or the agents/webhooks streams), built from small
 /// numbers so that sequences hit the interesting transitions often.
 fn event_from(op: u8, j: u8, s: u8, n: u32) -> (String, Event) {
-    let step = StepId::new(if s.is_multiple_of(2) { "build" } else { "deploy:prod" });
+    let step = StepId::new(if s.is_multiple_of(2) {
+        "build"
+    } else {
+        "deploy:prod"
+    });
     let agent = AgentId::new(format!("a{}", n % 3));
     let stream = format!("job:{}", job(j % 4));
     let e: Event = match op % 16 {

@@ -1,1 +1,1306 @@
 //! The conformance suite: backend-agnostic cases that every store must pass.
+//!
+//! Each case is a `pub async fn(&Fixture)` that panics on failure. A [`Fixture`] holds a fresh,
+//! isolated store and can open more independent handles onto the same data (for races between
+//! "nodes"). [`store_conformance!`](crate::store_conformance) stamps one
+//! `#[tokio::test(flavor = "multi_thread")]` per case for a fixture factory, so every backend
+//! runs the same cases:
+//!
+//! ```text
+//! ferry::store_conformance!(crate::harness::redis_fixture());
+//! ```
+//!
+//! Time-based cases use short TTLs and poll conditions with generous deadlines; none asserts on
+//! how long anything took.
+
+use super::{Append, Appended, Error, Leases, LogPos, Store, StreamId, Version};
+use ferry_proto::{
+    AgentId, Event, FencingToken, JobCancelled, JobId, StepClaimed, StepQueued, StepRetryScheduled,
+    StepStarted, StepSucceeded, WebhookReceived,
+};
+use std::collections::{BTreeSet, HashSet};
+use std::future::Future;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Generous deadline for anything that depends on time passing.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+type Opener = dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Store>> + Send>> + Send + Sync;
+
+/// A fresh isolated store, plus a way to open more independent handles (own connections) onto
+/// the same data.
+pub struct Fixture {
+    pub store: Arc<dyn Store>,
+    open: Box<Opener>,
+}
+
+impl Fixture {
+    pub fn new<F, Fut>(store: Arc<dyn Store>, open: F) -> Fixture
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Arc<dyn Store>> + Send + 'static,
+    {
+        Fixture {
+            store,
+            open: Box::new(move || Box::pin(open())),
+        }
+    }
+
+    /// Another handle onto the same store, with its own connection.
+    pub async fn another(&self) -> Arc<dyn Store> {
+        (self.open)().await
+    }
+}
+
+impl Deref for Fixture {
+    type Target = dyn Store;
+    fn deref(&self) -> &Self::Target {
+        &*self.store
+    }
+}
+
+/// Polls `f` until it yields `Some`, panicking with `what` after `deadline`.
+pub async fn wait_for<T, F, Fut>(deadline: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `cond` until it is true, panicking after `deadline`.
+pub async fn wait_until<F, Fut>(deadline: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    wait_for(deadline, "a condition", || {
+        let c = cond();
+        async move { c.await.then_some(()) }
+    })
+    .await
+}
+
+/// Stamps one `#[tokio::test(flavor = "multi_thread")]` per conformance case. `$fixture` is an
+/// expression evaluating to a future of a fresh [`Fixture`](crate::store::conformance::Fixture).
+#[macro_export]
+macro_rules! store_conformance {
+    ($fixture:expr) => {
+        $crate::store_conformance!(@cases $fixture;
+            append_and_read_in_order,
+            expected_version_conflicts,
+            racing_appends_have_one_winner,
+            fenced_append_needs_the_live_token,
+            expired_lease_fences_out_the_old_holder,
+            dedupe_returns_the_original_and_writes_nothing,
+            claim_orders_by_priority_then_fifo_across_pools,
+            concurrent_claimers_take_each_step_once,
+            step_claimed_event_decodes,
+            renew_and_release_need_the_holder,
+            expire_due_appends_lease_expired,
+            a_lease_that_ran_out_is_dead_before_the_sweep,
+            scheduled_steps_are_promoted_only_when_due,
+            clear_job_removes_queue_entries_and_leases,
+            finish_drops_the_lease,
+            requeueing_a_leased_step_fences_out_its_holder,
+            an_ended_job_is_never_queued_again,
+            feed_group_reads_new_entries_and_acks,
+            feed_read_new_blocks_until_an_entry_arrives,
+            restarted_consumer_reads_its_pending_first,
+            claim_idle_takes_over_a_dead_consumer,
+            leader_lock_is_exclusive_and_tokens_grow,
+            leader_lock_lapses_after_ttl,
+            snapshots_put_and_get,
+            jobs_page_in_creation_order,
+            wait_for_work_wakes_on_enqueue,
+            bad_names_are_rejected,
+        );
+    };
+    (@cases $fixture:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let fixture = $fixture.await;
+                $crate::store::conformance::$case(&fixture).await;
+            }
+        )*
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn queued(step: &str, pool: &str, priority: i32, attempt: u32) -> Event {
+    Event::StepQueued(StepQueued {
+        step: step.into(),
+        attempt,
+        pool: pool.into(),
+        priority,
+    })
+}
+
+fn started(step: &str) -> Event {
+    Event::StepStarted(StepStarted {
+        step: step.into(),
+        attempt: 1,
+        agent: "a".into(),
+    })
+}
+
+fn webhook(n: u32) -> Event {
+    Event::WebhookReceived(WebhookReceived {
+        event: "Tag Push Hook".into(),
+        action: format!("build-{n}"),
+        ..Default::default()
+    })
+}
+
+async fn append(store: &dyn Store, a: Append) -> (Version, Vec<LogPos>) {
+    match store.append(a).await.expect("append") {
+        Appended::Written { version, positions } => (version, positions),
+        other => panic!("expected a write, got {other:?}"),
+    }
+}
+
+async fn enqueue(store: &dyn Store, job: JobId, step: &str, pool: &str, priority: i32) {
+    append(
+        store,
+        Append::new(StreamId::Job(job), vec![queued(step, pool, priority, 1)]),
+    )
+    .await;
+}
+
+fn pools(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+async fn events(store: &dyn Store, job: JobId) -> Vec<Event> {
+    store
+        .read_stream(&StreamId::Job(job), 0)
+        .await
+        .expect("read stream")
+        .iter()
+        .map(|s| s.decode().expect("decode"))
+        .collect()
+}
+
+/// Waits until the local clock has moved on by a few ms, so that two enqueues get distinct
+/// enqueue times (queue order is by ms).
+async fn next_ms() {
+    let start = super::now_ms();
+    wait_until(DEADLINE, || async { super::now_ms() > start + 2 }).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// event log
+
+pub async fn append_and_read_in_order(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    let js = StreamId::Job(job);
+    let (v1, p1) = append(s, Append::new(js.clone(), vec![started("a"), started("b")])).await;
+    assert_eq!(v1, 2);
+    assert_eq!(p1.len(), 2);
+    let (w1, pw) = append(s, Append::new(StreamId::Webhooks, vec![webhook(1)])).await;
+    assert_eq!(w1, 1);
+    let mut a = Append::new(js.clone(), vec![started("c"), started("d")]);
+    a.at_ms = 1_234;
+    let (v2, p2) = append(s, a).await;
+    assert_eq!(v2, 4);
+
+    let all = s.read_stream(&js, 0).await.unwrap();
+    let steps: Vec<String> = all
+        .iter()
+        .map(|e| match e.decode().unwrap() {
+            Event::StepStarted(x) => x.step.0,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(steps, ["a", "b", "c", "d"]);
+    let pos: Vec<LogPos> = all.iter().map(|e| e.pos.clone()).collect();
+    assert_eq!(pos, [p1.clone(), p2.clone()].concat());
+    assert_eq!(all[0].envelope.stream, js.name());
+    assert_eq!(all[0].envelope.token, None);
+    assert_eq!(all[2].envelope.at_ms, 1_234);
+    let tail = s.read_stream(&js, 3).await.unwrap();
+    assert_eq!(tail, all[3..].to_vec());
+    assert!(s.read_stream(&js, 9).await.unwrap().is_empty());
+    assert!(s
+        .read_stream(&StreamId::Agents, 0)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // the global log holds everything, in append order, with the same positions and envelopes
+    let log = s.read_log(None, 100).await.unwrap();
+    let log_pos: Vec<LogPos> = log.iter().map(|e| e.pos.clone()).collect();
+    assert_eq!(log_pos, [p1.clone(), pw.clone(), p2.clone()].concat());
+    assert!(
+        log_pos.windows(2).all(|w| w[0] < w[1]),
+        "log positions ascend"
+    );
+    assert_eq!(log[0], all[0]);
+    assert_eq!(log[2].envelope.stream, "webhooks");
+    // paging
+    let page = s.read_log(Some(&p1[1]), 2).await.unwrap();
+    assert_eq!(page, log[2..4].to_vec());
+    assert!(s.read_log(Some(&p2[1]), 10).await.unwrap().is_empty());
+}
+
+pub async fn expected_version_conflicts(fx: &Fixture) {
+    let s = &**fx;
+    let js = StreamId::Job(JobId::new());
+    append(s, Append::new(js.clone(), vec![started("a")]).expect(0)).await;
+    match s
+        .append(Append::new(js.clone(), vec![started("b")]).expect(0))
+        .await
+    {
+        Err(Error::Conflict {
+            expected, actual, ..
+        }) => assert_eq!((expected, actual), (0, 1)),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    match s
+        .append(Append::new(js.clone(), vec![started("b")]).expect(5))
+        .await
+    {
+        Err(Error::Conflict { actual, .. }) => assert_eq!(actual, 1),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(
+        s.read_stream(&js, 0).await.unwrap().len(),
+        1,
+        "loser wrote nothing"
+    );
+    let (v, _) = append(s, Append::new(js.clone(), vec![started("b")]).expect(1)).await;
+    assert_eq!(v, 2);
+    // Any appends regardless
+    let (v, _) = append(s, Append::new(js.clone(), vec![started("c")])).await;
+    assert_eq!(v, 3);
+}
+
+pub async fn racing_appends_have_one_winner(fx: &Fixture) {
+    let js = StreamId::Job(JobId::new());
+    let (a, b) = (fx.another().await, fx.another().await);
+    const ROUNDS: u64 = 40;
+    for round in 0..ROUNDS {
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let tasks: Vec<_> = [a.clone(), b.clone()]
+            .into_iter()
+            .enumerate()
+            .map(|(i, store)| {
+                let (barrier, js) = (barrier.clone(), js.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let ev = started(&format!("r{round}-w{i}"));
+                    store.append(Append::new(js, vec![ev]).expect(round)).await
+                })
+            })
+            .collect();
+        let mut wins = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(Appended::Written { version, .. }) => {
+                    assert_eq!(version, round + 1);
+                    wins += 1;
+                }
+                Err(Error::Conflict { actual, .. }) => assert_eq!(actual, round + 1),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(wins, 1, "round {round}: exactly one writer wins");
+    }
+    assert_eq!(fx.read_stream(&js, 0).await.unwrap().len() as u64, ROUNDS);
+}
+
+// ---------------------------------------------------------------------------------------------
+// leases and fencing
+
+pub async fn fenced_append_needs_the_live_token(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    enqueue(s, job, "build", "linux", 0).await;
+    let c = s
+        .claim(&pools(&["linux"]), &"agent-1".into(), LONG)
+        .await
+        .unwrap()
+        .expect("a claim");
+    let js = StreamId::Job(job);
+    let (_, pos) = append(
+        s,
+        Append::new(js.clone(), vec![started("build")]).fenced(c.step.clone(), c.token),
+    )
+    .await;
+    let last = s.read_stream(&js, 0).await.unwrap().pop().unwrap();
+    assert_eq!(last.pos, pos[0]);
+    assert_eq!(last.envelope.token, Some(c.token.0));
+
+    let before = s.read_stream(&js, 0).await.unwrap().len();
+    let wrong = FencingToken(c.token.0 + 1000);
+    for (step, token) in [("build", wrong), ("deploy", c.token)] {
+        match s
+            .append(Append::new(js.clone(), vec![started(step)]).fenced(step.into(), token))
+            .await
+        {
+            Err(Error::Stale { .. }) => {}
+            other => panic!("expected stale for {step}/{token}, got {other:?}"),
+        }
+    }
+    assert_eq!(s.read_stream(&js, 0).await.unwrap().len(), before);
+}
+
+pub async fn expired_lease_fences_out_the_old_holder(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    let js = StreamId::Job(job);
+    enqueue(s, job, "build", "linux", 0).await;
+    let old = s
+        .claim(
+            &pools(&["linux"]),
+            &"old".into(),
+            Duration::from_millis(150),
+        )
+        .await
+        .unwrap()
+        .expect("a claim");
+    let expired = wait_for(DEADLINE, "the lease to expire", || async {
+        let l = s.expire_due(10).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].token, old.token);
+
+    // the coordinator re-queues; a new agent claims
+    append(
+        s,
+        Append::new(js.clone(), vec![queued("build", "linux", 0, 2)]),
+    )
+    .await;
+    let new = s
+        .claim(&pools(&["linux"]), &"new".into(), LONG)
+        .await
+        .unwrap()
+        .expect("a claim");
+    assert_eq!(new.attempt, 2);
+    assert!(new.token > old.token, "tokens only grow");
+
+    match Leases::renew(s, job, &old.step, old.token, LONG).await {
+        Err(Error::Stale { token, .. }) => assert_eq!(token, old.token),
+        other => panic!("old holder renewed: {other:?}"),
+    }
+    match s
+        .append(Append::new(js.clone(), vec![started("build")]).fenced(old.step.clone(), old.token))
+        .await
+    {
+        Err(Error::Stale { .. }) => {}
+        other => panic!("old holder appended: {other:?}"),
+    }
+    append(
+        s,
+        Append::new(js.clone(), vec![started("build")]).fenced(new.step.clone(), new.token),
+    )
+    .await;
+    assert!(Leases::renew(s, job, &new.step, new.token, LONG)
+        .await
+        .is_ok());
+}
+
+pub async fn dedupe_returns_the_original_and_writes_nothing(fx: &Fixture) {
+    let s = &**fx;
+    let window = Duration::from_secs(60);
+    let w = StreamId::Webhooks;
+    let (_, pos) = append(
+        s,
+        Append::new(w.clone(), vec![webhook(1), webhook(2)])
+            .dedupe(pool_keys(&["k1", "k2"]), window),
+    )
+    .await;
+    let log_len = s.read_log(None, 1000).await.unwrap().len();
+    let dup = s
+        .append(Append::new(w.clone(), vec![webhook(3)]).dedupe(pool_keys(&["k3", "k2"]), window))
+        .await
+        .unwrap();
+    assert_eq!(
+        dup,
+        Appended::Duplicate {
+            original: pos[0].clone()
+        }
+    );
+    // a duplicate also wins over a version check: it names the original instead of failing
+    let dup = s
+        .append(
+            Append::new(w.clone(), vec![webhook(3)])
+                .dedupe(pool_keys(&["k1"]), window)
+                .expect(0),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        dup,
+        Appended::Duplicate {
+            original: pos[0].clone()
+        }
+    );
+    assert_eq!(s.read_stream(&w, 0).await.unwrap().len(), 2);
+    assert_eq!(s.read_log(None, 1000).await.unwrap().len(), log_len);
+    // the duplicate recorded nothing, k3 included
+    let (v, _) = append(
+        s,
+        Append::new(w.clone(), vec![webhook(4)]).dedupe(pool_keys(&["k3"]), window),
+    )
+    .await;
+    assert_eq!(v, 3);
+}
+
+fn pool_keys(k: &[&str]) -> Vec<String> {
+    pools(k)
+}
+
+// ---------------------------------------------------------------------------------------------
+// work queue
+
+pub async fn claim_orders_by_priority_then_fifo_across_pools(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    // Step names sort against enqueue order, so ordering by name instead of time would fail.
+    let plan = [
+        ("s9", "a", 0),
+        ("s8", "b", 0),
+        ("s7", "a", 10),
+        ("s6", "b", 10),
+        ("s5", "b", -5),
+        ("s4", "a", 200), // clamped to the top priority band
+    ];
+    for (step, pool, prio) in plan {
+        enqueue(s, job, step, pool, prio).await;
+        next_ms().await;
+    }
+    let mut got = Vec::new();
+    while let Some(c) = s
+        .claim(&pools(&["b", "a"]), &"agent".into(), LONG)
+        .await
+        .unwrap()
+    {
+        assert_eq!(c.job, job);
+        got.push((c.step.0, c.pool));
+    }
+    let want: Vec<(String, String)> = [
+        ("s7", "a"),
+        ("s6", "b"),
+        ("s9", "a"),
+        ("s8", "b"),
+        ("s5", "b"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(got[0], ("s4".to_string(), "a".to_string()));
+    assert_eq!(got[1..].to_vec(), want);
+    assert!(s.queued().await.unwrap().is_empty());
+}
+
+pub async fn concurrent_claimers_take_each_step_once(fx: &Fixture) {
+    let s = &**fx;
+    const JOBS: usize = 4;
+    const STEPS: usize = 50;
+    for _ in 0..JOBS {
+        let job = JobId::new();
+        let evs = (0..STEPS)
+            .map(|i| {
+                queued(
+                    &format!("step-{i}"),
+                    if i % 2 == 0 { "p1" } else { "p2" },
+                    (i % 3) as i32,
+                    1,
+                )
+            })
+            .collect();
+        append(s, Append::new(StreamId::Job(job), evs)).await;
+    }
+    assert_eq!(s.queued().await.unwrap().len(), JOBS * STEPS);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = fx.another().await;
+        tasks.push(tokio::spawn(async move {
+            let agent = AgentId::new(format!("agent-{i}"));
+            let mut mine = Vec::new();
+            while let Some(c) = store
+                .claim(&pools(&["p1", "p2"]), &agent, LONG)
+                .await
+                .expect("claim")
+            {
+                mine.push((c.job, c.step, c.token));
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert_eq!(all.len(), JOBS * STEPS, "every step claimed once");
+    let unique: HashSet<_> = all.iter().map(|(j, s, _)| (*j, s.clone())).collect();
+    assert_eq!(unique.len(), JOBS * STEPS, "no step claimed twice");
+    let tokens: HashSet<_> = all.iter().map(|(_, _, t)| *t).collect();
+    assert_eq!(tokens.len(), JOBS * STEPS, "every claim has its own token");
+    assert_eq!(s.leases().await.unwrap().len(), JOBS * STEPS);
+}
+
+pub async fn step_claimed_event_decodes(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    enqueue(s, job, "deploy:production", "deploy", 3).await;
+    let c = s
+        .claim(
+            &pools(&["deploy"]),
+            &"agent-7".into(),
+            Duration::from_millis(45_000),
+        )
+        .await
+        .unwrap()
+        .expect("a claim");
+    assert_eq!((c.attempt, c.pool.as_str()), (1, "deploy"));
+    let stored = s.read_stream(&StreamId::Job(job), 0).await.unwrap();
+    assert_eq!(stored.len(), 2);
+    let e = &stored[1];
+    assert_eq!(e.envelope.stream, format!("job:{job}"));
+    assert_eq!(e.envelope.token, Some(c.token.0));
+    assert_eq!(
+        e.decode().unwrap(),
+        Event::StepClaimed(StepClaimed {
+            step: "deploy:production".into(),
+            attempt: 1,
+            agent: "agent-7".into(),
+            token: c.token,
+            lease_ttl_ms: 45_000,
+        })
+    );
+    let log = s.read_log(None, 10).await.unwrap();
+    assert_eq!(log.last().unwrap(), e, "the log holds the same entry");
+    let leases = s.leases().await.unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(
+        (leases[0].job, leases[0].token, leases[0].deadline_ms),
+        (job, c.token, c.deadline_ms)
+    );
+}
+
+pub async fn renew_and_release_need_the_holder(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    enqueue(s, job, "build", "linux", 0).await;
+    let c = s
+        .claim(&pools(&["linux"]), &"agent".into(), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    let later = Leases::renew(s, job, &c.step, c.token, Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert!(later > c.deadline_ms, "renewal extends the deadline");
+    assert_eq!(s.leases().await.unwrap()[0].deadline_ms, later);
+    let wrong = FencingToken(c.token.0 + 1);
+    assert!(matches!(
+        Leases::renew(s, job, &c.step, wrong, LONG).await,
+        Err(Error::Stale { .. })
+    ));
+    assert!(matches!(
+        Leases::release(s, job, &c.step, wrong, "nope").await,
+        Err(Error::Stale { .. })
+    ));
+    assert_eq!(
+        s.leases().await.unwrap().len(),
+        1,
+        "a wrong token releases nothing"
+    );
+    Leases::release(s, job, &c.step, c.token, "shutting down")
+        .await
+        .unwrap();
+    assert!(s.leases().await.unwrap().is_empty());
+    match events(s, job).await.pop().unwrap() {
+        Event::StepReleased(r) => {
+            assert_eq!(
+                (
+                    r.step,
+                    r.attempt,
+                    r.agent.0.as_str(),
+                    r.token,
+                    r.reason.as_str()
+                ),
+                (c.step.clone(), 1, "agent", c.token, "shutting down")
+            );
+        }
+        other => panic!("expected StepReleased, got {other:?}"),
+    }
+    assert!(matches!(
+        Leases::renew(s, job, &c.step, c.token, LONG).await,
+        Err(Error::Stale { .. })
+    ));
+    assert!(matches!(
+        Leases::release(s, job, &c.step, c.token, "again").await,
+        Err(Error::Stale { .. })
+    ));
+}
+
+pub async fn expire_due_appends_lease_expired(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    enqueue(s, job, "short", "linux", 5).await;
+    enqueue(s, job, "long", "linux", 0).await;
+    let short = s
+        .claim(&pools(&["linux"]), &"a1".into(), Duration::from_millis(100))
+        .await
+        .unwrap()
+        .unwrap();
+    let long = s
+        .claim(&pools(&["linux"]), &"a2".into(), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((short.step.as_str(), long.step.as_str()), ("short", "long"));
+    let expired = wait_for(DEADLINE, "the short lease to expire", || async {
+        let l = s.expire_due(10).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(expired.len(), 1);
+    let l = &expired[0];
+    assert_eq!(
+        (
+            l.job,
+            l.step.as_str(),
+            l.attempt,
+            l.agent.as_str(),
+            l.token,
+            l.deadline_ms
+        ),
+        (job, "short", 1, "a1", short.token, short.deadline_ms)
+    );
+    let left = s.leases().await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].token, long.token);
+    let expired_events: Vec<_> = events(s, job)
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::LeaseExpired(x) => Some(x),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(expired_events.len(), 1);
+    assert_eq!(
+        (
+            expired_events[0].token,
+            expired_events[0].agent.as_str(),
+            expired_events[0].attempt
+        ),
+        (short.token, "a1", 1)
+    );
+    assert!(matches!(
+        Leases::renew(s, job, &short.step, short.token, LONG).await,
+        Err(Error::Stale { .. })
+    ));
+    assert!(
+        s.expire_due(10).await.unwrap().is_empty(),
+        "nothing expires twice"
+    );
+}
+
+pub async fn a_lease_that_ran_out_is_dead_before_the_sweep(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    let js = StreamId::Job(job);
+    enqueue(s, job, "build", "linux", 0).await;
+    let c = s
+        .claim(&pools(&["linux"]), &"a".into(), Duration::from_millis(150))
+        .await
+        .unwrap()
+        .unwrap();
+    // nobody sweeps: the deadline alone must end the token's validity
+    wait_until(DEADLINE, || async {
+        let a = Append::new(js.clone(), vec![started("build")]).fenced(c.step.clone(), c.token);
+        match s.append(a).await {
+            Ok(_) => false,
+            Err(Error::Stale { .. }) => true,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    })
+    .await;
+    assert!(matches!(
+        Leases::renew(s, job, &c.step, c.token, LONG).await,
+        Err(Error::Stale { .. })
+    ));
+    assert!(matches!(
+        Leases::release(s, job, &c.step, c.token, "late").await,
+        Err(Error::Stale { .. })
+    ));
+    assert_eq!(
+        s.expire_due(10).await.unwrap().len(),
+        1,
+        "the sweep still ends it"
+    );
+}
+
+pub async fn scheduled_steps_are_promoted_only_when_due(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    let js = StreamId::Job(job);
+    let now = super::now_ms();
+    let retry = |step: &str, due_ms: u64| {
+        Event::StepRetryScheduled(StepRetryScheduled {
+            step: step.into(),
+            attempt: 2,
+            pool: "linux".into(),
+            priority: 1,
+            due_ms,
+            reason: "flaky".into(),
+        })
+    };
+    append(
+        s,
+        Append::new(
+            js.clone(),
+            vec![retry("soon", now + 200), retry("later", now + 3_600_000)],
+        ),
+    )
+    .await;
+    let q: BTreeSet<_> = s
+        .queued()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|q| (q.step.0, q.attempt, q.due_ms))
+        .collect();
+    assert_eq!(
+        q,
+        BTreeSet::from([
+            ("later".to_string(), 2, Some(now + 3_600_000)),
+            ("soon".to_string(), 2, Some(now + 200)),
+        ])
+    );
+    assert!(
+        s.claim(&pools(&["linux"]), &"a".into(), LONG)
+            .await
+            .unwrap()
+            .is_none(),
+        "delayed steps are not ready"
+    );
+    let promoted = wait_for(DEADLINE, "the due step to be promoted", || async {
+        let n = s.promote_due(10).await.unwrap();
+        (n > 0).then_some(n)
+    })
+    .await;
+    assert_eq!(promoted, 1, "only the due step is promoted");
+    let c = s
+        .claim(&pools(&["linux"]), &"a".into(), LONG)
+        .await
+        .unwrap()
+        .expect("the promoted step is ready");
+    assert_eq!((c.step.as_str(), c.attempt), ("soon", 2));
+    assert!(s
+        .claim(&pools(&["linux"]), &"a".into(), LONG)
+        .await
+        .unwrap()
+        .is_none());
+    let q = s.queued().await.unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].step.as_str(), "later");
+    let queued_events = events(s, job)
+        .await
+        .into_iter()
+        .filter(|e| matches!(e, Event::StepQueued(x) if x.step.as_str() == "soon" && x.attempt == 2 && x.priority == 1))
+        .count();
+    assert_eq!(queued_events, 1, "promotion appends StepQueued");
+}
+
+pub async fn clear_job_removes_queue_entries_and_leases(fx: &Fixture) {
+    let s = &**fx;
+    let (job, other) = (JobId::new(), JobId::new());
+    let js = StreamId::Job(job);
+    enqueue(s, job, "leased", "linux", 50).await;
+    let c = s
+        .claim(&pools(&["linux"]), &"a".into(), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.job, job);
+    enqueue(s, job, "ready", "linux", 0).await;
+    enqueue(s, job, "elsewhere", "mac", 0).await;
+    let retry = Event::StepRetryScheduled(StepRetryScheduled {
+        step: "later".into(),
+        attempt: 2,
+        pool: "linux".into(),
+        priority: 0,
+        due_ms: super::now_ms() + 3_600_000,
+        reason: "r".into(),
+    });
+    append(s, Append::new(js.clone(), vec![retry])).await;
+    enqueue(s, other, "build", "linux", 0).await;
+    assert_eq!(s.queued().await.unwrap().len(), 4);
+
+    append(
+        s,
+        Append::new(
+            js.clone(),
+            vec![Event::JobCancelled(JobCancelled {
+                reason: "tag deleted".into(),
+                by: "webhook".into(),
+            })],
+        ),
+    )
+    .await;
+    let q = s.queued().await.unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].job, other);
+    assert!(s.leases().await.unwrap().is_empty());
+    assert!(matches!(
+        s.append(Append::new(js.clone(), vec![started("leased")]).fenced(c.step.clone(), c.token))
+            .await,
+        Err(Error::Stale { .. })
+    ));
+    let next = s
+        .claim(&pools(&["linux", "mac"]), &"a".into(), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.job, other);
+    assert!(s
+        .claim(&pools(&["linux", "mac"]), &"a".into(), LONG)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+pub async fn finish_drops_the_lease(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    enqueue(s, job, "build", "linux", 0).await;
+    let c = s
+        .claim(&pools(&["linux"]), &"a".into(), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.leases().await.unwrap().len(), 1);
+    let done = Event::StepSucceeded(StepSucceeded {
+        step: c.step.clone(),
+        attempt: c.attempt,
+    });
+    append(
+        s,
+        Append::new(StreamId::Job(job), vec![done]).fenced(c.step.clone(), c.token),
+    )
+    .await;
+    assert!(s.leases().await.unwrap().is_empty());
+    assert!(matches!(
+        Leases::renew(s, job, &c.step, c.token, LONG).await,
+        Err(Error::Stale { .. })
+    ));
+    assert!(s.expire_due(10).await.unwrap().is_empty());
+}
+
+/// The fold says a requeued step is queued, not claimed; the store must agree, so the old
+/// holder's lease goes with the requeue.
+pub async fn requeueing_a_leased_step_fences_out_its_holder(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    enqueue(s, job, "build", "linux", 0).await;
+    let c = s
+        .claim(&pools(&["linux"]), &"a".into(), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    append(
+        s,
+        Append::new(StreamId::Job(job), vec![queued("build", "linux", 0, 2)]),
+    )
+    .await;
+    assert!(s.leases().await.unwrap().is_empty());
+    assert!(matches!(
+        Leases::renew(s, job, &c.step, c.token, LONG).await,
+        Err(Error::Stale { .. })
+    ));
+    let again = s
+        .claim(&pools(&["linux"]), &"b".into(), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.job, again.attempt), (job, 2));
+    assert!(again.token > c.token);
+}
+
+/// Once a job's stream holds a terminal event, queueing events appended to it change nothing
+/// live (the fold freezes an ended job the same way).
+pub async fn an_ended_job_is_never_queued_again(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    let js = StreamId::Job(job);
+    enqueue(s, job, "build", "linux", 0).await;
+    let cancelled = Event::JobCancelled(JobCancelled {
+        reason: "r".into(),
+        by: "api".into(),
+    });
+    append(s, Append::new(js.clone(), vec![cancelled])).await;
+    let retry = Event::StepRetryScheduled(StepRetryScheduled {
+        step: "build".into(),
+        attempt: 2,
+        pool: "linux".into(),
+        priority: 0,
+        due_ms: 0,
+        reason: "r".into(),
+    });
+    append(
+        s,
+        Append::new(js, vec![queued("build", "linux", 0, 2), retry]),
+    )
+    .await;
+    assert!(s.queued().await.unwrap().is_empty());
+    assert_eq!(s.promote_due(10).await.unwrap(), 0);
+    assert!(s
+        .claim(&pools(&["linux"]), &"a".into(), LONG)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// feed
+
+pub async fn feed_group_reads_new_entries_and_acks(fx: &Fixture) {
+    let s = &**fx;
+    let (_, before) = append(s, Append::new(StreamId::Webhooks, vec![webhook(0)])).await;
+    s.ensure_group("coord").await.unwrap();
+    s.ensure_group("coord").await.unwrap();
+    let (_, pos) = append(
+        s,
+        Append::new(StreamId::Agents, vec![webhook(1), webhook(2)]),
+    )
+    .await;
+    let got = s.read_new("coord", "c1", 10, Duration::ZERO).await.unwrap();
+    let got_pos: Vec<_> = got.iter().map(|e| e.pos.clone()).collect();
+    assert_eq!(
+        got_pos,
+        [before, pos.clone()].concat(),
+        "a group starts at the beginning"
+    );
+    assert!(s
+        .read_new("coord", "c2", 10, Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
+    s.ack("coord", &got_pos[..2]).await.unwrap();
+    let pending = s.read_pending("coord", "c1", 10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0], got[2]);
+    // another group sees everything on its own
+    s.ensure_group("audit").await.unwrap();
+    assert_eq!(
+        s.read_new("audit", "x", 10, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // count is respected
+    append(
+        s,
+        Append::new(StreamId::Agents, vec![webhook(3), webhook(4)]),
+    )
+    .await;
+    assert_eq!(
+        s.read_new("coord", "c1", 1, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // a short block on nothing new returns empty
+    assert_eq!(
+        s.read_new("coord", "c1", 10, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(s
+        .read_new("coord", "c1", 10, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn feed_read_new_blocks_until_an_entry_arrives(fx: &Fixture) {
+    fx.ensure_group("g").await.unwrap();
+    let reader = fx.another().await;
+    let task =
+        tokio::spawn(async move { reader.read_new("g", "c", 10, Duration::from_secs(30)).await });
+    let (_, pos) = append(&**fx, Append::new(StreamId::Webhooks, vec![webhook(1)])).await;
+    let got = tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("a blocked reader wakes when an entry arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].pos, pos[0]);
+}
+
+pub async fn restarted_consumer_reads_its_pending_first(fx: &Fixture) {
+    let s = &**fx;
+    s.ensure_group("g").await.unwrap();
+    append(
+        s,
+        Append::new(StreamId::Webhooks, vec![webhook(1), webhook(2)]),
+    )
+    .await;
+    let first = s.read_new("g", "c1", 10, Duration::ZERO).await.unwrap();
+    assert_eq!(first.len(), 2);
+    // "restart": a new handle, same consumer name
+    let again = fx.another().await;
+    append(s, Append::new(StreamId::Webhooks, vec![webhook(3)])).await;
+    let pending = again.read_pending("g", "c1", 10).await.unwrap();
+    assert_eq!(pending, first);
+    assert!(again
+        .read_pending("g", "other", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let fresh = again.read_new("g", "c1", 10, Duration::ZERO).await.unwrap();
+    assert_eq!(fresh.len(), 1);
+    again
+        .ack(
+            "g",
+            &[
+                first[0].pos.clone(),
+                first[1].pos.clone(),
+                fresh[0].pos.clone(),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(again.read_pending("g", "c1", 10).await.unwrap().is_empty());
+}
+
+pub async fn claim_idle_takes_over_a_dead_consumer(fx: &Fixture) {
+    let s = &**fx;
+    s.ensure_group("g").await.unwrap();
+    append(
+        s,
+        Append::new(StreamId::Webhooks, vec![webhook(1), webhook(2), webhook(3)]),
+    )
+    .await;
+    let dead = s.read_new("g", "dead", 10, Duration::ZERO).await.unwrap();
+    assert_eq!(dead.len(), 3);
+    assert!(
+        s.claim_idle("g", "alive", Duration::from_secs(3600), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "entries not idle long enough stay put"
+    );
+    let taken = std::sync::Mutex::new(Vec::new());
+    wait_until(DEADLINE, || async {
+        let got = s
+            .claim_idle("g", "alive", Duration::from_millis(50), 10)
+            .await
+            .unwrap();
+        let mut t = taken.lock().unwrap();
+        t.extend(got);
+        t.len() >= 3
+    })
+    .await;
+    assert_eq!(taken.into_inner().unwrap(), dead);
+    assert_eq!(s.read_pending("g", "alive", 10).await.unwrap(), dead);
+    assert!(s.read_pending("g", "dead", 10).await.unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// leader lock, snapshots, jobs, wake-ups, validation
+
+pub async fn leader_lock_is_exclusive_and_tokens_grow(fx: &Fixture) {
+    let s = &**fx;
+    let t1 = s
+        .lock_acquire("sweep", "n1", LONG)
+        .await
+        .unwrap()
+        .expect("free lock");
+    assert!(s.lock_acquire("sweep", "n2", LONG).await.unwrap().is_none());
+    assert!(
+        s.lock_acquire("sweep", "n1", LONG).await.unwrap().is_none(),
+        "not reentrant"
+    );
+    assert!(!s.lock_renew("sweep", "n2", t1, LONG).await.unwrap());
+    assert!(!s
+        .lock_renew("sweep", "n1", FencingToken(t1.0 + 1), LONG)
+        .await
+        .unwrap());
+    assert!(s.lock_renew("sweep", "n1", t1, LONG).await.unwrap());
+    assert!(!s.lock_release("sweep", "n2", t1).await.unwrap());
+    assert!(!s
+        .lock_release("sweep", "n1", FencingToken(t1.0 + 1))
+        .await
+        .unwrap());
+    assert!(s.lock_release("sweep", "n1", t1).await.unwrap());
+    assert!(!s.lock_renew("sweep", "n1", t1, LONG).await.unwrap());
+    let t2 = s
+        .lock_acquire("sweep", "n2", LONG)
+        .await
+        .unwrap()
+        .expect("released");
+    assert!(t2 > t1);
+    // lock and lease tokens come from one counter
+    let job = JobId::new();
+    enqueue(s, job, "build", "linux", 0).await;
+    let c = s
+        .claim(&pools(&["linux"]), &"a".into(), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(c.token > t2);
+    let t3 = s
+        .lock_acquire("promote", "n1", LONG)
+        .await
+        .unwrap()
+        .expect("another lock");
+    assert!(t3 > c.token);
+}
+
+pub async fn leader_lock_lapses_after_ttl(fx: &Fixture) {
+    let s = &**fx;
+    let t1 = s
+        .lock_acquire("lead", "n1", Duration::from_millis(150))
+        .await
+        .unwrap()
+        .expect("free lock");
+    let t2 = wait_for(DEADLINE, "the lock to lapse", || async {
+        s.lock_acquire("lead", "n2", LONG).await.unwrap()
+    })
+    .await;
+    assert!(t2 > t1);
+    assert!(!s.lock_renew("lead", "n1", t1, LONG).await.unwrap());
+    assert!(!s.lock_release("lead", "n1", t1).await.unwrap());
+    assert!(s.lock_renew("lead", "n2", t2, LONG).await.unwrap());
+}
+
+pub async fn snapshots_put_and_get(fx: &Fixture) {
+    let s = &**fx;
+    assert_eq!(s.get_snapshot("jobs").await.unwrap(), None);
+    let bytes = vec![0u8, 159, 146, 150, 0, 255];
+    s.put_snapshot("jobs", &bytes).await.unwrap();
+    assert_eq!(s.get_snapshot("jobs").await.unwrap(), Some(bytes));
+    s.put_snapshot("jobs", b"v2").await.unwrap();
+    assert_eq!(s.get_snapshot("jobs").await.unwrap(), Some(b"v2".to_vec()));
+    assert_eq!(s.get_snapshot("other").await.unwrap(), None);
+}
+
+pub async fn jobs_page_in_creation_order(fx: &Fixture) {
+    let s = &**fx;
+    let mut ids: Vec<JobId> = (0..7).map(|_| JobId::new()).collect();
+    ids.sort();
+    for id in &ids {
+        append(s, Append::new(StreamId::Job(*id), vec![started("x")])).await;
+        // a second event does not re-add or move the job
+        append(s, Append::new(StreamId::Job(*id), vec![started("y")])).await;
+    }
+    append(s, Append::new(StreamId::Webhooks, vec![webhook(1)])).await;
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.jobs(after, 3).await.unwrap();
+        assert!(page.len() <= 3);
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().copied();
+        seen.extend(page);
+    }
+    assert_eq!(seen, ids);
+    assert_eq!(s.jobs(None, 100).await.unwrap(), ids);
+    assert!(s.jobs(None, 0).await.unwrap().is_empty());
+}
+
+pub async fn wait_for_work_wakes_on_enqueue(fx: &Fixture) {
+    let waiter = fx.another().await;
+    let task = tokio::spawn(async move {
+        waiter
+            .wait_for_work(&pools(&["idle", "busy"]), Duration::from_secs(60))
+            .await
+    });
+    enqueue(&**fx, JobId::new(), "build", "busy", 0).await;
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("a waiter wakes when work is enqueued")
+        .unwrap()
+        .unwrap();
+    // with nothing enqueued it returns after its timeout
+    tokio::time::timeout(
+        DEADLINE,
+        fx.wait_for_work(&pools(&["idle"]), Duration::from_millis(200)),
+    )
+    .await
+    .expect("wait_for_work returns after its timeout")
+    .unwrap();
+}
+
+pub async fn bad_names_are_rejected(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    for pool in ["a b", "x/y", "p|q", "{p}", ""] {
+        match s
+            .append(Append::new(
+                StreamId::Job(job),
+                vec![queued("build", pool, 0, 1)],
+            ))
+            .await
+        {
+            Err(Error::Invalid(m)) => assert!(m.contains("pool"), "{m}"),
+            other => panic!("pool {pool:?} accepted: {other:?}"),
+        }
+        match s.claim(&pools(&[pool]), &"a".into(), LONG).await {
+            Err(Error::Invalid(m)) => assert!(m.contains("pool"), "{m}"),
+            other => panic!("pool {pool:?} accepted: {other:?}"),
+        }
+    }
+    match s
+        .append(Append::new(
+            StreamId::Job(job),
+            vec![queued("bad step", "linux", 0, 1)],
+        ))
+        .await
+    {
+        Err(Error::Invalid(m)) => assert!(m.contains("\"bad step\""), "{m}"),
+        other => panic!("step accepted: {other:?}"),
+    }
+    assert!(s
+        .read_stream(&StreamId::Job(job), 0)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(matches!(
+        s.append(Append::new(
+            StreamId::Webhooks,
+            vec![queued("b", "linux", 0, 1)]
+        ))
+        .await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        s.append(Append::new(StreamId::Webhooks, vec![])).await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(s.queued().await.unwrap().is_empty());
+}

@@ -23,11 +23,32 @@ use std::time::Duration;
 pub type Version = u64;
 
 /// A position in the global log, opaque to callers and ordered by the store. Redis uses the
-/// stream entry id (`<ms>-<seq>`).
-#[derive(
-    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+/// stream entry id (`<ms>-<seq>`); positions of that shape order numerically (`1-9 < 1-10`),
+/// anything else by its text.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct LogPos(pub String);
+
+impl LogPos {
+    fn numeric(&self) -> Option<(u64, u64)> {
+        let (ms, seq) = self.0.split_once('-')?;
+        Some((ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl Ord for LogPos {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (self.numeric(), other.numeric()) {
+            (Some(a), Some(b)) => a.cmp(&b).then_with(|| self.0.cmp(&other.0)),
+            _ => self.0.cmp(&other.0),
+        }
+    }
+}
+
+impl PartialOrd for LogPos {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl fmt::Display for LogPos {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -378,4 +399,18 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogPos;
+
+    #[test]
+    fn redis_log_positions_order_numerically() {
+        let p = |s: &str| LogPos(s.to_string());
+        assert!(p("1700000000000-9") < p("1700000000000-10"));
+        assert!(p("999-5") < p("1000-0"));
+        assert!(p("5-1") < p("5-2"));
+        assert_eq!(p("5-1").cmp(&p("5-1")), std::cmp::Ordering::Equal);
+    }
 }

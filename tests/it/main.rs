@@ -1,1 +1,5 @@
-fn main() {}
+//! The one integration test binary.
+
+mod conformance;
+mod harness;
+mod redis;

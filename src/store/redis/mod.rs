@@ -1,1 +1,883 @@
-//! Redis adapter.
+//! Redis adapter for every storage port.
+//!
+//! Events live in Redis streams (one per job, plus `webhooks` and `agents`) and, in the same
+//! atomic script, in the global log stream that consumer groups read. Queues are sorted sets,
+//! leases are hashes indexed by a deadline zset, tokens come from one `INCR` counter, and every
+//! multi-key change is one Lua script (see the `.lua` files beside this module, whose header
+//! comments are their contracts, and [`keys`] for the layout). Scripts read the store's clock
+//! with `redis.call('TIME')`, so node clocks never matter.
+//!
+//! Normal commands go through a [`ConnectionManager`] (reconnects with backoff, bounded response
+//! time). Blocking commands (`XREADGROUP ... BLOCK`, `BLPOP`) use dedicated connections from a
+//! small pool, so they never delay other commands, and are bounded by the block time plus a
+//! margin.
+//!
+//! What Redis cannot promise: with asynchronous replication a failover can lose acknowledged
+//! writes; durability is what the server's `appendonly` / `appendfsync` settings make it.
+
+mod keys;
+mod parse;
+mod scripts;
+
+pub use scripts::queue_score_probe;
+
+use crate::store::{
+    effects_of, Append, Appended, Claim, Effect, Error, EventLog, Expected, Feed, LeaderLock,
+    Lease, Leases, LogPos, Queued, Result, Snapshots, Stored, StreamId, Version, WorkQueue,
+};
+use async_trait::async_trait;
+use ferry_proto::{AgentId, FencingToken, JobId, StepId};
+use keys::{check_name, member, split_member, Keys};
+use parse::Source;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, FromRedisValue, RedisError, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a normal command may take before the store reports itself unavailable.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Extra time a blocking command gets beyond its block time.
+const BLOCK_MARGIN: Duration = Duration::from_secs(5);
+/// Idle blocking connections kept for reuse.
+const MAX_IDLE_BLOCKING: usize = 8;
+
+/// The Redis store. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    conn: ConnectionManager,
+    keys: Keys,
+    namespace: String,
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("namespace", &self.inner.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to the Redis at `url` (`redis://host:port/db`) and uses the keys of
+    /// `namespace` (no whitespace or braces). Fails with [`Error::Unavailable`] if the server
+    /// does not answer.
+    pub async fn connect(url: &str, namespace: &str) -> Result<RedisStore> {
+        let keys = Keys::new(namespace)?;
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::Invalid(format!("redis store url is invalid: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(|e| command_error("connect", e))?;
+        let store = RedisStore {
+            inner: Arc::new(Inner {
+                client,
+                conn,
+                keys,
+                namespace: namespace.to_string(),
+                blocking: Mutex::new(Vec::new()),
+            }),
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// The namespace this store's keys live in.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    async fn query<T: FromRedisValue>(&self, what: &str, cmd: &redis::Cmd) -> Result<T> {
+        cmd.query_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error(what, e))
+    }
+
+    /// Runs a blocking command on a dedicated connection, bounded by `wait` plus a margin.
+    async fn blocking<T: FromRedisValue>(
+        &self,
+        what: &str,
+        cmd: &redis::Cmd,
+        wait: Duration,
+    ) -> Result<T> {
+        let idle = self.inner.blocking.lock().expect("pool lock").pop();
+        let mut conn = match idle {
+            Some(c) => c,
+            None => {
+                let config = AsyncConnectionConfig::new()
+                    .set_response_timeout(None)
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT));
+                self.inner
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(|e| command_error(what, e))?
+            }
+        };
+        match tokio::time::timeout(wait + BLOCK_MARGIN, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => {
+                let mut pool = self.inner.blocking.lock().expect("pool lock");
+                if pool.len() < MAX_IDLE_BLOCKING {
+                    pool.push(conn);
+                }
+                Ok(v)
+            }
+            Ok(Err(e)) => Err(command_error(what, e)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "{what}: no answer within {:?}",
+                wait + BLOCK_MARGIN
+            ))),
+        }
+    }
+}
+
+/// A failed command: missing consumer groups are the caller's mistake, wrong key types mean the
+/// data is corrupt, everything else (I/O, timeouts, a lost connection, a server that cannot
+/// serve) means the store is unavailable and the command may or may not have taken effect.
+fn command_error(what: &str, e: RedisError) -> Error {
+    match e.code() {
+        Some("NOGROUP") => Error::Invalid(format!("{what}: {e}")),
+        Some("WRONGTYPE") => Error::Corrupt(format!("{what}: {e}")),
+        _ => Error::Unavailable(format!("{what}: {e}")),
+    }
+}
+
+/// The `FERRY_*` code and detail of an error reply from one of our scripts.
+fn script_failure(e: &RedisError) -> Option<(&str, &str)> {
+    let code = e.code()?;
+    code.starts_with("FERRY_")
+        .then(|| (code, e.detail().unwrap_or("")))
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn positive_ms(what: &str, d: Duration) -> Result<u64> {
+    match ms(d) {
+        0 => Err(Error::Invalid(format!("{what} must be at least 1 ms"))),
+        n => Ok(n),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(what: &str, s: &str) -> Result<T> {
+    s.parse()
+        .map_err(|_| Error::Corrupt(format!("{what} {s:?} is not a number")))
+}
+
+fn parse_job(s: &str) -> Result<JobId> {
+    s.parse()
+        .map_err(|_| Error::Corrupt(format!("job id {s:?} is not a uuid")))
+}
+
+fn from_value<T: FromRedisValue>(what: &str, v: Value) -> Result<T> {
+    T::from_redis_value(v).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
+}
+
+fn check_pools(pools: &[String]) -> Result<()> {
+    if pools.is_empty() {
+        return Err(Error::Invalid("no pools given".into()));
+    }
+    pools.iter().try_for_each(|p| check_name("pool", p))
+}
+
+fn check_nonempty(what: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::Invalid(format!("{what} must not be empty")));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl EventLog for RedisStore {
+    async fn append(&self, a: Append) -> Result<Appended> {
+        let k = self.keys();
+        let name = a.stream.name();
+        if a.events.is_empty() {
+            return Err(Error::Invalid(format!("append to {name} has no events")));
+        }
+        let job = a.stream.job().map(|j| j.to_string()).unwrap_or_default();
+        if let Some(f) = &a.fence {
+            if job.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "fenced append to {name}: only job streams have leases"
+                )));
+            }
+            check_name("step", f.step.as_str())?;
+        }
+        let window = if a.dedupe.is_empty() {
+            0
+        } else {
+            a.dedupe
+                .iter()
+                .try_for_each(|d| check_nonempty("dedupe key", d))?;
+            positive_ms("dedupe window", a.dedupe_window)?
+        };
+        let expected: i64 = match a.expected {
+            Expected::Any => -1,
+            Expected::Exactly(v) => i64::try_from(v)
+                .map_err(|_| Error::Invalid(format!("expected version {v} is too large")))?,
+        };
+
+        let mut inv = scripts::APPEND.prepare_invoke();
+        inv.key(k.stream(&name)).key(k.log()).key(k.jobs());
+        for d in &a.dedupe {
+            inv.key(k.dedupe(d));
+        }
+        let (fence_step, fence_token) = match &a.fence {
+            Some(f) => (f.step.0.clone(), f.token.0.to_string()),
+            None => (String::new(), String::new()),
+        };
+        inv.arg(k.prefix())
+            .arg(&name)
+            .arg(&job)
+            .arg(expected)
+            .arg(&fence_step)
+            .arg(&fence_token)
+            .arg(window)
+            .arg(a.at_ms)
+            .arg(a.events.len());
+        for event in &a.events {
+            inv.arg(event.kind())
+                .arg(event.version())
+                .arg(event.encode_payload());
+            let effect = effects_of(event);
+            if effect.is_some() && job.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "{} changes job queues but {name} is not a job stream",
+                    event.name()
+                )));
+            }
+            let none = String::new;
+            let (what, step, attempt, pool, priority, due) = match effect {
+                None => ("", none(), none(), none(), none(), none()),
+                Some(Effect::Enqueue {
+                    step,
+                    attempt,
+                    pool,
+                    priority,
+                }) => {
+                    check_name("step", step.as_str())?;
+                    check_name("pool", &pool)?;
+                    let (a, p) = (attempt.to_string(), priority.to_string());
+                    ("enqueue", step.0, a, pool, p, none())
+                }
+                Some(Effect::Schedule {
+                    step,
+                    attempt,
+                    pool,
+                    priority,
+                    due_ms,
+                }) => {
+                    check_name("step", step.as_str())?;
+                    check_name("pool", &pool)?;
+                    let (a, p) = (attempt.to_string(), priority.to_string());
+                    ("schedule", step.0, a, pool, p, due_ms.to_string())
+                }
+                Some(Effect::Finish { step }) => {
+                    check_name("step", step.as_str())?;
+                    ("finish", step.0, none(), none(), none(), none())
+                }
+                Some(Effect::ClearJob) => ("clear", none(), none(), none(), none(), none()),
+            };
+            inv.arg(what)
+                .arg(step)
+                .arg(attempt)
+                .arg(pool)
+                .arg(priority)
+                .arg(due);
+        }
+
+        let reply: Vec<String> = match inv.invoke_async(&mut self.conn()).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(match script_failure(&e) {
+                    Some(("FERRY_CONFLICT", actual)) => Error::Conflict {
+                        stream: name,
+                        expected: expected as Version,
+                        actual: parse_num("stream version", actual)?,
+                    },
+                    Some(("FERRY_STALE", reason)) => {
+                        let f = a.fence.expect("only fenced appends are stale");
+                        Error::Stale {
+                            step: f.step,
+                            token: f.token,
+                            reason: reason.to_string(),
+                        }
+                    }
+                    _ => command_error(&format!("append to {name}"), e),
+                })
+            }
+        };
+        match reply.first().map(String::as_str) {
+            Some("dup") if reply.len() == 2 => Ok(Appended::Duplicate {
+                original: LogPos(reply[1].clone()),
+            }),
+            Some("ok") if reply.len() == 2 + a.events.len() => Ok(Appended::Written {
+                version: parse_num("stream version", &reply[1])?,
+                positions: reply[2..].iter().cloned().map(LogPos).collect(),
+            }),
+            _ => Err(Error::Corrupt(format!(
+                "append script answered {reply:?} for {name}"
+            ))),
+        }
+    }
+
+    async fn read_stream(&self, stream: &StreamId, from: Version) -> Result<Vec<Stored>> {
+        let name = stream.name();
+        let v: Value = self
+            .query(
+                &format!("read {name}"),
+                redis::cmd("XRANGE")
+                    .arg(self.keys().stream(&name))
+                    .arg("-")
+                    .arg("+"),
+            )
+            .await?;
+        let all = parse::entries(v, Source::Stream)?;
+        Ok(all
+            .into_iter()
+            .skip(usize::try_from(from).unwrap_or(usize::MAX))
+            .collect())
+    }
+
+    async fn read_log(&self, after: Option<&LogPos>, count: usize) -> Result<Vec<Stored>> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let start = match after {
+            Some(p) => format!("({p}"),
+            None => "-".into(),
+        };
+        let v: Value = self
+            .query(
+                "read the log",
+                redis::cmd("XRANGE")
+                    .arg(self.keys().log())
+                    .arg(start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(count),
+            )
+            .await?;
+        parse::entries(v, Source::Log)
+    }
+
+    async fn jobs(&self, after: Option<JobId>, limit: usize) -> Result<Vec<JobId>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.keys().jobs();
+        let start: i64 = match after {
+            None => 0,
+            Some(j) => {
+                let rank: Option<i64> = self
+                    .query("find job", redis::cmd("ZRANK").arg(&key).arg(j.to_string()))
+                    .await?;
+                rank.ok_or_else(|| Error::Invalid(format!("unknown job {j}")))? + 1
+            }
+        };
+        let ids: Vec<String> = self
+            .query(
+                "list jobs",
+                redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(start)
+                    .arg(start + limit as i64 - 1),
+            )
+            .await?;
+        ids.iter().map(|s| parse_job(s)).collect()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let _: String = self.query("ping", &redis::cmd("PING")).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Feed for RedisStore {
+    async fn ensure_group(&self, group: &str) -> Result<()> {
+        check_nonempty("consumer group", group)?;
+        let r: Result<(), RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.keys().log())
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
+            .await;
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(command_error(&format!("create group {group}"), e)),
+        }
+    }
+
+    async fn read_new(
+        &self,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Stored>> {
+        check_nonempty("consumer group", group)?;
+        check_nonempty("consumer", consumer)?;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count);
+        let what = format!("read group {group}");
+        let block_ms = ms(block);
+        let v: Value = if block_ms == 0 {
+            cmd.arg("STREAMS").arg(self.keys().log()).arg(">");
+            self.query(&what, &cmd).await?
+        } else {
+            cmd.arg("BLOCK")
+                .arg(block_ms)
+                .arg("STREAMS")
+                .arg(self.keys().log())
+                .arg(">");
+            self.blocking(&what, &cmd, block).await?
+        };
+        parse::read_group(v)
+    }
+
+    async fn read_pending(&self, group: &str, consumer: &str, count: usize) -> Result<Vec<Stored>> {
+        check_nonempty("consumer group", group)?;
+        check_nonempty("consumer", consumer)?;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let v: Value = self
+            .query(
+                &format!("read pending of {consumer} in group {group}"),
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(group)
+                    .arg(consumer)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("STREAMS")
+                    .arg(self.keys().log())
+                    .arg("0"),
+            )
+            .await?;
+        parse::read_group(v)
+    }
+
+    async fn ack(&self, group: &str, positions: &[LogPos]) -> Result<()> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(self.keys().log()).arg(group);
+        for p in positions {
+            cmd.arg(&p.0);
+        }
+        let _: i64 = self.query(&format!("ack in group {group}"), &cmd).await?;
+        Ok(())
+    }
+
+    async fn claim_idle(
+        &self,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<Stored>> {
+        check_nonempty("consumer group", group)?;
+        check_nonempty("consumer", consumer)?;
+        let mut out = Vec::new();
+        let mut cursor = "0-0".to_string();
+        while out.len() < count {
+            let v: Value = self
+                .query(
+                    &format!("claim idle entries in group {group}"),
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(self.keys().log())
+                        .arg(group)
+                        .arg(consumer)
+                        .arg(ms(min_idle))
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(count - out.len()),
+                )
+                .await?;
+            let (next, claimed) = parse::autoclaim(v)?;
+            out.extend(claimed);
+            if next == "0-0" {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl WorkQueue for RedisStore {
+    async fn claim(
+        &self,
+        pools: &[String],
+        agent: &AgentId,
+        ttl: Duration,
+    ) -> Result<Option<Claim>> {
+        check_pools(pools)?;
+        check_nonempty("agent", agent.as_str())?;
+        let ttl = positive_ms("lease ttl", ttl)?;
+        let k = self.keys();
+        let mut inv = scripts::CLAIM.prepare_invoke();
+        inv.key(k.items())
+            .key(k.leases())
+            .key(k.fence())
+            .arg(k.prefix())
+            .arg(agent.as_str())
+            .arg(ttl);
+        for p in pools {
+            inv.arg(p);
+        }
+        let reply: Option<Vec<String>> =
+            inv.invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| match script_failure(&e) {
+                    Some(("FERRY_CORRUPT", why)) => Error::Corrupt(why.to_string()),
+                    _ => command_error("claim", e),
+                })?;
+        let Some(r) = reply else { return Ok(None) };
+        let [job, step, attempt, pool, token, deadline] = <[String; 6]>::try_from(r)
+            .map_err(|r| Error::Corrupt(format!("claim script answered {r:?}")))?;
+        Ok(Some(Claim {
+            job: parse_job(&job)?,
+            step: StepId(step),
+            attempt: parse_num("attempt", &attempt)?,
+            pool,
+            token: FencingToken(parse_num("token", &token)?),
+            deadline_ms: parse_num("deadline", &deadline)?,
+        }))
+    }
+
+    async fn promote_due(&self, max: usize) -> Result<usize> {
+        if max == 0 {
+            return Ok(0);
+        }
+        let k = self.keys();
+        let n: i64 = scripts::PROMOTE
+            .key(k.delayed())
+            .key(k.items())
+            .arg(k.prefix())
+            .arg(max)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error("promote due steps", e))?;
+        Ok(n.max(0) as usize)
+    }
+
+    async fn wait_for_work(&self, pools: &[String], timeout: Duration) -> Result<()> {
+        check_pools(pools)?;
+        if timeout < Duration::from_millis(1) {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("BLPOP");
+        for p in pools {
+            cmd.arg(self.keys().wake(p));
+        }
+        cmd.arg(format!("{:.3}", timeout.as_secs_f64()));
+        let _: Value = self.blocking("wait for work", &cmd, timeout).await?;
+        Ok(())
+    }
+
+    async fn queued(&self) -> Result<Vec<Queued>> {
+        let k = self.keys();
+        let mut pools: Vec<String> = self
+            .query("list pools", redis::cmd("SMEMBERS").arg(k.pools()))
+            .await?;
+        pools.sort();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HGETALL")
+            .arg(k.items())
+            .cmd("ZRANGE")
+            .arg(k.delayed())
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES");
+        for p in &pools {
+            pipe.cmd("ZRANGE").arg(k.ready(p)).arg(0).arg(-1);
+        }
+        let replies: Vec<Value> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error("list queues", e))?;
+        let mut replies = replies.into_iter();
+        let mut next = || replies.next().unwrap_or(Value::Nil);
+        let items: HashMap<String, String> = from_value("queue items", next())?;
+        let delayed: Vec<(String, f64)> = from_value("delayed set", next())?;
+        let item = |m: &str, due_ms: Option<u64>| -> Result<Queued> {
+            let detail = items
+                .get(m)
+                .ok_or_else(|| Error::Corrupt(format!("queued {m} has no item")))?;
+            let mut parts = detail.splitn(3, '|');
+            let (Some(a), Some(p), Some(pool)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(Error::Corrupt(format!("item of {m} is {detail:?}")));
+            };
+            let (job, step) =
+                split_member(m).ok_or_else(|| Error::Corrupt(format!("bad member {m:?}")))?;
+            Ok(Queued {
+                job: parse_job(job)?,
+                step: StepId::new(step),
+                attempt: parse_num("attempt", a)?,
+                pool: pool.to_string(),
+                priority: parse_num("priority", p)?,
+                due_ms,
+            })
+        };
+        let mut out = Vec::new();
+        for (m, due) in &delayed {
+            out.push(item(m, Some(*due as u64))?);
+        }
+        for _ in &pools {
+            let members: Vec<String> = from_value("ready queue", next())?;
+            for m in &members {
+                out.push(item(m, None)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn stale_error(step: &StepId, token: FencingToken, e: RedisError, what: &str) -> Error {
+    match script_failure(&e) {
+        Some(("FERRY_STALE", reason)) => Error::Stale {
+            step: step.clone(),
+            token,
+            reason: reason.to_string(),
+        },
+        _ => command_error(what, e),
+    }
+}
+
+#[async_trait]
+impl Leases for RedisStore {
+    async fn renew(
+        &self,
+        job: JobId,
+        step: &StepId,
+        token: FencingToken,
+        ttl: Duration,
+    ) -> Result<u64> {
+        check_name("step", step.as_str())?;
+        let ttl = positive_ms("lease ttl", ttl)?;
+        let m = member(&job.to_string(), step.as_str());
+        let k = self.keys();
+        scripts::RENEW
+            .key(k.lease(&m))
+            .key(k.leases())
+            .arg(&m)
+            .arg(token.0)
+            .arg(ttl)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| stale_error(step, token, e, &format!("renew lease on {m}")))
+    }
+
+    async fn release(
+        &self,
+        job: JobId,
+        step: &StepId,
+        token: FencingToken,
+        reason: &str,
+    ) -> Result<()> {
+        check_name("step", step.as_str())?;
+        let job = job.to_string();
+        let m = member(&job, step.as_str());
+        let k = self.keys();
+        let _: String = scripts::RELEASE
+            .key(k.lease(&m))
+            .key(k.leases())
+            .arg(k.prefix())
+            .arg(&job)
+            .arg(step.as_str())
+            .arg(token.0)
+            .arg(reason)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| stale_error(step, token, e, &format!("release lease on {m}")))?;
+        Ok(())
+    }
+
+    async fn expire_due(&self, max: usize) -> Result<Vec<Lease>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let k = self.keys();
+        let flat: Vec<String> = scripts::SWEEP
+            .key(k.leases())
+            .arg(k.prefix())
+            .arg(max)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error("expire due leases", e))?;
+        flat.chunks(6)
+            .map(|c| match c {
+                [job, step, attempt, agent, token, deadline] => Ok(Lease {
+                    job: parse_job(job)?,
+                    step: StepId::new(step.as_str()),
+                    attempt: parse_num("attempt", attempt)?,
+                    agent: AgentId::new(agent.as_str()),
+                    token: FencingToken(parse_num("token", token)?),
+                    deadline_ms: parse_num("deadline", deadline)?,
+                }),
+                _ => Err(Error::Corrupt(format!("sweep script answered {flat:?}"))),
+            })
+            .collect()
+    }
+
+    async fn leases(&self) -> Result<Vec<Lease>> {
+        let k = self.keys();
+        let members: Vec<String> = self
+            .query(
+                "list leases",
+                redis::cmd("ZRANGE").arg(k.leases()).arg(0).arg(-1),
+            )
+            .await?;
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for m in &members {
+            pipe.cmd("HGETALL").arg(k.lease(m));
+        }
+        let hashes: Vec<HashMap<String, String>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error("read leases", e))?;
+        let mut out = Vec::new();
+        for (m, h) in members.iter().zip(hashes) {
+            // A lease that ended between the two reads is simply gone.
+            let (Some(token), Some(agent), Some(attempt), Some(deadline)) = (
+                h.get("token"),
+                h.get("agent"),
+                h.get("attempt"),
+                h.get("deadline"),
+            ) else {
+                continue;
+            };
+            let (job, step) =
+                split_member(m).ok_or_else(|| Error::Corrupt(format!("bad lease member {m:?}")))?;
+            out.push(Lease {
+                job: parse_job(job)?,
+                step: StepId::new(step),
+                attempt: parse_num("attempt", attempt)?,
+                agent: AgentId::new(agent.as_str()),
+                token: FencingToken(parse_num("token", token)?),
+                deadline_ms: parse_num("deadline", deadline)?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl LeaderLock for RedisStore {
+    async fn lock_acquire(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<FencingToken>> {
+        check_name("lock", name)?;
+        check_nonempty("lock holder", holder)?;
+        let ttl = positive_ms("lock ttl", ttl)?;
+        let k = self.keys();
+        let token: Option<u64> = scripts::LOCK_ACQUIRE
+            .key(k.lock(name))
+            .key(k.fence())
+            .arg(holder)
+            .arg(ttl)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error(&format!("acquire lock {name}"), e))?;
+        Ok(token.map(FencingToken))
+    }
+
+    async fn lock_renew(
+        &self,
+        name: &str,
+        holder: &str,
+        token: FencingToken,
+        ttl: Duration,
+    ) -> Result<bool> {
+        check_name("lock", name)?;
+        let ttl = positive_ms("lock ttl", ttl)?;
+        let ok: i64 = scripts::LOCK_RENEW
+            .key(self.keys().lock(name))
+            .arg(holder)
+            .arg(token.0)
+            .arg(ttl)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error(&format!("renew lock {name}"), e))?;
+        Ok(ok == 1)
+    }
+
+    async fn lock_release(&self, name: &str, holder: &str, token: FencingToken) -> Result<bool> {
+        check_name("lock", name)?;
+        let ok: i64 = scripts::LOCK_RELEASE
+            .key(self.keys().lock(name))
+            .arg(holder)
+            .arg(token.0)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error(&format!("release lock {name}"), e))?;
+        Ok(ok == 1)
+    }
+}
+
+#[async_trait]
+impl Snapshots for RedisStore {
+    async fn put_snapshot(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        check_nonempty("snapshot name", name)?;
+        let _: () = self
+            .query(
+                &format!("write snapshot {name}"),
+                redis::cmd("SET").arg(self.keys().snap(name)).arg(bytes),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn get_snapshot(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        check_nonempty("snapshot name", name)?;
+        self.query(
+            &format!("read snapshot {name}"),
+            redis::cmd("GET").arg(self.keys().snap(name)),
+        )
+        .await
+    }
+}

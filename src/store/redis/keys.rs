@@ -1,0 +1,162 @@
+//! The Redis key layout. Only this module knows key names; the Lua scripts derive the per-item
+//! keys (`ready:<pool>`, `lease:<member>`, ...) from the same prefix, so both sides must agree
+//! with the table below.
+//!
+//! Every key starts with `{<namespace>}:`; the braces are a Redis Cluster hash tag, so all keys
+//! of one namespace live in one slot and every script works unchanged on a cluster.
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `{ns}:log` | stream | the global log; also the feed read by consumer groups |
+//! | `{ns}:s:<stream>` | stream | one stream (`job:<uuid>`, `webhooks`, `agents`); version = XLEN; entries carry `l` = log id |
+//! | `{ns}:jobs` | zset | job ids, score = creation ms (store clock) |
+//! | `{ns}:ready:<pool>` | zset | member `<job>/<step>`, score = `queue_score(priority, enqueue ms)` |
+//! | `{ns}:delayed` | zset | member `<job>/<step>`, score = due ms |
+//! | `{ns}:items` | hash | member → `attempt\|priority\|pool` for every queued (ready or delayed) member |
+//! | `{ns}:jobitems:<job>` | set | the job's members that are queued or leased |
+//! | `{ns}:pools` | set | every pool ever enqueued to |
+//! | `{ns}:lease:<job>/<step>` | hash | `token`, `agent`, `attempt`, `deadline`, `pool` |
+//! | `{ns}:leases` | zset | member → lease deadline ms |
+//! | `{ns}:fence` | string | INCR counter for lease and lock tokens |
+//! | `{ns}:lock:<name>` | string | `holder\|token`, with a PX expiry |
+//! | `{ns}:dedupe:<key>` | string | log id of the original event, with a PX expiry |
+//! | `{ns}:wake:<pool>` | list | wake-up tokens for `wait_for_work` (bounded) |
+//! | `{ns}:snap:<name>` | string | snapshot bytes |
+//!
+//! Entry fields, identical in a stream and in the log: `s` stream name, `k` kind, `v` schema
+//! version, `t` at_ms, `f` fencing token (only when present), `p` payload (rmp named msgpack).
+
+use crate::store::{Error, Result};
+
+/// The keys of one namespace.
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    /// `{ns}:`, the prefix every key (and every script) uses.
+    prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(namespace: &str) -> Result<Keys> {
+        if namespace.is_empty()
+            || namespace
+                .chars()
+                .any(|c| c.is_whitespace() || c == '{' || c == '}')
+        {
+            return Err(Error::Invalid(format!(
+                "namespace {namespace:?} must be non-empty, without whitespace or braces"
+            )));
+        }
+        Ok(Keys {
+            prefix: format!("{{{namespace}}}:"),
+        })
+    }
+
+    /// `{ns}:`, passed to scripts so they can derive per-item keys.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    pub(crate) fn log(&self) -> String {
+        self.key("log")
+    }
+    pub(crate) fn stream(&self, name: &str) -> String {
+        self.key(&format!("s:{name}"))
+    }
+    pub(crate) fn jobs(&self) -> String {
+        self.key("jobs")
+    }
+    pub(crate) fn ready(&self, pool: &str) -> String {
+        self.key(&format!("ready:{pool}"))
+    }
+    pub(crate) fn delayed(&self) -> String {
+        self.key("delayed")
+    }
+    pub(crate) fn items(&self) -> String {
+        self.key("items")
+    }
+    pub(crate) fn pools(&self) -> String {
+        self.key("pools")
+    }
+    pub(crate) fn lease(&self, member: &str) -> String {
+        self.key(&format!("lease:{member}"))
+    }
+    pub(crate) fn leases(&self) -> String {
+        self.key("leases")
+    }
+    pub(crate) fn fence(&self) -> String {
+        self.key("fence")
+    }
+    pub(crate) fn lock(&self, name: &str) -> String {
+        self.key(&format!("lock:{name}"))
+    }
+    pub(crate) fn dedupe(&self, key: &str) -> String {
+        self.key(&format!("dedupe:{key}"))
+    }
+    pub(crate) fn wake(&self, pool: &str) -> String {
+        self.key(&format!("wake:{pool}"))
+    }
+    pub(crate) fn snap(&self, name: &str) -> String {
+        self.key(&format!("snap:{name}"))
+    }
+}
+
+/// The queue member of a job's step: `<job>/<step>`.
+pub(crate) fn member(job: &str, step: &str) -> String {
+    format!("{job}/{step}")
+}
+
+/// Splits a member back into job and step (the job id never contains `/`).
+pub(crate) fn split_member(member: &str) -> Option<(&str, &str)> {
+    member.split_once('/')
+}
+
+/// Pool, step and lock names become parts of keys and of `|`-separated values: they must be
+/// non-empty and free of `/`, `|`, whitespace and braces.
+pub(crate) fn check_name(what: &str, value: &str) -> Result<()> {
+    if value.is_empty()
+        || value
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '/' | '|' | '{' | '}'))
+    {
+        return Err(Error::Invalid(format!(
+            "{what} name {value:?} must be non-empty, without '/', '|', braces or whitespace"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_hash_tag() {
+        let k = Keys::new("p3").unwrap();
+        for key in [
+            k.log(),
+            k.stream("job:x"),
+            k.ready("linux"),
+            k.lease("a/b"),
+            k.dedupe("x{y}"),
+        ] {
+            assert!(key.starts_with("{p3}:"), "{key}");
+        }
+        assert!(Keys::new("a b").is_err());
+        assert!(Keys::new("a{").is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("pool", "linux-x86_64").is_ok());
+        assert!(check_name("step", "deploy:production").is_ok());
+        for bad in ["", "a/b", "a|b", "a b", "a{b", "a}b", "a\tb"] {
+            let e = check_name("pool", bad).unwrap_err().to_string();
+            assert!(e.contains("pool name"), "{e}");
+        }
+        assert_eq!(split_member("j/deploy:x"), Some(("j", "deploy:x")));
+    }
+}

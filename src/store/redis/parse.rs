@@ -1,0 +1,160 @@
+//! Reading Redis replies: stream entries into [`Stored`] events, and small value helpers.
+
+use crate::store::{Error, LogPos, Result, Stored};
+use ferry_proto::Envelope;
+use redis::Value;
+use std::collections::HashMap;
+
+pub(crate) fn bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.into_bytes()),
+        _ => None,
+    }
+}
+
+pub(crate) fn string(v: Value) -> Option<String> {
+    bytes(v).and_then(|b| String::from_utf8(b).ok())
+}
+
+fn array(v: Value) -> Option<Vec<Value>> {
+    match v {
+        Value::Array(a) | Value::Set(a) => Some(a),
+        Value::Nil => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+/// A flat `[k, v, k, v]` array or a RESP3 map, as pairs.
+fn pairs(v: Value) -> Option<Vec<(Value, Value)>> {
+    match v {
+        Value::Map(m) => Some(m),
+        Value::Array(a) => {
+            let mut out = Vec::with_capacity(a.len() / 2);
+            let mut it = a.into_iter();
+            while let Some(k) = it.next() {
+                out.push((k, it.next()?));
+            }
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> Error {
+    Error::Corrupt(what.to_string())
+}
+
+/// Where an entry was read from: the log (its id is its position) or a stream (its `l` field
+/// is its position).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    Log,
+    Stream,
+}
+
+/// A list of stream entries (`XRANGE`, or the entries part of `XREADGROUP`/`XAUTOCLAIM`).
+/// Entries whose fields are nil (deleted while pending) are skipped.
+pub(crate) fn entries(v: Value, source: Source) -> Result<Vec<Stored>> {
+    let list = array(v).ok_or_else(|| corrupt("stream reply is not a list of entries"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for entry in list {
+        let mut parts = array(entry)
+            .ok_or_else(|| corrupt("stream entry is not a list"))?
+            .into_iter();
+        let id = parts
+            .next()
+            .and_then(string)
+            .ok_or_else(|| corrupt("stream entry has no id"))?;
+        match parts.next() {
+            None | Some(Value::Nil) => continue,
+            Some(fields) => out.push(stored(id, fields, source)?),
+        }
+    }
+    Ok(out)
+}
+
+fn stored(id: String, fields: Value, source: Source) -> Result<Stored> {
+    let mut map: HashMap<String, Vec<u8>> = HashMap::new();
+    for (k, v) in pairs(fields).ok_or_else(|| corrupt(format!("entry {id} has no fields")))? {
+        if let (Some(k), Some(v)) = (string(k), bytes(v)) {
+            map.insert(k, v);
+        }
+    }
+    let text = |f: &str| -> Result<String> {
+        let b = map
+            .get(f)
+            .ok_or_else(|| corrupt(format!("entry {id} has no field {f}")))?;
+        String::from_utf8(b.clone())
+            .map_err(|_| corrupt(format!("entry {id} field {f} is not utf-8")))
+    };
+    let num = |f: &str| -> Result<u64> {
+        text(f)?
+            .parse()
+            .map_err(|_| corrupt(format!("entry {id} field {f} is not a number")))
+    };
+    let pos = match source {
+        Source::Log => id.clone(),
+        Source::Stream => text("l")?,
+    };
+    let token = if map.contains_key("f") {
+        Some(num("f")?)
+    } else {
+        None
+    };
+    let small = |f: &str| -> Result<u16> {
+        u16::try_from(num(f)?).map_err(|_| corrupt(format!("entry {id} field {f} is out of range")))
+    };
+    let envelope = Envelope {
+        kind: small("k")?,
+        version: small("v")?,
+        at_ms: num("t")?,
+        stream: text("s")?,
+        token,
+        payload: map
+            .get("p")
+            .cloned()
+            .ok_or_else(|| corrupt(format!("entry {id} has no field p")))?,
+    };
+    Ok(Stored {
+        pos: LogPos(pos),
+        envelope,
+    })
+}
+
+/// The entries of an `XREADGROUP` reply on the log (nil when a block timed out).
+pub(crate) fn read_group(v: Value) -> Result<Vec<Stored>> {
+    let streams: Vec<Value> = match v {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Map(m) => m.into_iter().map(|(_, v)| v).collect(),
+        Value::Array(a) => a
+            .into_iter()
+            .map(|s| {
+                array(s)
+                    .and_then(|p| p.into_iter().nth(1))
+                    .ok_or_else(|| corrupt("XREADGROUP reply has no entries"))
+            })
+            .collect::<Result<_>>()?,
+        _ => return Err(corrupt("XREADGROUP reply is not a list")),
+    };
+    let mut out = Vec::new();
+    for s in streams {
+        out.extend(entries(s, Source::Log)?);
+    }
+    Ok(out)
+}
+
+/// An `XAUTOCLAIM` reply: the next cursor and the claimed entries.
+pub(crate) fn autoclaim(v: Value) -> Result<(String, Vec<Stored>)> {
+    let mut parts = array(v)
+        .ok_or_else(|| corrupt("XAUTOCLAIM reply is not a list"))?
+        .into_iter();
+    let cursor = parts
+        .next()
+        .and_then(string)
+        .ok_or_else(|| corrupt("XAUTOCLAIM reply has no cursor"))?;
+    let claimed = entries(parts.next().unwrap_or(Value::Nil), Source::Log)?;
+    Ok((cursor, claimed))
+}

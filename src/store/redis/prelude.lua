@@ -1,0 +1,128 @@
+-- ferry prelude: helpers prepended to every ferry script (see scripts.rs). Not a script itself.
+--
+-- All derived keys are built from `prefix` (`{ns}:`), so they share the namespace's hash tag
+-- with the declared KEYS and every script stays in one Redis Cluster slot.
+
+-- Store-clock milliseconds.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Mirror of `queue_score` in src/store/effects.rs (a test checks they agree): higher priority
+-- first, then older enqueue time. Exact in a double.
+local function queue_score(priority, ms)
+  local p = tonumber(priority)
+  if p < -100 then p = -100 elseif p > 100 then p = 100 end
+  local cap = 8796093022207 -- 2^43 - 1
+  if ms > cap then ms = cap end
+  return (100 - p) * 8796093022208 + ms
+end
+
+-- A number as an integer string (tostring would use exponent notation for large values).
+local function int(n)
+  return string.format('%.0f', n)
+end
+
+-- Appends one event to the global log and to its stream (with `l` = the log id); returns the
+-- log id.
+local function emit(prefix, stream, kind, version, at, token, payload)
+  local fields = {'s', stream, 'k', kind, 'v', version, 't', at}
+  if token ~= nil and token ~= '' then
+    fields[#fields + 1] = 'f'
+    fields[#fields + 1] = token
+  end
+  fields[#fields + 1] = 'p'
+  fields[#fields + 1] = payload
+  local id = redis.call('XADD', prefix .. 'log', '*', unpack(fields))
+  fields[#fields + 1] = 'l'
+  fields[#fields + 1] = id
+  redis.call('XADD', prefix .. 's:' .. stream, '*', unpack(fields))
+  return id
+end
+
+-- The queued item of `member`: attempt, priority, pool; nil when not queued.
+local function item_get(prefix, member)
+  local v = redis.call('HGET', prefix .. 'items', member)
+  if not v then return nil end
+  local a, p, pool = string.match(v, '^([^|]*)|([^|]*)|(.*)$')
+  return tonumber(a), tonumber(p), pool
+end
+
+-- Removes any queue entry (ready or delayed) of `member`.
+local function unqueue(prefix, member)
+  local _, _, pool = item_get(prefix, member)
+  if pool then redis.call('ZREM', prefix .. 'ready:' .. pool, member) end
+  redis.call('ZREM', prefix .. 'delayed', member)
+  redis.call('HDEL', prefix .. 'items', member)
+end
+
+local function drop_lease(prefix, member)
+  redis.call('DEL', prefix .. 'lease:' .. member)
+  redis.call('ZREM', prefix .. 'leases', member)
+end
+
+-- Drops `member` from its job's set unless it is still queued or leased.
+local function forget_if_idle(prefix, job, member)
+  if redis.call('HEXISTS', prefix .. 'items', member) == 0
+      and redis.call('EXISTS', prefix .. 'lease:' .. member) == 0 then
+    redis.call('SREM', prefix .. 'jobitems:' .. job, member)
+  end
+end
+
+local function wake(prefix, pool)
+  redis.call('LPUSH', prefix .. 'wake:' .. pool, '1')
+  redis.call('LTRIM', prefix .. 'wake:' .. pool, 0, 63)
+end
+
+-- An ended job (its stream holds a terminal event) never waits or runs again: queueing
+-- effects on it are no-ops, as the fold freezes an ended job's steps.
+local function ended(prefix, job)
+  return redis.call('EXISTS', prefix .. 'ended:' .. job) == 1
+end
+
+-- Puts `member` in `pool`'s ready queue (replacing any queue entry or lease it had: a requeued
+-- step's old holder is fenced out) and wakes waiters.
+local function enqueue(prefix, job, member, attempt, pool, priority, now)
+  if ended(prefix, job) then return end
+  unqueue(prefix, member)
+  drop_lease(prefix, member)
+  redis.call('ZADD', prefix .. 'ready:' .. pool, int(queue_score(priority, now)), member)
+  redis.call('HSET', prefix .. 'items', member, attempt .. '|' .. priority .. '|' .. pool)
+  redis.call('SADD', prefix .. 'jobitems:' .. job, member)
+  redis.call('SADD', prefix .. 'pools', pool)
+  wake(prefix, pool)
+end
+
+-- Puts `member` in the delayed set until `due` (replacing any queue entry or lease it had).
+local function schedule(prefix, job, member, attempt, pool, priority, due)
+  if ended(prefix, job) then return end
+  unqueue(prefix, member)
+  drop_lease(prefix, member)
+  redis.call('ZADD', prefix .. 'delayed', due, member)
+  redis.call('HSET', prefix .. 'items', member, attempt .. '|' .. priority .. '|' .. pool)
+  redis.call('SADD', prefix .. 'jobitems:' .. job, member)
+  redis.call('SADD', prefix .. 'pools', pool)
+end
+
+-- Splits `<job>/<step>`.
+local function split_member(member)
+  return string.match(member, '^([^/]*)/(.*)$')
+end
+
+-- Checks that `token` is the live token of the lease at `lease_key`; returns an error reply
+-- or nil.
+local function check_lease(lease_key, token, now)
+  local h = redis.call('HMGET', lease_key, 'token', 'deadline')
+  if not h[1] then
+    return redis.error_reply('FERRY_STALE no live lease')
+  end
+  if h[1] ~= token then
+    return redis.error_reply('FERRY_STALE the lease is held under token ' .. h[1])
+  end
+  if tonumber(h[2]) < now then
+    return redis.error_reply('FERRY_STALE the lease ran out')
+  end
+  return nil
+end
+

@@ -1,0 +1,3 @@
+//! The backend-agnostic conformance suite, stamped for Redis.
+
+ferry::store_conformance!(crate::harness::redis_fixture());

@@ -1,0 +1,164 @@
+//! Test harness: real `redis-server` processes on free loopback ports, fresh namespaces, and
+//! condition polling.
+
+use ferry::store::conformance::Fixture;
+use ferry::store::redis::RedisStore;
+use ferry::store::Store;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+#[allow(unused_imports)]
+pub use ferry::store::conformance::{wait_for, wait_until, DEADLINE};
+
+/// How long a fresh server may take to answer PING.
+const STARTUP: Duration = Duration::from_secs(20);
+
+/// Runs redis-server under a tiny shell guard: the guard kills the server as soon as our end of
+/// its stdin closes — when the server is stopped or dropped, and also when the test process
+/// exits or dies, so no server outlives the tests. The guard exits when the server does.
+const GUARD: &str = r#"exec 3<&0
+redis-server "$@" </dev/null >/dev/null 2>&1 &
+pid=$!
+{ read _ <&3; kill $pid 2>/dev/null; } &
+watcher=$!
+wait $pid
+status=$?
+kill $watcher 2>/dev/null
+exit $status"#;
+
+/// A redis-server of our own, in its own temporary directory, without persistence.
+pub struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Mutex<Option<Child>>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port (retrying with another port if the one picked was taken
+    /// in the meantime).
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().expect("temporary directory for redis-server");
+        for _ in 0..10 {
+            let port = free_port();
+            if let Some(child) = spawn(port, dir.path()) {
+                return RedisServer {
+                    port,
+                    dir,
+                    child: Mutex::new(Some(child)),
+                };
+            }
+        }
+        panic!("could not start redis-server on a free port");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Stops the server and waits until it is gone.
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            drop(child.stdin.take()); // the guard kills the server
+            child.wait().expect("wait for redis-server");
+        }
+    }
+
+    /// Starts the server again on the same port (its data is gone: no persistence).
+    pub fn restart(&self) {
+        self.stop();
+        let child = spawn(self.port, self.dir.path())
+            .unwrap_or_else(|| panic!("redis-server did not restart on port {}", self.port));
+        *self.child.lock().unwrap() = Some(child);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free loopback port")
+        .port()
+}
+
+/// Spawns a server on `port` and waits until it answers PING; `None` if it exited instead.
+fn spawn(port: u16, dir: &std::path::Path) -> Option<Child> {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(GUARD)
+        .arg("redis-guard")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--save", "", "--appendonly", "no"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn redis-server (is it installed?)");
+    let end = Instant::now() + STARTUP;
+    loop {
+        if child.try_wait().expect("poll redis-server").is_some() {
+            return None;
+        }
+        if ping(port) {
+            return Some(child);
+        }
+        if Instant::now() > end {
+            drop(child.stdin.take());
+            let _ = child.wait();
+            panic!("redis-server on port {port} did not answer within {STARTUP:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// The server shared by every test of this binary.
+pub fn shared() -> &'static RedisServer {
+    static SHARED: OnceLock<RedisServer> = OnceLock::new();
+    SHARED.get_or_init(RedisServer::start)
+}
+
+/// A fresh random namespace: tests isolate by key prefix and run in parallel.
+pub fn namespace() -> String {
+    format!("t{:016x}", rand::random::<u64>())
+}
+
+/// A store on the shared server, in a fresh namespace.
+#[allow(dead_code)]
+pub async fn redis_store() -> RedisStore {
+    RedisStore::connect(&shared().url(), &namespace())
+        .await
+        .expect("connect to the test redis")
+}
+
+/// A conformance fixture on the shared server, in a fresh namespace.
+pub async fn redis_fixture() -> Fixture {
+    let (url, ns) = (shared().url(), namespace());
+    let open = move || {
+        let (url, ns) = (url.clone(), ns.clone());
+        async move {
+            let s = RedisStore::connect(&url, &ns)
+                .await
+                .expect("connect to the test redis");
+            Arc::new(s) as Arc<dyn Store>
+        }
+    };
+    let store = open().await;
+    Fixture::new(store, open)
+}

@@ -1,0 +1,178 @@
+//! Redis-specific tests: the Lua score formula, the key layout, outages and blocking commands.
+
+use crate::harness::{self, wait_for, RedisServer, DEADLINE};
+use ferry::store::redis::{queue_score_probe, RedisStore};
+use ferry::store::{queue_score, Append, Error, EventLog, Feed, StreamId, WorkQueue};
+use ferry_proto::{Event, JobId, StepQueued};
+use std::time::Duration;
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(harness::shared().url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lua_and_rust_queue_scores_agree() {
+    let mut conn = raw().await;
+    let probe = queue_score_probe();
+    let times: [u64; 6] = [
+        0,
+        1,
+        1_700_000_000_123,
+        1_800_000_000_000,
+        (1 << 43) - 1,
+        (1 << 43) + 5,
+    ];
+    for p in [-1000, -101, -100, -99, -1, 0, 1, 7, 99, 100, 101, 5000] {
+        for ms in times {
+            let lua: String = probe.arg(p).arg(ms).invoke_async(&mut conn).await.unwrap();
+            let rust = queue_score(p, ms);
+            assert_eq!(lua, format!("{rust:.0}"), "priority {p}, ms {ms}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_scores_use_the_store_clock() {
+    let store = harness::redis_store().await;
+    let job = JobId::new();
+    let before = ferry::store::now_ms();
+    let ev = Event::StepQueued(StepQueued {
+        step: "build".into(),
+        attempt: 1,
+        pool: "linux".into(),
+        priority: 7,
+    });
+    store
+        .append(Append::new(StreamId::Job(job), vec![ev]))
+        .await
+        .unwrap();
+    let after = ferry::store::now_ms();
+    let key = format!("{{{}}}:ready:linux", store.namespace());
+    let score: f64 = redis::cmd("ZSCORE")
+        .arg(&key)
+        .arg(format!("{job}/build"))
+        .query_async(&mut raw().await)
+        .await
+        .unwrap();
+    // same machine: the store clock is the local clock
+    let lo = queue_score(7, before.saturating_sub(1000));
+    let hi = queue_score(7, after + 1000);
+    assert!(lo <= score && score <= hi, "{lo} <= {score} <= {hi}");
+    assert_eq!(score as u64 >> 43, 93, "priority band");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_keys_share_the_namespace_hash_tag() {
+    let fixture = harness::redis_fixture().await;
+    ferry::store::conformance::clear_job_removes_queue_entries_and_leases(&fixture).await;
+    let store = harness::redis_store().await;
+    let ns = store.namespace().to_string();
+    let job = JobId::new();
+    store
+        .append(Append::new(
+            StreamId::Job(job),
+            vec![Event::StepQueued(StepQueued {
+                step: "build".into(),
+                attempt: 1,
+                pool: "linux".into(),
+                priority: 0,
+            })],
+        ))
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{ns}*"))
+        .query_async(&mut raw().await)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    for k in keys {
+        assert!(k.starts_with(&format!("{{{ns}}}:")), "{k}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_nothing_is_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    match RedisStore::connect(&format!("redis://127.0.0.1:{port}/"), "x").await {
+        Err(Error::Unavailable(_)) => {}
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_unavailable_then_recovers() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), "outage").await.unwrap();
+    let ev = || {
+        vec![Event::StepQueued(StepQueued {
+            step: "build".into(),
+            attempt: 1,
+            pool: "linux".into(),
+            priority: 0,
+        })]
+    };
+    let job = JobId::new();
+    store
+        .append(Append::new(StreamId::Job(job), ev()))
+        .await
+        .unwrap();
+    server.stop();
+    match store.append(Append::new(StreamId::Job(job), ev())).await {
+        Err(Error::Unavailable(_)) => {}
+        other => panic!("an append to a stopped server reported {other:?}"),
+    }
+    match store.ping().await {
+        Err(Error::Unavailable(_)) => {}
+        other => panic!("a ping to a stopped server reported {other:?}"),
+    }
+    server.restart();
+    wait_for(DEADLINE, "the store to reconnect", || async {
+        store.ping().await.ok()
+    })
+    .await;
+    let written = store
+        .append(Append::new(StreamId::Job(job), ev()))
+        .await
+        .unwrap();
+    // the restarted server has no persistence: the stream starts over
+    assert!(matches!(
+        written,
+        ferry::store::Appended::Written { version: 1, .. }
+    ));
+    assert_eq!(store.queued().await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_reads_do_not_delay_other_commands() {
+    let store = harness::redis_store().await;
+    store.ensure_group("g").await.unwrap();
+    let reader = store.clone();
+    let read =
+        tokio::spawn(async move { reader.read_new("g", "c", 10, Duration::from_secs(4)).await });
+    let waiter = store.clone();
+    let wait = tokio::spawn(async move {
+        waiter
+            .wait_for_work(&["nothing".to_string()], Duration::from_secs(4))
+            .await
+    });
+    // the same store (sharing its normal connection) keeps answering while both block
+    for _ in 0..20 {
+        store.ping().await.unwrap();
+    }
+    assert!(store.read_log(None, 10).await.unwrap().is_empty());
+    assert!(
+        !read.is_finished() && !wait.is_finished(),
+        "both blocking calls are still waiting after the other commands were answered"
+    );
+    assert!(read.await.unwrap().unwrap().is_empty());
+    wait.await.unwrap().unwrap();
+}
