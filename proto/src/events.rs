@@ -66,7 +66,10 @@ macro_rules! events {
 
 /// The name of an event kind, if the kind exists.
 pub fn kind_name(kind: u16) -> Option<&'static str> {
-    KINDS.iter().find(|(k, _, _)| *k == kind).map(|(_, n, _)| *n)
+    KINDS
+        .iter()
+        .find(|(k, _, _)| *k == kind)
+        .map(|(_, n, _)| *n)
 }
 
 events! {

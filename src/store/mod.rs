@@ -24,7 +24,9 @@ pub type Version = u64;
 
 /// A position in the global log, opaque to callers and ordered by the store. Redis uses the
 /// stream entry id (`<ms>-<seq>`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct LogPos(pub String);
 
 impl fmt::Display for LogPos {
@@ -296,8 +298,12 @@ pub trait Feed: Send + Sync {
 ///   It may return early without work; it never busy-polls the store.
 #[async_trait]
 pub trait WorkQueue: Send + Sync {
-    async fn claim(&self, pools: &[String], agent: &AgentId, ttl: Duration)
-        -> Result<Option<Claim>>;
+    async fn claim(
+        &self,
+        pools: &[String],
+        agent: &AgentId,
+        ttl: Duration,
+    ) -> Result<Option<Claim>>;
     async fn promote_due(&self, max: usize) -> Result<usize>;
     async fn wait_for_work(&self, pools: &[String], timeout: Duration) -> Result<()>;
     /// Everything waiting, ready and delayed, in no particular order.
@@ -339,8 +345,12 @@ pub trait Leases: Send + Sync {
 /// - An unrenewed lock lapses after `ttl` and can then be acquired by anyone.
 #[async_trait]
 pub trait LeaderLock: Send + Sync {
-    async fn acquire(&self, name: &str, holder: &str, ttl: Duration)
-        -> Result<Option<FencingToken>>;
+    async fn acquire(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<FencingToken>>;
     async fn renew(
         &self,
         name: &str,
