@@ -94,10 +94,10 @@ pub struct ReplayArgs {
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct JobsArgs {
     /// Base URL of the ferry API.
-    #[arg(long, value_name = "URL", env = config::env::API_URL, default_value = "http://127.0.0.1:8080")]
+    #[arg(long, global = true, value_name = "URL", env = config::env::API_URL, default_value = "http://127.0.0.1:8080")]
     pub api: String,
     /// Bearer token for the API.
-    #[arg(long, value_name = "T", env = config::env::API_TOKEN, hide_env_values = true)]
+    #[arg(long, global = true, value_name = "T", env = config::env::API_TOKEN, hide_env_values = true)]
     pub token: Option<String>,
     #[command(subcommand)]
     pub command: JobsCommand,
