@@ -9,7 +9,8 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{self, Overrides};
 
@@ -27,6 +28,11 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+
+    /// `--store` was taken from FERRY_STORE rather than typed: then the config's environment
+    /// layer supplies it, and errors name the variable instead of the flag.
+    #[arg(skip)]
+    store_from_env: bool,
 }
 
 /// What to run.
@@ -117,19 +123,23 @@ pub enum JobsCommand {
 }
 
 impl Cli {
-    /// Parses `args` (the program name first), as `main` does with `std::env::args_os()`.
+    /// Parses `args` (the program name first): `main` calls
+    /// `Cli::parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())`.
     pub fn parse_from<I, T>(args: I) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        <Self as Parser>::try_parse_from(args)
+        let matches = Self::command().try_get_matches_from(args)?;
+        let mut cli = Self::from_arg_matches(&matches)?;
+        cli.store_from_env = matches.value_source("store") == Some(ValueSource::EnvVariable);
+        Ok(cli)
     }
 
     /// The flag values that override the file and the environment, for [`config::load`].
     pub fn overrides(&self) -> Overrides {
         let mut overrides = Overrides {
-            store: self.store.clone(),
+            store: self.store.clone().filter(|_| !self.store_from_env),
             ..Overrides::default()
         };
         match &self.command {

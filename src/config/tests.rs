@@ -179,8 +179,17 @@ fn lookup_by_id_then_path() {
 /// Each key, read from each layer in turn: default < file < env < flag.
 #[test]
 fn precedence_default_file_env_flag() {
+    /// (file, env variable, env value, flags, getter, [default, file, env, flag] values)
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        Overrides,
+        Get,
+        [&'static str; 4],
+    );
     type Get = fn(&Config) -> String;
-    let cases: &[(&str, &str, &str, Overrides, Get, [&str; 4])] = &[
+    let cases: &[Case] = &[
         (
             "store = \"redis://file:6379\"",
             env::STORE,
@@ -327,7 +336,14 @@ fn every_env_setting_is_read() {
 fn errors_name_the_key_and_the_source() {
     let f = no_flags;
     let with_project = |extra: &str| format!("{extra}\n{BASE}");
-    let cases: Vec<(String, Vec<(&str, &str)>, Overrides, &str)> = vec![
+    /// (file text, environment, flags, expected start of the message)
+    type Case = (
+        String,
+        Vec<(&'static str, &'static str)>,
+        Overrides,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         // Unknown keys, at every depth.
         ("bogus = 1".into(), vec![], f(), "/etc/ferry.toml: unknown key bogus (expected one of: store, "),
         ("[gateway]\nlisen = \"x\"".into(), vec![], f(), "/etc/ferry.toml: unknown key gateway.lisen"),
