@@ -1,6 +1,8 @@
 //! ferry: an event-sourced, distributed CI/CD job system for GitLab. See ARCHITECTURE.md.
 
 pub mod agent;
+pub mod cli;
+pub mod config;
 pub mod coordinator;
 pub mod domain;
 pub mod replay;

@@ -1,0 +1,160 @@
+//! The command line: `ferry [--config FILE] [--store URL] <command>`.
+//!
+//! One subcommand per role, the way a cobra CLI splits `app web` / `app api`. Shared flags are
+//! global; role flags belong to their subcommand, so `ferry coordinator --concurrency 4` is an
+//! error rather than a silently ignored flag. This module only parses: [`Cli::overrides`] hands the
+//! flag values to [`crate::config::load`], and `main` runs the command.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::config::{self, Overrides};
+
+/// ferry: event-sourced CI/CD for GitLab.
+#[derive(Debug, Clone, PartialEq, Eq, Parser)]
+#[command(name = "ferry", version, about, propagate_version = true)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, value_name = "FILE", env = config::env::CONFIG)]
+    pub config: Option<PathBuf>,
+
+    /// Event store URL (e.g. redis://127.0.0.1:6379/0); omitted: the embedded store.
+    #[arg(long, global = true, value_name = "URL", env = config::env::STORE)]
+    pub store: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// `--store` was taken from FERRY_STORE rather than typed: then the config's environment
+    /// layer supplies it, and errors name the variable instead of the flag.
+    #[arg(skip)]
+    store_from_env: bool,
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Receive GitLab webhooks and serve the API.
+    Gateway(GatewayArgs),
+    /// Turn events into jobs, queue steps, retry and reclaim leases.
+    Coordinator,
+    /// Claim and run build and deploy steps.
+    Agent(AgentArgs),
+    /// Run every role in one process.
+    Up(UpArgs),
+    /// Rebuild the view from the event log and print a summary.
+    Replay(ReplayArgs),
+    /// Inspect and control jobs through the API.
+    Jobs(JobsArgs),
+}
+
+/// `ferry gateway`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct GatewayArgs {
+    /// Address to listen on (overrides gateway.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// `ferry agent`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct AgentArgs {
+    /// Agent name, unique among live agents (overrides agent.name).
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+    /// Pools to take steps from, comma-separated (overrides agent.pools).
+    #[arg(long, value_name = "POOLS", value_delimiter = ',')]
+    pub pools: Option<Vec<String>>,
+    /// Steps run at once (overrides agent.concurrency).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: Option<u32>,
+}
+
+/// `ferry up`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct UpArgs {
+    /// Address to listen on (overrides gateway.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// `ferry replay`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct ReplayArgs {
+    /// Compare the rebuilt view with the live projection; exit non-zero on any difference.
+    #[arg(long)]
+    pub verify: bool,
+    /// Start from the last saved snapshot instead of the beginning of the log.
+    #[arg(long)]
+    pub from_snapshot: bool,
+    /// Save the rebuilt view as a snapshot with the log position it reflects.
+    #[arg(long)]
+    pub save_snapshot: bool,
+}
+
+/// `ferry jobs`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct JobsArgs {
+    /// Base URL of the ferry API.
+    #[arg(long, global = true, value_name = "URL", env = config::env::API_URL, default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+    /// Bearer token for the API.
+    #[arg(long, global = true, value_name = "T", env = config::env::API_TOKEN, hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: JobsCommand,
+}
+
+/// `ferry jobs <command>`
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs.
+    List,
+    /// Show a job with its steps and attempts.
+    Show { id: String },
+    /// Cancel a job.
+    Cancel { id: String },
+    /// Queue a job's failed step again.
+    Retry { id: String },
+}
+
+impl Cli {
+    /// Parses `args` (the program name first): `main` calls
+    /// `Cli::parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())`.
+    pub fn parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let matches = Self::command().try_get_matches_from(args)?;
+        let mut cli = Self::from_arg_matches(&matches)?;
+        cli.store_from_env = matches.value_source("store") == Some(ValueSource::EnvVariable);
+        Ok(cli)
+    }
+
+    /// The flag values that override the file and the environment, for [`config::load`].
+    pub fn overrides(&self) -> Overrides {
+        let mut overrides = Overrides {
+            store: self.store.clone().filter(|_| !self.store_from_env),
+            ..Overrides::default()
+        };
+        match &self.command {
+            Command::Gateway(args) => overrides.listen = args.listen,
+            Command::Up(args) => overrides.listen = args.listen,
+            Command::Agent(args) => {
+                overrides.agent_name = args.name.clone();
+                overrides.agent_pools = args.pools.clone();
+                overrides.agent_concurrency = args.concurrency;
+            }
+            Command::Coordinator | Command::Replay(_) | Command::Jobs(_) => {}
+        }
+        overrides
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,172 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use super::*;
+
+fn parse(line: &str) -> Result<Cli, clap::Error> {
+    Cli::parse_from(std::iter::once("ferry").chain(line.split_whitespace()))
+}
+
+/// Parses `line` and compares the command and the overrides it yields.
+fn check(line: &str, command: Command, overrides: Overrides) {
+    let cli = parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+    assert_eq!(cli.command, command, "{line}");
+    assert_eq!(cli.overrides(), overrides, "{line}");
+}
+
+fn addr(s: &str) -> Option<SocketAddr> {
+    Some(s.parse().unwrap())
+}
+
+#[test]
+fn each_subcommand_parses() {
+    let none = Overrides::default;
+    check(
+        "gateway",
+        Command::Gateway(GatewayArgs { listen: None }),
+        none(),
+    );
+    check(
+        "gateway --listen 127.0.0.1:9000",
+        Command::Gateway(GatewayArgs {
+            listen: addr("127.0.0.1:9000"),
+        }),
+        Overrides {
+            listen: addr("127.0.0.1:9000"),
+            ..none()
+        },
+    );
+    check("coordinator", Command::Coordinator, none());
+    check(
+        "agent --name a1 --pools x,y --concurrency 4",
+        Command::Agent(AgentArgs {
+            name: Some("a1".into()),
+            pools: Some(vec!["x".into(), "y".into()]),
+            concurrency: Some(4),
+        }),
+        Overrides {
+            agent_name: Some("a1".into()),
+            agent_pools: Some(vec!["x".into(), "y".into()]),
+            agent_concurrency: Some(4),
+            ..none()
+        },
+    );
+    check(
+        "up --listen [::1]:8080",
+        Command::Up(UpArgs {
+            listen: addr("[::1]:8080"),
+        }),
+        Overrides {
+            listen: addr("[::1]:8080"),
+            ..none()
+        },
+    );
+    check(
+        "replay --verify --from-snapshot --save-snapshot",
+        Command::Replay(ReplayArgs {
+            verify: true,
+            from_snapshot: true,
+            save_snapshot: true,
+        }),
+        none(),
+    );
+    check(
+        "replay",
+        Command::Replay(ReplayArgs {
+            verify: false,
+            from_snapshot: false,
+            save_snapshot: false,
+        }),
+        none(),
+    );
+    let jobs = |command, api: &str, token: Option<&str>| {
+        Command::Jobs(JobsArgs {
+            api: api.into(),
+            token: token.map(Into::into),
+            command,
+        })
+    };
+    // FERRY_API_URL / FERRY_API_TOKEN would change the defaults; these cases pass both flags.
+    let flags = "--api http://ferry:8080 --token t";
+    check(
+        &format!("jobs {flags} list"),
+        jobs(JobsCommand::List, "http://ferry:8080", Some("t")),
+        none(),
+    );
+    check(
+        &format!("jobs {flags} show 0190-abc"),
+        jobs(
+            JobsCommand::Show {
+                id: "0190-abc".into(),
+            },
+            "http://ferry:8080",
+            Some("t"),
+        ),
+        none(),
+    );
+    check(
+        &format!("jobs {flags} cancel j1"),
+        jobs(
+            JobsCommand::Cancel { id: "j1".into() },
+            "http://ferry:8080",
+            Some("t"),
+        ),
+        none(),
+    );
+    check(
+        &format!("jobs retry j1 {flags}"),
+        jobs(
+            JobsCommand::Retry { id: "j1".into() },
+            "http://ferry:8080",
+            Some("t"),
+        ),
+        none(),
+    );
+}
+
+#[test]
+fn global_flags_go_anywhere() {
+    for line in [
+        "--config /etc/ferry.toml --store redis://r:6379 coordinator",
+        "coordinator --config /etc/ferry.toml --store redis://r:6379",
+        "agent --store redis://r:6379 --config /etc/ferry.toml",
+    ] {
+        let cli = parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert_eq!(cli.config, Some(PathBuf::from("/etc/ferry.toml")), "{line}");
+        assert_eq!(cli.store.as_deref(), Some("redis://r:6379"), "{line}");
+        assert_eq!(
+            cli.overrides().store.as_deref(),
+            Some("redis://r:6379"),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn role_flags_are_refused_elsewhere_and_bad_values_fail() {
+    for line in [
+        "coordinator --listen 0.0.0.0:1",
+        "coordinator --concurrency 4",
+        "gateway --pools a",
+        "gateway --name x",
+        "up --concurrency 2",
+        "agent --listen 0.0.0.0:1",
+        "replay --listen 0.0.0.0:1",
+        "jobs --verify list",
+        "replay --api http://x",
+        "agent --concurrency 0",
+        "agent --concurrency x",
+        "gateway --listen 8080",
+        "jobs show",
+        "jobs",
+        "",
+        "deploy",
+    ] {
+        assert!(parse(line).is_err(), "{line:?} was accepted");
+    }
+}
+
+#[test]
+fn the_command_definition_is_consistent() {
+    Cli::command().debug_assert();
+}
