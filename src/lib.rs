@@ -1,6 +1,7 @@
 //! ferry: an event-sourced, distributed CI/CD job system for GitLab. See ARCHITECTURE.md.
 
 pub mod agent;
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod coordinator;

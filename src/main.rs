@@ -1,1 +1,68 @@
-fn main() {}
+//! The `ferry` binary: parses the command line, loads the configuration and runs a role.
+
+use ferry::app;
+use ferry::cli::{Cli, Command};
+use ferry::config;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match config::load(
+        cli.config.as_deref(),
+        &config::process_env,
+        &cli.overrides(),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Coordinator => {
+            let store = app::open_store(&config).await?;
+            let stop = app::shutdown_signal();
+            ferry::coordinator::run(store, app::coordinator_options(&config), app::until(stop))
+                .await?;
+        }
+        Command::Agent(_) => {
+            let store = app::open_store(&config).await?;
+            let stop = app::shutdown_signal();
+            ferry::agent::run(store, app::agent_options(&config), app::until(stop)).await?;
+        }
+        Command::Gateway(_) | Command::Up(_) => {
+            anyhow::bail!("this build has no gateway yet")
+        }
+        Command::Replay(args) => {
+            let store = app::open_store(&config).await?;
+            let ok =
+                app::replay(&*store, args.from_snapshot, args.save_snapshot, args.verify).await?;
+            if !ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Jobs(_) => anyhow::bail!("the jobs API is not available in this build yet"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -35,6 +35,8 @@ pub mod env {
     pub const CONFIG: &str = "FERRY_CONFIG";
     /// `store`
     pub const STORE: &str = "FERRY_STORE";
+    /// `namespace`
+    pub const NAMESPACE: &str = "FERRY_NAMESPACE";
     /// `data_dir`
     pub const DATA_DIR: &str = "FERRY_DATA_DIR";
     /// `gateway.listen`
@@ -85,6 +87,8 @@ pub mod env {
 
 /// Defaults, for the docs and for the tests.
 pub mod defaults {
+    /// `namespace`
+    pub const NAMESPACE: &str = "ferry";
     /// `data_dir`
     pub const DATA_DIR: &str = "/var/lib/ferry";
     /// `gateway.listen`
@@ -157,6 +161,9 @@ pub struct Config {
     pub file: Option<PathBuf>,
     /// The event store URL; `None` selects the embedded store.
     pub store: Option<String>,
+    /// Prefix (and Redis Cluster hash tag) of every key: several ferry installations can share
+    /// one Redis under different namespaces.
+    pub namespace: String,
     /// Agent work dirs, caches and the embedded store live here.
     pub data_dir: PathBuf,
     pub gateway: Gateway,
@@ -593,6 +600,7 @@ fn agent(raw: &mut RawConfig) -> &mut RawAgent {
 #[rustfmt::skip]
 const ENV_SETTINGS: &[EnvSetting] = &[
     EnvSetting { key: "store", var: env::STORE, slot: |r| Slot::Text(&mut r.store) },
+    EnvSetting { key: "namespace", var: env::NAMESPACE, slot: |r| Slot::Text(&mut r.namespace) },
     EnvSetting { key: "data_dir", var: env::DATA_DIR, slot: |r| Slot::Text(&mut r.data_dir) },
     EnvSetting { key: "gateway.listen", var: env::GATEWAY_LISTEN, slot: |r| Slot::Text(&mut gateway(r).listen) },
     EnvSetting { key: "gateway.public_url", var: env::GATEWAY_PUBLIC_URL, slot: |r| Slot::Text(&mut gateway(r).public_url) },
@@ -820,6 +828,19 @@ fn build(
         }
         None => None,
     };
+    let namespace = raw.namespace.unwrap_or_else(|| defaults::NAMESPACE.into());
+    if namespace.is_empty()
+        || !namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(cx.err(
+            "namespace",
+            format!(
+                "{namespace:?} must be non-empty and use only letters, digits, '.', '_' and '-'"
+            ),
+        ));
+    }
     let data_dir = PathBuf::from(raw.data_dir.unwrap_or_else(|| defaults::DATA_DIR.into()));
     if data_dir.as_os_str().is_empty() {
         return Err(cx.err("data_dir", "is empty"));
@@ -1013,6 +1034,7 @@ fn build(
     Ok(Config {
         file: file.map(Path::to_owned),
         store,
+        namespace,
         data_dir,
         gateway,
         api: Api { tokens },

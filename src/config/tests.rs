@@ -275,6 +275,7 @@ fn every_env_setting_is_read() {
     let values: HashMap<&str, &str> = [
         (env::STORE, "redis://h:1/0"),
         (env::DATA_DIR, "/data"),
+        (env::NAMESPACE, "team-a"),
         (env::GATEWAY_LISTEN, "127.0.0.1:9"),
         (env::GATEWAY_PUBLIC_URL, "https://ferry.test"),
         (env::GATEWAY_MAX_BODY_BYTES, "10"),
@@ -306,6 +307,7 @@ fn every_env_setting_is_read() {
     let c = ok("", &pairs, &no_flags());
     assert_eq!(c.store.as_deref(), Some("redis://h:1/0"));
     assert_eq!(c.data_dir, PathBuf::from("/data"));
+    assert_eq!(c.namespace, "team-a");
     assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:9");
     assert_eq!(c.gateway.public_url.as_str(), "https://ferry.test/");
     assert_eq!(c.gateway.max_body_bytes, 10);

@@ -1,0 +1,243 @@
+//! The real `ferry` binary: configuration errors, `ferry replay --verify` on a live store, and
+//! coordinator processes killed with SIGKILL in the middle of a burst.
+
+use crate::harness::{self, wait_until, DEADLINE};
+use ferry::domain::JobPhase;
+use ferry::replay;
+use ferry::store::redis::RedisStore;
+use ferry::store::{Append, Store, StreamId};
+use ferry_proto::*;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+
+/// The ferry binary, with the store and namespace of a test, and quiet logs.
+pub fn ferry(url: &str, ns: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("FERRY_STORE", url)
+        .env("FERRY_NAMESPACE", ns)
+        .env("FERRY_LOG", "warn");
+    cmd
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A process that is killed with SIGKILL when dropped.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn noop_job() -> (JobId, Event) {
+    let job = JobId::new();
+    let created = JobCreated {
+        job,
+        project_id: 1,
+        project: "group/app".into(),
+        tag: "v1".into(),
+        git_ref: "refs/tags/v1".into(),
+        sha: "a".repeat(40),
+        priority: 0,
+        trigger: "test".into(),
+        steps: vec![StepPlan {
+            step: StepId::new("build"),
+            pool: "default".into(),
+            priority: 0,
+            spec: StepSpec::Noop,
+        }],
+    };
+    (job, created.into())
+}
+
+#[test]
+fn a_bad_config_fails_at_start_naming_the_key_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ferry.toml");
+    std::fs::write(&file, "[coordinator]\nlease_ttl = \"15 parsecs\"\n").unwrap();
+    let out = ferry("redis://127.0.0.1:1/", "x")
+        .arg("--config")
+        .arg(&file)
+        .arg("coordinator")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let msg = text(&out);
+    assert!(msg.contains("coordinator.lease_ttl"), "{msg}");
+    assert!(msg.contains(&file.display().to_string()), "{msg}");
+
+    std::fs::write(&file, "[agent]\nhost_key_policy = \"ignore\"\n").unwrap();
+    let out = ferry("redis://127.0.0.1:1/", "x")
+        .arg("--config")
+        .arg(&file)
+        .arg("agent")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("agent.host_key_policy"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn role_flags_belong_to_their_subcommand() {
+    let out = ferry("redis://127.0.0.1:1/", "x")
+        .args(["coordinator", "--concurrency", "4"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--concurrency"), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_verify_passes_on_a_live_store_and_fails_after_tampering() {
+    let server = harness::shared();
+    let ns = harness::namespace();
+    let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&server.url(), &ns).await.unwrap());
+    let mut coordinator = Proc(
+        ferry(&server.url(), &ns)
+            .arg("coordinator")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut jobs = Vec::new();
+    for _ in 0..5 {
+        let (job, created) = noop_job();
+        store
+            .append(Append::new(StreamId::Job(job), vec![created]).expect(0))
+            .await
+            .unwrap();
+        jobs.push(job);
+    }
+    // No agent serves the pool: the coordinator queues each step and they wait.
+    wait_until(DEADLINE, || async {
+        store.queued().await.unwrap().len() == jobs.len()
+    })
+    .await;
+    coordinator.kill9();
+
+    let run = |args: &[&str]| {
+        ferry(&server.url(), &ns)
+            .arg("replay")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--verify", "--save-snapshot"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let msg = text(&out);
+    assert!(msg.contains("jobs: 5 (queued 5)"), "{msg}");
+    assert!(msg.contains("verified: 5 jobs"), "{msg}");
+    let out = run(&["--from-snapshot", "--verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("resuming from the snapshot"),
+        "{}",
+        text(&out)
+    );
+
+    // A queue entry appears that no event put there.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ZREM")
+        .arg(format!("{{{ns}}}:ready:default"))
+        .arg(format!("{}/build", jobs[0]))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let out = run(&["--verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let msg = text(&out);
+    assert!(msg.contains("verification failed"), "{msg}");
+    assert!(msg.contains(&jobs[0].to_string()), "{msg}");
+}
+
+/// Two coordinator processes consume one feed; one is killed with SIGKILL in the middle of a
+/// burst. Every job must still be planned exactly once and run to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_burst_loses_nothing() {
+    let server = harness::shared();
+    let ns = harness::namespace();
+    let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&server.url(), &ns).await.unwrap());
+    let spawn = |name: &str| {
+        Proc(
+            ferry(&server.url(), &ns)
+                .env("FERRY_AGENT_NAME", name)
+                .env("FERRY_COORDINATOR_SWEEP_INTERVAL", "200ms")
+                .arg("coordinator")
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut victim = spawn("c-victim");
+    let _survivor = spawn("c-survivor");
+    let _agent = Proc(
+        ferry(&server.url(), &ns)
+            .env("FERRY_AGENT_NAME", "a1")
+            .arg("agent")
+            .spawn()
+            .unwrap(),
+    );
+    let mut jobs = Vec::new();
+    for i in 0..200 {
+        let (job, created) = noop_job();
+        store
+            .append(Append::new(StreamId::Job(job), vec![created]).expect(0))
+            .await
+            .unwrap();
+        jobs.push(job);
+        if i == 60 {
+            victim.kill9();
+        }
+    }
+    wait_until(DEADLINE * 6, || async {
+        let view = replay::rebuild(&*store).await.unwrap();
+        jobs.iter()
+            .all(|j| view.jobs.get(j).map(|s| s.phase) == Some(JobPhase::Succeeded))
+    })
+    .await;
+    for job in &jobs {
+        let events: Vec<Event> = store
+            .read_stream(&StreamId::Job(*job), 0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.decode().unwrap())
+            .collect();
+        let count = |f: fn(&Event) -> bool| events.iter().filter(|e| f(e)).count();
+        assert_eq!(
+            count(|e| matches!(e, Event::StepQueued(_))),
+            1,
+            "{events:?}"
+        );
+        assert_eq!(
+            count(|e| matches!(e, Event::StepSucceeded(_))),
+            1,
+            "{events:?}"
+        );
+        assert_eq!(
+            count(|e| matches!(e, Event::JobSucceeded(_))),
+            1,
+            "{events:?}"
+        );
+    }
+}
