@@ -2,5 +2,6 @@
 
 mod conformance;
 mod flow;
+mod gateway;
 mod harness;
 mod redis;
