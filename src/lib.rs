@@ -6,5 +6,6 @@ pub mod cli;
 pub mod config;
 pub mod coordinator;
 pub mod domain;
+pub mod gateway;
 pub mod replay;
 pub mod store;

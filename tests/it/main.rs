@@ -3,5 +3,6 @@
 mod cli;
 mod conformance;
 mod flow;
+mod gateway;
 mod harness;
 mod redis;

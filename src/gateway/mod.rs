@@ -1,0 +1,476 @@
+//! The webhook intake. `POST /hooks/gitlab` turns one GitLab delivery into one `WebhookReceived`
+//! event in the `webhooks` stream, deduplicated atomically with the append; the coordinator turns
+//! the events that act into jobs. Also `GET /healthz`, `GET /readyz` and `GET /metrics`.
+//!
+//! A delivery goes through, in this order: size (413) → JSON (400) → project (404) →
+//! authenticity (401) → required fields (400) → classification → append (503 when the store
+//! fails). The gateway answers 2xx only after the append returned: nothing accepted is lost
+//! (invariant 1). Ignored deliveries are appended too (action `ignored`), so history shows them,
+//! and get 200: GitLab counts every 4xx and 5xx toward disabling the hook.
+//!
+//! Dedupe keys, recorded by the store in the same atomic operation as the event (invariant 2):
+//! - `delivery:<project>:<id>` from `webhook-id` or `Idempotency-Key` (the same UUID on every
+//!   redelivery of one event by one hook). `webhook-id` comes first: it is covered by the
+//!   signature.
+//! - `content:<project_id>:<ref>:<before>:<after>` for pushes: one push delivered by a project
+//!   hook and a group hook carries two keys but one content.
+//!
+//! Tokens and signatures never enter the event (invariant 10).
+
+pub mod auth;
+pub mod hook;
+mod metrics;
+mod options;
+
+pub use auth::{InvalidSigningToken, SigningKey};
+pub use hook::{Decision, EventKind};
+pub use metrics::{Metrics, Outcome};
+pub use options::{GatewayOptions, OnTagMove, ProjectHooks, Secret};
+
+use crate::store::{Append, Appended, Store, StreamId};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_proto::{Event, JobId, WebhookReceived};
+use hook::Hook;
+use serde_json::json;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use tracing::{debug, error};
+
+/// Everything the gateway's handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct GatewayState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    projects: Projects,
+    options: GatewayOptions,
+    metrics: Metrics,
+    /// What `/metrics` renders: the gateway's own metrics, plus whatever else the process
+    /// registered in it.
+    registry: prometheus::Registry,
+}
+
+/// Why a [`GatewayState`] cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("project {0} is listed twice")]
+    DuplicateProject(String),
+    #[error("cannot register gateway metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+impl GatewayState {
+    /// A gateway over `store` for `projects`, with its own metrics registry.
+    pub fn new(
+        store: Arc<dyn Store>,
+        projects: Vec<ProjectHooks>,
+        options: GatewayOptions,
+    ) -> Result<Self, Error> {
+        Self::with_registry(store, projects, options, prometheus::Registry::new())
+    }
+
+    /// A gateway whose metrics live in `registry` (shared with the other roles of the process);
+    /// `/metrics` renders the whole registry.
+    pub fn with_registry(
+        store: Arc<dyn Store>,
+        projects: Vec<ProjectHooks>,
+        options: GatewayOptions,
+        registry: prometheus::Registry,
+    ) -> Result<Self, Error> {
+        let projects = Projects::new(projects)?;
+        let metrics = Metrics::register(&registry)?;
+        Ok(GatewayState {
+            inner: Arc::new(Inner {
+                store,
+                projects,
+                options,
+                metrics,
+                registry,
+            }),
+        })
+    }
+}
+
+/// The gateway's routes: `POST /hooks/gitlab`, `GET /healthz`, `GET /readyz`, `GET /metrics`.
+pub fn router(state: GatewayState) -> Router {
+    let limit = state.inner.options.max_body_bytes;
+    Router::new()
+        .route(
+            "/hooks/gitlab",
+            post(receive).layer(DefaultBodyLimit::max(limit)),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then finishes the requests in
+/// flight.
+pub async fn serve(
+    listener: TcpListener,
+    state: GatewayState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Header names the gateway reads.
+pub mod headers {
+    pub const EVENT: &str = "x-gitlab-event";
+    pub const TOKEN: &str = "x-gitlab-token";
+    pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+    pub const WEBHOOK_ID: &str = "webhook-id";
+    pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
+    pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+}
+
+/// A delivery the gateway stored (or had already stored).
+#[derive(Debug)]
+enum Reply {
+    Accepted { event_id: String },
+    Duplicate { event_id: String },
+    Ignored { reason: String },
+}
+
+/// Why a delivery was refused. The one place that maps failures to status codes; messages say
+/// what was wrong with the request and never carry internals or secrets.
+#[derive(Debug)]
+enum Rejection {
+    TooLarge(usize),
+    BadRequest(String),
+    UnknownProject,
+    Unauthorized(auth::Error),
+    Unavailable,
+}
+
+impl Reply {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Reply::Accepted { .. } => Outcome::Accepted,
+            Reply::Duplicate { .. } => Outcome::Duplicate,
+            Reply::Ignored { .. } => Outcome::Ignored,
+        }
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        match self {
+            Reply::Accepted { event_id } => (
+                StatusCode::ACCEPTED,
+                Json(json!({ "event_id": event_id, "duplicate": false })),
+            ),
+            Reply::Duplicate { event_id } => (
+                StatusCode::OK,
+                Json(json!({ "event_id": event_id, "duplicate": true })),
+            ),
+            Reply::Ignored { reason } => (StatusCode::OK, Json(json!({ "ignored": reason }))),
+        }
+        .into_response()
+    }
+}
+
+impl Rejection {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Rejection::TooLarge(_) => Outcome::TooLarge,
+            Rejection::BadRequest(_) => Outcome::BadRequest,
+            Rejection::UnknownProject => Outcome::UnknownProject,
+            Rejection::Unauthorized(_) => Outcome::Unauthorized,
+            Rejection::Unavailable => Outcome::Unavailable,
+        }
+    }
+}
+
+impl From<hook::Error> for Rejection {
+    fn from(e: hook::Error) -> Self {
+        Rejection::BadRequest(e.to_string())
+    }
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            Rejection::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body exceeds {limit} bytes"),
+            ),
+            Rejection::BadRequest(message) => (StatusCode::BAD_REQUEST, message),
+            Rejection::UnknownProject => (StatusCode::NOT_FOUND, "unknown project".to_string()),
+            Rejection::Unauthorized(e) => (StatusCode::UNAUTHORIZED, e.to_string()),
+            Rejection::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "event store unavailable".to_string(),
+            ),
+        };
+        error_response(status, &message)
+    }
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+async fn receive(
+    State(state): State<GatewayState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let kind = EventKind::from_header(header_str(&headers, headers::EVENT));
+    let (outcome, response) = match state.intake(kind, &headers, body).await {
+        Ok(reply) => (reply.outcome(), reply.into_response()),
+        Err(rejection) => {
+            debug!(event = kind.label(), ?rejection, "webhook refused");
+            (rejection.outcome(), rejection.into_response())
+        }
+    };
+    state.inner.metrics.record(kind, outcome, started.elapsed());
+    response
+}
+
+impl GatewayState {
+    async fn intake(
+        &self,
+        kind: EventKind,
+        headers: &HeaderMap,
+        body: Result<Bytes, BytesRejection>,
+    ) -> Result<Reply, Rejection> {
+        let options = &self.inner.options;
+        let limit = options.max_body_bytes;
+        // The body limit layer stops reading at `limit`; a declared length over it is refused
+        // before reading anything.
+        let declared = header_str(headers, header::CONTENT_LENGTH.as_str())
+            .and_then(|n| n.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(Rejection::TooLarge(limit));
+        }
+        let body = body.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Rejection::TooLarge(limit)
+            } else {
+                Rejection::BadRequest("cannot read request body".into())
+            }
+        })?;
+        if body.len() > limit {
+            return Err(Rejection::TooLarge(limit));
+        }
+
+        let hook = Hook::parse(&body)?;
+        let project = self.inner.projects.find(&hook)?;
+        let creds = auth::Credentials {
+            token: header_bytes(headers, headers::TOKEN),
+            webhook_id: header_bytes(headers, headers::WEBHOOK_ID),
+            timestamp: header_bytes(headers, headers::WEBHOOK_TIMESTAMP),
+            signature: header_bytes(headers, headers::WEBHOOK_SIGNATURE),
+        };
+        auth::authenticate(
+            project,
+            &creds,
+            &body,
+            unix_now(),
+            options.signature_tolerance,
+        )
+        .map_err(Rejection::Unauthorized)?;
+        let decision = hook::classify(kind, &hook, project)?;
+        let delivery_id = delivery_id(headers)?;
+
+        let mut keys = Vec::with_capacity(2);
+        if let Some(id) = &delivery_id {
+            keys.push(format!("delivery:{}:{id}", project.key()));
+        }
+        keys.extend(hook.content_key(kind));
+        let event = WebhookReceived {
+            delivery_id: delivery_id.clone(),
+            event: event_name(kind, headers),
+            job: decision.builds().then(JobId::new),
+            project_id: hook.project_id.or(project.id),
+            project_path: hook.project_path.clone().or(Some(project.path.clone())),
+            git_ref: hook.git_ref.clone(),
+            before: hook.before.clone(),
+            after: hook.after.clone(),
+            checkout_sha: hook.checkout_sha.clone(),
+            user: hook.user.clone(),
+            // A configured URL wins over the one in the payload.
+            clone_url: project.clone_url.clone().or(hook.clone_url.clone()),
+            action: decision.action().to_string(),
+            reason: decision.reason(),
+        };
+        let append = Append::new(StreamId::Webhooks, vec![Event::WebhookReceived(event)])
+            .dedupe(keys, options.dedupe_window);
+
+        let appended = tokio::time::timeout(options.store_timeout, self.inner.store.append(append))
+            .await
+            .map_err(|_| {
+                error!(timeout = ?options.store_timeout, "webhook not stored: event store timed out");
+                Rejection::Unavailable
+            })?
+            .map_err(|e| {
+                error!(error = %e, "webhook not stored");
+                Rejection::Unavailable
+            })?;
+        match appended {
+            Appended::Duplicate { original } => {
+                debug!(%original, ?delivery_id, "duplicate webhook");
+                Ok(Reply::Duplicate {
+                    event_id: original.to_string(),
+                })
+            }
+            Appended::Written { positions, .. } => {
+                let event_id = positions.first().map(ToString::to_string).ok_or_else(|| {
+                    error!("webhook append returned no log position");
+                    Rejection::Unavailable
+                })?;
+                debug!(%event_id, project = %project.path, action = decision.action(), "webhook stored");
+                Ok(match decision {
+                    Decision::Ignore { reason } => Reply::Ignored { reason },
+                    _ => Reply::Accepted { event_id },
+                })
+            }
+        }
+    }
+}
+
+/// Projects indexed by id and by lowercase path.
+struct Projects {
+    list: Vec<ProjectHooks>,
+    by_id: HashMap<u64, usize>,
+    by_path: HashMap<String, usize>,
+}
+
+impl Projects {
+    fn new(list: Vec<ProjectHooks>) -> Result<Self, Error> {
+        let mut by_id = HashMap::new();
+        let mut by_path = HashMap::new();
+        for (i, p) in list.iter().enumerate() {
+            if let Some(id) = p.id {
+                if by_id.insert(id, i).is_some() {
+                    return Err(Error::DuplicateProject(id.to_string()));
+                }
+            }
+            if by_path.insert(p.path.to_ascii_lowercase(), i).is_some() {
+                return Err(Error::DuplicateProject(p.path.clone()));
+            }
+        }
+        Ok(Projects {
+            list,
+            by_id,
+            by_path,
+        })
+    }
+
+    /// The project a delivery is for: by `project_id` when the project's id is configured, else
+    /// by `path_with_namespace`. A project with a configured id never matches on path alone (a
+    /// project deleted and recreated under the same path is another project).
+    fn find(&self, hook: &Hook) -> Result<&ProjectHooks, Rejection> {
+        if hook.project_id.is_none() && hook.project_path.is_none() {
+            return Err(hook::Error::Missing("project_id").into());
+        }
+        let by_id = hook.project_id.and_then(|id| self.by_id.get(&id));
+        let by_path = || {
+            let path = hook.project_path.as_deref()?.to_ascii_lowercase();
+            self.by_path
+                .get(&path)
+                .filter(|i| self.list[**i].id.is_none())
+        };
+        by_id
+            .or_else(by_path)
+            .map(|i| &self.list[*i])
+            .ok_or(Rejection::UnknownProject)
+    }
+}
+
+/// `webhook-id`, else `Idempotency-Key`; an empty header counts as absent. A key is at most 255
+/// visible ASCII characters (GitLab sends UUIDs).
+fn delivery_id(headers: &HeaderMap) -> Result<Option<String>, Rejection> {
+    for name in [headers::WEBHOOK_ID, headers::IDEMPOTENCY_KEY] {
+        let Some(value) = header_bytes(headers, name).filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        if value.len() > 255 || !value.iter().all(|b| b.is_ascii_graphic()) {
+            return Err(Rejection::BadRequest(format!("malformed {name} header")));
+        }
+        return Ok(Some(String::from_utf8_lossy(value).into_owned()));
+    }
+    Ok(None)
+}
+
+/// `WebhookReceived.event`: the header as sent, cut to 64 characters.
+fn event_name(kind: EventKind, headers: &HeaderMap) -> String {
+    match header_str(headers, headers::EVENT) {
+        Some(value) if kind == EventKind::Other => value.chars().take(64).collect(),
+        Some(value) => value.trim().to_string(),
+        None => String::new(),
+    }
+}
+
+fn header_bytes<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    headers.get(name).map(|v| v.as_bytes())
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+async fn healthz() -> Response {
+    (StatusCode::OK, Json(json!({ "status": "ok" }))).into_response()
+}
+
+async fn readyz(State(state): State<GatewayState>) -> Response {
+    let ping = tokio::time::timeout(state.inner.options.store_timeout, state.inner.store.ping());
+    match ping.await {
+        Ok(Ok(())) => (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response(),
+        Ok(Err(e)) => {
+            debug!(error = %e, "not ready");
+            error_response(StatusCode::SERVICE_UNAVAILABLE, "event store unavailable")
+        }
+        Err(_) => error_response(StatusCode::SERVICE_UNAVAILABLE, "event store unavailable"),
+    }
+}
+
+async fn render_metrics(State(state): State<GatewayState>) -> Response {
+    let encoder = prometheus::TextEncoder::new();
+    match encoder.encode_to_string(&state.inner.registry.gather()) {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            error!(error = %e, "cannot encode metrics");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics")
+        }
+    }
+}
+
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, "no such route")
+}
+
+async fn method_not_allowed() -> Response {
+    error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+}
