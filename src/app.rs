@@ -5,6 +5,7 @@
 use crate::agent;
 use crate::config::{Config, Host};
 use crate::coordinator::{self, decide::RetryPolicy, plan::ProjectPlan};
+use crate::gateway::{self, GatewayOptions, GatewayState, ProjectHooks, SigningKey};
 use crate::replay;
 use crate::store::{redis::RedisStore, Store};
 use anyhow::{bail, Context};
@@ -56,6 +57,80 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
 /// A future that resolves once `rx` turns true.
 pub async fn until(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The gateway's state from the configuration.
+pub fn gateway_state(
+    config: &Config,
+    store: Arc<dyn Store>,
+    registry: prometheus::Registry,
+) -> anyhow::Result<GatewayState> {
+    let mut projects = Vec::with_capacity(config.projects.len());
+    for (i, p) in config.projects.iter().enumerate() {
+        let signing_key =
+            match &p.signing_token {
+                Some(t) => Some(SigningKey::from_token(t.expose()).map_err(|e| {
+                    anyhow::anyhow!("projects[{i}].signing_token ({}): {e}", p.path)
+                })?),
+                None => None,
+            };
+        projects.push(ProjectHooks {
+            id: p.id,
+            path: p.path.clone(),
+            webhook_token: p.webhook_token.clone(),
+            signing_key,
+            allow_unauthenticated: p.allow_unauthenticated,
+            on_tag_move: match p.on_tag_move {
+                crate::config::OnTagMove::Ignore => gateway::OnTagMove::Ignore,
+                crate::config::OnTagMove::Rebuild => gateway::OnTagMove::Rebuild,
+            },
+            branches: p.branches.clone(),
+            clone_url: p.clone_url.as_ref().map(|u| u.to_string()),
+            auto_build: p.auto_build,
+        });
+    }
+    let options = GatewayOptions {
+        max_body_bytes: usize::try_from(config.gateway.max_body_bytes).unwrap_or(usize::MAX),
+        dedupe_window: config.gateway.dedupe_window,
+        ..Default::default()
+    };
+    Ok(GatewayState::with_registry(
+        store, projects, options, registry,
+    )?)
+}
+
+/// Serves the gateway on the configured address until `stop`.
+pub async fn run_gateway(
+    config: &Config,
+    store: Arc<dyn Store>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let state = gateway_state(config, store, prometheus::Registry::new())?;
+    let listener = tokio::net::TcpListener::bind(config.gateway.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, "gateway listening");
+    gateway::serve(listener, state, until(stop)).await?;
+    Ok(())
+}
+
+/// `ferry up`: every role in one process, sharing one store.
+pub async fn run_up(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
+    let stop = shutdown_signal();
+    let coordinator = tokio::spawn(coordinator::run(
+        store.clone(),
+        coordinator_options(config),
+        until(stop.clone()),
+    ));
+    let agent = tokio::spawn(agent::run(
+        store.clone(),
+        agent_options(config),
+        until(stop.clone()),
+    ));
+    let gateway = run_gateway(config, store, stop.clone()).await;
+    coordinator.await??;
+    agent.await??;
+    gateway
 }
 
 /// The coordinator's options from the configuration.

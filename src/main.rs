@@ -51,8 +51,13 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
             let stop = app::shutdown_signal();
             ferry::agent::run(store, app::agent_options(&config), app::until(stop)).await?;
         }
-        Command::Gateway(_) | Command::Up(_) => {
-            anyhow::bail!("this build has no gateway yet")
+        Command::Gateway(_) => {
+            let store = app::open_store(&config).await?;
+            app::run_gateway(&config, store, app::shutdown_signal()).await?;
+        }
+        Command::Up(_) => {
+            let store = app::open_store(&config).await?;
+            app::run_up(&config, store).await?;
         }
         Command::Replay(args) => {
             let store = app::open_store(&config).await?;

@@ -2,7 +2,6 @@
 //! the gateway never reads configuration itself.
 
 use super::auth::SigningKey;
-use std::fmt;
 use std::time::Duration;
 
 /// How the webhook endpoint behaves, independent of any one project.
@@ -44,7 +43,7 @@ pub enum OnTagMove {
 }
 
 /// One project the gateway accepts deliveries for.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ProjectHooks {
     /// GitLab's numeric project id. When set, deliveries match on it alone (it survives renames
     /// and transfers); when unset they match on `path`.
@@ -94,23 +93,6 @@ impl ProjectHooks {
     }
 }
 
-/// A secret string whose `Debug` output is masked, so that it cannot leak through logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself, for the one place that compares it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+/// Tokens are the configuration's [`Secret`](crate::config::Secret): masked in `Debug` and
+/// `Display`, compared only in constant time.
+pub use crate::config::Secret;
