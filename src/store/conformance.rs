@@ -117,6 +117,7 @@ macro_rules! store_conformance {
             finish_drops_the_lease,
             requeueing_a_leased_step_fences_out_its_holder,
             an_ended_job_is_never_queued_again,
+            job_created_indexes_the_job_by_tag_and_environment,
             feed_group_reads_new_entries_and_acks,
             feed_read_new_blocks_until_an_entry_arrives,
             restarted_consumer_reads_its_pending_first,
@@ -976,6 +977,67 @@ pub async fn an_ended_job_is_never_queued_again(fx: &Fixture) {
         .await
         .unwrap()
         .is_none());
+}
+
+/// Every `JobCreated` indexes its job under its tag and each environment it deploys to.
+pub async fn job_created_indexes_the_job_by_tag_and_environment(fx: &Fixture) {
+    use ferry_proto::{DeploySpec, JobCreated, StepPlan, StepSpec};
+    let s = &**fx;
+    let plan = |job: JobId, tag: &str, envs: &[&str]| -> Event {
+        Event::JobCreated(JobCreated {
+            job,
+            project_id: 7,
+            project: "group/app".into(),
+            tag: tag.into(),
+            git_ref: format!("refs/tags/{tag}"),
+            sha: "a".repeat(40),
+            priority: 0,
+            trigger: "test".into(),
+            steps: envs
+                .iter()
+                .map(|e| StepPlan {
+                    step: format!("deploy:{e}").as_str().into(),
+                    pool: "default".into(),
+                    priority: 0,
+                    spec: StepSpec::Deploy(DeploySpec {
+                        environment: e.to_string(),
+                        ..Default::default()
+                    }),
+                })
+                .collect(),
+        })
+    };
+    let (a, b, c) = (JobId::new(), JobId::new(), JobId::new());
+    for (job, tag, envs) in [
+        (a, "v1", &["staging", "production"][..]),
+        (b, "v2", &["staging"][..]),
+        (c, "v1", &[][..]),
+    ] {
+        append(
+            s,
+            Append::new(StreamId::Job(job), vec![plan(job, tag, envs)]),
+        )
+        .await;
+    }
+    let tag = |t: &str| format!("{}{}", super::LIVE, super::tag_index("group/app", t));
+    let env = |e: &str| super::environment_index("group/app", e);
+    let live_env = |e: &str| format!("{}{}", super::LIVE, env(e));
+    assert_eq!(s.indexed(&tag("v1")).await.unwrap(), vec![a, c]);
+    assert_eq!(s.indexed(&tag("v2")).await.unwrap(), vec![b]);
+    assert_eq!(s.indexed(&env("staging")).await.unwrap(), vec![a, b]);
+    assert_eq!(s.indexed(&live_env("staging")).await.unwrap(), vec![a, b]);
+    assert_eq!(s.indexed(&env("production")).await.unwrap(), vec![a]);
+    assert!(s.indexed(&tag("v3")).await.unwrap().is_empty());
+
+    // When a job ends it leaves the live indexes, and stays in the permanent ones.
+    let cancelled = Event::JobCancelled(JobCancelled {
+        reason: "r".into(),
+        by: "api".into(),
+    });
+    append(s, Append::new(StreamId::Job(a), vec![cancelled])).await;
+    assert_eq!(s.indexed(&tag("v1")).await.unwrap(), vec![c]);
+    assert_eq!(s.indexed(&live_env("staging")).await.unwrap(), vec![b]);
+    assert_eq!(s.indexed(&env("staging")).await.unwrap(), vec![a, b]);
 }
 
 // ---------------------------------------------------------------------------------------------

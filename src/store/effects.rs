@@ -1,7 +1,7 @@
 //! What appending an event does to the live structures (queues and leases). Pure, and shared by
 //! every backend, so that "the queues are a projection of the log" holds by construction.
 
-use ferry_proto::{Event, StepId};
+use ferry_proto::{Event, JobCreated, StepId, StepSpec};
 
 /// A change to the live structures that an appended event implies.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +25,36 @@ pub enum Effect {
     Finish { step: StepId },
     /// The job is over: drop every queue entry and lease it has.
     ClearJob,
+    /// Record the job under these index keys (see [`index_keys`]).
+    Index { keys: Vec<String> },
+}
+
+/// The index keys a job is found under. Keys starting with [`LIVE`] hold only jobs that have not
+/// ended (the store drops the job from them with its terminal event); the others keep every job.
+/// The coordinator uses them to cancel a deleted tag's jobs and to order deploys per environment.
+pub fn index_keys(plan: &JobCreated) -> Vec<String> {
+    let mut keys = vec![format!("{LIVE}{}", tag_index(&plan.project, &plan.tag))];
+    for step in &plan.steps {
+        if let StepSpec::Deploy(d) = &step.spec {
+            let env = environment_index(&plan.project, &d.environment);
+            keys.push(format!("{LIVE}{env}"));
+            keys.push(env);
+        }
+    }
+    keys
+}
+
+/// Prefix of index keys that only hold jobs that have not ended.
+pub const LIVE: &str = "live:";
+
+/// Index key of the jobs of one tag of one project.
+pub fn tag_index(project: &str, tag: &str) -> String {
+    format!("tag:{project}:{tag}")
+}
+
+/// Index key of the jobs that deploy to one environment of one project.
+pub fn environment_index(project: &str, environment: &str) -> String {
+    format!("env:{project}:{environment}")
 }
 
 /// The effect of appending `event` to a job's stream. Events that scripts write themselves
@@ -54,6 +84,9 @@ pub fn effects_of(event: &Event) -> Option<Effect> {
         | Event::JobFailed(_)
         | Event::JobCancelled(_)
         | Event::JobSuperseded(_) => Effect::ClearJob,
+        Event::JobCreated(plan) => Effect::Index {
+            keys: index_keys(plan),
+        },
         _ => return None,
     })
 }

@@ -12,7 +12,9 @@ pub mod conformance;
 mod effects;
 pub mod redis;
 
-pub use effects::{effects_of, queue_score, Effect, PRIORITY_RANGE};
+pub use effects::{
+    effects_of, environment_index, index_keys, queue_score, tag_index, Effect, LIVE, PRIORITY_RANGE,
+};
 
 use async_trait::async_trait;
 use ferry_proto::{AgentId, DecodeError, Envelope, Event, FencingToken, JobId, StepId};
@@ -271,6 +273,9 @@ pub trait EventLog: Send + Sync {
     async fn read_log(&self, after: Option<&LogPos>, count: usize) -> Result<Vec<Stored>>;
     /// Job ids in creation order, after `after`, at most `limit`.
     async fn jobs(&self, after: Option<JobId>, limit: usize) -> Result<Vec<JobId>>;
+    /// The jobs recorded under an index key (see [`index_keys`]: every `JobCreated` indexes its
+    /// job atomically with the append), in id order — ids are time-ordered, so creation order.
+    async fn indexed(&self, key: &str) -> Result<Vec<JobId>>;
     /// The store answers.
     async fn ping(&self) -> Result<()>;
 }

@@ -13,8 +13,11 @@
 -- ARGV[5]  fence step, or '' for no fence;  ARGV[6] fence token (also written as field `f`)
 -- ARGV[7]  dedupe window ms;  ARGV[8] envelope at_ms;  ARGV[9] number of events N
 -- ARGV[10..] N tuples of 9: kind, schema version, payload, effect, step, attempt, pool,
---          priority, due_ms; effect is '' | 'enqueue' | 'schedule' | 'finish' | 'clear'
---          (unused tuple fields are '').
+--          priority, due_ms; effect is '' | 'enqueue' | 'schedule' | 'finish' | 'clear' |
+--          'index' (unused tuple fields are ''); for 'index' the step field holds the index
+--          keys separated by newlines, and the job is added to each set `{ns}:idx:<key>`;
+--          keys starting with `live:` are also remembered in `{ns}:jobidx:<job>`, and 'clear'
+--          removes the job from those again.
 -- Returns  {'ok', new_version, log_id...} (one log id per event, in order), or
 --          {'dup', original_log_id} when a dedupe key exists (nothing written).
 -- Errors   'FERRY_CONFLICT <actual version>' when the expected version does not match;
@@ -72,6 +75,13 @@ for e = 0, n - 1 do
       drop_lease(prefix, member)
       unqueue(prefix, member)
       redis.call('SREM', prefix .. 'jobitems:' .. job, member)
+    elseif effect == 'index' then
+      for key in string.gmatch(ARGV[base + 4], '[^\n]+') do
+        redis.call('SADD', prefix .. 'idx:' .. key, job)
+        if string.sub(key, 1, 5) == 'live:' then
+          redis.call('SADD', prefix .. 'jobidx:' .. job, key)
+        end
+      end
     elseif effect == 'clear' then
       local set = prefix .. 'jobitems:' .. job
       for _, m in ipairs(redis.call('SMEMBERS', set)) do
@@ -80,6 +90,11 @@ for e = 0, n - 1 do
       end
       redis.call('DEL', set)
       redis.call('SET', prefix .. 'ended:' .. job, '1')
+      local idx = prefix .. 'jobidx:' .. job
+      for _, key in ipairs(redis.call('SMEMBERS', idx)) do
+        redis.call('SREM', prefix .. 'idx:' .. key, job)
+      end
+      redis.call('DEL', idx)
     end
   end
 end

@@ -22,6 +22,9 @@
 //! | `{ns}:dedupe:<key>` | string | log id of the original event, with a PX expiry |
 //! | `{ns}:wake:<pool>` | list | wake-up tokens for `wait_for_work` (bounded) |
 //! | `{ns}:snap:<name>` | string | snapshot bytes |
+//! | `{ns}:idx:<key>` | set | job ids indexed under `live:tag:<project>:<tag>`, `env:<project>:<env>`, `live:env:<project>:<env>` (`live:` sets lose a job when it ends) |
+//! | `{ns}:jobidx:<job>` | set | the `live:` index keys of a job, for removing it when it ends |
+//! | `{ns}:ended:<job>` | string | set when the job ended: queueing effects on it are no-ops |
 //!
 //! Entry fields, identical in a stream and in the log: `s` stream name, `k` kind, `v` schema
 //! version, `t` at_ms, `f` fencing token (only when present), `p` payload (rmp named msgpack).
@@ -68,6 +71,9 @@ impl Keys {
     }
     pub(crate) fn jobs(&self) -> String {
         self.key("jobs")
+    }
+    pub(crate) fn index(&self, key: &str) -> String {
+        self.key(&format!("idx:{key}"))
     }
     pub(crate) fn ready(&self, pool: &str) -> String {
         self.key(&format!("ready:{pool}"))

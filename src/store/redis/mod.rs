@@ -294,6 +294,17 @@ impl EventLog for RedisStore {
                     let (a, p) = (attempt.to_string(), priority.to_string());
                     ("schedule", step.0, a, pool, p, due_ms.to_string())
                 }
+                Some(Effect::Index { keys }) => {
+                    for key in &keys {
+                        check_nonempty("index key", key)?;
+                        if key.contains('\n') {
+                            return Err(Error::Invalid(format!(
+                                "index key {key:?} contains a newline"
+                            )));
+                        }
+                    }
+                    ("index", keys.join("\n"), none(), none(), none(), none())
+                }
                 Some(Effect::Finish { step }) => {
                     check_name("step", step.as_str())?;
                     ("finish", step.0, none(), none(), none(), none())
@@ -407,6 +418,22 @@ impl EventLog for RedisStore {
             )
             .await?;
         ids.iter().map(|s| parse_job(s)).collect()
+    }
+
+    async fn indexed(&self, key: &str) -> Result<Vec<JobId>> {
+        check_nonempty("index key", key)?;
+        let ids: Vec<String> = self
+            .query(
+                "read index",
+                redis::cmd("SMEMBERS").arg(self.keys().index(key)),
+            )
+            .await?;
+        let mut jobs = ids
+            .iter()
+            .map(|s| parse_job(s))
+            .collect::<Result<Vec<_>>>()?;
+        jobs.sort();
+        Ok(jobs)
     }
 
     async fn ping(&self) -> Result<()> {
