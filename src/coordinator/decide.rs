@@ -5,8 +5,8 @@
 //! can therefore never double an effect: the second look sees the first decision already in the
 //! stream (and optimistic concurrency makes sure only one of two racing decisions lands).
 
-use crate::domain::{JobState, StepStatus};
-use ferry_proto::{Event, JobFailed, JobSucceeded, StepQueued, StepRetryScheduled};
+use crate::domain::{JobPhase, JobState, StepStatus};
+use ferry_proto::{Event, JobFailed, JobId, JobSucceeded, StepId, StepQueued, StepRetryScheduled};
 use std::time::Duration;
 
 /// How failures are retried.
@@ -318,5 +318,187 @@ mod tests {
         assert_eq!(p.delay(4, 1.0), Duration::from_secs(4));
         assert_eq!(p.delay(9, 1.0), Duration::from_secs(5));
         assert_eq!(p.delay(3, 0.0), Duration::from_secs(1));
+    }
+}
+
+/// What the deploy-order rule (design invariant 5) says about a job whose next step is a deploy
+/// to one environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeployGate {
+    /// Whether this job may queue its deploy now.
+    pub verdict: Verdict,
+    /// Older jobs whose deploy to the environment has not started: they are superseded by this
+    /// one (newest wins; an older tag never lands after a newer one).
+    pub supersede: Vec<JobId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Queue the deploy.
+    Go,
+    /// A newer job deploys (or deployed) to the environment: this job ends superseded.
+    Superseded { by: JobId },
+    /// An older job's deploy to the environment is running: one deploy per environment at a
+    /// time, so wait for it to end.
+    Wait { behind: JobId },
+}
+
+/// The deploy gate for `job`'s deploy step `step`, given the other jobs that deploy to the same
+/// environment (newer ones from the permanent index, older ones from the live index).
+///
+/// Jobs are ordered by id (ids are time-ordered: the order their webhooks arrived).
+pub fn deploy_gate(job: &JobState, step: &StepId, others: &[JobState]) -> DeployGate {
+    let newer_alive_or_done = others
+        .iter()
+        .filter(|o| o.id > job.id)
+        .filter(|o| {
+            matches!(
+                o.phase,
+                JobPhase::Queued | JobPhase::Running | JobPhase::Succeeded
+            )
+        })
+        .map(|o| o.id)
+        .max();
+    if let Some(by) = newer_alive_or_done {
+        return DeployGate {
+            verdict: Verdict::Superseded { by },
+            supersede: Vec::new(),
+        };
+    }
+    let mut supersede = Vec::new();
+    let mut running = None;
+    for older in others
+        .iter()
+        .filter(|o| o.id < job.id && !o.phase.is_terminal())
+    {
+        let Some(pos) = older.steps.iter().position(|s| &s.step == step) else {
+            continue;
+        };
+        let deploy = &older.steps[pos];
+        let at_gate = older.steps[..pos]
+            .iter()
+            .all(|s| matches!(s.status, StepStatus::Succeeded { .. }));
+        match deploy.status {
+            StepStatus::Claimed { .. } => running = Some(older.id),
+            StepStatus::Succeeded { .. } | StepStatus::Failed { .. } => {}
+            StepStatus::Pending if !at_gate => {} // still building; it meets the gate later
+            StepStatus::Pending
+            | StepStatus::Queued { .. }
+            | StepStatus::Delayed { .. }
+            | StepStatus::Interrupted { .. } => supersede.push(older.id),
+        }
+    }
+    let verdict = match running {
+        Some(behind) => Verdict::Wait { behind },
+        None => Verdict::Go,
+    };
+    DeployGate { verdict, supersede }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+    use ferry_proto::*;
+
+    fn job(n: u8, status: &[&str]) -> JobState {
+        let id: JobId = format!("01890a5d-ac96-774b-bcce-b30209900{n:03}")
+            .parse()
+            .unwrap();
+        let plan = JobCreated {
+            job: id,
+            project_id: 1,
+            project: "g/app".into(),
+            tag: format!("v{n}"),
+            git_ref: format!("refs/tags/v{n}"),
+            sha: "a".repeat(40),
+            priority: 0,
+            trigger: "test".into(),
+            steps: ["build", "deploy:prod"]
+                .into_iter()
+                .map(|s| StepPlan {
+                    step: StepId::new(s),
+                    pool: "default".into(),
+                    priority: 0,
+                    spec: StepSpec::Noop,
+                })
+                .collect(),
+        };
+        let mut j = JobState::new(id);
+        j.evolve(&plan.into(), 1);
+        for (i, st) in status.iter().enumerate() {
+            let step = j.steps[i].step.clone();
+            let e: Event = match *st {
+                "queued" => StepQueued {
+                    step,
+                    attempt: 1,
+                    pool: "default".into(),
+                    priority: 0,
+                }
+                .into(),
+                "running" => StepClaimed {
+                    step,
+                    attempt: 1,
+                    agent: AgentId::new("a"),
+                    token: FencingToken(1),
+                    lease_ttl_ms: 1,
+                }
+                .into(),
+                "done" => StepSucceeded { step, attempt: 1 }.into(),
+                other => panic!("{other}"),
+            };
+            j.evolve(&e, 2);
+        }
+        j
+    }
+
+    fn gate(me: &JobState, others: &[JobState]) -> DeployGate {
+        deploy_gate(me, &StepId::new("deploy:prod"), others)
+    }
+
+    #[test]
+    fn a_newer_job_supersedes_an_older_one_even_after_it_deployed() {
+        let me = job(1, &["done"]);
+        let newer = job(2, &["running"]);
+        assert_eq!(
+            gate(&me, std::slice::from_ref(&newer)).verdict,
+            Verdict::Superseded { by: newer.id }
+        );
+        let mut done = job(2, &["done", "done"]);
+        done.evolve(&JobSucceeded {}.into(), 3);
+        assert_eq!(
+            gate(&me, &[done.clone()]).verdict,
+            Verdict::Superseded { by: done.id }
+        );
+        let mut failed = job(2, &[]);
+        failed.evolve(
+            &JobFailed {
+                reason: "build".into(),
+                step: None,
+            }
+            .into(),
+            3,
+        );
+        assert_eq!(gate(&me, &[failed]).verdict, Verdict::Go);
+    }
+
+    #[test]
+    fn older_queued_or_waiting_deploys_are_superseded_and_a_running_one_is_waited_for() {
+        let me = job(5, &["done"]);
+        let queued = job(1, &["done", "queued"]);
+        let at_gate = job(2, &["done"]);
+        let building = job(3, &["running"]);
+        let deploying = job(4, &["done", "running"]);
+        let g = gate(
+            &me,
+            &[queued.clone(), at_gate.clone(), building, deploying.clone()],
+        );
+        assert_eq!(
+            g.verdict,
+            Verdict::Wait {
+                behind: deploying.id
+            }
+        );
+        assert_eq!(g.supersede, vec![queued.id, at_gate.id]);
+        assert_eq!(gate(&me, &[]).verdict, Verdict::Go);
     }
 }

@@ -1,10 +1,12 @@
 //! The coordinator's loop: feed → decisions → appends, plus the singleton sweep duty.
 
-use super::decide::{next, RetryPolicy};
+use super::decide::{deploy_gate, next, RetryPolicy, Verdict};
 use super::plan::{plan_job, ProjectPlan};
 use crate::domain::JobState;
-use crate::store::{self, now_ms, Append, Error, LogPos, Store, Stored, StreamId};
-use ferry_proto::{Event, FencingToken, JobId};
+use crate::store::{
+    self, environment_index, now_ms, Append, Error, LogPos, Store, Stored, StreamId, LIVE,
+};
+use ferry_proto::{Event, FencingToken, JobCancelled, JobId, JobSuperseded, StepSpec};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,10 +153,19 @@ impl Coordinator {
             }
         };
         match StreamId::parse(&stored.envelope.stream) {
-            Some(StreamId::Job(job)) if wakes_coordinator(&event) => self.reconcile(job).await,
+            Some(StreamId::Job(job)) if wakes_coordinator(&event) => {
+                let state = self.reconcile(job).await?;
+                if frees_environment(&state, &event) {
+                    self.wake_environments(&state).await?;
+                }
+                Ok(())
+            }
             Some(StreamId::Webhooks) => match &event {
                 Event::WebhookReceived(w) if w.action == "build" => {
                     self.create(&stored.pos, w).await
+                }
+                Event::WebhookReceived(w) if w.action == "delete" => {
+                    self.cancel_deleted_tag(&stored.pos, w).await
                 }
                 _ => Ok(()),
             },
@@ -201,23 +212,40 @@ impl Coordinator {
                 info!(%job, "job created");
                 Ok(())
             }
-            Err(Error::Conflict { .. }) => self.reconcile(job).await,
+            Err(Error::Conflict { .. }) => self.reconcile(job).await.map(|_| ()),
             Err(e) => Err(e),
         }
     }
 
-    /// Brings a job one decision further, if it needs one. Losing a race to another
-    /// coordinator just means re-reading and deciding again.
-    async fn reconcile(&self, job: JobId) -> Result<(), Error> {
+    /// Brings a job one decision further, if it needs one, and returns its state. Losing a race
+    /// to another coordinator just means re-reading and deciding again.
+    async fn reconcile(&self, job: JobId) -> Result<JobState, Error> {
         for _ in 0..16 {
-            let stream = self.store.read_stream(&StreamId::Job(job), 0).await?;
-            let mut state = JobState::new(job);
-            for stored in &stream {
-                state.evolve(&stored.decode()?, stored.envelope.at_ms);
+            let state = self.fold(job).await?;
+            let mut events = next(&state, &self.opts.policy, now_ms(), jitter());
+            if let Some((step, environment)) = deploy_to_queue(&state, &events) {
+                let others = self.environment_jobs(&state, &environment).await?;
+                let gate = deploy_gate(&state, &step, &others);
+                for older in gate.supersede {
+                    self.supersede(older, job, &environment).await?;
+                }
+                match gate.verdict {
+                    Verdict::Go => {}
+                    Verdict::Superseded { by } => {
+                        events = vec![JobSuperseded {
+                            by_job: by,
+                            environment,
+                        }
+                        .into()]
+                    }
+                    Verdict::Wait { behind } => {
+                        debug!(%job, %behind, %environment, "deploy waits for the running one");
+                        return Ok(state);
+                    }
+                }
             }
-            let events = next(&state, &self.opts.policy, now_ms(), jitter());
             if events.is_empty() {
-                return Ok(());
+                return Ok(state);
             }
             let names: Vec<&str> = events.iter().map(|e| e.name()).collect();
             match self
@@ -227,7 +255,7 @@ impl Coordinator {
             {
                 Ok(_) => {
                     debug!(%job, events = ?names, "decided");
-                    return Ok(());
+                    return self.fold(job).await;
                 }
                 Err(Error::Conflict { .. }) => continue,
                 Err(e) => return Err(e),
@@ -236,6 +264,169 @@ impl Coordinator {
         Err(Error::Unavailable(format!(
             "job {job}: gave up after 16 version conflicts in a row"
         )))
+    }
+
+    async fn fold(&self, job: JobId) -> Result<JobState, Error> {
+        let stream = self.store.read_stream(&StreamId::Job(job), 0).await?;
+        let mut state = JobState::new(job);
+        for stored in &stream {
+            state.evolve(&stored.decode()?, stored.envelope.at_ms);
+        }
+        Ok(state)
+    }
+
+    /// The other jobs that matter to `job`'s deploy to `environment`: every newer one (from the
+    /// permanent index) and the older ones that have not ended (from the live index).
+    async fn environment_jobs(
+        &self,
+        job: &JobState,
+        environment: &str,
+    ) -> Result<Vec<JobState>, Error> {
+        let project = job.plan.as_ref().map_or("", |p| p.project.as_str());
+        let key = environment_index(project, environment);
+        let mut ids: Vec<JobId> = self.store.indexed(&key).await?;
+        ids.retain(|id| *id > job.id);
+        let mut older = self.store.indexed(&format!("{LIVE}{key}")).await?;
+        older.retain(|id| *id < job.id);
+        ids.extend(older);
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(self.fold(id).await?);
+        }
+        Ok(out)
+    }
+
+    /// Ends an older job whose deploy to `environment` has not started, because `by` is newer.
+    async fn supersede(&self, older: JobId, by: JobId, environment: &str) -> Result<(), Error> {
+        for _ in 0..16 {
+            let state = self.fold(older).await?;
+            let started = state.steps.iter().any(|s| {
+                s.step == super::plan::deploy_step(environment)
+                    && matches!(
+                        s.status,
+                        crate::domain::StepStatus::Claimed { .. }
+                            | crate::domain::StepStatus::Succeeded { .. }
+                    )
+            });
+            if state.phase.is_terminal() || started {
+                return Ok(());
+            }
+            let event = JobSuperseded {
+                by_job: by,
+                environment: environment.to_string(),
+            };
+            match self
+                .store
+                .append(Append::new(StreamId::Job(older), vec![event.into()]).expect(state.version))
+                .await
+            {
+                Ok(_) => {
+                    info!(job = %older, %by, %environment, "superseded by a newer deploy");
+                    return Ok(());
+                }
+                Err(Error::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "job {older}: gave up superseding after 16 version conflicts in a row"
+        )))
+    }
+
+    /// A deploy ended or a job ended: the jobs waiting for its environments may go now.
+    async fn wake_environments(&self, job: &JobState) -> Result<(), Error> {
+        let Some(plan) = &job.plan else {
+            return Ok(());
+        };
+        for step in &plan.steps {
+            if let StepSpec::Deploy(d) = &step.spec {
+                let key = format!("{LIVE}{}", environment_index(&plan.project, &d.environment));
+                for other in self.store.indexed(&key).await? {
+                    if other != job.id {
+                        self.reconcile(other).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A tag was deleted: its jobs that have not ended are cancelled (their queued steps leave
+    /// the queues, running ones lose their leases), and nothing is built.
+    async fn cancel_deleted_tag(
+        &self,
+        pos: &LogPos,
+        webhook: &ferry_proto::WebhookReceived,
+    ) -> Result<(), Error> {
+        let project = self.opts.projects.iter().find(|p| {
+            Some(p.id) == webhook.project_id || Some(&p.path) == webhook.project_path.as_ref()
+        });
+        let (Some(project), Some(git_ref)) = (project, &webhook.git_ref) else {
+            return Ok(());
+        };
+        let tag = super::plan::short_ref(git_ref);
+        let key = format!("{LIVE}{}", store::tag_index(&project.path, tag));
+        for job in self.store.indexed(&key).await? {
+            for _ in 0..16 {
+                let state = self.fold(job).await?;
+                if state.phase.is_terminal() {
+                    break;
+                }
+                let cancelled = JobCancelled {
+                    reason: format!("tag {tag} was deleted"),
+                    by: format!("webhook:{pos}"),
+                };
+                match self
+                    .store
+                    .append(
+                        Append::new(StreamId::Job(job), vec![cancelled.into()])
+                            .expect(state.version),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        info!(%job, %tag, "cancelled: its tag was deleted");
+                        break;
+                    }
+                    Err(Error::Conflict { .. }) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// If `events` queue a deploy step, that step and its environment.
+fn deploy_to_queue(job: &JobState, events: &[Event]) -> Option<(ferry_proto::StepId, String)> {
+    let [Event::StepQueued(q)] = events else {
+        return None;
+    };
+    let plan = job.plan.as_ref()?;
+    plan.steps
+        .iter()
+        .find(|s| s.step == q.step)
+        .and_then(|s| match &s.spec {
+            StepSpec::Deploy(d) => Some((q.step.clone(), d.environment.clone())),
+            _ => None,
+        })
+}
+
+/// Whether `event` may have freed one of the job's environments for a waiting deploy.
+fn frees_environment(job: &JobState, event: &Event) -> bool {
+    let is_deploy = |step: &ferry_proto::StepId| {
+        job.plan.as_ref().is_some_and(|p| {
+            p.steps
+                .iter()
+                .any(|s| &s.step == step && matches!(s.spec, StepSpec::Deploy(_)))
+        })
+    };
+    match event {
+        Event::StepSucceeded(e) => is_deploy(&e.step),
+        Event::StepFailed(e) => is_deploy(&e.step),
+        Event::LeaseExpired(e) => is_deploy(&e.step),
+        Event::StepReleased(e) => is_deploy(&e.step),
+        _ => job.phase.is_terminal(),
     }
 }
 
@@ -248,6 +439,10 @@ fn wakes_coordinator(event: &Event) -> bool {
             | Event::StepFailed(_)
             | Event::LeaseExpired(_)
             | Event::StepReleased(_)
+            | Event::JobSucceeded(_)
+            | Event::JobFailed(_)
+            | Event::JobCancelled(_)
+            | Event::JobSuperseded(_)
     )
 }
 

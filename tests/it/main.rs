@@ -5,4 +5,5 @@ mod conformance;
 mod flow;
 mod gateway;
 mod harness;
+mod ordering;
 mod redis;
