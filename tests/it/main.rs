@@ -7,3 +7,4 @@ mod gateway;
 mod harness;
 mod ordering;
 mod redis;
+mod tidy;
