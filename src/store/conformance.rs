@@ -118,6 +118,7 @@ macro_rules! store_conformance {
             requeueing_a_leased_step_fences_out_its_holder,
             an_ended_job_is_never_queued_again,
             job_created_indexes_the_job_by_tag_and_environment,
+            logs_are_fenced_ordered_and_followable,
             feed_group_reads_new_entries_and_acks,
             feed_read_new_blocks_until_an_entry_arrives,
             restarted_consumer_reads_its_pending_first,
@@ -1038,6 +1039,66 @@ pub async fn job_created_indexes_the_job_by_tag_and_environment(fx: &Fixture) {
     assert_eq!(s.indexed(&tag("v1")).await.unwrap(), vec![c]);
     assert_eq!(s.indexed(&live_env("staging")).await.unwrap(), vec![b]);
     assert_eq!(s.indexed(&env("staging")).await.unwrap(), vec![a, b]);
+}
+
+/// Step output goes to the job's log under the step's lease; readers page and follow it.
+pub async fn logs_are_fenced_ordered_and_followable(fx: &Fixture) {
+    use super::Fence;
+    use ferry_proto::StepLog;
+    let s = &**fx;
+    let job = JobId::new();
+    enqueue(s, job, "build", "linux", 0).await;
+    let c = s
+        .claim(&pools(&["linux"]), &"a".into(), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    let line = |n: u32| StepLog {
+        step: "build".into(),
+        attempt: c.attempt,
+        stream: "stdout".into(),
+        line: format!("line {n}"),
+    };
+    let fence = Fence {
+        step: c.step.clone(),
+        token: c.token,
+    };
+    s.append_logs(job, &fence, &[line(1), line(2)])
+        .await
+        .unwrap();
+    let stale = Fence {
+        step: c.step.clone(),
+        token: FencingToken(c.token.0 + 1000),
+    };
+    assert!(matches!(
+        s.append_logs(job, &stale, &[line(99)]).await,
+        Err(Error::Stale { .. })
+    ));
+    let got = s.read_logs(job, None, 10, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        got.iter().map(|(_, l)| l.line.as_str()).collect::<Vec<_>>(),
+        ["line 1", "line 2"]
+    );
+    let last = got[1].0.clone();
+    assert!(s
+        .read_logs(job, Some(&last), 10, Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A follower blocked on the log wakes for the next line.
+    let other = fx.another().await;
+    let follower = tokio::spawn(async move {
+        other
+            .read_logs(job, Some(&last), 10, Duration::from_secs(10))
+            .await
+            .unwrap()
+    });
+    tokio::task::yield_now().await;
+    s.append_logs(job, &fence, &[line(3)]).await.unwrap();
+    let next = follower.await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].1, line(3));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ pub use effects::{
 };
 
 use async_trait::async_trait;
-use ferry_proto::{AgentId, DecodeError, Envelope, Event, FencingToken, JobId, StepId};
+use ferry_proto::{AgentId, DecodeError, Envelope, Event, FencingToken, JobId, StepId, StepLog};
 use std::fmt;
 use std::time::Duration;
 
@@ -394,9 +394,32 @@ pub trait Snapshots: Send + Sync {
     async fn get_snapshot(&self, name: &str) -> Result<Option<Vec<u8>>>;
 }
 
+/// **Step logs**: each job's output lines in a stream of their own, outside the event log (the
+/// fold never needs them), bounded to about [`LOG_MAX_LINES`] lines per job (oldest trimmed).
+///
+/// - `append_logs` writes lines under the step's lease and is refused with [`Error::Stale`]
+///   unless `fence.token` is the live lease's token: a fenced-out agent's output never mixes
+///   with its successor's.
+/// - `read_logs` returns up to `count` lines after `after` (`None` = the oldest kept), in order;
+///   when there are none it waits up to `block` for new ones (zero = do not wait).
+#[async_trait]
+pub trait Logs: Send + Sync {
+    async fn append_logs(&self, job: JobId, fence: &Fence, lines: &[StepLog]) -> Result<()>;
+    async fn read_logs(
+        &self,
+        job: JobId,
+        after: Option<&LogPos>,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<(LogPos, StepLog)>>;
+}
+
+/// Lines kept per job log (approximately: trimming is lazy).
+pub const LOG_MAX_LINES: usize = 10_000;
+
 /// Every port, as one object that roles share.
-pub trait Store: EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots {}
-impl<T: EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots> Store for T {}
+pub trait Store: EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots + Logs {}
+impl<T: EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots + Logs> Store for T {}
 
 /// Wall-clock milliseconds since the Unix epoch, for envelope timestamps only.
 pub fn now_ms() -> u64 {

@@ -64,10 +64,18 @@ fn status(s: &JobState, step: &str) -> StepStatus {
 async fn claim(store: &dyn Store, job: JobId, step: &str) -> Claim {
     wait_for(DEADLINE, "the step to be queued", || async {
         let c = store
-            .claim(&["default".into()], &AgentId::new("hand"), Duration::from_secs(60))
+            .claim(
+                &["default".into()],
+                &AgentId::new("hand"),
+                Duration::from_secs(60),
+            )
             .await
             .unwrap()?;
-        assert_eq!((c.job, c.step.as_str()), (job, step), "claimed the wrong step");
+        assert_eq!(
+            (c.job, c.step.as_str()),
+            (job, step),
+            "claimed the wrong step"
+        );
         Some(c)
     })
     .await
@@ -158,8 +166,14 @@ async fn newest_deploy_wins_and_none_lands_out_of_order() {
         state(s, v2).await.phase == JobPhase::Superseded
     })
     .await;
-    assert_eq!(status(&state(s, v3).await, "deploy:prod"), StepStatus::Pending);
-    assert!(s.queued().await.unwrap().is_empty(), "nothing may deploy while v1 does");
+    assert_eq!(
+        status(&state(s, v3).await, "deploy:prod"),
+        StepStatus::Pending
+    );
+    assert!(
+        s.queued().await.unwrap().is_empty(),
+        "nothing may deploy while v1 does"
+    );
 
     // v1's deploy ends: v3 deploys (not v2).
     succeed(s, &v1_deploy).await;
@@ -179,7 +193,11 @@ async fn newest_deploy_wins_and_none_lands_out_of_order() {
     assert!(s.queued().await.unwrap().is_empty());
     let v2_state = state(s, v2).await;
     assert!(
-        v2_state.reason.as_deref().unwrap_or("").contains(&v3.to_string()),
+        v2_state
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains(&v3.to_string()),
         "{:?}",
         v2_state.reason
     );

@@ -23,6 +23,7 @@
 //! | `{ns}:wake:<pool>` | list | wake-up tokens for `wait_for_work` (bounded) |
 //! | `{ns}:snap:<name>` | string | snapshot bytes |
 //! | `{ns}:idx:<key>` | set | job ids indexed under `live:tag:<project>:<tag>`, `env:<project>:<env>`, `live:env:<project>:<env>` (`live:` sets lose a job when it ends) |
+//! | `{ns}:logs:<job>` | stream | the job's step output, field `p` = rmp named `StepLog`, trimmed to ~`LOG_MAX_LINES` |
 //! | `{ns}:jobidx:<job>` | set | the `live:` index keys of a job, for removing it when it ends |
 //! | `{ns}:ended:<job>` | string | set when the job ended: queueing effects on it are no-ops |
 //!
@@ -71,6 +72,9 @@ impl Keys {
     }
     pub(crate) fn jobs(&self) -> String {
         self.key("jobs")
+    }
+    pub(crate) fn logs(&self, job: &str) -> String {
+        self.key(&format!("logs:{job}"))
     }
     pub(crate) fn index(&self, key: &str) -> String {
         self.key(&format!("idx:{key}"))

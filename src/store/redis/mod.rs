@@ -22,11 +22,12 @@ mod scripts;
 pub use scripts::queue_score_probe;
 
 use crate::store::{
-    effects_of, Append, Appended, Claim, Effect, Error, EventLog, Expected, Feed, LeaderLock,
-    Lease, Leases, LogPos, Queued, Result, Snapshots, Stored, StreamId, Version, WorkQueue,
+    effects_of, Append, Appended, Claim, Effect, Error, EventLog, Expected, Feed, Fence,
+    LeaderLock, Lease, Leases, LogPos, Logs, Queued, Result, Snapshots, Stored, StreamId, Version,
+    WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
-use ferry_proto::{AgentId, FencingToken, JobId, StepId};
+use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
 use keys::{check_name, member, split_member, Keys};
 use parse::Source;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -906,5 +907,60 @@ impl Snapshots for RedisStore {
             redis::cmd("GET").arg(self.keys().snap(name)),
         )
         .await
+    }
+}
+
+#[async_trait]
+impl Logs for RedisStore {
+    async fn append_logs(&self, job: JobId, fence: &Fence, lines: &[StepLog]) -> Result<()> {
+        check_name("step", fence.step.as_str())?;
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let j = job.to_string();
+        let m = member(&j, fence.step.as_str());
+        let k = self.keys();
+        let mut inv = scripts::LOGS.prepare_invoke();
+        inv.key(k.lease(&m))
+            .key(k.logs(&j))
+            .arg(fence.token.0)
+            .arg(LOG_MAX_LINES);
+        for line in lines {
+            inv.arg(rmp_serde::to_vec_named(line).expect("a log line always encodes"));
+        }
+        let _: i64 = inv.invoke_async(&mut self.conn()).await.map_err(|e| {
+            stale_error(&fence.step, fence.token, e, &format!("append logs of {m}"))
+        })?;
+        Ok(())
+    }
+
+    async fn read_logs(
+        &self,
+        job: JobId,
+        after: Option<&LogPos>,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<(LogPos, StepLog)>> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.keys().logs(&job.to_string());
+        let from = after.map_or("0-0".to_string(), |p| p.0.clone());
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(count);
+        let what = format!("read logs of job {job}");
+        let block_ms = ms(block);
+        let v: Value = if block_ms == 0 {
+            cmd.arg("STREAMS").arg(&key).arg(&from);
+            self.query(&what, &cmd).await?
+        } else {
+            cmd.arg("BLOCK")
+                .arg(block_ms)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(&from);
+            self.blocking(&what, &cmd, block).await?
+        };
+        parse::log_lines(v)
     }
 }

@@ -158,3 +158,43 @@ pub(crate) fn autoclaim(v: Value) -> Result<(String, Vec<Stored>)> {
     let claimed = entries(parts.next().unwrap_or(Value::Nil), Source::Log)?;
     Ok((cursor, claimed))
 }
+
+/// An `XREAD` reply on one job's log stream: `(position, line)` pairs (nil when a block timed
+/// out).
+pub(crate) fn log_lines(v: Value) -> Result<Vec<(LogPos, ferry_proto::StepLog)>> {
+    let streams: Vec<Value> = match v {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Map(m) => m.into_iter().map(|(_, v)| v).collect(),
+        Value::Array(a) => a
+            .into_iter()
+            .map(|s| {
+                array(s)
+                    .and_then(|p| p.into_iter().nth(1))
+                    .ok_or_else(|| corrupt("XREAD reply has no entries"))
+            })
+            .collect::<Result<_>>()?,
+        _ => return Err(corrupt("XREAD reply is not a list")),
+    };
+    let mut out = Vec::new();
+    for s in streams {
+        for entry in array(s).ok_or_else(|| corrupt("log reply is not a list of entries"))? {
+            let mut parts = array(entry)
+                .ok_or_else(|| corrupt("log entry is not a list"))?
+                .into_iter();
+            let id = parts
+                .next()
+                .and_then(string)
+                .ok_or_else(|| corrupt("log entry has no id"))?;
+            let payload = pairs(parts.next().unwrap_or(Value::Nil))
+                .unwrap_or_default()
+                .into_iter()
+                .find_map(|(k, v)| (string(k).as_deref() == Some("p")).then(|| bytes(v)))
+                .flatten()
+                .ok_or_else(|| corrupt(format!("log entry {id} has no field p")))?;
+            let line = rmp_serde::from_slice(&payload)
+                .map_err(|e| corrupt(format!("log entry {id}: {e}")))?;
+            out.push((LogPos(id), line));
+        }
+    }
+    Ok(out)
+}

@@ -23,6 +23,7 @@ pub(crate) static SWEEP: LazyLock<Script> =
     LazyLock::new(|| with_prelude(include_str!("sweep.lua")));
 pub(crate) static PROMOTE: LazyLock<Script> =
     LazyLock::new(|| with_prelude(include_str!("promote.lua")));
+pub(crate) static LOGS: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("logs.lua")));
 pub(crate) static LOCK_ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lock_acquire.lua")));
 pub(crate) static LOCK_RENEW: LazyLock<Script> =
