@@ -198,6 +198,8 @@ pub fn project_plans(config: &Config) -> Vec<ProjectPlan> {
                             max_failures: e.max_failures,
                             keep_releases: e.keep_releases,
                             rollback_on_failure: e.rollback_on_failure,
+                            health_check_retries: e.health_check_retries,
+                            health_check_interval_ms: e.health_check_interval.as_millis() as u64,
                         },
                     )
                 })

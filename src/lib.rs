@@ -5,6 +5,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod coordinator;
+pub mod deploy;
 pub mod domain;
 pub mod gateway;
 pub mod replay;

@@ -190,7 +190,7 @@ pub struct BuildSpec {
     pub secrets: Vec<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploySpec {
     pub environment: String,
     /// `user@host:port`, or `local`.
@@ -208,10 +208,43 @@ pub struct DeploySpec {
     pub keep_releases: u32,
     #[serde(default = "yes")]
     pub rollback_on_failure: bool,
+    /// Health-check retries after the first failed check.
+    #[serde(default = "default_health_retries")]
+    pub health_check_retries: u32,
+    /// Pause between health checks.
+    #[serde(default = "default_health_interval_ms")]
+    pub health_check_interval_ms: u64,
+}
+
+impl Default for DeploySpec {
+    fn default() -> Self {
+        DeploySpec {
+            environment: String::new(),
+            hosts: Vec::new(),
+            path: String::new(),
+            before_switch: Vec::new(),
+            after_switch: Vec::new(),
+            health_check: None,
+            max_parallel: 1,
+            max_failures: 0,
+            keep_releases: 5,
+            rollback_on_failure: true,
+            health_check_retries: default_health_retries(),
+            health_check_interval_ms: default_health_interval_ms(),
+        }
+    }
 }
 
 fn yes() -> bool {
     true
+}
+
+fn default_health_retries() -> u32 {
+    5
+}
+
+fn default_health_interval_ms() -> u64 {
+    2000
 }
 
 /// A step was put in its pool's ready queue (attempt 1, a retry whose delay passed, or a manual

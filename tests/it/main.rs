@@ -2,6 +2,7 @@
 
 mod cli;
 mod conformance;
+mod deploy;
 mod flow;
 mod gateway;
 mod harness;

@@ -1,0 +1,98 @@
+//! The shell scripts a deploy runs on each host. They are fixed text: everything that varies
+//! (paths, release names, tags, tokens) reaches them as environment variables, never spliced
+//! into the script (design invariant 8).
+//!
+//! Variables: `FERRY_PATH` (the environment's target directory), `FERRY_RELEASE` (release
+//! directory name, `<tag>-<short sha>` made path-safe), `FERRY_SHA256` (artifact checksum),
+//! `FERRY_TOKEN` (the step lease's fencing token), `FERRY_KEEP` (releases to keep).
+
+/// Prints `present` when the release is already unpacked with the same checksum.
+pub const PROBE: &str = r#"set -eu
+marker="$FERRY_PATH/releases/$FERRY_RELEASE/.ferry-release"
+if [ -f "$marker" ] && [ "$(cat "$marker")" = "$FERRY_SHA256" ]; then echo present; else echo absent; fi
+"#;
+
+/// Creates the directories an upload needs.
+pub const PREPARE: &str = r#"set -eu
+mkdir -p "$FERRY_PATH/.incoming" "$FERRY_PATH/releases"
+"#;
+
+/// Verifies the uploaded archive's checksum, unpacks it into a temporary directory, writes the
+/// completion marker and renames the directory into place: a release directory either is
+/// complete (with its marker) or does not exist.
+pub const UNPACK: &str = r#"set -eu
+cd "$FERRY_PATH"
+incoming=".incoming/$FERRY_SHA256.tar.gz"
+sum=$(sha256sum "$incoming" | cut -d' ' -f1)
+if [ "$sum" != "$FERRY_SHA256" ]; then
+  echo "checksum mismatch after upload: expected $FERRY_SHA256, got $sum" >&2
+  exit 3
+fi
+tmp="releases/.$FERRY_RELEASE.tmp"
+rm -rf "$tmp"
+mkdir -p "$tmp"
+tar -xzf "$incoming" -C "$tmp" --no-same-owner --no-same-permissions
+printf '%s' "$FERRY_SHA256" > "$tmp/.ferry-release"
+rm -rf "releases/$FERRY_RELEASE"
+mv "$tmp" "releases/$FERRY_RELEASE"
+rm -f "$incoming"
+"#;
+
+/// Switches `current` to the release atomically (a symlink made under a temporary name, then
+/// renamed over `current`), remembering the release it replaces for rollback. Fenced on the
+/// host: under a lock, it refuses when a deploy with a newer fencing token already switched.
+pub const SWITCH: &str = r#"set -eu
+cd "$FERRY_PATH"
+exec 9>>.ferry-lock
+flock 9
+last=$(cat .ferry-token 2>/dev/null || echo 0)
+if [ "$last" -gt "$FERRY_TOKEN" ]; then
+  echo "fenced out: a deploy holding the newer token $last already switched this host" >&2
+  exit 4
+fi
+target="releases/$FERRY_RELEASE"
+[ -f "$target/.ferry-release" ] || { echo "release $FERRY_RELEASE is not unpacked" >&2; exit 3; }
+previous=$(readlink current 2>/dev/null || true)
+if [ -n "$previous" ] && [ "$previous" != "$target" ]; then
+  printf '%s' "$previous" > "$target/.ferry-previous"
+fi
+ln -sfn "$target" .current.tmp
+mv -T .current.tmp current
+printf '%s' "$FERRY_TOKEN" > .ferry-token
+"#;
+
+/// Switches `current` back to the release that this one replaced.
+pub const ROLLBACK: &str = r#"set -eu
+cd "$FERRY_PATH"
+exec 9>>.ferry-lock
+flock 9
+last=$(cat .ferry-token 2>/dev/null || echo 0)
+if [ "$last" -gt "$FERRY_TOKEN" ]; then
+  echo "fenced out: a deploy holding the newer token $last already switched this host" >&2
+  exit 4
+fi
+previous=$(cat "releases/$FERRY_RELEASE/.ferry-previous" 2>/dev/null || true)
+if [ -z "$previous" ]; then
+  echo "no previous release to roll back to" >&2
+  exit 5
+fi
+ln -sfn "$previous" .current.tmp
+mv -T .current.tmp current
+"#;
+
+/// Removes releases beyond the newest `FERRY_KEEP`, never `current` nor the one before it.
+pub const PRUNE: &str = r#"set -eu
+cd "$FERRY_PATH/releases"
+current=$(basename "$(readlink ../current 2>/dev/null || echo none)")
+previous=$(basename "$(cat "$current/.ferry-previous" 2>/dev/null || echo none)")
+ls -1t | tail -n +$((FERRY_KEEP + 1)) | while IFS= read -r r; do
+  if [ "$r" != "$current" ] && [ "$r" != "$previous" ]; then rm -rf -- "$r"; fi
+done
+"#;
+
+/// Runs one configured command (`FERRY_COMMAND`) in `FERRY_WORKDIR` (the new release for
+/// `before_switch`, `current` afterwards).
+pub const COMMAND: &str = r#"set -eu
+cd "$FERRY_WORKDIR"
+exec sh -c "$FERRY_COMMAND"
+"#;
