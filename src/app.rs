@@ -156,6 +156,12 @@ pub fn agent_options(config: &Config) -> agent::Options {
         labels: config.agent.labels.clone(),
         concurrency: config.agent.concurrency as usize,
         lease_ttl: config.coordinator.lease_ttl,
+        shutdown_grace: config.agent.shutdown_grace,
+        runner: Arc::new(agent::Runner {
+            connector: Arc::new(crate::deploy::transport::LocalOnly),
+            artifacts: None,
+            data_dir: config.data_dir.clone(),
+        }),
     }
 }
 

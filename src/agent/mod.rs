@@ -5,9 +5,13 @@
 //! store was unreachable for longer than the TTL), the step's execution is dropped at once —
 //! before the store could hand the step to someone else — and nothing more is appended for it.
 
+pub mod runner;
+
 use crate::domain::JobState;
 use crate::store::{Append, Claim, Error, Store, StreamId};
-use ferry_proto::{AgentId, AgentJoined, Event, StepSpec, StepStarted, StepSucceeded};
+use ferry_proto::{AgentId, AgentJoined, StepStarted};
+use runner::StepRun;
+pub use runner::{ArtifactFetch, Runner};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +26,19 @@ pub struct Options {
     /// Steps run at once.
     pub concurrency: usize,
     pub lease_ttl: Duration,
+    /// On shutdown, how long running steps may take to finish before they are stopped and
+    /// handed back (their leases released, so another agent picks them up at once).
+    pub shutdown_grace: Duration,
+    /// What steps need from this machine.
+    pub runner: Arc<Runner>,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Runs an agent until `shutdown` resolves; then takes no new work and waits for running steps.
@@ -46,6 +63,7 @@ pub async fn run(
         .await?;
     info!(agent = %opts.name, pools = ?opts.pools, "agent started");
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let (hand_back, hand_back_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -60,8 +78,9 @@ pub async fn run(
             Ok(Some(claim)) => {
                 let store = store.clone();
                 let opts = opts.clone();
+                let hand_back = hand_back_rx.clone();
                 tokio::spawn(async move {
-                    run_step(store, opts, claim).await;
+                    run_step(store, opts, claim, hand_back).await;
                     drop(permit);
                 });
             }
@@ -84,12 +103,25 @@ pub async fn run(
             }
         }
     }
-    info!(agent = %opts.name, "agent stopping; waiting for running steps");
-    let _ = slots.acquire_many(opts.concurrency.max(1) as u32).await;
+    info!(agent = %opts.name, grace = ?opts.shutdown_grace, "agent stopping; taking no new work");
+    let all = opts.concurrency.max(1) as u32;
+    if tokio::time::timeout(opts.shutdown_grace, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        info!(agent = %opts.name, "grace period over; handing running steps back");
+        let _ = hand_back.send(true);
+        let _ = slots.acquire_many(all).await;
+    }
     Ok(())
 }
 
-async fn run_step(store: Arc<dyn Store>, opts: Arc<Options>, claim: Claim) {
+async fn run_step(
+    store: Arc<dyn Store>,
+    opts: Arc<Options>,
+    claim: Claim,
+    mut hand_back: watch::Receiver<bool>,
+) {
     let (lost_tx, mut lost) = watch::channel(false);
     let renewer = tokio::spawn(keep_renewed(
         store.clone(),
@@ -98,9 +130,18 @@ async fn run_step(store: Arc<dyn Store>, opts: Arc<Options>, claim: Claim) {
         lost_tx,
     ));
     let work = execute(&store, &opts, &claim);
+    // Dropping `work` stops the step: executors kill their process groups on drop.
     let outcome = tokio::select! {
         r = work => Some(r),
-        _ = lost.wait_for(|l| *l) => None,
+        _ = until_set(&mut lost) => None,
+        _ = until_set(&mut hand_back) => {
+            renewer.abort();
+            match store.release(claim.job, &claim.step, claim.token, "agent shutting down").await {
+                Ok(()) => info!(job = %claim.job, step = %claim.step, "step handed back"),
+                Err(e) => warn!(job = %claim.job, step = %claim.step, error = %e, "could not hand the step back; its lease will expire"),
+            }
+            return;
+        }
     };
     renewer.abort();
     match outcome {
@@ -126,37 +167,36 @@ async fn execute(store: &Arc<dyn Store>, opts: &Options, claim: &Claim) -> Resul
         .as_ref()
         .and_then(|p| p.steps.iter().find(|s| s.step == claim.step))
         .map(|s| s.spec.clone());
-    let fenced = |events: Vec<Event>| {
-        Append::new(stream.clone(), events).fenced(claim.step.clone(), claim.token)
-    };
-    store
-        .append(fenced(vec![StepStarted {
-            step: claim.step.clone(),
-            attempt: claim.attempt,
-            agent: opts.name.clone(),
-        }
-        .into()]))
+    let step = StepRun::new(store, claim, &job, &opts.name);
+    step.append(vec![StepStarted {
+        step: claim.step.clone(),
+        attempt: claim.attempt,
+        agent: opts.name.clone(),
+    }
+    .into()])
         .await?;
-    let outcome: Event = match spec {
-        Some(StepSpec::Noop) => StepSucceeded {
+    let outcome = match spec {
+        Some(spec) => opts.runner.run(&step, &spec).await?,
+        None => vec![ferry_proto::StepFailed {
             step: claim.step.clone(),
             attempt: claim.attempt,
-        }
-        .into(),
-        other => ferry_proto::StepFailed {
-            step: claim.step.clone(),
-            attempt: claim.attempt,
-            error: match other {
-                None => "the job's plan has no such step".into(),
-                Some(_) => "this agent cannot run build or deploy steps yet".into(),
-            },
+            error: "the job's plan has no such step".into(),
             retryable: false,
             exit_code: None,
         }
-        .into(),
+        .into()],
     };
-    store.append(fenced(vec![outcome])).await?;
+    step.flush_logs().await;
+    store
+        .append(Append::new(stream, outcome).fenced(claim.step.clone(), claim.token))
+        .await?;
     Ok(())
+}
+
+/// Resolves once the flag is set (the guard `wait_for` returns is dropped here, not held
+/// across the caller's awaits).
+async fn until_set(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
 }
 
 /// Renews every TTL/3. Signals `lost` when the store refuses the token, or when it could not be

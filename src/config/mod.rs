@@ -67,6 +67,8 @@ pub mod env {
     pub const AGENT_LABELS: &str = "FERRY_AGENT_LABELS";
     /// `agent.concurrency`
     pub const AGENT_CONCURRENCY: &str = "FERRY_AGENT_CONCURRENCY";
+    /// `agent.shutdown_grace`
+    pub const AGENT_SHUTDOWN_GRACE: &str = "FERRY_AGENT_SHUTDOWN_GRACE";
     /// `agent.ssh_key`
     pub const AGENT_SSH_KEY: &str = "FERRY_AGENT_SSH_KEY";
     /// `agent.known_hosts`
@@ -111,6 +113,8 @@ pub mod defaults {
     pub const POOL: &str = "default";
     /// `agent.concurrency`
     pub const CONCURRENCY: u64 = 2;
+    /// `agent.shutdown_grace`
+    pub const SHUTDOWN_GRACE: &str = "30s";
     /// `projects.build.timeout`
     pub const BUILD_TIMEOUT: &str = "30m";
     /// How far `deploy_priority` sits above `priority` when not set, so deploys sort above builds.
@@ -219,6 +223,8 @@ pub struct Agent {
     pub labels: Vec<String>,
     /// Steps run at once.
     pub concurrency: u32,
+    /// On shutdown, how long running steps may finish before they are handed back.
+    pub shutdown_grace: Duration,
     /// Private key for SSH deploys; `None` when the agent only deploys to `local`.
     pub ssh_key: Option<PathBuf>,
     /// OpenSSH `known_hosts` file; default `<data_dir>/known_hosts`.
@@ -615,6 +621,7 @@ const ENV_SETTINGS: &[EnvSetting] = &[
     EnvSetting { key: "agent.pools", var: env::AGENT_POOLS, slot: |r| Slot::List(&mut agent(r).pools) },
     EnvSetting { key: "agent.labels", var: env::AGENT_LABELS, slot: |r| Slot::List(&mut agent(r).labels) },
     EnvSetting { key: "agent.concurrency", var: env::AGENT_CONCURRENCY, slot: |r| Slot::Count(&mut agent(r).concurrency) },
+    EnvSetting { key: "agent.shutdown_grace", var: env::AGENT_SHUTDOWN_GRACE, slot: |r| Slot::Text(&mut agent(r).shutdown_grace) },
     EnvSetting { key: "agent.ssh_key", var: env::AGENT_SSH_KEY, slot: |r| Slot::Text(&mut agent(r).ssh_key) },
     EnvSetting { key: "agent.known_hosts", var: env::AGENT_KNOWN_HOSTS, slot: |r| Slot::Text(&mut agent(r).known_hosts) },
     EnvSetting { key: "agent.host_key_policy", var: env::AGENT_HOST_KEY_POLICY, slot: |r| Slot::Text(&mut agent(r).host_key_policy) },
@@ -975,6 +982,11 @@ fn build(
             ag.concurrency,
             defaults::CONCURRENCY,
             1,
+        )?,
+        shutdown_grace: cx.positive_duration(
+            "agent.shutdown_grace",
+            ag.shutdown_grace,
+            defaults::SHUTDOWN_GRACE,
         )?,
         ssh_key: ag.ssh_key.map(PathBuf::from),
         known_hosts: ag

@@ -76,6 +76,7 @@ raw_table! {
     /// `[agent]`
     RawAgent {
         name: String,
+        shutdown_grace: String,
         pools: Vec<String>,
         labels: Vec<String>,
         concurrency: u64,

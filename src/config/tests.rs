@@ -289,6 +289,7 @@ fn every_env_setting_is_read() {
         (env::AGENT_POOLS, "x,y"),
         (env::AGENT_LABELS, "arm64,gpu"),
         (env::AGENT_CONCURRENCY, "7"),
+        (env::AGENT_SHUTDOWN_GRACE, "45s"),
         (env::AGENT_SSH_KEY, "/k"),
         (env::AGENT_KNOWN_HOSTS, "/kh"),
         (env::AGENT_HOST_KEY_POLICY, "accept-new"),

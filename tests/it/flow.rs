@@ -72,6 +72,8 @@ impl Roles {
                 labels: vec![],
                 concurrency: 4,
                 lease_ttl: Duration::from_secs(5),
+                shutdown_grace: Duration::from_secs(5),
+                runner: Arc::new(agent::Runner::local(std::env::temp_dir())),
             };
             let (store, rx) = (store.clone(), rx.clone());
             tasks.push(tokio::spawn(async move {

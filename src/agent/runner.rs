@@ -1,0 +1,332 @@
+//! Running one claimed step: what each step kind does on the agent, and how its progress and
+//! output are recorded — every event and log line under the step lease's fencing token.
+
+use crate::deploy::{self, transport::Connector, HostReport, Phase, Progress, Release};
+use crate::domain::JobState;
+use crate::store::{Append, Claim, Error, Fence, Store, StreamId};
+use async_trait::async_trait;
+use ferry_proto::{
+    AgentId, DeployHostCheckpoint, DeployHostFinished, DeployHostStarted, DeploySpec, Event,
+    StepFailed, StepLog, StepSpec, StepSucceeded,
+};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+/// Fetches a published artifact to a local file.
+#[async_trait]
+pub trait ArtifactFetch: Send + Sync {
+    async fn fetch(&self, key: &str, dest: &Path) -> Result<(), String>;
+}
+
+/// What steps need from the agent's machine.
+pub struct Runner {
+    /// Reaches deploy hosts (`local`, SSH).
+    pub connector: Arc<dyn Connector>,
+    /// Where artifacts come from for deploys; `None` when the agent cannot deploy.
+    pub artifacts: Option<Arc<dyn ArtifactFetch>>,
+    /// Work directories live under `<data_dir>/work`.
+    pub data_dir: PathBuf,
+}
+
+impl Runner {
+    /// A runner that deploys only to `local` and has no artifact store: enough for no-op steps
+    /// and for tests of the machinery.
+    pub fn local(data_dir: impl Into<PathBuf>) -> Runner {
+        Runner {
+            connector: Arc::new(crate::deploy::transport::LocalOnly),
+            artifacts: None,
+            data_dir: data_dir.into(),
+        }
+    }
+}
+
+/// One claimed step in progress: appends and log lines go out under its fence.
+pub struct StepRun<'a> {
+    pub store: &'a Arc<dyn Store>,
+    pub claim: &'a Claim,
+    pub job: &'a JobState,
+    pub agent: &'a AgentId,
+    logs: LogSink,
+}
+
+impl<'a> StepRun<'a> {
+    pub fn new(
+        store: &'a Arc<dyn Store>,
+        claim: &'a Claim,
+        job: &'a JobState,
+        agent: &'a AgentId,
+    ) -> Self {
+        StepRun {
+            store,
+            claim,
+            job,
+            agent,
+            logs: LogSink::start(store.clone(), claim),
+        }
+    }
+
+    /// Appends events to the job's stream under the step's lease.
+    pub async fn append(&self, events: Vec<Event>) -> Result<(), Error> {
+        self.store
+            .append(
+                Append::new(StreamId::Job(self.claim.job), events)
+                    .fenced(self.claim.step.clone(), self.claim.token),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends one output line to the job's log (batched; never blocks the step).
+    pub fn log(&self, stream: &str, line: &str) {
+        self.logs.send(StepLog {
+            step: self.claim.step.clone(),
+            attempt: self.claim.attempt,
+            stream: stream.to_string(),
+            line: line.to_string(),
+        });
+    }
+
+    /// Waits until every line logged so far is stored (or the lease was lost).
+    pub async fn flush_logs(self) {
+        self.logs.close().await;
+    }
+
+    fn failed(&self, error: String, retryable: bool, exit_code: Option<i32>) -> Event {
+        StepFailed {
+            step: self.claim.step.clone(),
+            attempt: self.claim.attempt,
+            error,
+            retryable,
+            exit_code,
+        }
+        .into()
+    }
+
+    fn succeeded(&self) -> Event {
+        StepSucceeded {
+            step: self.claim.step.clone(),
+            attempt: self.claim.attempt,
+        }
+        .into()
+    }
+}
+
+impl Runner {
+    /// Runs `spec` and returns the events recording its outcome (the caller appends them under
+    /// the fence). `Err` means the step could not be recorded at all (lease lost, store down):
+    /// the step is abandoned and its lease will expire or has been taken.
+    pub async fn run(&self, step: &StepRun<'_>, spec: &StepSpec) -> Result<Vec<Event>, Error> {
+        match spec {
+            StepSpec::Noop => Ok(vec![step.succeeded()]),
+            StepSpec::Deploy(d) => self.deploy(step, d).await,
+            StepSpec::Build(_) => Ok(vec![step.failed(
+                "this agent has no build executor".into(),
+                false,
+                None,
+            )]),
+        }
+    }
+
+    async fn deploy(&self, step: &StepRun<'_>, spec: &DeploySpec) -> Result<Vec<Event>, Error> {
+        let Some(plan) = &step.job.plan else {
+            return Ok(vec![step.failed("the job has no plan".into(), false, None)]);
+        };
+        let Some(artifact) = step.job.steps.iter().find_map(|s| s.artifact.clone()) else {
+            return Ok(vec![step.failed(
+                "no build of this job published an artifact to deploy".into(),
+                false,
+                None,
+            )]);
+        };
+        let Some(artifacts) = &self.artifacts else {
+            return Ok(vec![step.failed(
+                "this agent has no artifact store configured".into(),
+                false,
+                None,
+            )]);
+        };
+        let work = self.data_dir.join("work").join(format!(
+            "{}-{}-{}",
+            step.claim.job,
+            step.claim.step.as_str().replace(':', "_"),
+            step.claim.attempt
+        ));
+        let local = work.join(&artifact.name);
+        if let Err(e) = tokio::fs::create_dir_all(&work).await {
+            return Ok(vec![step.failed(
+                format!("cannot create {}: {e}", work.display()),
+                true,
+                None,
+            )]);
+        }
+        if let Err(e) = artifacts.fetch(&artifact.key, &local).await {
+            let _ = tokio::fs::remove_dir_all(&work).await;
+            return Ok(vec![step.failed(
+                format!("cannot fetch artifact {}: {e}", artifact.key),
+                true,
+                None,
+            )]);
+        }
+        // Hosts that finished in an earlier attempt are not deployed again.
+        let done: BTreeSet<String> = step
+            .job
+            .step(&step.claim.step)
+            .map(|s| {
+                s.hosts
+                    .iter()
+                    .filter(|(_, h)| h.phase == "finished" && h.ok == Some(true))
+                    .map(|(host, _)| host.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let release = Release {
+            project: &plan.project,
+            tag: &plan.tag,
+            sha: &plan.sha,
+            job: step.claim.job,
+            attempt: step.claim.attempt,
+            token: step.claim.token,
+            artifact: &local,
+            sha256: &artifact.sha256,
+        };
+        let result = deploy::deploy(spec, &release, &*self.connector, &done, step).await;
+        let _ = tokio::fs::remove_dir_all(&work).await;
+        match result {
+            Ok(outcome) => {
+                let failed = outcome.failed();
+                if failed.len() as u32 <= spec.max_failures {
+                    return Ok(vec![step.succeeded()]);
+                }
+                let summary: Vec<String> = failed
+                    .iter()
+                    .map(|h| format!("{}: {}", h.host, h.error.as_deref().unwrap_or("failed")))
+                    .collect();
+                // Only unreachable hosts: worth another attempt (infrastructure failure).
+                let retryable = failed.iter().all(|h| {
+                    h.error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("cannot connect"))
+                });
+                Ok(vec![step.failed(
+                    format!(
+                        "deploy to {} failed on {} of {} hosts: {}",
+                        spec.environment,
+                        failed.len(),
+                        spec.hosts.len(),
+                        summary.join("; ")
+                    ),
+                    retryable,
+                    None,
+                )])
+            }
+            Err(deploy::Error::Aborted(why)) => Err(Error::Stale {
+                step: step.claim.step.clone(),
+                token: step.claim.token,
+                reason: why,
+            }),
+            Err(e) => Ok(vec![step.failed(e.to_string(), false, None)]),
+        }
+    }
+}
+
+#[async_trait]
+impl Progress for StepRun<'_> {
+    async fn host_started(&self, host: &str) -> Result<(), String> {
+        self.append(vec![DeployHostStarted {
+            step: self.claim.step.clone(),
+            attempt: self.claim.attempt,
+            host: host.to_string(),
+        }
+        .into()])
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn checkpoint(&self, host: &str, phase: Phase) -> Result<(), String> {
+        self.append(vec![DeployHostCheckpoint {
+            step: self.claim.step.clone(),
+            attempt: self.claim.attempt,
+            host: host.to_string(),
+            phase: phase.as_str().to_string(),
+        }
+        .into()])
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn host_finished(&self, r: &HostReport) -> Result<(), String> {
+        self.append(vec![DeployHostFinished {
+            step: self.claim.step.clone(),
+            attempt: self.claim.attempt,
+            host: r.host.clone(),
+            ok: r.ok,
+            error: r.error.clone(),
+            rolled_back: r.rolled_back,
+        }
+        .into()])
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn log(&self, host: &str, stream: &str, line: &str) {
+        StepRun::log(self, stream, &format!("[{host}] {line}"));
+    }
+}
+
+/// Batches a step's log lines and stores them under its fence from a task of its own, so a
+/// chatty build never waits on the store.
+struct LogSink {
+    tx: mpsc::UnboundedSender<StepLog>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LogSink {
+    fn start(store: Arc<dyn Store>, claim: &Claim) -> LogSink {
+        let (tx, mut rx) = mpsc::unbounded_channel::<StepLog>();
+        let job = claim.job;
+        let fence = Fence {
+            step: claim.step.clone(),
+            token: claim.token,
+        };
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::new();
+            loop {
+                let Some(first) = rx.recv().await else { break };
+                batch.push(first);
+                // Take whatever else is already waiting, then give late lines a moment.
+                let deadline = tokio::time::sleep(Duration::from_millis(20));
+                tokio::pin!(deadline);
+                while batch.len() < 500 {
+                    tokio::select! {
+                        line = rx.recv() => match line {
+                            Some(l) => batch.push(l),
+                            None => break,
+                        },
+                        _ = &mut deadline => break,
+                    }
+                }
+                if let Err(e) = store.append_logs(job, &fence, &batch).await {
+                    warn!(%job, step = %fence.step, error = %e, "log lines dropped");
+                    if matches!(e, Error::Stale { .. }) {
+                        return;
+                    }
+                }
+                batch.clear();
+            }
+        });
+        LogSink { tx, task }
+    }
+
+    fn send(&self, line: StepLog) {
+        let _ = self.tx.send(line);
+    }
+
+    async fn close(self) {
+        drop(self.tx);
+        let _ = self.task.await;
+    }
+}
