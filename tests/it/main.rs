@@ -1,5 +1,6 @@
 //! The one integration test binary.
 
+mod agent;
 mod cli;
 mod conformance;
 mod deploy;

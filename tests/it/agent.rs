@@ -1,0 +1,258 @@
+//! Agents running real deploy steps (local transport) under a real coordinator on Redis: host
+//! checkpoints and log lines are recorded under the lease, and an agent told to stop hands its
+//! running step back so another agent finishes it.
+
+use crate::harness::{self, wait_until, DEADLINE};
+use async_trait::async_trait;
+use ferry::agent::{self, ArtifactFetch, Runner};
+use ferry::coordinator;
+use ferry::domain::{JobPhase, JobState};
+use ferry::store::{Append, Store, StreamId};
+use ferry_proto::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Artifacts from a local directory, by key.
+struct Dir(PathBuf);
+
+#[async_trait]
+impl ArtifactFetch for Dir {
+    async fn fetch(&self, key: &str, dest: &Path) -> Result<(), String> {
+        tokio::fs::copy(self.0.join(key), dest)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn artifact(dir: &Path) -> ArtifactPublished {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("app.sh"), "echo hello from the release\n").unwrap();
+    let path = dir.join("app.tar.gz");
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&path).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let mut tar = tar::Builder::new(gz);
+    tar.append_dir_all(".", &src).unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+    use sha2::Digest;
+    let bytes = std::fs::read(&path).unwrap();
+    ArtifactPublished {
+        step: StepId::new("deploy:prod"),
+        attempt: 1,
+        name: "app.tar.gz".into(),
+        key: "app.tar.gz".into(),
+        size: bytes.len() as u64,
+        sha256: sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    }
+}
+
+/// A job whose only step deploys to `local`, with its artifact already published.
+fn deploy_job(path: &Path, after_switch: &str) -> (JobId, Vec<Event>, DeploySpec) {
+    let job = JobId::new();
+    let spec = DeploySpec {
+        environment: "prod".into(),
+        hosts: vec!["local".into()],
+        path: path.display().to_string(),
+        after_switch: vec![after_switch.into()],
+        max_parallel: 1,
+        keep_releases: 3,
+        ..Default::default()
+    };
+    let created = JobCreated {
+        job,
+        project_id: 1,
+        project: "group/app".into(),
+        tag: "v1.0.0".into(),
+        git_ref: "refs/tags/v1.0.0".into(),
+        sha: "0123456789abcdef0123456789abcdef01234567".into(),
+        priority: 0,
+        trigger: "test".into(),
+        steps: vec![StepPlan {
+            step: StepId::new("deploy:prod"),
+            pool: "default".into(),
+            priority: 0,
+            spec: StepSpec::Deploy(spec.clone()),
+        }],
+    };
+    (job, vec![created.into()], spec)
+}
+
+fn start(
+    store: &Arc<dyn Store>,
+    role: &'static str,
+    artifacts: &Path,
+    grace: Duration,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let (stop, mut rx) = watch::channel(false);
+    let store = store.clone();
+    let artifacts = artifacts.to_path_buf();
+    let task = tokio::spawn(async move {
+        let until = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if role == "coordinator" {
+            let opts = coordinator::Options {
+                consumer: "c".into(),
+                sweep_interval: Duration::from_millis(100),
+                ..Default::default()
+            };
+            coordinator::run(store, opts, until).await.unwrap();
+        } else {
+            let opts = agent::Options {
+                name: AgentId::new(role),
+                pools: vec!["default".into()],
+                labels: vec![],
+                concurrency: 1,
+                lease_ttl: Duration::from_secs(5),
+                shutdown_grace: grace,
+                runner: Arc::new(Runner {
+                    artifacts: Some(Arc::new(Dir(artifacts.clone()))),
+                    ..Runner::local(artifacts.join("agent-data"))
+                }),
+            };
+            agent::run(store, opts, until).await.unwrap();
+        }
+    });
+    (stop, task)
+}
+
+async fn state(store: &dyn Store, job: JobId) -> (JobState, Vec<Event>) {
+    let mut s = JobState::new(job);
+    let mut events = Vec::new();
+    for e in store.read_stream(&StreamId::Job(job), 0).await.unwrap() {
+        let ev = e.decode().unwrap();
+        s.evolve(&ev, e.envelope.at_ms);
+        events.push(ev);
+    }
+    (s, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_step_records_checkpoints_and_logs_under_its_lease() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let dir = tempfile::tempdir().unwrap();
+    let published = artifact(dir.path());
+    let target = dir.path().join("srv");
+    let (job, mut events, _) = deploy_job(&target, "sh app.sh");
+    events.push(published.into());
+    let _c = start(&store, "coordinator", dir.path(), Duration::from_secs(5));
+    let _a = start(&store, "agent-1", dir.path(), Duration::from_secs(5));
+    store
+        .append(Append::new(StreamId::Job(job), events).expect(0))
+        .await
+        .unwrap();
+    wait_until(DEADLINE * 2, || async {
+        state(&*store, job).await.0.phase == JobPhase::Succeeded
+    })
+    .await;
+    let link = std::fs::read_link(target.join("current")).unwrap();
+    assert_eq!(link, Path::new("releases/v1.0.0-0123456"));
+    let (s, events) = state(&*store, job).await;
+    let host = &s.steps[0].hosts["local"];
+    assert_eq!((host.phase.as_str(), host.ok), ("finished", Some(true)));
+    let phases: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::DeployHostCheckpoint(c) => Some(c.phase.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        phases,
+        ["uploaded", "unpacked", "switched", "restarted", "healthy"]
+    );
+    let logs = store
+        .read_logs(job, None, 100, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(
+        logs.iter()
+            .any(|(_, l)| l.line == "[local] hello from the release"),
+        "{logs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_agent_hands_its_step_back_and_another_finishes_it() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let dir = tempfile::tempdir().unwrap();
+    let published = artifact(dir.path());
+    let target = dir.path().join("srv");
+    let gate = dir.path().join("second-agent");
+    let pid_file = dir.path().join("sleeper.pid");
+    // The first run blocks in after_switch (in the background, like a slow restart) until the
+    // test lets later runs through.
+    let cmd = format!(
+        "test -f {gate} || {{ sleep 1000 & echo $! > {pid}; wait; }}",
+        gate = gate.display(),
+        pid = pid_file.display()
+    );
+    let (job, mut events, _) = deploy_job(&target, &cmd);
+    events.push(published.into());
+    let _c = start(&store, "coordinator", dir.path(), Duration::from_secs(5));
+    let (stop_a1, a1) = start(&store, "agent-1", dir.path(), Duration::from_millis(200));
+    store
+        .append(Append::new(StreamId::Job(job), events).expect(0))
+        .await
+        .unwrap();
+    wait_until(DEADLINE, || async { pid_file.exists() }).await;
+    let sleeper: i32 = wait_for_pid(&pid_file).await;
+
+    // SIGTERM-equivalent: stop taking work, then hand the step back after the grace period.
+    stop_a1.send(true).unwrap();
+    a1.await.unwrap();
+    let (_, events) = state(&*store, job).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::StepReleased(r) if r.agent.as_str() == "agent-1")),
+        "{events:?}"
+    );
+    // Its processes are gone with it.
+    wait_until(DEADLINE, || async {
+        // SAFETY: signal 0 only checks whether the process exists.
+        unsafe { libc::kill(sleeper, 0) != 0 }
+    })
+    .await;
+
+    std::fs::write(&gate, "").unwrap();
+    let _a2 = start(&store, "agent-2", dir.path(), Duration::from_secs(5));
+    wait_until(DEADLINE * 2, || async {
+        state(&*store, job).await.0.phase == JobPhase::Succeeded
+    })
+    .await;
+    let (_, events) = state(&*store, job).await;
+    let claimed: Vec<(String, u32)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::StepClaimed(c) => Some((c.agent.to_string(), c.attempt)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        claimed,
+        [("agent-1".to_string(), 1), ("agent-2".to_string(), 2)]
+    );
+    let succeeded = events
+        .iter()
+        .filter(|e| matches!(e, Event::StepSucceeded(_)))
+        .count();
+    assert_eq!(succeeded, 1);
+}
+
+async fn wait_for_pid(path: &Path) -> i32 {
+    crate::harness::wait_for(DEADLINE, "the pid file", || async {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    })
+    .await
+}
