@@ -22,6 +22,7 @@
 //! | `{ns}:dedupe:<key>` | string | log id of the original event, with a PX expiry |
 //! | `{ns}:wake:<pool>` | list | wake-up tokens for `wait_for_work` (bounded) |
 //! | `{ns}:snap:<name>` | string | snapshot bytes |
+//! | `{ns}:agents` | zset | agent name → heartbeat deadline ms (store clock) |
 //!
 //! Entry fields, identical in a stream and in the log: `s` stream name, `k` kind, `v` schema
 //! version, `t` at_ms, `f` fencing token (only when present), `p` payload (rmp named msgpack).
@@ -102,6 +103,9 @@ impl Keys {
     pub(crate) fn snap(&self, name: &str) -> String {
         self.key(&format!("snap:{name}"))
     }
+    pub(crate) fn agents(&self) -> String {
+        self.key("agents")
+    }
 }
 
 /// The queue member of a job's step: `<job>/<step>`.
@@ -142,6 +146,7 @@ mod tests {
             k.ready("linux"),
             k.lease("a/b"),
             k.dedupe("x{y}"),
+            k.agents(),
         ] {
             assert!(key.starts_with("{p3}:"), "{key}");
         }
