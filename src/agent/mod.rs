@@ -95,7 +95,7 @@ pub async fn run(
 /// when the agent has stopped. An agent that stops heartbeating is recorded as lost by the
 /// coordinators' sweep (`AgentLost`).
 async fn keep_alive(store: Arc<dyn Store>, agent: AgentId, ttl: Duration) {
-    let mut tick = tokio::time::interval(ttl / 3);
+    let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

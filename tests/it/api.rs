@@ -579,6 +579,35 @@ async fn cancel_removes_queued_work_and_only_once() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // a running step's lease is revoked: its holder's next renewal is refused
+    let running = api.queued_job("g/app", "hold").await;
+    let claim = api
+        .store
+        .claim(
+            &["hold".to_string()],
+            &AgentId::new("holder"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+        .expect("the step is claimable");
+    assert_eq!(claim.job, running);
+    let (_, shown) = api.get(&format!("/api/v1/jobs/{running}")).await;
+    assert_eq!(shown["state"], "running");
+    assert_eq!(shown["steps"][0]["agent"], "holder");
+    let (status, body) = api
+        .post(&format!("/api/v1/jobs/{running}/cancel"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["reason"], "cancelled through the api");
+    assert!(matches!(
+        api.store
+            .renew(running, &claim.step, claim.token, Duration::from_secs(60))
+            .await,
+        Err(ferry::store::Error::Stale { .. })
+    ));
+    assert!(api.store.leases().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
