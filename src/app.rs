@@ -3,6 +3,7 @@
 //! both the configuration and the roles.
 
 use crate::agent;
+use crate::api;
 use crate::config::{Config, Host};
 use crate::coordinator::{self, decide::RetryPolicy, plan::ProjectPlan};
 use crate::gateway::{self, GatewayOptions, GatewayState, ProjectHooks, SigningKey};
@@ -99,18 +100,22 @@ pub fn gateway_state(
     )?)
 }
 
-/// Serves the gateway on the configured address until `stop`.
+/// Serves the gateway and the API (`/api/v1`) on the configured address until `stop`.
 pub async fn run_gateway(
     config: &Config,
     store: Arc<dyn Store>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let state = gateway_state(config, store, prometheus::Registry::new())?;
+    let state = gateway_state(config, store.clone(), prometheus::Registry::new())?;
+    let api = api::ApiState::new(store, &config.api.tokens);
+    let router = gateway::router(state).merge(api::router(api));
     let listener = tokio::net::TcpListener::bind(config.gateway.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "gateway listening");
-    gateway::serve(listener, state, until(stop)).await?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(until(stop))
+        .await?;
     Ok(())
 }
 

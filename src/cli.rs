@@ -50,6 +50,8 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Inspect and control jobs through the API.
     Jobs(JobsArgs),
+    /// Inspect agents through the API.
+    Agents(AgentsArgs),
 }
 
 /// `ferry gateway`
@@ -105,6 +107,9 @@ pub struct JobsArgs {
     /// Bearer token for the API.
     #[arg(long, global = true, value_name = "T", env = config::env::API_TOKEN, hide_env_values = true)]
     pub token: Option<String>,
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: JobsCommand,
 }
@@ -112,14 +117,59 @@ pub struct JobsArgs {
 /// `ferry jobs <command>`
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum JobsCommand {
-    /// List jobs.
-    List,
-    /// Show a job with its steps and attempts.
+    /// List jobs, oldest first.
+    List(JobsListArgs),
+    /// Show a job with its steps and attempts, and why it waits.
     Show { id: String },
-    /// Cancel a job.
-    Cancel { id: String },
-    /// Queue a job's failed step again.
+    /// Cancel a job: its queued steps are removed and its running step is stopped.
+    Cancel {
+        id: String,
+        /// Why, recorded in the job's history.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Run an ended job again, as a new job with the same plan.
     Retry { id: String },
+}
+
+/// `ferry jobs list`
+#[derive(Debug, Clone, PartialEq, Eq, Default, Args)]
+pub struct JobsListArgs {
+    /// Only jobs of this project (path or numeric id).
+    #[arg(long, value_name = "P")]
+    pub project: Option<String>,
+    /// Only jobs in this state: queued, running, succeeded, failed, cancelled or superseded.
+    #[arg(long, value_name = "S")]
+    pub state: Option<String>,
+    /// Jobs per page (1 to 500).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u32>,
+    /// Continue after the page that printed this cursor.
+    #[arg(long, value_name = "C")]
+    pub cursor: Option<String>,
+}
+
+/// `ferry agents`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct AgentsArgs {
+    /// Base URL of the ferry API.
+    #[arg(long, global = true, value_name = "URL", env = config::env::API_URL, default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+    /// Bearer token for the API.
+    #[arg(long, global = true, value_name = "T", env = config::env::API_TOKEN, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: AgentsCommand,
+}
+
+/// `ferry agents <command>`
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum AgentsCommand {
+    /// List live and lost agents.
+    List,
 }
 
 impl Cli {
@@ -150,7 +200,7 @@ impl Cli {
                 overrides.agent_pools = args.pools.clone();
                 overrides.agent_concurrency = args.concurrency;
             }
-            Command::Coordinator | Command::Replay(_) | Command::Jobs(_) => {}
+            Command::Coordinator | Command::Replay(_) | Command::Jobs(_) | Command::Agents(_) => {}
         }
         overrides
     }

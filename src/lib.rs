@@ -1,8 +1,10 @@
 //! ferry: an event-sourced, distributed CI/CD job system for GitLab. See ARCHITECTURE.md.
 
 pub mod agent;
+pub mod api;
 pub mod app;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod coordinator;
 pub mod deploy;

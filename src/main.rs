@@ -67,7 +67,8 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Jobs(_) => anyhow::bail!("the jobs API is not available in this build yet"),
+        Command::Jobs(args) => ferry::client::jobs(&args).await?,
+        Command::Agents(args) => ferry::client::agents(&args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,12 @@ use std::collections::BTreeMap;
 macro_rules! events {
     ($( $kind:literal => $variant:ident, $name:literal, version $version:literal; )*) => {
         /// Every event ferry records. Each variant wraps the payload struct of the same name.
-        #[derive(Clone, Debug, PartialEq)]
+        ///
+        /// `Serialize` renders the bare payload (untagged), for JSON answers such as the API's
+        /// event history, which carries kind and name beside it. It is not the wire format: that
+        /// stays [`Event::encode_payload`] inside an [`Envelope`](crate::Envelope).
+        #[derive(Clone, Debug, PartialEq, Serialize)]
+        #[serde(untagged)]
         pub enum Event {
             $( $variant($variant), )*
         }

@@ -62,6 +62,7 @@ pub async fn run(
         ))
         .await?;
     info!(agent = %opts.name, pools = ?opts.pools, "agent started");
+    let heartbeat = tokio::spawn(keep_alive(store.clone(), opts.name.clone(), opts.lease_ttl));
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let (hand_back, hand_back_rx) = watch::channel(false);
     tokio::pin!(shutdown);
@@ -113,7 +114,22 @@ pub async fn run(
         let _ = hand_back.send(true);
         let _ = slots.acquire_many(all).await;
     }
+    heartbeat.abort();
     Ok(())
+}
+
+/// Keeps the agent registered as live: a heartbeat at once, then every TTL/3, until aborted
+/// when the agent has stopped. An agent that stops heartbeating is recorded as lost by the
+/// coordinators' sweep (`AgentLost`).
+async fn keep_alive(store: Arc<dyn Store>, agent: AgentId, ttl: Duration) {
+    let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = store.heartbeat(&agent, ttl).await {
+            warn!(%agent, error = %e, "heartbeat failed");
+        }
+    }
 }
 
 async fn run_step(

@@ -83,6 +83,7 @@ fn each_subcommand_parses() {
         Command::Jobs(JobsArgs {
             api: api.into(),
             token: token.map(Into::into),
+            json: false,
             command,
         })
     };
@@ -90,7 +91,36 @@ fn each_subcommand_parses() {
     let flags = "--api http://ferry:8080 --token t";
     check(
         &format!("jobs {flags} list"),
-        jobs(JobsCommand::List, "http://ferry:8080", Some("t")),
+        jobs(
+            JobsCommand::List(JobsListArgs::default()),
+            "http://ferry:8080",
+            Some("t"),
+        ),
+        none(),
+    );
+    check(
+        &format!("jobs {flags} list --project g/app --state failed --limit 5 --cursor c --json"),
+        Command::Jobs(JobsArgs {
+            api: "http://ferry:8080".into(),
+            token: Some("t".into()),
+            json: true,
+            command: JobsCommand::List(JobsListArgs {
+                project: Some("g/app".into()),
+                state: Some("failed".into()),
+                limit: Some(5),
+                cursor: Some("c".into()),
+            }),
+        }),
+        none(),
+    );
+    check(
+        &format!("agents list {flags}"),
+        Command::Agents(AgentsArgs {
+            api: "http://ferry:8080".into(),
+            token: Some("t".into()),
+            json: false,
+            command: AgentsCommand::List,
+        }),
         none(),
     );
     check(
@@ -107,7 +137,10 @@ fn each_subcommand_parses() {
     check(
         &format!("jobs {flags} cancel j1"),
         jobs(
-            JobsCommand::Cancel { id: "j1".into() },
+            JobsCommand::Cancel {
+                id: "j1".into(),
+                reason: None,
+            },
             "http://ferry:8080",
             Some("t"),
         ),

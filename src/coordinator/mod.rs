@@ -1,7 +1,7 @@
 //! The coordinator role: consumes the feed through a consumer group, turns webhooks into jobs,
 //! decides each job's next step ([`decide::next`]) and appends the decision with optimistic
-//! concurrency; one coordinator at a time (leader lock) sweeps expired leases and promotes due
-//! retries.
+//! concurrency; one coordinator at a time (leader lock) sweeps expired leases, promotes due
+//! retries and records agents whose heartbeat lapsed as lost.
 
 pub mod decide;
 pub mod plan;

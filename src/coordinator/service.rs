@@ -446,7 +446,8 @@ fn wakes_coordinator(event: &Event) -> bool {
     )
 }
 
-/// One coordinator at a time expires leases and promotes due retries. The scripts are atomic
+/// One coordinator at a time expires leases, promotes due retries and records agents whose
+/// heartbeat lapsed as lost. The scripts are atomic
 /// and idempotent, so a second sweeper during a lock handover costs work, never correctness.
 async fn sweep_duty(store: Arc<dyn Store>, holder: String, every: Duration) {
     let ttl = every * 3;
@@ -492,6 +493,14 @@ async fn sweep_duty(store: Arc<dyn Store>, holder: String, every: Duration) {
         }
         if let Err(e) = store.promote_due(256).await {
             warn!(error = %e, "promoting due retries failed");
+        }
+        match store.expire_agents(256).await {
+            Ok(lost) => {
+                for agent in &lost {
+                    warn!(%agent, "agent lost: heartbeat expired");
+                }
+            }
+            Err(e) => warn!(error = %e, "agent sweep failed"),
         }
     }
 }

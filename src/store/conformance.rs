@@ -15,8 +15,8 @@
 
 use super::{Append, Appended, Error, Leases, LogPos, Store, StreamId, Version};
 use ferry_proto::{
-    AgentId, Event, FencingToken, JobCancelled, JobId, StepClaimed, StepQueued, StepRetryScheduled,
-    StepStarted, StepSucceeded, WebhookReceived,
+    AgentId, AgentLost, Event, FencingToken, JobCancelled, JobId, StepClaimed, StepQueued,
+    StepRetryScheduled, StepStarted, StepSucceeded, WebhookReceived,
 };
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
@@ -129,6 +129,9 @@ macro_rules! store_conformance {
             jobs_page_in_creation_order,
             wait_for_work_wakes_on_enqueue,
             bad_names_are_rejected,
+            heartbeats_keep_agents_live,
+            expire_agents_records_agent_lost_once,
+            an_agent_whose_heartbeat_ran_out_is_not_live_before_the_sweep,
         );
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
@@ -1426,4 +1429,145 @@ pub async fn bad_names_are_rejected(fx: &Fixture) {
         Err(Error::Invalid(_))
     ));
     assert!(s.queued().await.unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// agent registry
+
+fn agent_lost(store_events: &[super::Stored]) -> Vec<AgentLost> {
+    store_events
+        .iter()
+        .filter_map(|s| match s.decode().expect("decode") {
+            Event::AgentLost(l) => Some(l),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn live(store: &dyn Store) -> Vec<(AgentId, u64)> {
+    let mut l = store.live_agents().await.expect("live agents");
+    l.sort();
+    l
+}
+
+pub async fn heartbeats_keep_agents_live(fx: &Fixture) {
+    let s = &**fx;
+    assert!(live(s).await.is_empty());
+    let before = super::now_ms();
+    s.heartbeat(&"a1".into(), LONG).await.unwrap();
+    s.heartbeat(&"a2".into(), LONG).await.unwrap();
+    let first = live(s).await;
+    let names: Vec<&str> = first.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(names, ["a1", "a2"]);
+    // deadlines are now + ttl on the store's clock (same machine here: allow a wide margin)
+    for (_, deadline) in &first {
+        let ttl = LONG.as_millis() as u64;
+        assert!(
+            *deadline + 5_000 >= before + ttl && *deadline <= super::now_ms() + ttl + 5_000,
+            "deadline {deadline} is not about now + {ttl}"
+        );
+    }
+    // a renewal moves the deadline; a short heartbeat replaces a long one
+    next_ms().await;
+    s.heartbeat(&"a1".into(), LONG * 2).await.unwrap();
+    let renewed = live(s).await;
+    assert!(renewed[0].1 > first[0].1, "{renewed:?} vs {first:?}");
+    assert_eq!(renewed[1], first[1], "other agents are untouched");
+    s.heartbeat(&"a1".into(), Duration::from_millis(50))
+        .await
+        .unwrap();
+    wait_until(DEADLINE, || async {
+        live(s).await.iter().all(|(a, _)| a.as_str() != "a1")
+    })
+    .await;
+    // an agent that comes back is live again
+    s.heartbeat(&"a1".into(), LONG).await.unwrap();
+    assert_eq!(live(s).await.len(), 2);
+    assert!(s.expire_agents(10).await.unwrap().is_empty());
+    assert!(matches!(
+        s.heartbeat(&"".into(), LONG).await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        s.heartbeat(&"a3".into(), Duration::ZERO).await,
+        Err(Error::Invalid(_))
+    ));
+    assert_eq!(
+        live(s).await.len(),
+        2,
+        "refused heartbeats register nothing"
+    );
+}
+
+pub async fn expire_agents_records_agent_lost_once(fx: &Fixture) {
+    let s = &**fx;
+    let short = Duration::from_millis(100);
+    for a in ["gone-1", "gone-2", "gone-3"] {
+        s.heartbeat(&a.into(), short).await.unwrap();
+    }
+    s.heartbeat(&"alive".into(), LONG).await.unwrap();
+    // `max` is respected: the first sweep that finds them takes two, the next one the third
+    let first = wait_for(DEADLINE, "the short heartbeats to lapse", || async {
+        let l = s.expire_agents(2).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    let mut lost = first.clone();
+    if lost.len() < 3 {
+        lost.extend(s.expire_agents(10).await.unwrap());
+    }
+    assert!(first.len() <= 2, "{first:?}");
+    lost.sort();
+    let names: Vec<&str> = lost.iter().map(AgentId::as_str).collect();
+    assert_eq!(names, ["gone-1", "gone-2", "gone-3"]);
+    assert!(s.expire_agents(10).await.unwrap().is_empty(), "lost once");
+    let names: Vec<String> = live(s).await.into_iter().map(|(a, _)| a.0).collect();
+    assert_eq!(names, ["alive"]);
+
+    let stream = s.read_stream(&StreamId::Agents, 0).await.unwrap();
+    let mut recorded = agent_lost(&stream);
+    recorded.sort_by(|a, b| a.agent.cmp(&b.agent));
+    assert_eq!(recorded.len(), 3, "{recorded:?}");
+    for (l, name) in recorded.iter().zip(["gone-1", "gone-2", "gone-3"]) {
+        assert_eq!(
+            (l.agent.as_str(), l.reason.as_str()),
+            (name, "heartbeat expired")
+        );
+    }
+    assert!(stream.iter().all(|e| e.envelope.stream == "agents"));
+    // the global log holds the same entries
+    let log = s.read_log(None, 100).await.unwrap();
+    let in_log: Vec<_> = log
+        .into_iter()
+        .filter(|e| e.envelope.stream == "agents")
+        .collect();
+    assert_eq!(in_log, stream);
+
+    // an agent that comes back and lapses again is lost again
+    s.heartbeat(&"gone-1".into(), short).await.unwrap();
+    let again = wait_for(DEADLINE, "the second lapse", || async {
+        let l = s.expire_agents(10).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(again, vec![AgentId::new("gone-1")]);
+    let stream = s.read_stream(&StreamId::Agents, 0).await.unwrap();
+    assert_eq!(agent_lost(&stream).len(), 4);
+}
+
+pub async fn an_agent_whose_heartbeat_ran_out_is_not_live_before_the_sweep(fx: &Fixture) {
+    let s = &**fx;
+    s.heartbeat(&"brief".into(), Duration::from_millis(50))
+        .await
+        .unwrap();
+    wait_until(DEADLINE, || async { live(s).await.is_empty() }).await;
+    assert!(
+        agent_lost(&s.read_stream(&StreamId::Agents, 0).await.unwrap()).is_empty(),
+        "nothing is recorded until the sweep"
+    );
+    assert_eq!(
+        s.expire_agents(10).await.unwrap(),
+        vec![AgentId::new("brief")]
+    );
+    assert!(s.expire_agents(0).await.unwrap().is_empty());
 }

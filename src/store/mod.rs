@@ -1,6 +1,7 @@
 //! Storage ports: the event log (with its consumer-group feed), the work queue, step leases, the
-//! leader lock and snapshots. Each is a narrow trait whose doc comment is its contract; every
-//! backend implements all of them and passes the one conformance suite ([`conformance`]).
+//! leader lock, snapshots and the agent registry. Each is a narrow trait whose doc comment is its
+//! contract; every backend implements all of them and passes the one conformance suite
+//! ([`conformance`]).
 //!
 //! The store keeps two kinds of data: the **log** (streams of events: the truth) and **live
 //! structures** (ready and delayed queues, leases) that the store derives from the events it
@@ -417,9 +418,33 @@ pub trait Logs: Send + Sync {
 /// Lines kept per job log (approximately: trimming is lazy).
 pub const LOG_MAX_LINES: usize = 10_000;
 
+/// **Agent registry**: which agents are alive, by heartbeat. Deadlines use the store's clock.
+///
+/// - `heartbeat` marks `agent` live until now + `ttl` (replacing any earlier deadline, also one
+///   that already passed: an agent that comes back is live again).
+/// - `live_agents` lists the agents whose deadline has not passed, with their deadline (store
+///   clock ms), in no particular order. An agent whose deadline passed is not live even before
+///   `expire_agents` ran.
+/// - `expire_agents` removes up to `max` agents whose deadline passed and, in the same atomic
+///   operation, appends `AgentLost { agent, reason: "heartbeat expired" }` for each to the
+///   `agents` stream (and the global log). An agent is reported lost once per lapse: a second
+///   call does not report it again unless it heartbeated and lapsed again in between.
+///
+/// Registration facts (pools, labels, version, capacity) are events (`AgentJoined`) in the
+/// `agents` stream; the registry only keeps deadlines.
+#[async_trait]
+pub trait Agents: Send + Sync {
+    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<()>;
+    async fn live_agents(&self) -> Result<Vec<(AgentId, u64)>>;
+    async fn expire_agents(&self, max: usize) -> Result<Vec<AgentId>>;
+}
+
 /// Every port, as one object that roles share.
-pub trait Store: EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots + Logs {}
-impl<T: EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots + Logs> Store for T {}
+pub trait Store:
+    EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots + Logs + Agents
+{
+}
+impl<T: EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots + Logs + Agents> Store for T {}
 
 /// Wall-clock milliseconds since the Unix epoch, for envelope timestamps only.
 pub fn now_ms() -> u64 {

@@ -1,6 +1,7 @@
 //! The one integration test binary.
 
 mod agent;
+mod api;
 mod cli;
 mod conformance;
 mod deploy;

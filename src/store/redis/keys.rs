@@ -26,6 +26,7 @@
 //! | `{ns}:logs:<job>` | stream | the job's step output, field `p` = rmp named `StepLog`, trimmed to ~`LOG_MAX_LINES` |
 //! | `{ns}:jobidx:<job>` | set | the `live:` index keys of a job, for removing it when it ends |
 //! | `{ns}:ended:<job>` | string | set when the job ended: queueing effects on it are no-ops |
+//! | `{ns}:agents` | zset | agent name → heartbeat deadline ms (store clock) |
 //!
 //! Entry fields, identical in a stream and in the log: `s` stream name, `k` kind, `v` schema
 //! version, `t` at_ms, `f` fencing token (only when present), `p` payload (rmp named msgpack).
@@ -112,6 +113,9 @@ impl Keys {
     pub(crate) fn snap(&self, name: &str) -> String {
         self.key(&format!("snap:{name}"))
     }
+    pub(crate) fn agents(&self) -> String {
+        self.key("agents")
+    }
 }
 
 /// The queue member of a job's step: `<job>/<step>`.
@@ -152,6 +156,7 @@ mod tests {
             k.ready("linux"),
             k.lease("a/b"),
             k.dedupe("x{y}"),
+            k.agents(),
         ] {
             assert!(key.starts_with("{p3}:"), "{key}");
         }

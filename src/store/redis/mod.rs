@@ -22,7 +22,7 @@ mod scripts;
 pub use scripts::queue_score_probe;
 
 use crate::store::{
-    effects_of, Append, Appended, Claim, Effect, Error, EventLog, Expected, Feed, Fence,
+    effects_of, Agents, Append, Appended, Claim, Effect, Error, EventLog, Expected, Feed, Fence,
     LeaderLock, Lease, Leases, LogPos, Logs, Queued, Result, Snapshots, Stored, StreamId, Version,
     WorkQueue, LOG_MAX_LINES,
 };
@@ -962,5 +962,57 @@ impl Logs for RedisStore {
             self.blocking(&what, &cmd, block).await?
         };
         parse::log_lines(v)
+    }
+}
+
+#[async_trait]
+impl Agents for RedisStore {
+    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<()> {
+        check_nonempty("agent", agent.as_str())?;
+        let ttl = positive_ms("heartbeat ttl", ttl)?;
+        let _: u64 = scripts::HEARTBEAT
+            .key(self.keys().agents())
+            .arg(agent.as_str())
+            .arg(ttl)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error(&format!("heartbeat of agent {agent}"), e))?;
+        Ok(())
+    }
+
+    async fn live_agents(&self) -> Result<Vec<(AgentId, u64)>> {
+        let flat: Vec<String> = scripts::LIVE_AGENTS
+            .key(self.keys().agents())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error("list live agents", e))?;
+        flat.chunks(2)
+            .map(|c| match c {
+                [agent, deadline] => Ok((
+                    AgentId::new(agent.as_str()),
+                    parse_num("heartbeat deadline", deadline)?,
+                )),
+                _ => Err(Error::Corrupt(format!(
+                    "live agents script answered {flat:?}"
+                ))),
+            })
+            .collect()
+    }
+
+    async fn expire_agents(&self, max: usize) -> Result<Vec<AgentId>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let k = self.keys();
+        let names: Vec<String> = scripts::EXPIRE_AGENTS
+            .key(k.agents())
+            .key(k.log())
+            .key(k.stream(&StreamId::Agents.name()))
+            .arg(k.prefix())
+            .arg(max)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error("expire lost agents", e))?;
+        Ok(names.into_iter().map(AgentId::new).collect())
     }
 }

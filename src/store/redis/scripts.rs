@@ -24,6 +24,12 @@ pub(crate) static SWEEP: LazyLock<Script> =
 pub(crate) static PROMOTE: LazyLock<Script> =
     LazyLock::new(|| with_prelude(include_str!("promote.lua")));
 pub(crate) static LOGS: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("logs.lua")));
+pub(crate) static HEARTBEAT: LazyLock<Script> =
+    LazyLock::new(|| with_prelude(include_str!("heartbeat.lua")));
+pub(crate) static LIVE_AGENTS: LazyLock<Script> =
+    LazyLock::new(|| with_prelude(include_str!("live_agents.lua")));
+pub(crate) static EXPIRE_AGENTS: LazyLock<Script> =
+    LazyLock::new(|| with_prelude(include_str!("expire_agents.lua")));
 pub(crate) static LOCK_ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lock_acquire.lua")));
 pub(crate) static LOCK_RENEW: LazyLock<Script> =

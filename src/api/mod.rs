@@ -1,0 +1,773 @@
+//! The REST API under `/api/v1`: jobs (list, show with the reason a step waits, history,
+//! cancel, retry) and agents.
+//!
+//! Reads are folds of the log computed per request ([`JobState`] for a job, the agents part of
+//! [`View`] for agents) plus the store's live registry ([`Agents::live_agents`]). Writes are
+//! events appended with optimistic concurrency, exactly like the coordinator's decisions: a
+//! cancel is `JobCancelled` appended at the version the API folded (the store's `ClearJob`
+//! effect empties the queues and revokes the running lease); a retry is a new job with the old
+//! job's plan, since an ended job is immutable.
+//!
+//! - Every request needs `Authorization: Bearer <token>` matching one of `[api] tokens`,
+//!   compared in constant time (over SHA-256 digests, so lengths do not leak either). With no
+//!   token configured every request is refused.
+//! - Every answer is JSON. Errors are `{"error": "<what was wrong>"}`; [`ApiError`] is the one
+//!   place that maps failures to status codes, and never leaks internals.
+//! - Lists are `{"items": [...], "next": "<cursor>" | null}`, with `limit` (1 to 500) and
+//!   `cursor` query parameters.
+//! - Times are RFC 3339 with milliseconds, UTC (`2025-01-31T12:00:00.123Z`), or `null`.
+//! - Secrets never appear: plans hold only secret names, and events never hold values.
+
+use crate::config::Secret;
+use crate::coordinator::decide::{next, RetryPolicy};
+use crate::domain::{AgentState, JobPhase, JobState, StepState, StepStatus, View};
+use crate::store::{self, now_ms, Agents, Append, Store, Stored, StreamId};
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_proto::{kind_name, AgentId, Event, JobCancelled, JobCreated, JobId, StepSpec};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
+use tracing::{error, info};
+
+/// Default and largest `limit` of a list.
+pub const DEFAULT_LIMIT: usize = 50;
+pub const MAX_LIMIT: usize = 500;
+/// Jobs folded per list request at most when filtering: a filter that matches rarely answers
+/// with fewer items and a cursor to continue instead of scanning the whole history.
+pub const SCAN_BUDGET: usize = 1000;
+/// Appends retried after version conflicts before giving up.
+const CONFLICT_RETRIES: usize = 16;
+
+/// What the API's handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    /// SHA-256 of every accepted bearer token: compared in constant time, whatever the lengths.
+    tokens: Vec<[u8; 32]>,
+}
+
+impl ApiState {
+    /// An API over `store` that accepts the bearer `tokens` (none: every request is refused).
+    pub fn new(store: Arc<dyn Store>, tokens: &[Secret]) -> Self {
+        ApiState {
+            inner: Arc::new(Inner {
+                store,
+                tokens: tokens.iter().map(|t| digest(t.expose())).collect(),
+            }),
+        }
+    }
+
+    fn store(&self) -> &dyn Store {
+        &*self.inner.store
+    }
+}
+
+/// The routes under `/api/v1`, every one behind the bearer token check. Has no fallback of its
+/// own, so it merges into the gateway's router (which answers unknown paths).
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/jobs", get(list_jobs))
+        .route("/api/v1/jobs/{id}", get(show_job))
+        .route("/api/v1/jobs/{id}/events", get(job_events))
+        .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/v1/jobs/{id}/retry", post(retry_job))
+        .route("/api/v1/agents", get(list_agents))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+/// Why a request failed: the one place that maps failures to status codes. Messages are
+/// lowercase, name the thing, and never carry internals.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    Unauthorized(String),
+    NotFound(String),
+    Conflict(String),
+    /// The store could not be reached (or did not answer in time).
+    Unavailable,
+    /// The store answered something unreadable; logged, not shown.
+    Internal,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::Unauthorized(m) => {
+                let mut r = error_response(StatusCode::UNAUTHORIZED, &m);
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return r;
+            }
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "event store unavailable".to_string(),
+            ),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "event store data is unreadable".to_string(),
+            ),
+        };
+        error_response(status, &message)
+    }
+}
+
+impl From<store::Error> for ApiError {
+    fn from(e: store::Error) -> Self {
+        match e {
+            store::Error::Unavailable(_) => {
+                error!(error = %e, "api request failed");
+                ApiError::Unavailable
+            }
+            store::Error::Conflict { .. } => ApiError::Conflict(e.to_string()),
+            store::Error::Invalid(m) => ApiError::BadRequest(m),
+            store::Error::Stale { .. } | store::Error::Decode { .. } | store::Error::Corrupt(_) => {
+                error!(error = %e, "api request failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+type Answer = Result<Response, ApiError>;
+
+fn answer(status: StatusCode, body: Value) -> Answer {
+    Ok((status, Json(body)).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// authentication
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+async fn authenticate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    match check_token(&state.inner.tokens, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn check_token(accepted: &[[u8; 32]], headers: &HeaderMap) -> Result<(), ApiError> {
+    if accepted.is_empty() {
+        return Err(ApiError::Unauthorized(
+            "no API token is configured: set api.tokens or api.tokens_env".into(),
+        ));
+    }
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::Unauthorized("malformed authorization header: expected Bearer <token>".into())
+        })?;
+    let presented = digest(token);
+    // No early exit: every accepted token is compared.
+    let matched = accepted.iter().fold(subtle::Choice::from(0), |ok, t| {
+        ok | t[..].ct_eq(&presented[..])
+    });
+    if bool::from(matched) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized("invalid bearer token".into()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// query parameters
+
+/// The query parameters of a request, decoded.
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn parse(raw: Option<String>) -> Params {
+        Params(
+            url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+                .into_owned()
+                .collect(),
+        )
+    }
+
+    /// The last non-empty value of `name`.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, v)| k == name && !v.is_empty())
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn limit(&self) -> Result<usize, ApiError> {
+        match self.get("limit") {
+            None => Ok(DEFAULT_LIMIT),
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_LIMIT).contains(n))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "invalid limit {v:?}: expected a number from 1 to {MAX_LIMIT}"
+                    ))
+                }),
+        }
+    }
+}
+
+fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::BadRequest(format!("invalid job id {raw:?}: expected a uuid")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// rendering
+
+/// RFC 3339 with milliseconds, UTC; `null` for 0 (never set).
+fn time(ms: u64) -> Value {
+    if ms == 0 {
+        return Value::Null;
+    }
+    let t = UNIX_EPOCH + Duration::from_millis(ms);
+    Value::String(humantime::format_rfc3339_millis(t).to_string())
+}
+
+/// What a job list item carries; `show` adds plan, steps and waiting reasons.
+fn job_summary(job: &JobState) -> Value {
+    let plan = job.plan.as_ref();
+    json!({
+        "id": job.id,
+        "project": plan.map(|p| &p.project),
+        "project_id": plan.map(|p| p.project_id),
+        "tag": plan.map(|p| &p.tag),
+        "ref": plan.map(|p| &p.git_ref),
+        "sha": plan.map(|p| &p.sha),
+        "trigger": plan.map(|p| &p.trigger),
+        "priority": plan.map(|p| p.priority),
+        "state": job.phase.as_str(),
+        "reason": job.reason,
+        "version": job.version,
+        "created_at": time(job.created_at_ms),
+        "updated_at": time(job.updated_at_ms),
+    })
+}
+
+/// The plan's steps: what runs where. Build commands and deploy hosts stay in the history
+/// (`/events`); secrets are names there too.
+fn plan_summary(plan: &JobCreated) -> Value {
+    let steps: Vec<Value> = plan
+        .steps
+        .iter()
+        .map(|s| {
+            let (kind, environment) = match &s.spec {
+                StepSpec::Build(_) => ("build", None),
+                StepSpec::Deploy(d) => ("deploy", Some(&d.environment)),
+                StepSpec::Noop => ("noop", None),
+            };
+            json!({
+                "step": s.step,
+                "kind": kind,
+                "pool": s.pool,
+                "priority": s.priority,
+                "environment": environment,
+            })
+        })
+        .collect();
+    json!({ "steps": steps })
+}
+
+fn step_detail(s: &StepState) -> Value {
+    let mut agent = None;
+    let mut started = None;
+    let mut due_at = Value::Null;
+    let mut error = None;
+    let mut retryable = None;
+    let mut reason = None;
+    let status = match &s.status {
+        StepStatus::Pending => "pending",
+        StepStatus::Queued { .. } => "queued",
+        StepStatus::Delayed { due_ms, .. } => {
+            due_at = time(*due_ms);
+            "delayed"
+        }
+        StepStatus::Claimed {
+            agent: a,
+            started: st,
+            ..
+        } => {
+            agent = Some(a.clone());
+            started = Some(*st);
+            if *st {
+                "running"
+            } else {
+                "claimed"
+            }
+        }
+        StepStatus::Interrupted { reason: r, .. } => {
+            reason = Some(r.clone());
+            "interrupted"
+        }
+        StepStatus::Succeeded { .. } => "succeeded",
+        StepStatus::Failed {
+            error: e,
+            retryable: r,
+            ..
+        } => {
+            error = Some(e.clone());
+            retryable = Some(*r);
+            "failed"
+        }
+    };
+    let artifact = s
+        .artifact
+        .as_ref()
+        .map(|a| json!({ "name": a.name, "key": a.key, "size": a.size, "sha256": a.sha256 }));
+    json!({
+        "step": s.step,
+        "pool": s.pool,
+        "priority": s.priority,
+        "status": status,
+        "attempt": s.attempt(),
+        "attempts": s.attempts,
+        "agent": agent,
+        "started": started,
+        "due_at": due_at,
+        "error": error,
+        "retryable": retryable,
+        "reason": reason,
+        "artifact": artifact,
+        "hosts": s.hosts,
+    })
+}
+
+/// Why each queued or delayed step of `job` waits. A pool no live agent serves is said first:
+/// that is the wait nobody will end by themselves.
+fn waiting(job: &JobState, served: &BTreeSet<String>) -> Vec<Value> {
+    job.steps
+        .iter()
+        .filter_map(|s| {
+            let due = match s.status {
+                StepStatus::Queued { .. } => None,
+                StepStatus::Delayed { due_ms, .. } => Some(due_ms),
+                _ => return None,
+            };
+            let reason = if !served.contains(&s.pool) {
+                format!("no live agent serves pool {}", s.pool)
+            } else if let Some(due) = due {
+                format!("retry due at {}", time(due).as_str().unwrap_or("?"))
+            } else {
+                format!("queued in pool {}", s.pool)
+            };
+            Some(json!({ "step": s.step, "pool": s.pool, "reason": reason }))
+        })
+        .collect()
+}
+
+fn event_item(stored: &Stored) -> Value {
+    let e = &stored.envelope;
+    let (payload, undecodable) = match stored.decode() {
+        Ok(event) => (serde_json::to_value(&event).unwrap_or(Value::Null), None),
+        Err(err) => (Value::Null, Some(err.to_string())),
+    };
+    let mut item = json!({
+        "pos": stored.pos.0,
+        "kind": e.kind,
+        "name": kind_name(e.kind),
+        "version": e.version,
+        "at": time(e.at_ms),
+        "token": e.token,
+        "payload": payload,
+    });
+    if let Some(why) = undecodable {
+        item["undecodable"] = Value::String(why);
+    }
+    item
+}
+
+// ---------------------------------------------------------------------------------------------
+// reads
+
+/// Folds a job's stream; `None` when the stream is empty (no such job).
+async fn fold_job(store: &dyn Store, id: JobId) -> Result<Option<JobState>, ApiError> {
+    let stream = store.read_stream(&StreamId::Job(id), 0).await?;
+    if stream.is_empty() {
+        return Ok(None);
+    }
+    let mut job = JobState::new(id);
+    for stored in &stream {
+        job.evolve(&stored.decode()?, stored.envelope.at_ms);
+    }
+    Ok(Some(job))
+}
+
+async fn load_job(store: &dyn Store, id: JobId) -> Result<JobState, ApiError> {
+    fold_job(store, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))
+}
+
+/// The agents as the log knows them (joins and losses) with the store's live deadlines.
+struct Registry {
+    known: BTreeMap<AgentId, AgentState>,
+    live: BTreeMap<AgentId, u64>,
+}
+
+impl Registry {
+    async fn load(store: &dyn Store) -> Result<Registry, ApiError> {
+        let mut view = View::default();
+        for stored in store.read_stream(&StreamId::Agents, 0).await? {
+            // Only agent events matter here; a kind this build cannot read is skipped.
+            if let Ok(event) = stored.decode() {
+                view.apply(
+                    &stored.pos.0,
+                    &stored.envelope.stream,
+                    &event,
+                    stored.envelope.at_ms,
+                );
+            }
+        }
+        let live = Agents::live_agents(store).await?.into_iter().collect();
+        Ok(Registry {
+            known: view.agents,
+            live,
+        })
+    }
+
+    /// Pools served by at least one live agent.
+    fn served_pools(&self) -> BTreeSet<String> {
+        self.live
+            .keys()
+            .filter_map(|a| self.known.get(a))
+            .flat_map(|a| a.pools.iter().cloned())
+            .collect()
+    }
+}
+
+async fn list_jobs(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> Answer {
+    let params = Params::parse(raw);
+    let limit = params.limit()?;
+    let project = params.get("project").map(str::to_string);
+    let phase = match params.get("state") {
+        None => None,
+        Some(s) => Some(JobPhase::parse(s).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "invalid state {s:?}: expected queued, running, succeeded, failed, cancelled \
+                 or superseded"
+            ))
+        })?),
+    };
+    let cursor = match params.get("cursor") {
+        None => None,
+        Some(c) => Some(c.parse::<JobId>().map_err(|_| {
+            ApiError::BadRequest(format!("invalid cursor {c:?}: expected a job id"))
+        })?),
+    };
+    let store = state.store();
+    let matches = |job: &JobState| {
+        let project_ok = project.as_deref().is_none_or(|p| {
+            job.plan
+                .as_ref()
+                .is_some_and(|plan| plan.project == p || plan.project_id.to_string() == p)
+        });
+        project_ok && phase.is_none_or(|ph| job.phase == ph)
+    };
+
+    let mut items = Vec::new();
+    let mut after = cursor;
+    let mut scanned = 0;
+    let next = loop {
+        let want = (SCAN_BUDGET - scanned).min(limit.max(64));
+        if want == 0 {
+            break after; // budget spent: continue from here next time
+        }
+        let ids = match store.jobs(after, want).await {
+            Err(store::Error::Invalid(_)) if after == cursor => {
+                let c = cursor.map(|c| c.to_string()).unwrap_or_default();
+                return Err(ApiError::BadRequest(format!(
+                    "invalid cursor {c:?}: no such job"
+                )));
+            }
+            other => other?,
+        };
+        let full = ids.len() == want;
+        let mut filled = false;
+        for id in ids {
+            scanned += 1;
+            after = Some(id);
+            if let Some(job) = fold_job(store, id).await? {
+                if matches(&job) {
+                    items.push(job_summary(&job));
+                }
+            }
+            if items.len() == limit {
+                filled = true;
+                break;
+            }
+        }
+        if filled {
+            // A cursor only when something follows, so a walk ends with `next: null`.
+            let more = !store.jobs(after, 1).await?.is_empty();
+            break if more { after } else { None };
+        }
+        if !full {
+            break None;
+        }
+    };
+    answer(
+        StatusCode::OK,
+        json!({ "items": items, "next": next.map(|j| j.to_string()) }),
+    )
+}
+
+async fn show_job(State(state): State<ApiState>, Path(id): Path<String>) -> Answer {
+    let id = parse_job_id(&id)?;
+    let store = state.store();
+    let job = load_job(store, id).await?;
+    let waits = job.steps.iter().any(|s| {
+        matches!(
+            s.status,
+            StepStatus::Queued { .. } | StepStatus::Delayed { .. }
+        )
+    });
+    let waiting = if waits {
+        waiting(&job, &Registry::load(store).await?.served_pools())
+    } else {
+        Vec::new()
+    };
+    let mut body = job_summary(&job);
+    body["plan"] = job.plan.as_ref().map(plan_summary).unwrap_or(Value::Null);
+    body["steps"] = job.steps.iter().map(step_detail).collect();
+    body["waiting"] = Value::Array(waiting);
+    answer(StatusCode::OK, body)
+}
+
+async fn job_events(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Answer {
+    let id = parse_job_id(&id)?;
+    let params = Params::parse(raw);
+    let limit = match params.get("limit") {
+        None => MAX_LIMIT,
+        Some(_) => params.limit()?,
+    };
+    let from: u64 = match params.get("cursor") {
+        None => 0,
+        Some(c) => c.parse().map_err(|_| {
+            ApiError::BadRequest(format!("invalid cursor {c:?}: expected an event number"))
+        })?,
+    };
+    let stream = state.store().read_stream(&StreamId::Job(id), from).await?;
+    if stream.is_empty() && (from == 0 || load_job(state.store(), id).await.is_err()) {
+        return Err(ApiError::NotFound(format!("job {id} not found")));
+    }
+    let items: Vec<Value> = stream.iter().take(limit).map(event_item).collect();
+    let next = (stream.len() > limit).then(|| (from + limit as u64).to_string());
+    answer(StatusCode::OK, json!({ "items": items, "next": next }))
+}
+
+async fn list_agents(State(state): State<ApiState>) -> Answer {
+    let registry = Registry::load(state.store()).await?;
+    let names: BTreeSet<&AgentId> = registry.known.keys().chain(registry.live.keys()).collect();
+    let items: Vec<Value> = names
+        .into_iter()
+        .map(|name| {
+            let known = registry.known.get(name);
+            let deadline = registry.live.get(name).copied();
+            json!({
+                "name": name,
+                "pools": known.map(|a| a.pools.clone()).unwrap_or_default(),
+                "labels": known.map(|a| a.labels.clone()).unwrap_or_default(),
+                "version": known.map(|a| &a.version),
+                "capacity": known.map(|a| a.capacity),
+                "joined_at": known.map(|a| time(a.joined_at_ms)),
+                "heartbeat_deadline": deadline.map(time),
+                "live": deadline.is_some(),
+                // A lost agent that heartbeats again is live; its last loss stays on record.
+                "lost": known.and_then(|a| a.lost.clone()).filter(|_| deadline.is_none()),
+            })
+        })
+        .collect();
+    answer(StatusCode::OK, json!({ "items": items, "next": null }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// writes
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn cancel_job(State(state): State<ApiState>, Path(id): Path<String>, body: Bytes) -> Answer {
+    let id = parse_job_id(&id)?;
+    let body: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("malformed cancel body: {e}")))?
+    };
+    let reason = body
+        .reason
+        .map(|r| r.chars().take(500).collect::<String>())
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| "cancelled through the api".into());
+    let store = state.store();
+    for _ in 0..CONFLICT_RETRIES {
+        let mut job = load_job(store, id).await?;
+        if job.phase.is_terminal() {
+            return Err(ApiError::Conflict(format!(
+                "job {id} already ended ({})",
+                job.phase.as_str()
+            )));
+        }
+        let cancelled: Event = JobCancelled {
+            reason: reason.clone(),
+            by: "api".into(),
+        }
+        .into();
+        let append = Append::new(StreamId::Job(id), vec![cancelled.clone()]).expect(job.version);
+        let at = append.at_ms;
+        match store.append(append).await {
+            Ok(_) => {
+                info!(job = %id, %reason, "job cancelled through the api");
+                job.evolve(&cancelled, at);
+                return answer(StatusCode::OK, job_summary(&job));
+            }
+            Err(store::Error::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "job {id} kept changing while cancelling it; try again"
+    )))
+}
+
+async fn retry_job(State(state): State<ApiState>, Path(id): Path<String>) -> Answer {
+    let id = parse_job_id(&id)?;
+    let store = state.store();
+    let old = load_job(store, id).await?;
+    if !old.phase.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "job {id} has not ended ({}): nothing to retry",
+            old.phase.as_str()
+        )));
+    }
+    let Some(plan) = old.plan else {
+        return Err(ApiError::Conflict(format!("job {id} has no plan to retry")));
+    };
+    let new_id = JobId::new();
+    let created: Event = JobCreated {
+        job: new_id,
+        trigger: format!("retry:{id}"),
+        ..plan
+    }
+    .into();
+    let now = now_ms();
+    let mut fresh = JobState::new(new_id);
+    fresh.evolve(&created, now);
+    let mut events = vec![created];
+    events.extend(next(&fresh, &RetryPolicy::default(), now, 0.0));
+    for e in &events[1..] {
+        fresh.evolve(e, now);
+    }
+    let mut append = Append::new(StreamId::Job(new_id), events).expect(0);
+    append.at_ms = now;
+    store.append(append).await?;
+    info!(job = %new_id, retry_of = %id, "job retried through the api");
+    let mut body = job_summary(&fresh);
+    body["retry_of"] = json!(id);
+    answer(StatusCode::ACCEPTED, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(a).unwrap());
+        }
+        h
+    }
+
+    fn check(tokens: &[&str], auth: Option<&str>) -> Result<(), String> {
+        let accepted: Vec<[u8; 32]> = tokens.iter().map(|t| digest(t)).collect();
+        check_token(&accepted, &headers(auth)).map_err(|e| match e {
+            ApiError::Unauthorized(m) => m,
+            other => panic!("not a 401: {other:?}"),
+        })
+    }
+
+    #[test]
+    fn bearer_tokens_are_checked() {
+        assert_eq!(check(&["a", "s3cret"], Some("Bearer s3cret")), Ok(()));
+        assert_eq!(check(&["a", "s3cret"], Some("Bearer a")), Ok(()));
+        let cases = [
+            (&["s3cret"][..], None, "missing bearer token"),
+            (&["s3cret"], Some("Bearer s3cre"), "invalid bearer token"),
+            (&["s3cret"], Some("Bearer s3crett"), "invalid bearer token"),
+            (
+                &["s3cret"],
+                Some("Basic czNjcmV0"),
+                "malformed authorization",
+            ),
+            (&["s3cret"], Some("Bearer "), "malformed authorization"),
+            (&[], Some("Bearer s3cret"), "no API token is configured"),
+        ];
+        for (tokens, auth, want) in cases {
+            let got = check(tokens, auth).unwrap_err();
+            assert!(got.contains(want), "{auth:?}: {got}");
+        }
+    }
+
+    #[test]
+    fn times_are_rfc3339_millis() {
+        assert_eq!(time(0), Value::Null);
+        assert_eq!(time(1_700_000_000_123), json!("2023-11-14T22:13:20.123Z"));
+    }
+
+    #[test]
+    fn limits_are_validated() {
+        let p = |q: &str| Params::parse(Some(q.to_string())).limit();
+        assert_eq!(p("").unwrap(), DEFAULT_LIMIT);
+        assert_eq!(p("limit=500").unwrap(), 500);
+        for bad in ["limit=0", "limit=501", "limit=x", "limit=-1"] {
+            match p(bad) {
+                Err(ApiError::BadRequest(m)) => assert!(m.contains("limit"), "{m}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+}

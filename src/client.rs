@@ -1,0 +1,297 @@
+//! `ferry jobs …` and `ferry agents …`: a thin client of the REST API (`/api/v1`). Prints tables
+//! for people, or the API's JSON with `--json`. A non-2xx answer becomes an error carrying the
+//! API's `{"error"}` message, so the command exits non-zero with it.
+
+use crate::cli::{AgentsArgs, AgentsCommand, JobsArgs, JobsCommand};
+use anyhow::{anyhow, bail, Context};
+use reqwest::Method;
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// An API client: base URL and bearer token.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(api: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let base = api.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!("api url {api:?} must start with http:// or https://");
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("cannot build the http client")?;
+        Ok(Client { http, base, token })
+    }
+
+    /// Calls `method path` and returns the JSON answer, or an error with the API's message.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}/api/v1{path}", self.base);
+        let mut request = self.http.request(method, &url).query(query);
+        if let Some(b) = &body {
+            request = request.json(b);
+        }
+        if let Some(t) = &self.token {
+            request = request.bearer_auth(t);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the ferry api at {}", self.base))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .with_context(|| format!("cannot read the answer of {url}"))?;
+        let json: Option<Value> = serde_json::from_str(&body).ok();
+        if !status.is_success() {
+            let message = json
+                .as_ref()
+                .and_then(|v| v["error"].as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| body.chars().take(200).collect());
+            bail!("{message} (http {})", status.as_u16());
+        }
+        json.ok_or_else(|| anyhow!("the api answered {url} with something that is not json"))
+    }
+}
+
+/// Runs `ferry jobs …`, printing to stdout.
+pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.api, args.token.clone())?;
+    let (answer, text) = match &args.command {
+        JobsCommand::List(list) => {
+            let mut query = Vec::new();
+            let params = [
+                ("project", list.project.clone()),
+                ("state", list.state.clone()),
+                ("limit", list.limit.map(|n| n.to_string())),
+                ("cursor", list.cursor.clone()),
+            ];
+            for (k, v) in params {
+                if let Some(v) = v {
+                    query.push((k, v));
+                }
+            }
+            let v = client.call(Method::GET, "/jobs", &query, None).await?;
+            let text = render_job_list(&v);
+            (v, text)
+        }
+        JobsCommand::Show { id } => {
+            let v = client
+                .call(Method::GET, &format!("/jobs/{}", segment(id)), &[], None)
+                .await?;
+            let text = render_job(&v);
+            (v, text)
+        }
+        JobsCommand::Cancel { id, reason } => {
+            let path = format!("/jobs/{}/cancel", segment(id));
+            let body = reason.as_ref().map(|r| serde_json::json!({ "reason": r }));
+            let v = client.call(Method::POST, &path, &[], body).await?;
+            let text = format!("job {} {}\n", s(&v["id"]), s(&v["state"]));
+            (v, text)
+        }
+        JobsCommand::Retry { id } => {
+            let path = format!("/jobs/{}/retry", segment(id));
+            let v = client.call(Method::POST, &path, &[], None).await?;
+            let text = format!("job {} retried as job {}\n", id, s(&v["id"]));
+            (v, text)
+        }
+    };
+    print(args.json, &answer, &text);
+    Ok(())
+}
+
+/// Runs `ferry agents …`, printing to stdout.
+pub async fn agents(args: &AgentsArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.api, args.token.clone())?;
+    match args.command {
+        AgentsCommand::List => {
+            let v = client.call(Method::GET, "/agents", &[], None).await?;
+            print(args.json, &v, &render_agents(&v));
+        }
+    }
+    Ok(())
+}
+
+fn print(json: bool, answer: &Value, text: &str) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(answer).unwrap_or_default()
+        );
+    } else {
+        print!("{text}");
+    }
+}
+
+/// A job id as one path segment: anything but an id's characters is refused by the API anyway,
+/// so escape the rest rather than let it change the path.
+fn segment(id: &str) -> String {
+    url::form_urlencoded::byte_serialize(id.as_bytes()).collect()
+}
+
+/// A JSON value as table text: strings bare, null as `-`.
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(x) => x.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn short_sha(v: &Value) -> String {
+    s(v).chars().take(8).collect()
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<String>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+    out
+}
+
+fn render_job_list(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|j| {
+            vec![
+                s(&j["id"]),
+                s(&j["project"]),
+                s(&j["tag"]),
+                short_sha(&j["sha"]),
+                s(&j["state"]),
+                s(&j["updated_at"]),
+            ]
+        })
+        .collect();
+    let mut out = table(&["ID", "PROJECT", "TAG", "SHA", "STATE", "UPDATED"], &rows);
+    if let Some(next) = v["next"].as_str() {
+        let _ = writeln!(out, "more: ferry jobs list --cursor {next}");
+    }
+    out
+}
+
+fn render_job(v: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "job {}  {} {} ({})  {}",
+        s(&v["id"]),
+        s(&v["project"]),
+        s(&v["tag"]),
+        short_sha(&v["sha"]),
+        s(&v["state"])
+    );
+    if !v["reason"].is_null() {
+        let _ = writeln!(out, "reason: {}", s(&v["reason"]));
+    }
+    let _ = writeln!(
+        out,
+        "created {}  updated {}  trigger {}",
+        s(&v["created_at"]),
+        s(&v["updated_at"]),
+        s(&v["trigger"])
+    );
+    let rows: Vec<Vec<String>> = v["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|st| {
+            let detail = [&st["error"], &st["reason"], &st["due_at"]]
+                .into_iter()
+                .find(|x| !x.is_null())
+                .map(s)
+                .unwrap_or_default();
+            vec![
+                s(&st["step"]),
+                s(&st["status"]),
+                s(&st["attempt"]),
+                s(&st["pool"]),
+                s(&st["agent"]),
+                detail,
+            ]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(
+        &["STEP", "STATUS", "ATTEMPT", "POOL", "AGENT", "DETAIL"],
+        &rows,
+    ));
+    for w in v["waiting"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "waiting: {}: {}", s(&w["step"]), s(&w["reason"]));
+    }
+    out
+}
+
+fn render_agents(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            let pools: Vec<String> = a["pools"].as_array().into_iter().flatten().map(s).collect();
+            let state = if a["live"].as_bool() == Some(true) {
+                "live".to_string()
+            } else {
+                match a["lost"].as_str() {
+                    Some(why) => format!("lost: {why}"),
+                    None => "not heartbeating".to_string(),
+                }
+            };
+            vec![
+                s(&a["name"]),
+                pools.join(","),
+                s(&a["capacity"]),
+                s(&a["version"]),
+                s(&a["heartbeat_deadline"]),
+                state,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "POOLS",
+            "CAPACITY",
+            "VERSION",
+            "HEARTBEAT UNTIL",
+            "STATE",
+        ],
+        &rows,
+    )
+}

@@ -1,0 +1,842 @@
+//! The REST API over real HTTP (gateway and API routers merged, as `ferry gateway` serves them)
+//! against a real Redis store, with in-process coordinators and agents where work must move;
+//! and the real `ferry jobs` / `ferry agents` commands against it.
+
+use crate::harness::{self, wait_for, wait_until, DEADLINE};
+use ferry::agent;
+use ferry::api::{self, ApiState};
+use ferry::coordinator::{self, decide::RetryPolicy};
+use ferry::gateway::{self, GatewayOptions, GatewayState, Secret};
+use ferry::store::{Append, Store, StreamId};
+use ferry_proto::*;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+const TOKEN: &str = "api-token-7c1e";
+
+/// The gateway and the API on `127.0.0.1:0`, until dropped.
+struct Api {
+    base: String,
+    store: Arc<dyn Store>,
+    http: reqwest::Client,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Api {
+    async fn start(tokens: &[&str]) -> Api {
+        let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+        Api::over(store, tokens).await
+    }
+
+    async fn over(store: Arc<dyn Store>, tokens: &[&str]) -> Api {
+        let gw = GatewayState::new(store.clone(), vec![], GatewayOptions::default()).unwrap();
+        let tokens: Vec<Secret> = tokens.iter().map(|t| Secret::new(*t)).collect();
+        let router = gateway::router(gw).merge(api::router(ApiState::new(store.clone(), &tokens)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Api {
+            base,
+            store,
+            http: reqwest::Client::new(),
+            _stop: stop,
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, token: Option<&str>) -> (StatusCode, Value) {
+        let req = match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let res = req.send().await.expect("request");
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("answer is not json ({e}): {status} {text:?}"));
+        (status, body)
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.http.get(format!("{}{path}", self.base)), Some(TOKEN))
+            .await
+    }
+
+    async fn post(&self, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        self.send(req, Some(TOKEN)).await
+    }
+
+    /// A job of `project` whose single build step (with a secret, by name) is queued in `pool`.
+    async fn queued_job(&self, project: &str, pool: &str) -> JobId {
+        let build = StepSpec::Build(BuildSpec {
+            clone_url: "file:///nowhere".into(),
+            commands: vec!["true".into()],
+            secrets: vec!["DEPLOY_KEY".into()],
+            ..Default::default()
+        });
+        self.queued_job_with(project, pool, build).await
+    }
+
+    async fn queued_job_with(&self, project: &str, pool: &str, spec: StepSpec) -> JobId {
+        let job = JobId::new();
+        let created = JobCreated {
+            job,
+            project_id: 42,
+            project: project.into(),
+            tag: "v1.2.3".into(),
+            git_ref: "refs/tags/v1.2.3".into(),
+            sha: "82b3d5ae55f7080f1e6022629cdb57bfae7cccc7".into(),
+            priority: 0,
+            trigger: "test".into(),
+            steps: vec![StepPlan {
+                step: StepId::new("build"),
+                pool: pool.into(),
+                priority: 0,
+                spec,
+            }],
+        };
+        let queued = StepQueued {
+            step: StepId::new("build"),
+            attempt: 1,
+            pool: pool.into(),
+            priority: 0,
+        };
+        self.store
+            .append(Append::new(StreamId::Job(job), vec![created.into(), queued.into()]).expect(0))
+            .await
+            .unwrap();
+        job
+    }
+
+    async fn end(&self, job: JobId, event: Event) {
+        self.store
+            .append(Append::new(StreamId::Job(job), vec![event]))
+            .await
+            .unwrap();
+    }
+}
+
+fn failed() -> Event {
+    JobFailed {
+        reason: "build failed".into(),
+        step: Some(StepId::new("build")),
+    }
+    .into()
+}
+
+fn error_of(body: &Value) -> &str {
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {body}"))
+}
+
+/// A coordinator and agents running in this process until stopped.
+struct Roles {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Roles {
+    fn start(store: &Arc<dyn Store>, coordinators: usize, agents: &[(&str, &str)]) -> Roles {
+        let (stop, rx) = watch::channel(false);
+        let mut roles = Roles {
+            stop,
+            tasks: Vec::new(),
+        };
+        for i in 0..coordinators {
+            let opts = coordinator::Options {
+                consumer: format!("c{i}"),
+                policy: RetryPolicy::default(),
+                sweep_interval: Duration::from_millis(100),
+                ..Default::default()
+            };
+            let (store, mut rx) = (store.clone(), rx.clone());
+            roles.tasks.push(tokio::spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                coordinator::run(store, opts, stop).await.unwrap();
+            }));
+        }
+        for (name, pool) in agents {
+            roles.tasks.push(spawn_agent(store, name, pool, rx.clone()));
+        }
+        roles
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+fn spawn_agent(
+    store: &Arc<dyn Store>,
+    name: &str,
+    pool: &str,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let opts = agent::Options {
+        name: AgentId::new(name),
+        pools: vec![pool.into()],
+        labels: vec!["test".into()],
+        concurrency: 2,
+        lease_ttl: Duration::from_millis(900),
+        shutdown_grace: Duration::from_secs(5),
+        runner: Arc::new(agent::Runner::local(std::env::temp_dir())),
+    };
+    let store = store.clone();
+    tokio::spawn(async move {
+        let until = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        agent::run(store, opts, until).await.unwrap();
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_needs_a_configured_bearer_token() {
+    let api = Api::start(&["other-token", TOKEN]).await;
+    let url = format!("{}/api/v1/jobs", api.base);
+    let (status, body) = api.send(api.http.get(&url), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_of(&body), "missing bearer token");
+    let (status, body) = api.send(api.http.get(&url), Some("api-token-7c1")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_of(&body), "invalid bearer token");
+    let (status, body) = api
+        .send(api.http.get(&url).basic_auth("u", Some(TOKEN)), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        error_of(&body).starts_with("malformed authorization header"),
+        "{body}"
+    );
+    // POST routes too, and nothing is written by a refused request
+    let job = api.queued_job("g/app", "p").await;
+    let (status, _) = api
+        .send(
+            api.http
+                .post(format!("{}/api/v1/jobs/{job}/cancel", api.base)),
+            Some("nope"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        api.store
+            .read_stream(&StreamId::Job(job), 0)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    for token in ["other-token", TOKEN] {
+        let (status, body) = api.send(api.http.get(&url), Some(token)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // the gateway's own routes stay open; unknown paths are JSON 404s
+    let (status, _) = api
+        .send(api.http.get(format!("{}/healthz", api.base)), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = api.get("/api/v1/nothing-here").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_string());
+
+    // no token configured: everything is refused, saying why
+    let closed = Api::over(api.store.clone(), &[]).await;
+    let (status, body) = closed
+        .send(
+            closed.http.get(format!("{}/api/v1/jobs", closed.base)),
+            Some(""),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        error_of(&body).contains("no API token is configured"),
+        "{body}"
+    );
+    let (status, _) = closed.get("/api/v1/agents").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_list_filters_and_a_cursor_walks_every_job_once() {
+    let api = Api::start(&[TOKEN]).await;
+    let mut alpha = Vec::new();
+    let mut beta = Vec::new();
+    for i in 0..7 {
+        alpha.push(api.queued_job("group/alpha", "p").await);
+        if i < 5 {
+            beta.push(api.queued_job("group/beta", "p").await);
+        }
+    }
+    let cancelled: Event = JobCancelled {
+        reason: "r".into(),
+        by: "test".into(),
+    }
+    .into();
+    api.end(alpha[1], cancelled.clone()).await;
+    api.end(alpha[4], failed()).await;
+    api.end(beta[2], cancelled).await;
+    let creation_order = api.store.jobs(None, 100).await.unwrap();
+    assert_eq!(creation_order.len(), 12);
+
+    // walk everything, 5 at a time
+    let walk = |query: String| {
+        let api = &api;
+        async move {
+            let mut seen: Vec<Value> = Vec::new();
+            let mut cursor: Option<String> = None;
+            for _ in 0..20 {
+                let c = cursor
+                    .as_ref()
+                    .map(|c| format!("&cursor={c}"))
+                    .unwrap_or_default();
+                let (status, body) = api.get(&format!("/api/v1/jobs?{query}{c}")).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                seen.extend(body["items"].as_array().unwrap().iter().cloned());
+                match body["next"].as_str() {
+                    Some(n) => cursor = Some(n.to_string()),
+                    None => {
+                        assert!(body["next"].is_null(), "{body}");
+                        return seen;
+                    }
+                }
+            }
+            panic!("the cursor never ended");
+        }
+    };
+    let all = walk("limit=5".into()).await;
+    let ids: Vec<JobId> = all
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ids, creation_order, "every job once, in creation order");
+    let first = &all[0];
+    for field in [
+        "id",
+        "project",
+        "tag",
+        "sha",
+        "state",
+        "created_at",
+        "updated_at",
+    ] {
+        assert!(!first[field].is_null(), "{field} missing in {first}");
+    }
+    assert_eq!(first["tag"], "v1.2.3");
+    assert!(
+        humantime::parse_rfc3339(first["created_at"].as_str().unwrap()).is_ok(),
+        "{first}"
+    );
+    // a page of exactly the rest ends the walk
+    let (_, body) = api.get("/api/v1/jobs?limit=12").await;
+    assert_eq!(body["items"].as_array().unwrap().len(), 12);
+    assert!(body["next"].is_null());
+
+    let ids_of = |items: &[Value]| -> BTreeSet<JobId> {
+        items
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    let beta_walk = walk("project=group/beta&limit=2".into()).await;
+    assert_eq!(ids_of(&beta_walk), beta.iter().copied().collect());
+    assert_eq!(beta_walk.len(), 5);
+    let cancelled_walk = walk("state=cancelled&limit=1".into()).await;
+    assert_eq!(
+        ids_of(&cancelled_walk),
+        [alpha[1], beta[2]].into_iter().collect()
+    );
+    let (_, body) = api
+        .get("/api/v1/jobs?state=failed&project=group/alpha")
+        .await;
+    assert_eq!(ids_of(body["items"].as_array().unwrap()), [alpha[4]].into());
+    assert_eq!(body["items"][0]["state"], "failed");
+    let (_, body) = api
+        .get("/api/v1/jobs?state=queued&project=group/alpha")
+        .await;
+    assert_eq!(body["items"].as_array().unwrap().len(), 5);
+
+    // bad parameters are named
+    for (query, name) in [
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("limit=ten", "limit"),
+        ("state=sleeping", "state"),
+        ("cursor=not-a-job", "cursor"),
+        (&format!("cursor={}", JobId::new()) as &str, "cursor"),
+    ] {
+        let (status, body) = api.get(&format!("/api/v1/jobs?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert!(error_of(&body).contains(name), "{query}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_says_why_a_step_waits_until_an_agent_serves_its_pool() {
+    let api = Api::start(&[TOKEN]).await;
+    let job = api.queued_job("g/app", "lonely").await;
+    let (status, body) = api.get(&format!("/api/v1/jobs/{job}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "queued");
+    assert_eq!(body["plan"]["steps"][0]["kind"], "build");
+    let step = &body["steps"][0];
+    assert_eq!(
+        (
+            &step["step"],
+            &step["status"],
+            &step["attempt"],
+            &step["pool"]
+        ),
+        (
+            &json!("build"),
+            &json!("queued"),
+            &json!(1),
+            &json!("lonely")
+        )
+    );
+    assert_eq!(
+        body["waiting"],
+        json!([{ "step": "build", "pool": "lonely", "reason": "no live agent serves pool lonely" }])
+    );
+
+    // an agent of another pool changes nothing; one of this pool that is not live neither
+    let join = |name: &str, pool: &str| -> Event {
+        AgentJoined {
+            agent: AgentId::new(name),
+            pools: vec![pool.into()],
+            labels: vec![],
+            version: "test".into(),
+            capacity: 1,
+        }
+        .into()
+    };
+    api.store
+        .append(Append::new(
+            StreamId::Agents,
+            vec![join("busy", "elsewhere"), join("sleepy", "lonely")],
+        ))
+        .await
+        .unwrap();
+    api.store
+        .heartbeat(&AgentId::new("busy"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (_, body) = api.get(&format!("/api/v1/jobs/{job}")).await;
+    assert_eq!(
+        body["waiting"][0]["reason"],
+        "no live agent serves pool lonely"
+    );
+    // once an agent of the pool heartbeats, the step just waits its turn
+    api.store
+        .heartbeat(&AgentId::new("sleepy"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (_, body) = api.get(&format!("/api/v1/jobs/{job}")).await;
+    assert_eq!(body["waiting"][0]["reason"], "queued in pool lonely");
+
+    // a retry that waits for its due time says when
+    let retry: Event = StepRetryScheduled {
+        step: StepId::new("build"),
+        attempt: 2,
+        pool: "lonely".into(),
+        priority: 0,
+        due_ms: 4_102_444_800_000, // 2100-01-01
+        reason: "clone failed".into(),
+    }
+    .into();
+    api.end(job, retry).await;
+    let (_, body) = api.get(&format!("/api/v1/jobs/{job}")).await;
+    assert_eq!(body["steps"][0]["status"], "delayed");
+    assert_eq!(
+        body["waiting"][0]["reason"],
+        "retry due at 2100-01-01T00:00:00.000Z"
+    );
+
+    let (status, body) = api.get(&format!("/api/v1/jobs/{}", JobId::new())).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_of(&body).contains("not found"), "{body}");
+    let (status, body) = api.get("/api/v1/jobs/12345").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&body).contains("job id"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_the_decoded_history() {
+    let api = Api::start(&[TOKEN]).await;
+    let job = api.queued_job("g/app", "p").await;
+    let (status, body) = api.get(&format!("/api/v1/jobs/{job}/events")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let items = body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert!(body["next"].is_null());
+    let created = &items[0];
+    assert_eq!(
+        (&created["kind"], &created["name"], &created["version"]),
+        (&json!(2), &json!("job_created"), &json!(1))
+    );
+    assert!(created["pos"].as_str().is_some_and(|p| !p.is_empty()));
+    assert!(created["at"].is_string());
+    assert!(created["token"].is_null());
+    assert_eq!(created["payload"]["job"], json!(job.to_string()));
+    assert_eq!(created["payload"]["project"], "g/app");
+    assert_eq!(
+        created["payload"]["steps"][0]["spec"]["Build"]["secrets"],
+        json!(["DEPLOY_KEY"]),
+        "secrets appear by name only"
+    );
+    assert_eq!(items[1]["name"], "step_queued");
+    assert_eq!(items[1]["payload"]["pool"], "p");
+    assert_eq!(items[1]["payload"]["attempt"], 1);
+
+    let (_, page) = api.get(&format!("/api/v1/jobs/{job}/events?limit=1")).await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!(page["next"], "1");
+    let (_, rest) = api
+        .get(&format!("/api/v1/jobs/{job}/events?limit=1&cursor=1"))
+        .await;
+    assert_eq!(rest["items"][0], items[1]);
+    assert!(rest["next"].is_null());
+
+    let (status, _) = api
+        .get(&format!("/api/v1/jobs/{}/events", JobId::new()))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_removes_queued_work_and_only_once() {
+    let api = Api::start(&[TOKEN]).await;
+    let job = api.queued_job("g/app", "p").await;
+    let other = api.queued_job("g/app", "p").await;
+    let queued_jobs = || async {
+        let q = api.store.queued().await.unwrap();
+        q.into_iter().map(|q| q.job).collect::<BTreeSet<_>>()
+    };
+    assert_eq!(queued_jobs().await, [job, other].into());
+
+    let (status, body) = api
+        .post(
+            &format!("/api/v1/jobs/{job}/cancel"),
+            Some(json!({ "reason": "wrong tag" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "cancelled");
+    assert_eq!(queued_jobs().await, [other].into(), "queued work is gone");
+    let (_, shown) = api.get(&format!("/api/v1/jobs/{job}")).await;
+    assert_eq!(shown["state"], "cancelled");
+    assert_eq!(shown["reason"], "wrong tag");
+    assert_eq!(shown["waiting"], json!([]));
+    let history = api.store.read_stream(&StreamId::Job(job), 0).await.unwrap();
+    match history.last().unwrap().decode().unwrap() {
+        Event::JobCancelled(c) => {
+            assert_eq!((c.by.as_str(), c.reason.as_str()), ("api", "wrong tag"))
+        }
+        other => panic!("expected JobCancelled, got {other:?}"),
+    }
+
+    let (status, body) = api.post(&format!("/api/v1/jobs/{job}/cancel"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(error_of(&body).contains("already ended"), "{body}");
+    assert_eq!(
+        api.store
+            .read_stream(&StreamId::Job(job), 0)
+            .await
+            .unwrap()
+            .len(),
+        history.len(),
+        "a refused cancel writes nothing"
+    );
+    let (status, _) = api
+        .post(&format!("/api/v1/jobs/{}/cancel", JobId::new()), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = api
+        .post(
+            &format!("/api/v1/jobs/{other}/cancel"),
+            Some(json!({ "why": 1 })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // a running step's lease is revoked: its holder's next renewal is refused
+    let running = api.queued_job("g/app", "hold").await;
+    let claim = api
+        .store
+        .claim(
+            &["hold".to_string()],
+            &AgentId::new("holder"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+        .expect("the step is claimable");
+    assert_eq!(claim.job, running);
+    let (_, shown) = api.get(&format!("/api/v1/jobs/{running}")).await;
+    assert_eq!(shown["state"], "running");
+    assert_eq!(shown["steps"][0]["agent"], "holder");
+    let (status, body) = api
+        .post(&format!("/api/v1/jobs/{running}/cancel"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["reason"], "cancelled through the api");
+    assert!(matches!(
+        api.store
+            .renew(running, &claim.step, claim.token, Duration::from_secs(60))
+            .await,
+        Err(ferry::store::Error::Stale { .. })
+    ));
+    assert!(api.store.leases().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_of_a_failed_job_runs_a_new_job_with_the_same_plan() {
+    let api = Api::start(&[TOKEN]).await;
+    let pool = "retry-pool";
+    let old = api.queued_job_with("g/app", pool, StepSpec::Noop).await;
+
+    let (status, body) = api.post(&format!("/api/v1/jobs/{old}/retry"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(error_of(&body).contains("has not ended"), "{body}");
+
+    api.end(old, failed()).await;
+    let (status, body) = api.post(&format!("/api/v1/jobs/{old}/retry"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let new: JobId = body["id"].as_str().unwrap().parse().unwrap();
+    assert_ne!(new, old);
+    assert_eq!(body["retry_of"], json!(old.to_string()));
+
+    let (_, shown) = api.get(&format!("/api/v1/jobs/{new}")).await;
+    assert_eq!(shown["state"], "queued");
+    assert_eq!(shown["trigger"], format!("retry:{old}"));
+    assert_eq!(shown["steps"][0]["status"], "queued");
+    let (_, old_shown) = api.get(&format!("/api/v1/jobs/{old}")).await;
+    assert_eq!(old_shown["state"], "failed", "the old job stays as it was");
+    let plan = |job: JobId| {
+        let store = api.store.clone();
+        async move {
+            match store.read_stream(&StreamId::Job(job), 0).await.unwrap()[0]
+                .decode()
+                .unwrap()
+            {
+                Event::JobCreated(c) => c,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let (a, b) = (plan(old).await, plan(new).await);
+    assert_eq!((a.steps, a.sha, a.tag), (b.steps, b.sha, b.tag));
+
+    // the new job runs to the end through a coordinator and an agent
+    let roles = Roles::start(&api.store, 1, &[("runner", pool)]);
+    wait_until(DEADLINE, || async {
+        let (_, shown) = api.get(&format!("/api/v1/jobs/{new}")).await;
+        shown["state"] == "succeeded"
+    })
+    .await;
+    roles.stop().await;
+    let (_, shown) = api.get(&format!("/api/v1/jobs/{new}")).await;
+    assert_eq!(shown["steps"][0]["status"], "succeeded");
+    assert_eq!(shown["steps"][0]["attempt"], 1);
+    let (_, old_shown) = api.get(&format!("/api/v1/jobs/{old}")).await;
+    assert_eq!(old_shown["state"], "failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_show_live_and_an_agent_that_stops_heartbeating_is_lost() {
+    let api = Api::start(&[TOKEN]).await;
+    let roles = Roles::start(&api.store, 1, &[]);
+    let (stop_agent, agent_rx) = watch::channel(false);
+    let agent = spawn_agent(&api.store, "worker-1", "linux", agent_rx);
+
+    let live = wait_for(DEADLINE, "the agent to be live", || async {
+        let (_, body) = api.get("/api/v1/agents").await;
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "worker-1" && a["live"] == true)
+            .cloned()
+    })
+    .await;
+    assert_eq!(live["pools"], json!(["linux"]));
+    assert_eq!(live["labels"], json!(["test"]));
+    assert_eq!(live["capacity"], 2);
+    assert_eq!(live["version"], env!("CARGO_PKG_VERSION"));
+    assert!(live["heartbeat_deadline"].is_string());
+    assert!(live["lost"].is_null());
+
+    // a live agent of another pool does not serve this one
+    let job = api.queued_job("g/app", "nobody").await;
+    let (_, body) = api.get(&format!("/api/v1/jobs/{job}")).await;
+    assert_eq!(
+        body["waiting"][0]["reason"],
+        "no live agent serves pool nobody"
+    );
+
+    let _ = stop_agent.send(true);
+    agent.await.unwrap();
+    let lost = wait_for(DEADLINE, "the agent to be reported lost", || async {
+        let (_, body) = api.get("/api/v1/agents").await;
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == "worker-1" && a["live"] == false && a["lost"].is_string())
+            .cloned()
+    })
+    .await;
+    assert_eq!(lost["lost"], "heartbeat expired");
+    assert!(lost["heartbeat_deadline"].is_null());
+    let recorded: Vec<AgentLost> = api
+        .store
+        .read_stream(&StreamId::Agents, 0)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|s| match s.decode().unwrap() {
+            Event::AgentLost(l) => Some(l),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0].agent.as_str(), "worker-1");
+    roles.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the real binary
+
+async fn ferry(args: &[&str]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("FERRY_LOG", "warn")
+        .args(args);
+    tokio::task::spawn_blocking(move || cmd.output().expect("run ferry"))
+        .await
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_lists_and_shows_jobs_through_the_api() {
+    let api = Api::start(&[TOKEN]).await;
+    let waiting = api.queued_job("group/cli", "lonely").await;
+    let failed_job = api.queued_job("group/cli", "lonely").await;
+    api.end(failed_job, failed()).await;
+    let base = api.base.clone();
+    let flags = ["--api", base.as_str(), "--token", TOKEN];
+
+    let out = ferry(&[&["jobs", "list"][..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("ID"), "{text}");
+    for want in [
+        waiting.to_string(),
+        failed_job.to_string(),
+        "group/cli".into(),
+        "v1.2.3".into(),
+        "queued".into(),
+        "failed".into(),
+    ] {
+        assert!(text.contains(&want), "{want} missing from:\n{text}");
+    }
+    let out = ferry(&[&["jobs", "list", "--state", "failed", "--json"][..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["items"].as_array().unwrap().len(), 1);
+    assert_eq!(json["items"][0]["id"], json!(failed_job.to_string()));
+
+    let id = waiting.to_string();
+    let out = ferry(&[&["jobs", "show", id.as_str()][..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(&id), "{text}");
+    assert!(text.contains("build"), "{text}");
+    assert!(
+        text.contains("waiting: build: no live agent serves pool lonely"),
+        "{text}"
+    );
+
+    let out = ferry(&[&["agents", "list"][..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("NAME"), "{}", stdout(&out));
+
+    // API errors come out as the API's message, with a non-zero exit
+    let unknown = JobId::new().to_string();
+    let out = ferry(&[&["jobs", "show", unknown.as_str()][..], &flags].concat()).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("job {unknown} not found")),
+        "{}",
+        stderr(&out)
+    );
+    let out = ferry(&["jobs", "list", "--api", base.as_str(), "--token", "wrong"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid bearer token"),
+        "{}",
+        stderr(&out)
+    );
+    let out = ferry(
+        &[
+            &["jobs", "cancel", failed_job.to_string().as_str()][..],
+            &flags,
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already ended"), "{}", stderr(&out));
+    let out = ferry(
+        &[
+            &["jobs", "retry", failed_job.to_string().as_str()][..],
+            &flags,
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("retried as job"), "{}", stdout(&out));
+    let out = ferry(&[&["jobs", "cancel", id.as_str()][..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("cancelled"), "{}", stdout(&out));
+    assert!(api
+        .store
+        .queued()
+        .await
+        .unwrap()
+        .iter()
+        .all(|q| q.job != waiting));
+}
