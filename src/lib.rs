@@ -7,5 +7,6 @@ pub mod config;
 pub mod coordinator;
 pub mod domain;
 pub mod gateway;
+pub mod gitlab;
 pub mod replay;
 pub mod store;

@@ -4,5 +4,7 @@ mod cli;
 mod conformance;
 mod flow;
 mod gateway;
+mod gitlab;
+mod gitlab_mock;
 mod harness;
 mod redis;
