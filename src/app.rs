@@ -7,6 +7,7 @@ use crate::api;
 use crate::config::{Config, Host};
 use crate::coordinator::{self, decide::RetryPolicy, plan::ProjectPlan};
 use crate::gateway::{self, GatewayOptions, GatewayState, ProjectHooks, SigningKey};
+use crate::gitlab;
 use crate::replay;
 use crate::store::{redis::RedisStore, Store};
 use anyhow::{bail, Context};
@@ -132,10 +133,26 @@ pub async fn run_up(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<()
         agent_options(config),
         until(stop.clone()),
     ));
+    let reporter = gitlab_reporter_options(config)
+        .map(|o| tokio::spawn(gitlab::run(store.clone(), o, until(stop.clone()))));
     let gateway = run_gateway(config, store, stop.clone()).await;
     coordinator.await??;
     agent.await??;
+    if let Some(reporter) = reporter {
+        reporter.await??;
+    }
     gateway
+}
+
+/// The commit-status reporter's options, when `[gitlab]` is configured.
+pub fn gitlab_reporter_options(config: &Config) -> Option<gitlab::ReporterOptions> {
+    let g = config.gitlab.as_ref()?;
+    Some(gitlab::ReporterOptions::new(
+        format!("{}-gitlab", config.agent.name),
+        g.url.clone(),
+        g.token.clone(),
+        config.gateway.public_url.clone(),
+    ))
 }
 
 /// The coordinator's options from the configuration.

@@ -10,5 +10,6 @@ pub mod coordinator;
 pub mod deploy;
 pub mod domain;
 pub mod gateway;
+pub mod gitlab;
 pub mod replay;
 pub mod store;

@@ -43,8 +43,18 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
         Command::Coordinator => {
             let store = app::open_store(&config).await?;
             let stop = app::shutdown_signal();
+            let reporter = app::gitlab_reporter_options(&config).map(|o| {
+                tokio::spawn(ferry::gitlab::run(
+                    store.clone(),
+                    o,
+                    app::until(stop.clone()),
+                ))
+            });
             ferry::coordinator::run(store, app::coordinator_options(&config), app::until(stop))
                 .await?;
+            if let Some(reporter) = reporter {
+                reporter.await??;
+            }
         }
         Command::Agent(_) => {
             let store = app::open_store(&config).await?;

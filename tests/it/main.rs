@@ -7,6 +7,8 @@ mod conformance;
 mod deploy;
 mod flow;
 mod gateway;
+mod gitlab;
+mod gitlab_mock;
 mod harness;
 mod ordering;
 mod redis;

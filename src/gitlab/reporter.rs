@@ -1,0 +1,595 @@
+//! The commit-status reporter: a feed consumer (group [`GROUP`]) that tells GitLab how each
+//! step of each job is doing, and records every report as a `CommitStatusReported` event.
+//!
+//! It is deliberately apart from the coordinators: it reads the feed in its own consumer group,
+//! decides nothing about jobs, and its appends (`Expected::Any`) never compete with decisions for
+//! long. A GitLab that is down costs each entry a bounded retry budget, after which the failure is
+//! recorded and the entry acknowledged: pipelines never wait for GitLab.
+//!
+//! Delivery is at least once, and several reporters may run. Effects stay idempotent because a
+//! status is not posted when the job's stream already holds, after the event being handled, a
+//! report for that status name at the same or a later stage (`pending` < `running` < final): a
+//! redelivered entry finds its own reports, and a slow reporter cannot move a finished status back
+//! to `running`. Within one reporter, the entries of one job are handled in log order; different
+//! jobs are handled concurrently.
+
+use super::client::{self, Client, Retry, StatusOutcome, StatusRequest, StatusState};
+use crate::config::Secret;
+use crate::domain::{JobState, StepStatus};
+use crate::store::{Append, Error, LogPos, Store, Stored, StreamId};
+use ferry_proto::{CommitStatusReported, Event, JobCreated, JobId, StepId};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+use url::Url;
+
+/// The consumer group of every reporter.
+pub const GROUP: &str = "gitlab-status";
+
+/// How a reporter runs.
+#[derive(Clone, Debug)]
+pub struct ReporterOptions {
+    /// This reporter's consumer name: unique per process, stable across a restart so that the
+    /// restarted process reports its own pending entries first.
+    pub consumer: String,
+    /// The GitLab instance, e.g. `https://gitlab.example.com`.
+    pub gitlab_url: Url,
+    /// The API token (`PRIVATE-TOKEN`); it goes nowhere but that header.
+    pub token: Secret,
+    /// Base of the links in `target_url`: a job links to `<public_url>/api/v1/jobs/<id>`.
+    pub public_url: Url,
+    /// Retries of one status post; their budget bounds how long one entry can take.
+    pub retry: Retry,
+    /// Timeout of one HTTP request to GitLab.
+    pub request_timeout: Duration,
+    /// Jobs whose entries are handled at once.
+    pub concurrency: usize,
+    /// Feed entries read per round trip.
+    pub batch: usize,
+    /// A feed entry pending this long with another reporter is taken over.
+    pub takeover_after: Duration,
+}
+
+impl ReporterOptions {
+    /// Options with the default retry, concurrency and batch settings.
+    pub fn new(consumer: String, gitlab_url: Url, token: Secret, public_url: Url) -> Self {
+        ReporterOptions {
+            consumer,
+            gitlab_url,
+            token,
+            public_url,
+            retry: Retry::default(),
+            request_timeout: Duration::from_secs(10),
+            concurrency: 16,
+            batch: 128,
+            // Longer than the retry budget: a live reporter still working on an entry keeps it.
+            takeover_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Runs a reporter until `shutdown` resolves. Fails only when the GitLab client cannot be built
+/// from the options; store trouble is retried.
+pub async fn run(
+    store: Arc<dyn Store>,
+    opts: ReporterOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), client::Error> {
+    let client = Client::with_options(
+        &opts.gitlab_url,
+        opts.token.clone(),
+        opts.retry.clone(),
+        opts.request_timeout,
+    )?;
+    let reporter = Reporter {
+        store,
+        client,
+        public_url: opts.public_url.as_str().trim_end_matches('/').to_string(),
+        limit: Arc::new(Semaphore::new(opts.concurrency.max(1))),
+        opts: Arc::new(opts),
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = reporter.store.ensure_group(GROUP) => match r {
+                Ok(()) => break,
+                Err(e) => store_backoff("create the gitlab-status consumer group", &e).await,
+            },
+        }
+    }
+    info!(consumer = %reporter.opts.consumer, gitlab = %reporter.opts.gitlab_url, "commit status reporter started");
+    tokio::select! {
+        _ = &mut shutdown => {}
+        _ = reporter.consume() => {}
+    }
+    info!(consumer = %reporter.opts.consumer, "commit status reporter stopped");
+    Ok(())
+}
+
+/// One status post that a job event calls for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// The status name, [`status_name`] of the step.
+    pub name: String,
+    pub state: StatusState,
+    pub description: String,
+}
+
+/// The status name of a step: `ferry/build`, `ferry/deploy: <env>` for `deploy:<env>`, and
+/// `ferry/<step>` for anything else.
+pub fn status_name(step: &StepId) -> String {
+    let id = step.to_string();
+    match id.strip_prefix("deploy:") {
+        Some(env) => format!("ferry/deploy: {env}"),
+        None => format!("ferry/{id}"),
+    }
+}
+
+/// The statuses to post for `event`, given the job's state just before it. Pure.
+///
+/// `pending` for every planned step on `JobCreated`; `running` on `StepStarted`; `success` on
+/// `StepSucceeded`; `failed` on a `StepFailed` that will not be retried (a retryable failure
+/// leaves the status `running` until the retry's outcome, or `JobFailed`); on `JobCancelled` and
+/// `JobSuperseded`, `canceled` for every step that did not finish, and on `JobFailed`, `failed`.
+pub fn transitions(before: &JobState, event: &Event) -> Vec<Transition> {
+    let one = |step: &StepId, state: StatusState, description: String| {
+        vec![Transition {
+            name: status_name(step),
+            state,
+            description,
+        }]
+    };
+    let planned = |step: &StepId| before.step(step).is_some();
+    match event {
+        Event::JobCreated(plan) if before.plan.is_none() => plan
+            .steps
+            .iter()
+            .map(|s| Transition {
+                name: status_name(&s.step),
+                state: StatusState::Pending,
+                description: "queued".into(),
+            })
+            .collect(),
+        Event::StepStarted(e) if planned(&e.step) => one(
+            &e.step,
+            StatusState::Running,
+            format!("running, attempt {}", e.attempt),
+        ),
+        Event::StepSucceeded(e) if planned(&e.step) => {
+            one(&e.step, StatusState::Success, "succeeded".into())
+        }
+        Event::StepFailed(e) if planned(&e.step) && !e.retryable => {
+            one(&e.step, StatusState::Failed, format!("failed: {}", e.error))
+        }
+        Event::JobFailed(e) => unfinished(before, StatusState::Failed, &e.reason),
+        Event::JobCancelled(e) => unfinished(
+            before,
+            StatusState::Canceled,
+            &format!("cancelled by {}: {}", e.by, e.reason),
+        ),
+        Event::JobSuperseded(e) => unfinished(
+            before,
+            StatusState::Canceled,
+            &format!("superseded by job {} on {}", e.by_job, e.environment),
+        ),
+        _ => Vec::new(),
+    }
+}
+
+/// `state` for each step of a job that is ending and whose step has no final status yet.
+fn unfinished(before: &JobState, state: StatusState, why: &str) -> Vec<Transition> {
+    if before.phase.is_terminal() {
+        return Vec::new();
+    }
+    before
+        .steps
+        .iter()
+        .filter(|s| {
+            !matches!(
+                s.status,
+                StepStatus::Succeeded { .. }
+                    | StepStatus::Failed {
+                        retryable: false,
+                        ..
+                    }
+            )
+        })
+        .map(|s| Transition {
+            name: status_name(&s.step),
+            state,
+            description: why.to_string(),
+        })
+        .collect()
+}
+
+/// `pending` < `running` < every final state.
+fn stage(state: &str) -> u8 {
+    match state {
+        "pending" => 0,
+        "running" => 1,
+        _ => 2,
+    }
+}
+
+struct Reporter {
+    store: Arc<dyn Store>,
+    client: Client,
+    /// `public_url` without its trailing slash.
+    public_url: String,
+    limit: Arc<Semaphore>,
+    opts: Arc<ReporterOptions>,
+}
+
+impl Reporter {
+    async fn consume(&self) {
+        let me = self.opts.consumer.as_str();
+        loop {
+            match self.store.read_pending(GROUP, me, self.opts.batch).await {
+                Ok(batch) if batch.is_empty() => break,
+                Ok(batch) => self.handle_batch(batch).await,
+                Err(e) => store_backoff("read pending feed entries", &e).await,
+            }
+        }
+        let mut last_takeover = tokio::time::Instant::now();
+        loop {
+            if last_takeover.elapsed() >= self.opts.takeover_after / 2 {
+                last_takeover = tokio::time::Instant::now();
+                match self
+                    .store
+                    .claim_idle(GROUP, me, self.opts.takeover_after, self.opts.batch)
+                    .await
+                {
+                    Ok(batch) if !batch.is_empty() => {
+                        info!(
+                            entries = batch.len(),
+                            "took over feed entries of an idle reporter"
+                        );
+                        self.handle_batch(batch).await
+                    }
+                    Ok(_) => {}
+                    Err(e) => store_backoff("take over idle feed entries", &e).await,
+                }
+            }
+            match self
+                .store
+                .read_new(GROUP, me, self.opts.batch, Duration::from_millis(500))
+                .await
+            {
+                Ok(batch) => self.handle_batch(batch).await,
+                Err(e) => store_backoff("read the feed", &e).await,
+            }
+        }
+    }
+
+    /// Handles a batch: entries of one job in order, jobs concurrently (at most `concurrency`
+    /// at once). Acknowledges every entry handled; an entry whose handling hit a store error
+    /// stays pending and comes back.
+    async fn handle_batch(&self, batch: Vec<Stored>) {
+        let mut done: Vec<LogPos> = Vec::with_capacity(batch.len());
+        let mut per_job: Vec<(JobId, Vec<Stored>)> = Vec::new();
+        let mut index: HashMap<JobId, usize> = HashMap::new();
+        for stored in batch {
+            match StreamId::parse(&stored.envelope.stream).and_then(|s| s.job()) {
+                Some(job) if reportable(stored.envelope.kind) => {
+                    let i = *index.entry(job).or_insert_with(|| {
+                        per_job.push((job, Vec::new()));
+                        per_job.len() - 1
+                    });
+                    per_job[i].1.push(stored);
+                }
+                _ => done.push(stored.pos),
+            }
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (job, entries) in per_job {
+            let worker = JobReporter {
+                store: self.store.clone(),
+                client: self.client.clone(),
+                target_url: target_url(&self.public_url, job),
+                job,
+            };
+            let limit = self.limit.clone();
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let mut done = Vec::with_capacity(entries.len());
+                for stored in entries {
+                    match worker.handle(&stored).await {
+                        Ok(()) => done.push(stored.pos),
+                        Err(e) => {
+                            // Later entries of this job wait for this one, to keep their order.
+                            warn!(job = %worker.job, pos = %stored.pos, error = %e, "commit status not reported; the entry will be retried");
+                            break;
+                        }
+                    }
+                }
+                done
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            match result {
+                Ok(positions) => done.extend(positions),
+                Err(e) => warn!(error = %e, "a commit status task ended abnormally"),
+            }
+        }
+        if !done.is_empty() {
+            if let Err(e) = self.store.ack(GROUP, &done).await {
+                warn!(error = %e, "could not acknowledge feed entries; they will be reported again");
+            }
+        }
+    }
+}
+
+/// Kinds that may call for a status: `JobCreated`, `StepStarted`, `StepSucceeded`, `StepFailed`,
+/// `JobFailed`, `JobCancelled`, `JobSuperseded`.
+fn reportable(kind: u16) -> bool {
+    matches!(kind, 2 | 5 | 7 | 8 | 12 | 13 | 14)
+}
+
+/// `<public_url>/api/v1/jobs/<id>`, when that is a link GitLab accepts.
+fn target_url(public_url: &str, job: JobId) -> Option<String> {
+    let url = format!("{public_url}/api/v1/jobs/{job}");
+    match client::check_target_url(&url) {
+        Ok(()) => Some(url),
+        Err(why) => {
+            debug!(%job, %why, "commit statuses go without a link");
+            None
+        }
+    }
+}
+
+/// Reports the entries of one job.
+struct JobReporter {
+    store: Arc<dyn Store>,
+    client: Client,
+    target_url: Option<String>,
+    job: JobId,
+}
+
+impl JobReporter {
+    async fn handle(&self, stored: &Stored) -> Result<(), Error> {
+        let event = match stored.decode() {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(pos = %stored.pos, error = %e, "skipping an event this version cannot read");
+                return Ok(());
+            }
+        };
+        let stream_id = StreamId::Job(self.job);
+        let stream = self.store.read_stream(&stream_id, 0).await?;
+        let Some(at) = stream.iter().position(|s| s.pos == stored.pos) else {
+            warn!(job = %self.job, pos = %stored.pos, "feed entry missing from its job stream; not reported");
+            return Ok(());
+        };
+        let mut before = JobState::new(self.job);
+        for s in &stream[..at] {
+            before.evolve(&s.decode()?, s.envelope.at_ms);
+        }
+        let plan: Option<&JobCreated> = match &event {
+            Event::JobCreated(p) => Some(p),
+            _ => before.plan.as_ref(),
+        };
+        let Some(plan) = plan.cloned() else {
+            return Ok(());
+        };
+        // Reports made after this event: what GitLab was already told since.
+        let mut reported: HashMap<String, u8> = HashMap::new();
+        for s in &stream[at + 1..] {
+            if let Ok(Event::CommitStatusReported(r)) = s.decode() {
+                let st = reported.entry(r.name.clone()).or_insert(0);
+                *st = (*st).max(stage(&r.state));
+            }
+        }
+        for t in transitions(&before, &event) {
+            if reported
+                .get(&t.name)
+                .is_some_and(|st| *st >= stage(t.state.as_str()))
+            {
+                debug!(job = %self.job, name = %t.name, state = t.state.as_str(), "already reported");
+                continue;
+            }
+            self.report(&plan, t).await?;
+        }
+        Ok(())
+    }
+
+    /// Posts one status and records the outcome in the job's stream.
+    async fn report(&self, plan: &JobCreated, t: Transition) -> Result<(), Error> {
+        let request = StatusRequest {
+            state: t.state,
+            ref_: plan.tag.clone(),
+            name: t.name.clone(),
+            target_url: self.target_url.clone(),
+            description: Some(t.description),
+        };
+        let (http_status, error) = match self
+            .client
+            .post_status(plan.project_id, &plan.sha, &request)
+            .await
+        {
+            Ok(outcome) => {
+                if let StatusOutcome::AlreadyDone { .. } = outcome {
+                    debug!(job = %self.job, name = %t.name, state = t.state.as_str(), "gitlab already had this status");
+                }
+                (Some(outcome.http_status()), None)
+            }
+            Err(e) => {
+                warn!(job = %self.job, name = %t.name, state = t.state.as_str(), error = %e, "commit status not accepted by gitlab");
+                (e.http_status(), Some(e.to_string()))
+            }
+        };
+        let event = CommitStatusReported {
+            name: t.name,
+            state: t.state.as_str().to_string(),
+            sha: plan.sha.clone(),
+            http_status,
+            error,
+        };
+        self.store
+            .append(Append::new(StreamId::Job(self.job), vec![event.into()]))
+            .await?;
+        Ok(())
+    }
+}
+
+async fn store_backoff(what: &str, e: &Error) {
+    warn!(error = %e, "could not {what}; retrying");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::*;
+
+    fn plan(steps: &[&str]) -> JobCreated {
+        JobCreated {
+            job: "01890a5d-ac96-774b-bcce-b30209900001".parse().unwrap(),
+            project_id: 7,
+            project: "g/app".into(),
+            tag: "v1".into(),
+            git_ref: "refs/tags/v1".into(),
+            sha: "a".repeat(40),
+            priority: 0,
+            trigger: "test".into(),
+            steps: steps
+                .iter()
+                .map(|s| StepPlan {
+                    step: StepId::new(*s),
+                    pool: "default".into(),
+                    priority: 0,
+                    spec: StepSpec::Noop,
+                })
+                .collect(),
+        }
+    }
+
+    /// The transitions of the last event, after folding the others.
+    fn check(events: &[Event], expected: &[(&str, StatusState)]) {
+        let (last, earlier) = events.split_last().unwrap();
+        let p = plan(&[]);
+        let before = JobState::fold(p.job, earlier.iter().map(|e| (e, 1)));
+        let got: Vec<(String, StatusState)> = transitions(&before, last)
+            .into_iter()
+            .map(|t| (t.name, t.state))
+            .collect();
+        let expected: Vec<(String, StatusState)> =
+            expected.iter().map(|(n, s)| (n.to_string(), *s)).collect();
+        assert_eq!(got, expected, "after {events:?}");
+    }
+
+    fn created() -> Event {
+        plan(&["build", "deploy:production"]).into()
+    }
+    fn queued(step: &str) -> Event {
+        StepQueued {
+            step: StepId::new(step),
+            attempt: 1,
+            pool: "default".into(),
+            priority: 0,
+        }
+        .into()
+    }
+    fn started(step: &str) -> Event {
+        StepStarted {
+            step: StepId::new(step),
+            attempt: 1,
+            agent: AgentId::new("a"),
+        }
+        .into()
+    }
+    fn succeeded(step: &str) -> Event {
+        StepSucceeded {
+            step: StepId::new(step),
+            attempt: 1,
+        }
+        .into()
+    }
+    fn failed(step: &str, retryable: bool) -> Event {
+        StepFailed {
+            step: StepId::new(step),
+            attempt: 1,
+            error: "exit 1".into(),
+            retryable,
+            exit_code: Some(1),
+        }
+        .into()
+    }
+
+    #[test]
+    fn status_names_per_step() {
+        assert_eq!(status_name(&StepId::new("build")), "ferry/build");
+        assert_eq!(
+            status_name(&StepId::new("deploy:production")),
+            "ferry/deploy: production"
+        );
+    }
+
+    #[test]
+    fn each_job_event_maps_to_its_statuses() {
+        use StatusState::*;
+        let build = "ferry/build";
+        let prod = "ferry/deploy: production";
+        check(&[created()], &[(build, Pending), (prod, Pending)]);
+        check(&[created(), started("build")], &[(build, Running)]);
+        check(
+            &[created(), started("build"), succeeded("build")],
+            &[(build, Success)],
+        );
+        check(
+            &[created(), started("build"), failed("build", false)],
+            &[(build, Failed)],
+        );
+        // A retryable failure waits for the retry (or for JobFailed).
+        check(&[created(), started("build"), failed("build", true)], &[]);
+        let job_failed: Event = JobFailed {
+            reason: "gave up".into(),
+            step: Some(StepId::new("build")),
+        }
+        .into();
+        check(
+            &[
+                created(),
+                started("build"),
+                failed("build", true),
+                job_failed.clone(),
+            ],
+            &[(build, Failed), (prod, Failed)],
+        );
+        check(
+            &[created(), failed("build", false), job_failed],
+            &[(prod, Failed)],
+        );
+        let cancelled: Event = JobCancelled {
+            reason: "tag deleted".into(),
+            by: "webhook".into(),
+        }
+        .into();
+        check(
+            &[
+                created(),
+                queued("build"),
+                started("build"),
+                succeeded("build"),
+                cancelled.clone(),
+            ],
+            &[(prod, Canceled)],
+        );
+        let superseded: Event = JobSuperseded {
+            by_job: JobId::new(),
+            environment: "production".into(),
+        }
+        .into();
+        check(
+            &[created(), superseded],
+            &[(build, Canceled), (prod, Canceled)],
+        );
+        // An ended job reports nothing more, and steps outside the plan are not reported.
+        check(&[created(), cancelled.clone(), cancelled], &[]);
+        check(&[created(), started("nope")], &[]);
+        check(&[started("build")], &[]);
+    }
+}

@@ -1,0 +1,492 @@
+//! The GitLab client against a mock that follows the contract, and the commit-status reporter end
+//! to end: a real Redis store, a coordinator and an agent running no-op jobs in this process.
+
+use crate::gitlab_mock::GitlabMock;
+use crate::harness::{self, wait_for, wait_until, DEADLINE};
+use ferry::agent;
+use ferry::config::Secret;
+use ferry::coordinator::{self, decide::RetryPolicy};
+use ferry::domain::JobPhase;
+use ferry::gitlab::{
+    self, Client, DeploymentRequest, DeploymentStatus, Error, ReporterOptions, Retry,
+    StatusOutcome, StatusRequest, StatusState,
+};
+use ferry::replay;
+use ferry::store::{Append, Store, StreamId};
+use ferry_proto::*;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const TOKEN: &str = "glpat-mock-token-0123456789";
+const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn fast_retry(attempts: u32) -> Retry {
+    Retry {
+        attempts,
+        base: Duration::from_millis(20),
+        max_delay: Duration::from_millis(200),
+        budget: Duration::from_secs(20),
+    }
+}
+
+fn client(mock: &GitlabMock, token: &str) -> Client {
+    Client::with_options(
+        &mock.base(),
+        Secret::new(token),
+        fast_retry(4),
+        Duration::from_secs(5),
+    )
+    .unwrap()
+}
+
+fn status(state: StatusState) -> StatusRequest {
+    StatusRequest {
+        state,
+        ref_: "v1.0.0".into(),
+        name: "ferry/build".into(),
+        target_url: Some("http://ferry.test/api/v1/jobs/1".into()),
+        description: Some("building".into()),
+    }
+}
+
+#[tokio::test]
+async fn a_status_is_created_and_posting_the_same_state_again_counts_as_done() {
+    let mock = GitlabMock::start(TOKEN).await;
+    let c = client(&mock, TOKEN);
+    let created = c.post_status(7, SHA, &status(StatusState::Running)).await;
+    assert_eq!(
+        created.unwrap(),
+        StatusOutcome::Created { http_status: 201 }
+    );
+    match c
+        .post_status(7, SHA, &status(StatusState::Running))
+        .await
+        .unwrap()
+    {
+        StatusOutcome::AlreadyDone {
+            http_status: 400,
+            message,
+        } => assert!(message.contains("Cannot transition status"), "{message}"),
+        other => panic!("expected already done, got {other:?}"),
+    }
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 2);
+    let first = &calls[0];
+    assert_eq!(first.path, format!("/api/v4/projects/7/statuses/{SHA}"));
+    assert_eq!(first.token.as_deref(), Some(TOKEN));
+    assert_eq!(first.field("state"), Some("running"));
+    assert_eq!(first.field("ref"), Some("v1.0.0"));
+    assert_eq!(first.field("name"), Some("ferry/build"));
+    assert_eq!(
+        first.field("target_url"),
+        Some("http://ferry.test/api/v1/jobs/1")
+    );
+}
+
+#[tokio::test]
+async fn a_409_is_retried_until_gitlab_accepts() {
+    let mock = GitlabMock::start(TOKEN).await;
+    mock.fail_next(409, 2);
+    let outcome = client(&mock, TOKEN)
+        .post_status(7, SHA, &status(StatusState::Pending))
+        .await;
+    assert_eq!(
+        outcome.unwrap(),
+        StatusOutcome::Created { http_status: 201 }
+    );
+    let answers: Vec<u16> = mock.calls().iter().map(|c| c.answer).collect();
+    assert_eq!(answers, [409, 409, 201]);
+}
+
+#[tokio::test]
+async fn a_429_waits_for_retry_after_then_succeeds() {
+    let mock = GitlabMock::start(TOKEN).await;
+    mock.set_retry_after(1);
+    mock.fail_next(429, 1);
+    let outcome = client(&mock, TOKEN)
+        .post_status(7, SHA, &status(StatusState::Pending))
+        .await;
+    assert_eq!(
+        outcome.unwrap(),
+        StatusOutcome::Created { http_status: 201 }
+    );
+    let calls = mock.calls();
+    assert_eq!(
+        calls.iter().map(|c| c.answer).collect::<Vec<_>>(),
+        [429, 201]
+    );
+    // The backoff alone would have waited at most 200 ms.
+    assert!(
+        calls[1].at.duration_since(calls[0].at) >= Duration::from_secs(1),
+        "the retry came before Retry-After"
+    );
+}
+
+#[tokio::test]
+async fn a_500_is_retried_and_a_lasting_one_gives_up_after_the_attempts() {
+    let mock = GitlabMock::start(TOKEN).await;
+    mock.fail_next(500, 2);
+    let c = client(&mock, TOKEN);
+    let outcome = c.post_status(7, SHA, &status(StatusState::Pending)).await;
+    assert_eq!(
+        outcome.unwrap(),
+        StatusOutcome::Created { http_status: 201 }
+    );
+    assert_eq!(mock.calls().len(), 3);
+
+    mock.fail_next(500, 1000);
+    match c.post_status(7, SHA, &status(StatusState::Running)).await {
+        Err(Error::GaveUp {
+            attempts: 4,
+            status: Some(500),
+            ..
+        }) => {}
+        other => panic!("expected to give up after 4 attempts, got {other:?}"),
+    }
+    assert_eq!(mock.calls().len(), 3 + 4);
+}
+
+#[tokio::test]
+async fn a_bad_token_is_a_permanent_failure_that_does_not_show_the_token() {
+    let mock = GitlabMock::start(TOKEN).await;
+    let wrong = "glpat-wrong-token-9876543210";
+    let err = client(&mock, wrong)
+        .post_status(7, SHA, &status(StatusState::Pending))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Rejected {
+            status: 401,
+            message,
+            ..
+        } => assert_eq!(message, "401 Unauthorized"),
+        other => panic!("expected a 401 rejection, got {other:?}"),
+    }
+    assert_eq!(mock.calls().len(), 1, "a 401 is not retried");
+    let shown = format!("{err} {err:?} {:?}", client(&mock, wrong));
+    assert!(!shown.contains(wrong), "the token leaked: {shown}");
+}
+
+#[tokio::test]
+async fn a_gitlab_that_is_down_is_given_up_on_in_bounded_time() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // the listener is dropped: connections are refused
+    let base = format!("http://127.0.0.1:{port}").parse().unwrap();
+    let c = Client::with_options(
+        &base,
+        Secret::new(TOKEN),
+        fast_retry(3),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        c.post_status(7, SHA, &status(StatusState::Pending)),
+    )
+    .await
+    .expect("the client gives up on its own");
+    match outcome {
+        Err(Error::GaveUp {
+            attempts: 3,
+            status: None,
+            last,
+            ..
+        }) => assert!(last.contains("cannot connect"), "{last}"),
+        other => panic!("expected to give up, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_bad_target_url_is_refused_before_sending_and_long_descriptions_are_cut() {
+    let mock = GitlabMock::start(TOKEN).await;
+    let c = client(&mock, TOKEN);
+    for url in [
+        "ftp://ferry.test/jobs/1".to_string(),
+        format!("https://ferry.test/{}", "x".repeat(250)),
+    ] {
+        let mut req = status(StatusState::Pending);
+        req.target_url = Some(url);
+        let err = c.post_status(7, SHA, &req).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Invalid {
+                    field: "target_url",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    assert!(mock.calls().is_empty());
+
+    let mut req = status(StatusState::Pending);
+    req.description = Some("é".repeat(300));
+    let outcome = c.post_status(7, SHA, &req).await.unwrap();
+    assert_eq!(outcome, StatusOutcome::Created { http_status: 201 });
+    let sent = mock.calls()[0].field("description").unwrap().to_string();
+    assert_eq!(sent.chars().count(), 255);
+}
+
+#[tokio::test]
+async fn deployments_are_created_for_tags_and_updated() {
+    let mock = GitlabMock::start(TOKEN).await;
+    let c = client(&mock, TOKEN);
+    mock.fail_next(500, 1);
+    let created = c
+        .create_deployment(
+            7,
+            &DeploymentRequest {
+                environment: "production".into(),
+                sha: SHA.into(),
+                ref_: "v1.0.0".into(),
+                status: DeploymentStatus::Running,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.status, "running");
+    let updated = c
+        .update_deployment(7, created.id, DeploymentStatus::Success)
+        .await
+        .unwrap();
+    assert_eq!(
+        (updated.id, updated.status.as_str()),
+        (created.id, "success")
+    );
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 3);
+    assert_eq!(calls[1].path, "/api/v4/projects/7/deployments");
+    assert_eq!(calls[1].body["tag"], serde_json::json!(true));
+    assert_eq!(calls[1].field("ref"), Some("v1.0.0"));
+    assert_eq!(calls[2].method, "PUT");
+    assert_eq!(
+        calls[2].path,
+        format!("/api/v4/projects/7/deployments/{}", created.id)
+    );
+
+    let err = c
+        .update_deployment(7, 999_999, DeploymentStatus::Failed)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Rejected { status: 404, .. }),
+        "{err:?}"
+    );
+}
+
+/// A coordinator, an agent and a reporter in this process, until `stop`.
+struct Roles {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Roles {
+    fn start(store: &Arc<dyn Store>, reporter: ReporterOptions) -> Roles {
+        let (stop, rx) = watch::channel(false);
+        let until = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let coordinator_opts = coordinator::Options {
+            consumer: "c0".into(),
+            policy: RetryPolicy {
+                max_attempts: 3,
+                base: Duration::from_millis(50),
+                max: Duration::from_millis(200),
+            },
+            sweep_interval: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let agent_opts = agent::Options {
+            name: AgentId::new("agent-0"),
+            pools: vec!["default".into()],
+            labels: vec![],
+            concurrency: 4,
+            lease_ttl: Duration::from_secs(5),
+        };
+        let tasks = vec![
+            tokio::spawn({
+                let (store, rx) = (store.clone(), rx.clone());
+                async move {
+                    coordinator::run(store, coordinator_opts, until(rx))
+                        .await
+                        .unwrap()
+                }
+            }),
+            tokio::spawn({
+                let (store, rx) = (store.clone(), rx.clone());
+                async move { agent::run(store, agent_opts, until(rx)).await.unwrap() }
+            }),
+            tokio::spawn({
+                let store = store.clone();
+                async move { gitlab::run(store, reporter, until(rx)).await.unwrap() }
+            }),
+        ];
+        Roles { stop, tasks }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+fn reporter_options(mock: &GitlabMock, attempts: u32) -> ReporterOptions {
+    let mut opts = ReporterOptions::new(
+        "r0".into(),
+        mock.base(),
+        Secret::new(TOKEN),
+        "http://ferry.test:8080/".parse().unwrap(),
+    );
+    opts.retry = fast_retry(attempts);
+    opts
+}
+
+/// Appends a no-op job with a build and a production deploy for project 42, tag `v1.2.3`.
+async fn noop_job(store: &Arc<dyn Store>) -> JobId {
+    let job = JobId::new();
+    let created = JobCreated {
+        job,
+        project_id: 42,
+        project: "group/app".into(),
+        tag: "v1.2.3".into(),
+        git_ref: "refs/tags/v1.2.3".into(),
+        sha: SHA.into(),
+        priority: 0,
+        trigger: "test".into(),
+        steps: ["build", "deploy:production"]
+            .into_iter()
+            .map(|s| StepPlan {
+                step: StepId::new(s),
+                pool: "default".into(),
+                priority: 0,
+                spec: StepSpec::Noop,
+            })
+            .collect(),
+    };
+    store
+        .append(Append::new(StreamId::Job(job), vec![created.into()]).expect(0))
+        .await
+        .unwrap();
+    job
+}
+
+async fn reports(store: &Arc<dyn Store>, job: JobId) -> Vec<CommitStatusReported> {
+    store
+        .read_stream(&StreamId::Job(job), 0)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|s| match s.decode().unwrap() {
+            Event::CommitStatusReported(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn phase(store: &Arc<dyn Store>, job: JobId) -> Option<JobPhase> {
+    let view = replay::rebuild(&**store).await.unwrap();
+    view.jobs.get(&job).map(|j| j.phase)
+}
+
+const NAMES: [&str; 2] = ["ferry/build", "ferry/deploy: production"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_step_goes_pending_running_success_on_the_tagged_commit() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let mock = GitlabMock::start(TOKEN).await;
+    let roles = Roles::start(&store, reporter_options(&mock, 4));
+    let job = noop_job(&store).await;
+
+    wait_until(DEADLINE * 3, || async {
+        let accepted = mock.accepted_statuses();
+        NAMES.iter().all(|n| {
+            accepted
+                .iter()
+                .any(|c| c.field("name") == Some(*n) && c.field("state") == Some("success"))
+        })
+    })
+    .await;
+    let recorded = wait_for(DEADLINE, "six recorded reports", || async {
+        let r = reports(&store, job).await;
+        (r.len() >= 6).then_some(r)
+    })
+    .await;
+    assert_eq!(phase(&store, job).await, Some(JobPhase::Succeeded));
+    roles.stop().await;
+
+    let calls = mock.calls();
+    assert!(calls.iter().all(|c| c.answer == 201), "{calls:?}");
+    for name in NAMES {
+        let states: Vec<&str> = calls
+            .iter()
+            .filter(|c| c.field("name") == Some(name))
+            .map(|c| c.field("state").unwrap())
+            .collect();
+        assert_eq!(states, ["pending", "running", "success"], "{name}");
+    }
+    let link = format!("http://ferry.test:8080/api/v1/jobs/{job}");
+    for c in &calls {
+        assert_eq!(c.path, format!("/api/v4/projects/42/statuses/{SHA}"));
+        assert_eq!(c.field("ref"), Some("v1.2.3"));
+        assert_eq!(c.field("target_url"), Some(link.as_str()));
+        assert_eq!(c.token.as_deref(), Some(TOKEN));
+    }
+    assert_eq!(recorded.len(), 6, "{recorded:?}");
+    for r in &recorded {
+        assert_eq!(
+            (r.sha.as_str(), r.http_status, &r.error),
+            (SHA, Some(201), &None)
+        );
+    }
+    // Secrets never enter the log.
+    for stored in store.read_stream(&StreamId::Job(job), 0).await.unwrap() {
+        let bytes = &stored.envelope.payload;
+        assert!(
+            !bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+            "the token is in the job's stream"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gitlab_answering_500_does_not_stall_the_pipeline_and_failures_are_recorded() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let mock = GitlabMock::start(TOKEN).await;
+    mock.fail_next(500, usize::MAX);
+    let roles = Roles::start(&store, reporter_options(&mock, 2));
+    let job = noop_job(&store).await;
+
+    wait_until(DEADLINE * 3, || async {
+        phase(&store, job).await == Some(JobPhase::Succeeded)
+    })
+    .await;
+    let recorded = wait_for(DEADLINE * 3, "six recorded failures", || async {
+        let r = reports(&store, job).await;
+        (r.len() >= 6).then_some(r)
+    })
+    .await;
+    roles.stop().await;
+
+    assert_eq!(recorded.len(), 6, "{recorded:?}");
+    for r in &recorded {
+        assert_eq!(r.http_status, Some(500), "{r:?}");
+        let error = r.error.as_deref().unwrap_or_default();
+        assert!(error.contains("after 2 attempts"), "{error}");
+    }
+    for name in NAMES {
+        let states: Vec<&str> = recorded
+            .iter()
+            .filter(|r| r.name == name)
+            .map(|r| r.state.as_str())
+            .collect();
+        assert_eq!(states, ["pending", "running", "success"], "{name}");
+    }
+    assert_eq!(mock.calls().len(), 12, "two attempts per status");
+}
