@@ -33,6 +33,23 @@ pub struct Options {
     pub runner: Arc<Runner>,
 }
 
+impl Options {
+    /// An agent called `name` serving `pools`, with two slots, a 5 s lease, a 5 s shutdown
+    /// grace and a [`Runner::local`] runner in the temporary directory: what tests and
+    /// benchmarks of the machinery want. Roles build theirs from the configuration.
+    pub fn new(name: &str, pools: &[&str]) -> Options {
+        Options {
+            name: AgentId::new(name),
+            pools: pools.iter().map(|p| p.to_string()).collect(),
+            labels: Vec::new(),
+            concurrency: 2,
+            lease_ttl: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(5),
+            runner: Arc::new(Runner::local(std::env::temp_dir())),
+        }
+    }
+}
+
 impl std::fmt::Debug for Runner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runner")

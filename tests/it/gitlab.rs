@@ -302,11 +302,8 @@ impl Roles {
             ..Default::default()
         };
         let agent_opts = agent::Options {
-            name: AgentId::new("agent-0"),
-            pools: vec!["default".into()],
-            labels: vec![],
             concurrency: 4,
-            lease_ttl: Duration::from_secs(5),
+            ..agent::Options::new("agent-0", &["default"])
         };
         let tasks = vec![
             tokio::spawn({
