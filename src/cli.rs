@@ -130,6 +130,13 @@ pub enum JobsCommand {
     },
     /// Run an ended job again, as a new job with the same plan.
     Retry { id: String },
+    /// Print a job's output; with -f, follow it live with a progress line per step until the
+    /// job ends (exit status 1 if it did not succeed).
+    Logs {
+        id: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
 }
 
 /// `ferry jobs list`

@@ -102,6 +102,7 @@ pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
             let text = format!("job {} {}\n", s(&v["id"]), s(&v["state"]));
             (v, text)
         }
+        JobsCommand::Logs { id, follow } => return logs(&client, id, *follow).await,
         JobsCommand::Retry { id } => {
             let path = format!("/jobs/{}/retry", segment(id));
             let v = client.call(Method::POST, &path, &[], None).await?;
@@ -111,6 +112,73 @@ pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
     };
     print(args.json, &answer, &text);
     Ok(())
+}
+
+/// `ferry jobs logs [-f]`: prints the job's lines; following, long-polls for new ones and prints
+/// a progress line whenever a step changes, until the job has ended and every line is out.
+async fn logs(client: &Client, id: &str, follow: bool) -> anyhow::Result<()> {
+    let logs_path = format!("/jobs/{}/logs", segment(id));
+    let job_path = format!("/jobs/{}", segment(id));
+    let mut cursor: Option<String> = None;
+    let mut seen: std::collections::BTreeMap<String, String> = Default::default();
+    loop {
+        // Whether the job had ended before this read: then an empty read means we are done.
+        let ended = if follow {
+            let job = client.call(Method::GET, &job_path, &[], None).await?;
+            for st in job["steps"].as_array().into_iter().flatten() {
+                let step = s(&st["step"]);
+                let status = format!(
+                    "{} (attempt {}{})",
+                    s(&st["status"]),
+                    s(&st["attempt"]),
+                    match &st["agent"] {
+                        Value::String(a) => format!(", agent {a}"),
+                        _ => String::new(),
+                    }
+                );
+                if seen.get(&step) != Some(&status) {
+                    println!("==> {step}: {status}");
+                    seen.insert(step, status);
+                }
+            }
+            let state = s(&job["state"]);
+            matches!(
+                state.as_str(),
+                "succeeded" | "failed" | "cancelled" | "superseded"
+            )
+            .then_some((state, job["reason"].clone()))
+        } else {
+            None
+        };
+        let mut query = vec![("limit", "500".to_string())];
+        if follow {
+            query.push(("wait", "2000".into()));
+        }
+        if let Some(c) = &cursor {
+            query.push(("cursor", c.clone()));
+        }
+        let v = client.call(Method::GET, &logs_path, &query, None).await?;
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        for item in &items {
+            println!("[{}] {}", s(&item["step"]), s(&item["line"]));
+        }
+        if let Value::String(next) = &v["next"] {
+            cursor = Some(next.clone());
+        }
+        if !items.is_empty() {
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        if let Some((state, reason)) = ended {
+            println!("==> job {id} {state}");
+            if state == "succeeded" {
+                return Ok(());
+            }
+            bail!("job {id} {state}: {}", s(&reason));
+        }
+    }
 }
 
 /// Runs `ferry agents …`, printing to stdout.

@@ -82,6 +82,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{id}", get(show_job))
         .route("/api/v1/jobs/{id}/events", get(job_events))
+        .route("/api/v1/jobs/{id}/logs", get(job_logs))
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/api/v1/jobs/{id}/retry", post(retry_job))
         .route("/api/v1/agents", get(list_agents))
@@ -592,6 +593,150 @@ async fn job_events(
     let items: Vec<Value> = stream.iter().take(limit).map(event_item).collect();
     let next = (stream.len() > limit).then(|| (from + limit as u64).to_string());
     answer(StatusCode::OK, json!({ "items": items, "next": next }))
+}
+
+/// Longest a log read may wait for new lines (`wait` parameter, ms).
+const MAX_LOG_WAIT: Duration = Duration::from_secs(30);
+
+/// `GET /jobs/{id}/logs?cursor=&limit=&wait=&follow=`: the job's output lines.
+///
+/// - Without `follow`: `{"items": [{pos, step, attempt, stream, line}], "next": cursor}`, where
+///   `next` is the position to pass as `cursor` for the lines after these (the same cursor when
+///   there are none yet). `wait` (ms, at most 30 000) long-polls for new lines.
+/// - With `follow=true`: server-sent events, one `log` event per line (data: the item), until
+///   the job has ended and every line was sent; then one `end` event with the job's state.
+async fn job_logs(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let id = parse_job_id(&id)?;
+    let params = Params::parse(raw);
+    let limit = match params.get("limit") {
+        None => MAX_LIMIT,
+        Some(_) => params.limit()?,
+    };
+    let cursor = params.get("cursor").map(|c| store::LogPos(c.to_string()));
+    if let Some(c) = &cursor {
+        let ok =
+            c.0.split_once('-')
+                .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok());
+        if !ok {
+            return Err(ApiError::BadRequest(format!(
+                "invalid cursor {:?}: expected a log position like 1700000000000-0",
+                c.0
+            )));
+        }
+    }
+    let wait = match params.get("wait") {
+        None => Duration::ZERO,
+        Some(w) => w
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .ok()
+            .filter(|d| *d <= MAX_LOG_WAIT)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "invalid wait {w:?}: expected milliseconds from 0 to 30000"
+                ))
+            })?,
+    };
+    let follow = match params.get("follow") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "invalid follow {other:?}: expected true or false"
+            )))
+        }
+    };
+    load_job(state.store(), id).await?;
+    if follow {
+        return Ok(follow_logs(state, id, cursor).into_response());
+    }
+    let lines = state
+        .store()
+        .read_logs(id, cursor.as_ref(), limit, wait)
+        .await?;
+    let next = lines
+        .last()
+        .map(|(pos, _)| pos.0.clone())
+        .or_else(|| cursor.map(|c| c.0));
+    let items: Vec<Value> = lines.iter().map(|(pos, l)| log_item(pos, l)).collect();
+    Ok(answer(StatusCode::OK, json!({ "items": items, "next": next }))?.into_response())
+}
+
+fn log_item(pos: &store::LogPos, l: &ferry_proto::StepLog) -> Value {
+    json!({
+        "pos": pos.0,
+        "step": l.step.as_str(),
+        "attempt": l.attempt,
+        "stream": l.stream,
+        "line": l.line,
+    })
+}
+
+/// The server-sent-event stream of `?follow=true`.
+fn follow_logs(
+    state: ApiState,
+    id: JobId,
+    cursor: Option<store::LogPos>,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    enum Phase {
+        Reading(Option<store::LogPos>),
+        Done,
+    }
+    let stream = futures_util::stream::unfold(Phase::Reading(cursor), move |phase| {
+        let state = state.clone();
+        async move {
+            let Phase::Reading(cursor) = phase else {
+                return None;
+            };
+            loop {
+                // Whether the job had ended *before* this read: then an empty read means
+                // every line has been sent.
+                let ended = match fold_job(state.store(), id).await {
+                    Ok(Some(job)) if job.phase.is_terminal() => Some(job.phase),
+                    _ => None,
+                };
+                let lines = match state
+                    .store()
+                    .read_logs(id, cursor.as_ref(), MAX_LIMIT, Duration::from_secs(2))
+                    .await
+                {
+                    Ok(lines) => lines,
+                    Err(e) => {
+                        let event = Sse::default().event("error").data(e.to_string());
+                        return Some((vec![Ok(event)], Phase::Done));
+                    }
+                };
+                if let Some((last, _)) = lines.last() {
+                    let next = Phase::Reading(Some(last.clone()));
+                    let events = lines
+                        .iter()
+                        .map(|(pos, l)| {
+                            Ok(Sse::default()
+                                .event("log")
+                                .id(pos.0.clone())
+                                .data(log_item(pos, l).to_string()))
+                        })
+                        .collect();
+                    return Some((events, next));
+                }
+                if let Some(phase) = ended {
+                    let end = Sse::default()
+                        .event("end")
+                        .data(json!({ "state": phase.as_str() }).to_string());
+                    return Some((vec![Ok(end)], Phase::Done));
+                }
+            }
+        }
+    });
+    let flat = futures_util::StreamExt::flat_map(stream, futures_util::stream::iter);
+    axum::response::sse::Sse::new(flat).keep_alive(KeepAlive::default())
 }
 
 async fn list_agents(State(state): State<ApiState>) -> Answer {

@@ -256,3 +256,139 @@ async fn wait_for_pid(path: &Path) -> i32 {
     })
     .await
 }
+
+/// The API serves a job's lines (paged, long-polled, or as server-sent events) and
+/// `ferry jobs logs -f` follows a running job to its end with a progress line per step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_served_by_the_api_and_followed_by_the_cli() {
+    use ferry::api::{self, ApiState};
+    use ferry::config::Secret;
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let router = api::router(ApiState::new(store.clone(), &[Secret::new("t0k")]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let published = artifact(dir.path());
+    let gate = dir.path().join("go");
+    let cmd = format!(
+        "echo first line; while ! test -f {gate}; do sleep 0.05; done; echo second line",
+        gate = gate.display()
+    );
+    let (job, mut events, _) = deploy_job(&dir.path().join("srv"), &cmd);
+    events.push(published.into());
+    let _c = start(&store, "coordinator", dir.path(), Duration::from_secs(5));
+    let _a = start(&store, "agent-1", dir.path(), Duration::from_secs(5));
+    store
+        .append(Append::new(StreamId::Job(job), events).expect(0))
+        .await
+        .unwrap();
+
+    // Follow with the real binary while the step runs.
+    let follower = {
+        let (base, job) = (base.clone(), job.to_string());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("FERRY_LOG", "warn")
+                .args(["jobs", "logs", "-f", &job, "--api", &base, "--token", "t0k"])
+                .output()
+                .unwrap()
+        })
+    };
+    let http = reqwest::Client::new();
+    let logs_url = format!("{base}/api/v1/jobs/{job}/logs");
+    wait_until(DEADLINE, || async {
+        let v: serde_json::Value = http
+            .get(&logs_url)
+            .bearer_auth("t0k")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["line"] == "[local] first line")
+    })
+    .await;
+    std::fs::write(&gate, "").unwrap();
+    let out = follower.await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "==> deploy:prod: running",
+        "[deploy:prod] [local] first line",
+        "[deploy:prod] [local] second line",
+        "==> job",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+
+    // Paging: the cursor continues after the last line read.
+    let page: serde_json::Value = http
+        .get(format!("{logs_url}?limit=1"))
+        .bearer_auth("t0k")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    let rest: serde_json::Value = http
+        .get(format!(
+            "{logs_url}?cursor={}",
+            page["next"].as_str().unwrap()
+        ))
+        .bearer_auth("t0k")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!rest["items"].as_array().unwrap().is_empty());
+    assert_ne!(rest["items"][0]["pos"], page["items"][0]["pos"]);
+
+    // Server-sent events: every line, then the end with the job's state.
+    let sse = http
+        .get(format!("{logs_url}?follow=true"))
+        .bearer_auth("t0k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        sse.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let body = tokio::time::timeout(DEADLINE, sse.text())
+        .await
+        .expect("the event stream ends when the job has ended")
+        .unwrap();
+    assert!(body.contains("event: log"), "{body}");
+    assert!(body.contains("second line"), "{body}");
+    assert!(
+        body.contains("event: end\ndata: {\"state\":\"succeeded\"}"),
+        "{body}"
+    );
+
+    // Bad parameters are named.
+    let bad = http
+        .get(format!("{logs_url}?wait=99999999"))
+        .bearer_auth("t0k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(bad.text().await.unwrap().contains("invalid wait"));
+}
