@@ -1,7 +1,7 @@
 //! The claim script's rate against a private redis-server, side by side with `redis-benchmark`
 //! running the nearest raw primitives on the same server in the same run.
 //!
-//! `cargo bench --bench claim` (env: `CLAIM_N` steps per phase, default 50000)
+//! `cargo bench --bench claim` (env: `CLAIM_N` steps per phase, default 30000)
 //!
 //! For 1 and for 8 concurrent clients (each its own connection): FLUSHALL, enqueue N steps by
 //! appending `StepQueued` events through `RedisStore` (64 appends in flight), then claim until
@@ -13,8 +13,8 @@
 mod support;
 
 use ferry::store::redis::RedisStore;
-use ferry::store::{Append, StreamId, WorkQueue};
 use ferry::store::EventLog;
+use ferry::store::{Append, StreamId, WorkQueue};
 use ferry_proto::{AgentId, JobId, StepId, StepQueued};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ fn main() {
     let n: usize = std::env::var("CLAIM_N")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(50_000);
+        .unwrap_or(30_000);
     let server = RedisServer::start();
     support::print_machine(&server);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -54,9 +54,19 @@ fn main() {
 
         server.flush();
         let c = clients.to_string();
-        let reqs = "200000";
+        let reqs = "100000";
         let zadd = server.benchmark_one(&[
-            "-n", reqs, "-c", &c, "-P", "1", "-r", "1000000", "ZADD", "z", "__rand_int__",
+            "-n",
+            reqs,
+            "-c",
+            &c,
+            "-P",
+            "1",
+            "-r",
+            "1000000",
+            "ZADD",
+            "z",
+            "__rand_int__",
             "m__rand_int__",
         ]);
         server.flush();
@@ -67,18 +77,44 @@ fn main() {
             .map(|(_, rps)| rps)
             .unwrap_or(f64::NAN);
         server.flush();
-        let eval = server.benchmark_one(&["-n", reqs, "-c", &c, "-P", "1", "EVAL", "return 1", "0"]);
+        let eval =
+            server.benchmark_one(&["-n", reqs, "-c", &c, "-P", "1", "EVAL", "return 1", "0"]);
         println!("redis-benchmark, same server, -c {clients} -P 1:");
-        println!("  ZADD z __rand_int__ m__rand_int__ : {zadd:.0}/s  -> claim = {:.3} x", claim_rate / zadd);
-        println!("  ZPOPMIN (built-in -t zpopmin)      : {zpop:.0}/s  -> claim = {:.3} x", claim_rate / zpop);
-        println!("  EVAL \"return 1\" 0                 : {eval:.0}/s  -> claim = {:.3} x", claim_rate / eval);
-        result(&format!("claim.c{clients}.claims_per_s"), claim_rate, "claims/s");
-        result(&format!("claim.c{clients}.enqueue_per_s"), enqueue_rate, "steps/s");
+        println!(
+            "  ZADD z __rand_int__ m__rand_int__ : {zadd:.0}/s  -> claim = {:.3} x",
+            claim_rate / zadd
+        );
+        println!(
+            "  ZPOPMIN (built-in -t zpopmin)      : {zpop:.0}/s  -> claim = {:.3} x",
+            claim_rate / zpop
+        );
+        println!(
+            "  EVAL \"return 1\" 0                 : {eval:.0}/s  -> claim = {:.3} x",
+            claim_rate / eval
+        );
+        result(
+            &format!("claim.c{clients}.claims_per_s"),
+            claim_rate,
+            "claims/s",
+        );
+        result(
+            &format!("claim.c{clients}.enqueue_per_s"),
+            enqueue_rate,
+            "steps/s",
+        );
         result(&format!("claim.c{clients}.ref_zadd"), zadd, "ops/s");
         result(&format!("claim.c{clients}.ref_zpopmin"), zpop, "ops/s");
         result(&format!("claim.c{clients}.ref_eval"), eval, "ops/s");
-        result(&format!("claim.c{clients}.ratio_zpopmin"), claim_rate / zpop, "x");
-        result(&format!("claim.c{clients}.ratio_eval"), claim_rate / eval, "x");
+        result(
+            &format!("claim.c{clients}.ratio_zpopmin"),
+            claim_rate / zpop,
+            "x",
+        );
+        result(
+            &format!("claim.c{clients}.ratio_eval"),
+            claim_rate / eval,
+            "x",
+        );
         result(
             &format!("claim.c{clients}.redis_cpu_us_per_claim"),
             delta.cpu_s * 1e6 / n as f64,
@@ -111,7 +147,10 @@ async fn ferry_phase(
                     priority: 0,
                 };
                 store
-                    .append(Append::new(StreamId::Job(JobId::new()), vec![queued.into()]))
+                    .append(Append::new(
+                        StreamId::Job(JobId::new()),
+                        vec![queued.into()],
+                    ))
                     .await
                     .expect("enqueue");
             }
@@ -124,11 +163,17 @@ async fn ferry_phase(
 
     let mut stores = Vec::new();
     for _ in 0..clients {
-        stores.push(Arc::new(RedisStore::connect(url, NS).await.expect("connect")));
+        stores.push(Arc::new(
+            RedisStore::connect(url, NS).await.expect("connect"),
+        ));
     }
     // Load the script on the server outside the measurement (a claim on an empty pool).
     stores[0]
-        .claim(&["warmup".into()], &AgentId::new("warm"), Duration::from_secs(60))
+        .claim(
+            &["warmup".into()],
+            &AgentId::new("warm"),
+            Duration::from_secs(60),
+        )
         .await
         .expect("warm-up claim");
     let before = server.info();

@@ -3,7 +3,7 @@
 //! producer and observer.
 //!
 //! `cargo bench --bench dispatch` (env: `DISPATCH_SAMPLES` pickup samples, default 500;
-//! `DISPATCH_N` jobs per throughput phase, default 20000; `FERRY_BIN` the ferry binary,
+//! `DISPATCH_N` jobs per throughput phase, default 10000; `FERRY_BIN` the ferry binary,
 //! default the one cargo builds for this bench, `CARGO_BIN_EXE_ferry`)
 //!
 //! 1. **Pickup latency**, idle fleet (1 coordinator, 1 agent with concurrency 1, both in their
@@ -22,7 +22,7 @@
 //!    StepClaimed, StepStarted, StepSucceeded, JobSucceeded), polled with `XLEN` every 5 ms.
 //!    Then a replay checks that every job succeeded. Redis CPU (`INFO cpu`) and commands
 //!    (`INFO commandstats`) are diffed over the same window and divided by the steps.
-//! 3. `redis-benchmark -n 200000 XADD s * f v` and `ZADD` (50 clients, the BullMQ peer's raw
+//! 3. `redis-benchmark -n 100000 XADD s * f v` and `ZADD` (50 clients, the BullMQ peer's raw
 //!    figures) on the same server, so every figure is also a ratio to raw Redis.
 
 #[path = "support/mod.rs"]
@@ -44,7 +44,7 @@ const POOL: &str = "default";
 
 fn main() {
     let samples: usize = env_or("DISPATCH_SAMPLES", 500);
-    let n: usize = env_or("DISPATCH_N", 20_000);
+    let n: usize = env_or("DISPATCH_N", 10_000);
     let bin = PathBuf::from(
         std::env::var("FERRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").to_string()),
     );
@@ -88,10 +88,26 @@ fn main() {
                 ms(quantile(&from_call, 0.5)),
                 ms(quantile(&from_call, 0.99)),
             );
-            result(&format!("pickup.{name}.p50_ms"), ms(quantile(&from_return, 0.5)), "ms");
-            result(&format!("pickup.{name}.p99_ms"), ms(quantile(&from_return, 0.99)), "ms");
-            result(&format!("pickup.{name}.call_p50_ms"), ms(quantile(&from_call, 0.5)), "ms");
-            result(&format!("pickup.{name}.call_p99_ms"), ms(quantile(&from_call, 0.99)), "ms");
+            result(
+                &format!("pickup.{name}.p50_ms"),
+                ms(quantile(&from_return, 0.5)),
+                "ms",
+            );
+            result(
+                &format!("pickup.{name}.p99_ms"),
+                ms(quantile(&from_return, 0.99)),
+                "ms",
+            );
+            result(
+                &format!("pickup.{name}.call_p50_ms"),
+                ms(quantile(&from_call, 0.5)),
+                "ms",
+            );
+            result(
+                &format!("pickup.{name}.call_p99_ms"),
+                ms(quantile(&from_call, 0.99)),
+                "ms",
+            );
         }
         for p in &mut procs {
             assert!(p.alive(), "a role process died:\n{}", p.log_tail());
@@ -111,11 +127,19 @@ fn main() {
         }
         rt.block_on(fleet.ready(&mut procs, agents));
         let base = xlen(&server);
+        let cpu0: Vec<Duration> = procs.iter().map(Guarded::cpu).collect();
+        let bench_cpu0 = support::process_cpu();
         let before = server.info();
         let t0 = Instant::now();
         let (produced, polls) = rt.block_on(produce(&fleet.url, &server, n, base));
         let elapsed = t0.elapsed().as_secs_f64();
         let delta = before.delta(&server.info());
+        let bench_cpu = support::process_cpu() - bench_cpu0;
+        let cpu: Vec<Duration> = procs
+            .iter()
+            .zip(&cpu0)
+            .map(|(p, c0)| p.cpu() - *c0)
+            .collect();
         for p in &mut procs {
             assert!(p.alive(), "a role process died:\n{}", p.log_tail());
         }
@@ -126,16 +150,44 @@ fn main() {
             "ferry: {succeeded}/{produced} jobs succeeded in {elapsed:.2} s: {rate:.0} steps/s end to end (producer included)"
         );
         let exclude = ["info", "xlen"];
+        let tag = format!("c{coordinators}a{agents}");
         let steps = succeeded.max(1) as f64;
         println!(
             "redis: {:.1} µs CPU per step; {:.1} round trips per step (client commands, not counting the bench's {polls} XLEN polls and INFO)",
             delta.cpu_s * 1e6 / steps,
             delta.round_trips(&exclude) as f64 / steps,
         );
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / steps;
+        let coord_cpu: Duration = cpu[..coordinators].iter().sum();
+        let agent_cpu: Duration = cpu[coordinators..].iter().sum();
+        println!(
+            "CPU µs per step: redis {:.1}, coordinators {:.1}, agents {:.1}, producer/observer (this process) {:.1}; cores busy: redis {:.2}, coordinators {:.2}, agents {:.2}, producer {:.2}",
+            delta.cpu_s * 1e6 / steps,
+            per(coord_cpu),
+            per(agent_cpu),
+            per(bench_cpu),
+            delta.cpu_s / elapsed,
+            coord_cpu.as_secs_f64() / elapsed,
+            agent_cpu.as_secs_f64() / elapsed,
+            bench_cpu.as_secs_f64() / elapsed,
+        );
+        result(
+            &format!("dispatch.{tag}.coordinator_cpu_us_per_step"),
+            per(coord_cpu),
+            "us",
+        );
+        result(
+            &format!("dispatch.{tag}.agent_cpu_us_per_step"),
+            per(agent_cpu),
+            "us",
+        );
         delta.print_breakdown(steps, "step", &exclude);
-        let tag = format!("c{coordinators}a{agents}");
         result(&format!("dispatch.{tag}.steps_per_s"), rate, "steps/s");
-        result(&format!("dispatch.{tag}.redis_cpu_us_per_step"), delta.cpu_s * 1e6 / steps, "us");
+        result(
+            &format!("dispatch.{tag}.redis_cpu_us_per_step"),
+            delta.cpu_s * 1e6 / steps,
+            "us",
+        );
         result(
             &format!("dispatch.{tag}.round_trips_per_step"),
             delta.round_trips(&exclude) as f64 / steps,
@@ -146,12 +198,21 @@ fn main() {
 
     // 3. Raw Redis on the same server.
     server.flush();
-    let xadd = server.benchmark_one(&["-n", "200000", "XADD", "s", "*", "f", "v"]);
+    let xadd = server.benchmark_one(&["-n", "100000", "XADD", "s", "*", "f", "v"]);
     server.flush();
     let zadd = server.benchmark_one(&[
-        "-n", "200000", "-r", "1000000", "ZADD", "z", "__rand_int__", "m__rand_int__",
+        "-n",
+        "200000",
+        "-r",
+        "1000000",
+        "ZADD",
+        "z",
+        "__rand_int__",
+        "m__rand_int__",
     ]);
-    println!("\nredis-benchmark, same server, -c 50 -P 1: XADD s * f v {xadd:.0}/s; ZADD {zadd:.0}/s");
+    println!(
+        "\nredis-benchmark, same server, -c 50 -P 1: XADD s * f v {xadd:.0}/s; ZADD {zadd:.0}/s"
+    );
     result("dispatch.ref_xadd", xadd, "ops/s");
     result("dispatch.ref_zadd", zadd, "ops/s");
 }
@@ -350,7 +411,10 @@ fn xlen(server: &RedisServer) -> u64 {
         .args(["XLEN", &format!("{{{NS}}}:log")])
         .output()
         .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 /// Appends `n` no-op jobs (64 in flight) and waits until the log holds their 6 events each.

@@ -2,7 +2,7 @@
 //! 127.0.0.1:0 over a private redis-server, loaded by K HTTP/1.1 keep-alive connections, side by
 //! side with `redis-benchmark` XADD of a comparable payload on the same server in the same run.
 //!
-//! `cargo bench --bench ingest` (env: `INGEST_N` requests per phase, default 40000;
+//! `cargo bench --bench ingest` (env: `INGEST_N` requests per phase, default 20000;
 //! `INGEST_CONNS` comma-separated connection counts, default `8,32`)
 //!
 //! Bodies are `tests/fixtures/gitlab/tag_push_create.json` with a unique tag, `after` and
@@ -28,7 +28,7 @@ const NS: &str = "bench";
 const WARMUP: usize = 500;
 
 fn main() {
-    let n: usize = env_or("INGEST_N", 40_000);
+    let n: usize = env_or("INGEST_N", 20_000);
     let conns: Vec<usize> = std::env::var("INGEST_CONNS")
         .unwrap_or_else(|_| "8,32".into())
         .split(',')
@@ -51,10 +51,15 @@ fn main() {
 
     let bodies = bodies(n + WARMUP);
     let body_len = bodies.iter().map(String::len).sum::<usize>() / bodies.len();
-    println!("bodies: {} unique tag pushes, {body_len} bytes on average", bodies.len());
+    println!(
+        "bodies: {} unique tag pushes, {body_len} bytes on average",
+        bodies.len()
+    );
 
     for k in conns {
-        println!("\n== ingest, {k} keep-alive connections, {n} requests (every 10th a duplicate) ==");
+        println!(
+            "\n== ingest, {k} keep-alive connections, {n} requests (every 10th a duplicate) =="
+        );
         server.flush();
         let url = server.url();
         let (addr, stop) = gateway_rt.block_on(async {
@@ -80,9 +85,11 @@ fn main() {
         // Warm-up (script load, connections, allocator), not measured.
         client_rt.block_on(load(&endpoint, &bodies[n..], k, usize::MAX));
         let before = server.info();
+        let cpu0 = support::process_cpu();
         let t0 = Instant::now();
         let outcome = client_rt.block_on(load(&endpoint, &bodies[..n], k, 10));
         let elapsed = t0.elapsed().as_secs_f64();
+        let cpu = support::process_cpu() - cpu0;
         let delta = before.delta(&server.info());
         drop(stop);
 
@@ -108,6 +115,11 @@ fn main() {
             evalsha.1 as f64 / evalsha.0.max(1) as f64,
             delta.round_trips(&["info"]) as f64 / total as f64
         );
+        println!(
+            "bench process (gateway + load generator): {:.0} µs CPU per request, {:.2} cores busy on average",
+            cpu.as_secs_f64() * 1e6 / total as f64,
+            cpu.as_secs_f64() / elapsed
+        );
         delta.print_breakdown(total as f64, "req", &["info"]);
         assert_eq!(outcome.other, 0, "every request is accepted or a duplicate");
 
@@ -117,17 +129,33 @@ fn main() {
         let payload = "x".repeat(entry);
         let c = k.to_string();
         let xadd = server.benchmark_one(&[
-            "-n", "200000", "-c", &c, "-P", "1", "XADD", "s", "*", "p", &payload,
+            "-n", "100000", "-c", &c, "-P", "1", "XADD", "s", "*", "p", &payload,
         ]);
         println!(
             "redis-benchmark, same server: XADD s * p <{entry} bytes>, -c {k} -P 1: {xadd:.0}/s -> ferry accepted = {:.3} x",
             accepted_rate / xadd
         );
-        result(&format!("ingest.c{k}.accepted_per_s"), accepted_rate, "webhooks/s");
-        result(&format!("ingest.c{k}.p50_ms"), ms(quantile(&lat, 0.5)), "ms");
-        result(&format!("ingest.c{k}.p99_ms"), ms(quantile(&lat, 0.99)), "ms");
+        result(
+            &format!("ingest.c{k}.accepted_per_s"),
+            accepted_rate,
+            "webhooks/s",
+        );
+        result(
+            &format!("ingest.c{k}.p50_ms"),
+            ms(quantile(&lat, 0.5)),
+            "ms",
+        );
+        result(
+            &format!("ingest.c{k}.p99_ms"),
+            ms(quantile(&lat, 0.99)),
+            "ms",
+        );
         result(&format!("ingest.c{k}.ref_xadd"), xadd, "ops/s");
-        result(&format!("ingest.c{k}.ratio_xadd"), accepted_rate / xadd, "x");
+        result(
+            &format!("ingest.c{k}.ratio_xadd"),
+            accepted_rate / xadd,
+            "x",
+        );
         result(
             &format!("ingest.c{k}.redis_cpu_us_per_req"),
             delta.cpu_s * 1e6 / total as f64,
@@ -186,10 +214,14 @@ async fn load(endpoint: &str, bodies: &[String], k: usize, dup_every: usize) -> 
             let mut sent: Vec<(usize, String)> = Vec::new();
             let mut out = Outcome::default();
             let mut own = (c..bodies.len()).step_by(k);
-            let mut j = 0usize;
+            let mut until_dup = dup_every;
             while Instant::now() < deadline {
-                j += 1;
-                let (i, key) = if j % dup_every == 0 && sent.len() >= 5 {
+                until_dup -= 1;
+                let dup = until_dup == 0;
+                if dup {
+                    until_dup = dup_every;
+                }
+                let (i, key) = if dup && sent.len() >= 5 {
                     sent[sent.len() - 5].clone()
                 } else {
                     let Some(i) = own.next() else { break };
@@ -240,10 +272,21 @@ async fn load(endpoint: &str, bodies: &[String], k: usize, dup_every: usize) -> 
 fn entry_size(server: &RedisServer) -> usize {
     let out = std::process::Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &server.port.to_string(), "--raw"])
-        .args(["XRANGE", &format!("{{{NS}}}:s:webhooks"), "-", "+", "COUNT", "1"])
+        .args([
+            "XRANGE",
+            &format!("{{{NS}}}:s:webhooks"),
+            "-",
+            "+",
+            "COUNT",
+            "1",
+        ])
         .output()
         .expect("redis-cli");
     let text = String::from_utf8_lossy(&out.stdout);
     // First line is the entry id; the rest are field names and values.
-    text.lines().skip(1).map(|l| l.len()).sum::<usize>().max(100)
+    text.lines()
+        .skip(1)
+        .map(|l| l.len())
+        .sum::<usize>()
+        .max(100)
 }

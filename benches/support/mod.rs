@@ -99,7 +99,10 @@ impl RedisServer {
                 Some((name, rps))
             })
             .collect();
-        assert!(!rows.is_empty(), "redis-benchmark printed no result: {text}");
+        assert!(
+            !rows.is_empty(),
+            "redis-benchmark printed no result: {text}"
+        );
         rows
     }
 
@@ -207,9 +210,30 @@ impl Info {
 /// benchmarked path). Redis counts them in `commandstats` and `total_commands_processed` too, so
 /// round trips = every command except these.
 pub const SCRIPT_ONLY: &[&str] = &[
-    "xadd", "xlen", "zadd", "zrem", "hset", "hget", "hdel", "hmget", "hexists", "incr", "sadd",
-    "srem", "lpush", "ltrim", "exists", "del", "time", "set", "get", "pexpire", "zrange",
-    "zrangebyscore", "smembers", "zcard",
+    "xadd",
+    "xlen",
+    "zadd",
+    "zrem",
+    "hset",
+    "hget",
+    "hdel",
+    "hmget",
+    "hexists",
+    "incr",
+    "sadd",
+    "srem",
+    "lpush",
+    "ltrim",
+    "exists",
+    "del",
+    "time",
+    "set",
+    "get",
+    "pexpire",
+    "zrange",
+    "zrangebyscore",
+    "smembers",
+    "zcard",
 ];
 
 #[derive(Clone, Debug, Default)]
@@ -344,6 +368,25 @@ impl Guarded {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// CPU time used so far by the guarded program (the guard shell's children).
+    pub fn cpu(&self) -> Duration {
+        let Some(child) = &self.child else {
+            return Duration::ZERO;
+        };
+        let pid = child.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+            .filter(|c| {
+                std::fs::read_to_string(format!("/proc/{c}/comm"))
+                    .is_ok_and(|comm| comm.trim() != "sh")
+            })
+            .map(pid_cpu)
+            .sum()
+    }
+
     /// The tail of its stderr, for a failure message.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -359,4 +402,33 @@ impl Drop for Guarded {
             let _ = child.wait();
         }
     }
+}
+
+/// CPU time (user + system) this process used so far, from /proc/self/stat (10 ms ticks).
+pub fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// CPU time (user + system) of process `pid` so far.
+pub fn pid_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
