@@ -86,10 +86,16 @@ fn main() {
         client_rt.block_on(load(&endpoint, &bodies[n..], k, usize::MAX));
         let before = server.info();
         let cpu0 = support::process_cpu();
+        let (gw0, load0) = (
+            support::threads_cpu("gateway"),
+            support::threads_cpu("load"),
+        );
         let t0 = Instant::now();
         let outcome = client_rt.block_on(load(&endpoint, &bodies[..n], k, 10));
         let elapsed = t0.elapsed().as_secs_f64();
         let cpu = support::process_cpu() - cpu0;
+        let gw = support::threads_cpu("gateway") - gw0;
+        let load_cpu = support::threads_cpu("load") - load0;
         let delta = before.delta(&server.info());
         drop(stop);
 
@@ -119,6 +125,16 @@ fn main() {
             "bench process (gateway + load generator): {:.0} µs CPU per request, {:.2} cores busy on average",
             cpu.as_secs_f64() * 1e6 / total as f64,
             cpu.as_secs_f64() / elapsed
+        );
+        println!(
+            "  of which gateway runtime threads {:.0} µs, load-generator threads {:.0} µs per request",
+            gw.as_secs_f64() * 1e6 / total as f64,
+            load_cpu.as_secs_f64() * 1e6 / total as f64
+        );
+        result(
+            &format!("ingest.c{k}.gateway_cpu_us_per_req"),
+            gw.as_secs_f64() * 1e6 / total as f64,
+            "us",
         );
         delta.print_breakdown(total as f64, "req", &["info"]);
         assert_eq!(outcome.other, 0, "every request is accepted or a duplicate");

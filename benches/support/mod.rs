@@ -432,3 +432,30 @@ pub fn pid_cpu(pid: u32) -> Duration {
     };
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
+
+/// CPU time so far of this process's threads whose name starts with `prefix` (tokio runtimes
+/// built with `thread_name`).
+pub fn threads_cpu(prefix: &str) -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim().starts_with(prefix))
+        })
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            Duration::from_millis((ticks(11) + ticks(12)) * 10)
+        })
+        .sum()
+}
