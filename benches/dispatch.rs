@@ -1,0 +1,472 @@
+//! End-to-end dispatch of no-op steps: a private redis-server, `ferry coordinator` and
+//! `ferry agent` processes (the real binary, each in its own process), and this bench as the
+//! producer and observer.
+//!
+//! `cargo bench --bench dispatch` (env: `DISPATCH_SAMPLES` pickup samples, default 500;
+//! `DISPATCH_N` jobs per throughput phase, default 10000; `FERRY_BIN` the ferry binary,
+//! default the one cargo builds for this bench, `CARGO_BIN_EXE_ferry`)
+//!
+//! 1. **Pickup latency**, idle fleet (1 coordinator, 1 agent with concurrency 1, both in their
+//!    own processes). Per sample: append one job and watch its stream with a blocking `XREAD`
+//!    until `StepStarted` shows, then sleep 5 ms. Two kinds, interleaved:
+//!    - *queued*: `[JobCreated, StepQueued]` in one append (what the coordinator writes for a
+//!      new job): enqueue → StepStarted, the agent's share alone;
+//!    - *created*: `[JobCreated]` alone: the coordinator plans and queues it, then the agent
+//!      starts it: the whole dispatch path.
+//!
+//!    Latency is measured from the append returning (and from it being called) to the
+//!    observer's `XREAD` returning the StepStarted entry, on this process's monotonic clock.
+//! 2. **Throughput**: N jobs (`JobCreated` with one `StepSpec::Noop` step), appended by this
+//!    process with 64 in flight while coordinators and agents (concurrency 50 each) run; from
+//!    the first append until the global log holds every job's 6 events (JobCreated, StepQueued,
+//!    StepClaimed, StepStarted, StepSucceeded, JobSucceeded), polled with `XLEN` every 5 ms.
+//!    Then a replay checks that every job succeeded. Redis CPU (`INFO cpu`) and commands
+//!    (`INFO commandstats`) are diffed over the same window and divided by the steps.
+//! 3. `redis-benchmark -n 100000 XADD s * f v` and `ZADD` (50 clients, the BullMQ peer's raw
+//!    figures) on the same server, so every figure is also a ratio to raw Redis.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use ferry::domain::JobPhase;
+use ferry::store::redis::RedisStore;
+use ferry::store::{Append, EventLog, StreamId};
+use ferry_proto::{Event, JobCreated, JobId, StepId, StepPlan, StepQueued, StepSpec, StepStarted};
+use redis::aio::MultiplexedConnection;
+use redis::streams::StreamReadReply;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{ms, quantile, result, Guarded, RedisServer};
+
+const NS: &str = "bench";
+const POOL: &str = "default";
+
+fn main() {
+    let samples: usize = env_or("DISPATCH_SAMPLES", 500);
+    let n: usize = env_or("DISPATCH_N", 10_000);
+    let bin = PathBuf::from(
+        std::env::var("FERRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").to_string()),
+    );
+    assert!(bin.exists(), "ferry binary {} not found", bin.display());
+    let server = RedisServer::start();
+    support::print_machine(&server);
+    println!("ferry binary: {}", bin.display());
+    let logs = tempfile::tempdir().expect("log dir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let fleet = Fleet {
+        bin,
+        url: server.url(),
+        logs: logs.path().to_path_buf(),
+    };
+
+    // 1. Pickup latency.
+    println!("\n== pickup latency: 1 coordinator + 1 agent (concurrency 1), own processes, {samples} samples per kind ==");
+    server.flush();
+    {
+        let mut procs = vec![fleet.coordinator(0), fleet.agent(0, 1)];
+        rt.block_on(fleet.ready(&mut procs, 1));
+        let (queued, created) = rt.block_on(pickup(&fleet.url, samples));
+        for (name, s) in [("queued", &queued), ("created", &created)] {
+            let mut from_return: Vec<Duration> = s.iter().map(|x| x.0).collect();
+            let mut from_call: Vec<Duration> = s.iter().map(|x| x.1).collect();
+            from_return.sort();
+            from_call.sort();
+            let what = match name {
+                "queued" => "append [JobCreated, StepQueued] → StepStarted",
+                _ => "append [JobCreated] → coordinator queues → StepStarted",
+            };
+            println!(
+                "ferry pickup ({what}): from append returned p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; from append called p50 {:.2} ms, p99 {:.2} ms",
+                ms(quantile(&from_return, 0.5)),
+                ms(quantile(&from_return, 0.99)),
+                ms(quantile(&from_return, 1.0)),
+                ms(quantile(&from_call, 0.5)),
+                ms(quantile(&from_call, 0.99)),
+            );
+            result(
+                &format!("pickup.{name}.p50_ms"),
+                ms(quantile(&from_return, 0.5)),
+                "ms",
+            );
+            result(
+                &format!("pickup.{name}.p99_ms"),
+                ms(quantile(&from_return, 0.99)),
+                "ms",
+            );
+            result(
+                &format!("pickup.{name}.call_p50_ms"),
+                ms(quantile(&from_call, 0.5)),
+                "ms",
+            );
+            result(
+                &format!("pickup.{name}.call_p99_ms"),
+                ms(quantile(&from_call, 0.99)),
+                "ms",
+            );
+        }
+        for p in &mut procs {
+            assert!(p.alive(), "a role process died:\n{}", p.log_tail());
+        }
+    }
+
+    // 2. Throughput.
+    for (coordinators, agents) in [(1usize, 1usize), (2, 2)] {
+        println!("\n== dispatch throughput: {n} no-op jobs, {coordinators} coordinator(s) + {agents} agent(s) (concurrency 50), own processes ==");
+        server.flush();
+        let mut procs = Vec::new();
+        for i in 0..coordinators {
+            procs.push(fleet.coordinator(i));
+        }
+        for i in 0..agents {
+            procs.push(fleet.agent(i, 50));
+        }
+        rt.block_on(fleet.ready(&mut procs, agents));
+        let base = xlen(&server);
+        let cpu0: Vec<Duration> = procs.iter().map(Guarded::cpu).collect();
+        let bench_cpu0 = support::process_cpu();
+        let before = server.info();
+        let t0 = Instant::now();
+        let (produced, polls) = rt.block_on(produce(&fleet.url, &server, n, base));
+        let elapsed = t0.elapsed().as_secs_f64();
+        let delta = before.delta(&server.info());
+        let bench_cpu = support::process_cpu() - bench_cpu0;
+        let cpu: Vec<Duration> = procs
+            .iter()
+            .zip(&cpu0)
+            .map(|(p, c0)| p.cpu() - *c0)
+            .collect();
+        for p in &mut procs {
+            assert!(p.alive(), "a role process died:\n{}", p.log_tail());
+        }
+        drop(procs);
+        let succeeded = rt.block_on(succeeded(&fleet.url));
+        let rate = succeeded as f64 / elapsed;
+        println!(
+            "ferry: {succeeded}/{produced} jobs succeeded in {elapsed:.2} s: {rate:.0} steps/s end to end (producer included)"
+        );
+        let exclude = ["info", "xlen"];
+        let tag = format!("c{coordinators}a{agents}");
+        let steps = succeeded.max(1) as f64;
+        println!(
+            "redis: {:.1} µs CPU per step; {:.1} round trips per step (client commands, not counting the bench's {polls} XLEN polls and INFO)",
+            delta.cpu_s * 1e6 / steps,
+            delta.round_trips(&exclude) as f64 / steps,
+        );
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / steps;
+        let coord_cpu: Duration = cpu[..coordinators].iter().sum();
+        let agent_cpu: Duration = cpu[coordinators..].iter().sum();
+        println!(
+            "CPU µs per step: redis {:.1}, coordinators {:.1}, agents {:.1}, producer/observer (this process) {:.1}; cores busy: redis {:.2}, coordinators {:.2}, agents {:.2}, producer {:.2}",
+            delta.cpu_s * 1e6 / steps,
+            per(coord_cpu),
+            per(agent_cpu),
+            per(bench_cpu),
+            delta.cpu_s / elapsed,
+            coord_cpu.as_secs_f64() / elapsed,
+            agent_cpu.as_secs_f64() / elapsed,
+            bench_cpu.as_secs_f64() / elapsed,
+        );
+        result(
+            &format!("dispatch.{tag}.coordinator_cpu_us_per_step"),
+            per(coord_cpu),
+            "us",
+        );
+        result(
+            &format!("dispatch.{tag}.agent_cpu_us_per_step"),
+            per(agent_cpu),
+            "us",
+        );
+        delta.print_breakdown(steps, "step", &exclude);
+        result(&format!("dispatch.{tag}.steps_per_s"), rate, "steps/s");
+        result(
+            &format!("dispatch.{tag}.redis_cpu_us_per_step"),
+            delta.cpu_s * 1e6 / steps,
+            "us",
+        );
+        result(
+            &format!("dispatch.{tag}.round_trips_per_step"),
+            delta.round_trips(&exclude) as f64 / steps,
+            "",
+        );
+        assert_eq!(succeeded, n, "every job succeeded");
+    }
+
+    // 3. Raw Redis on the same server.
+    server.flush();
+    let xadd = server.benchmark_one(&["-n", "100000", "XADD", "s", "*", "f", "v"]);
+    server.flush();
+    let zadd = server.benchmark_one(&[
+        "-n",
+        "200000",
+        "-r",
+        "1000000",
+        "ZADD",
+        "z",
+        "__rand_int__",
+        "m__rand_int__",
+    ]);
+    println!(
+        "\nredis-benchmark, same server, -c 50 -P 1: XADD s * f v {xadd:.0}/s; ZADD {zadd:.0}/s"
+    );
+    result("dispatch.ref_xadd", xadd, "ops/s");
+    result("dispatch.ref_zadd", zadd, "ops/s");
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Fleet {
+    bin: PathBuf,
+    url: String,
+    logs: PathBuf,
+}
+
+impl Fleet {
+    fn coordinator(&self, i: usize) -> Guarded {
+        let name = format!("bench-c{i}");
+        Guarded::spawn(
+            &self.bin,
+            &["--store", &self.url, "coordinator"],
+            &[
+                ("FERRY_NAMESPACE", NS),
+                ("FERRY_AGENT_NAME", &name),
+                ("FERRY_LOG", "warn"),
+            ],
+            self.logs.join(format!("{name}.log")),
+        )
+    }
+
+    fn agent(&self, i: usize, concurrency: usize) -> Guarded {
+        let name = format!("bench-a{i}");
+        Guarded::spawn(
+            &self.bin,
+            &[
+                "--store",
+                &self.url,
+                "agent",
+                "--name",
+                &name,
+                "--pools",
+                POOL,
+                "--concurrency",
+                &concurrency.to_string(),
+            ],
+            &[("FERRY_NAMESPACE", NS), ("FERRY_LOG", "warn")],
+            self.logs.join(format!("{name}.log")),
+        )
+    }
+
+    /// Waits until `agents` agents joined and the coordinators' group exists, then a little
+    /// more so every process sits in its blocking read.
+    async fn ready(&self, procs: &mut [Guarded], agents: usize) {
+        let store = RedisStore::connect(&self.url, NS).await.expect("connect");
+        let mut conn = client(&self.url).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for p in procs.iter_mut() {
+                assert!(p.alive(), "a role process exited:\n{}", p.log_tail());
+            }
+            let joined = store
+                .read_stream(&StreamId::Agents, 0)
+                .await
+                .map(|s| s.len())
+                .unwrap_or(0);
+            let groups: redis::Value = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(format!("{{{NS}}}:log"))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(redis::Value::Nil);
+            let has_group = matches!(&groups, redis::Value::Array(a) if !a.is_empty());
+            if joined >= agents && has_group {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the fleet did not start in 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn client(url: &str) -> MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    redis::Client::open(url)
+        .expect("url")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connect")
+}
+
+fn noop_job() -> (JobId, Event) {
+    let job = JobId::new();
+    let created = JobCreated {
+        job,
+        project_id: 1,
+        project: "group/app".into(),
+        tag: "v1".into(),
+        git_ref: "refs/tags/v1".into(),
+        sha: "a".repeat(40),
+        priority: 0,
+        trigger: "bench".into(),
+        steps: vec![StepPlan {
+            step: StepId::new("noop"),
+            pool: POOL.into(),
+            priority: 0,
+            spec: StepSpec::Noop,
+        }],
+    };
+    (job, created.into())
+}
+
+fn started_kind() -> u16 {
+    Event::from(StepStarted {
+        step: StepId::new("x"),
+        attempt: 1,
+        agent: ferry_proto::AgentId::new("x"),
+    })
+    .kind()
+}
+
+/// Pickup samples, alternating kinds: (from append returned, from append called).
+type Samples = Vec<(Duration, Duration)>;
+
+async fn pickup(url: &str, samples: usize) -> (Samples, Samples) {
+    let store = RedisStore::connect(url, NS).await.expect("connect");
+    let mut watch = client(url).await;
+    let started = started_kind().to_string();
+    let (mut queued, mut created) = (Vec::new(), Vec::new());
+    let warmup = 20;
+    for i in 0..(samples + warmup) * 2 {
+        let (job, event) = noop_job();
+        let direct = i % 2 == 0;
+        let mut events = vec![event];
+        if direct {
+            events.push(
+                StepQueued {
+                    step: StepId::new("noop"),
+                    attempt: 1,
+                    pool: POOL.into(),
+                    priority: 0,
+                }
+                .into(),
+            );
+        }
+        let t_call = Instant::now();
+        store
+            .append(Append::new(StreamId::Job(job), events).expect(0))
+            .await
+            .expect("append the job");
+        let t_return = Instant::now();
+        let key = format!("{{{NS}}}:s:job:{job}");
+        let mut last = "0-0".to_string();
+        let seen = 'watch: loop {
+            let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(16)
+                .arg("BLOCK")
+                .arg(5000)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(&last)
+                .query_async(&mut watch)
+                .await
+                .expect("xread");
+            let Some(reply) = reply else {
+                panic!("job {job}: no StepStarted within 5 s");
+            };
+            let now = Instant::now();
+            for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
+                let kind: Option<String> = entry.get("k");
+                if kind.as_deref() == Some(started.as_str()) {
+                    break 'watch now;
+                }
+                last = entry.id;
+            }
+        };
+        if i >= warmup * 2 {
+            let sample = (seen - t_return, seen - t_call);
+            if direct {
+                queued.push(sample);
+            } else {
+                created.push(sample);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (queued, created)
+}
+
+fn xlen(server: &RedisServer) -> u64 {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &server.port.to_string()])
+        .args(["XLEN", &format!("{{{NS}}}:log")])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Appends `n` no-op jobs (64 in flight) and waits until the log holds their 6 events each.
+/// Returns the jobs appended and the XLEN polls made. Bounded to 150 s.
+async fn produce(url: &str, _server: &RedisServer, n: usize, base: u64) -> (usize, u64) {
+    let store = Arc::new(RedisStore::connect(url, NS).await.expect("connect"));
+    let inflight = 64;
+    let mut tasks = Vec::new();
+    for w in 0..inflight {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut count = 0;
+            for _ in (w..n).step_by(inflight) {
+                let (job, created) = noop_job();
+                store
+                    .append(Append::new(StreamId::Job(job), vec![created]).expect(0))
+                    .await
+                    .expect("append a job");
+                count += 1;
+            }
+            count
+        }));
+    }
+    let mut conn = client(url).await;
+    let target = base + 6 * n as u64;
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let mut polls = 0u64;
+    loop {
+        let len: u64 = redis::cmd("XLEN")
+            .arg(format!("{{{NS}}}:log"))
+            .query_async(&mut conn)
+            .await
+            .expect("xlen");
+        polls += 1;
+        if len >= target || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut produced = 0;
+    for t in tasks {
+        produced += t.await.expect("producer");
+    }
+    (produced, polls)
+}
+
+/// Jobs that reached `Succeeded`, by a replay of the log.
+async fn succeeded(url: &str) -> usize {
+    let store = RedisStore::connect(url, NS).await.expect("connect");
+    let view = ferry::replay::rebuild(&store).await.expect("replay");
+    view.jobs
+        .values()
+        .filter(|j| j.phase == JobPhase::Succeeded)
+        .count()
+}
