@@ -7,6 +7,7 @@ use crate::store::{
     self, environment_index, now_ms, Append, Error, LogPos, Store, Stored, StreamId, LIVE,
 };
 use ferry_proto::{Event, FencingToken, JobCancelled, JobId, JobSuperseded, StepSpec};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,52 +125,74 @@ impl Coordinator {
         }
     }
 
-    /// Handles each entry and acknowledges the ones handled. An entry whose handling failed
+    /// Handles a batch and acknowledges the entries handled. An entry whose handling failed
     /// stays pending and comes back (to us after a restart, or to another coordinator).
+    ///
+    /// Decisions are level-triggered, so all the entries of one job in a batch need one
+    /// reconcile of that job, and different jobs are reconciled concurrently: a burst costs
+    /// round trips per job, not per event, and not one after another.
     async fn handle_batch(&self, batch: Vec<Stored>) {
         let mut done: Vec<LogPos> = Vec::with_capacity(batch.len());
+        let mut jobs: BTreeMap<JobId, (Vec<LogPos>, Vec<Event>)> = BTreeMap::new();
         for stored in batch {
-            match self.handle(&stored).await {
+            let event = match stored.decode() {
+                Ok(e) => e,
+                Err(e) => {
+                    // A newer node wrote a kind this build does not know: not ours to act on.
+                    warn!(pos = %stored.pos, error = %e, "skipping an event this version cannot read");
+                    done.push(stored.pos);
+                    continue;
+                }
+            };
+            let handled = match StreamId::parse(&stored.envelope.stream) {
+                Some(StreamId::Job(job)) if wakes_coordinator(&event) => {
+                    let entry = jobs.entry(job).or_default();
+                    entry.0.push(stored.pos);
+                    entry.1.push(event);
+                    continue;
+                }
+                Some(StreamId::Webhooks) => match &event {
+                    Event::WebhookReceived(w) if w.action == "build" => {
+                        self.create(&stored.pos, w).await
+                    }
+                    Event::WebhookReceived(w) if w.action == "delete" => {
+                        self.cancel_deleted_tag(&stored.pos, w).await
+                    }
+                    _ => Ok(()),
+                },
+                _ => Ok(()),
+            };
+            match handled {
                 Ok(()) => done.push(stored.pos),
                 Err(e) => {
                     warn!(pos = %stored.pos, error = %e, "feed entry not handled; it will be retried")
                 }
             }
         }
+        let results = futures_util::future::join_all(jobs.into_iter().map(
+            |(job, (positions, events))| async move {
+                let result = async {
+                    let state = self.reconcile(job).await?;
+                    if events.iter().any(|e| frees_environment(&state, e)) {
+                        self.wake_environments(&state).await?;
+                    }
+                    Ok::<_, Error>(())
+                }
+                .await;
+                (job, positions, result)
+            },
+        ))
+        .await;
+        for (job, positions, result) in results {
+            match result {
+                Ok(()) => done.extend(positions),
+                Err(e) => warn!(%job, error = %e, "job not reconciled; its feed entries will be retried"),
+            }
+        }
         if !done.is_empty() {
             if let Err(e) = self.store.ack(GROUP, &done).await {
                 warn!(error = %e, "could not acknowledge feed entries; they will be handled again");
             }
-        }
-    }
-
-    async fn handle(&self, stored: &Stored) -> Result<(), Error> {
-        let event = match stored.decode() {
-            Ok(e) => e,
-            Err(e) => {
-                // A newer node wrote a kind this build does not know: not ours to act on.
-                warn!(pos = %stored.pos, error = %e, "skipping an event this version cannot read");
-                return Ok(());
-            }
-        };
-        match StreamId::parse(&stored.envelope.stream) {
-            Some(StreamId::Job(job)) if wakes_coordinator(&event) => {
-                let state = self.reconcile(job).await?;
-                if frees_environment(&state, &event) {
-                    self.wake_environments(&state).await?;
-                }
-                Ok(())
-            }
-            Some(StreamId::Webhooks) => match &event {
-                Event::WebhookReceived(w) if w.action == "build" => {
-                    self.create(&stored.pos, w).await
-                }
-                Event::WebhookReceived(w) if w.action == "delete" => {
-                    self.cancel_deleted_tag(&stored.pos, w).await
-                }
-                _ => Ok(()),
-            },
-            _ => Ok(()),
         }
     }
 
@@ -247,15 +270,18 @@ impl Coordinator {
             if events.is_empty() {
                 return Ok(state);
             }
-            let names: Vec<&str> = events.iter().map(|e| e.name()).collect();
-            match self
-                .store
-                .append(Append::new(StreamId::Job(job), events).expect(state.version))
-                .await
-            {
+            let append = Append::new(StreamId::Job(job), events.clone()).expect(state.version);
+            let at_ms = append.at_ms;
+            match self.store.append(append).await {
                 Ok(_) => {
-                    debug!(%job, events = ?names, "decided");
-                    return self.fold(job).await;
+                    // The append landed at exactly the version we folded: the new state is the
+                    // old one plus our events, no need to read the stream again.
+                    let mut state = state;
+                    for e in &events {
+                        state.evolve(e, at_ms);
+                    }
+                    debug!(%job, events = ?events.iter().map(Event::name).collect::<Vec<_>>(), "decided");
+                    return Ok(state);
                 }
                 Err(Error::Conflict { .. }) => continue,
                 Err(e) => return Err(e),
