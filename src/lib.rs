@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod build;
 pub mod cli;
 pub mod config;
 pub mod coordinator;

@@ -1,5 +1,6 @@
 //! The one integration test binary.
 
+mod build;
 mod cli;
 mod conformance;
 mod flow;
