@@ -175,7 +175,7 @@ pub(super) fn mirror_name(project: &str) -> String {
         }
     }
     if out.is_empty() || out.starts_with('.') {
-        out.insert_str(0, "_");
+        out.insert(0, '_');
     }
     out
 }

@@ -39,7 +39,7 @@ fn file_names_are_one_safe_component() {
             "abc",
             "a-b-c-v1_touch_pwned-abc.tar.gz",
         ),
-        ("app", "../../etc", "ff", "app-_.-.-etc-ff.tar.gz"),
+        ("app", "../../etc", "ff", "app-_.-..-etc-ff.tar.gz"),
         ("app", "v$(id)", "ff", "app-v__id_-ff.tar.gz"),
     ] {
         let name = file_name(project, tag, sha);
