@@ -273,6 +273,53 @@ async fn a_build_that_times_out_has_its_whole_process_group_killed() {
 }
 
 #[tokio::test]
+async fn cancelling_a_build_kills_its_process_group() {
+    let repo = Repo::new();
+    let env = repo.env();
+    let pidfile = repo.dir.path().join("sleep.pid");
+    let mut spec = spec(&repo.file_url());
+    spec.commands = vec![r#"sleep 1000 & echo $! > "$PIDFILE"; wait"#.into()];
+    spec.env
+        .insert("PIDFILE".into(), pidfile.display().to_string());
+    let git_ref = "refs/tags/v1.0.0";
+    let job = BuildJob {
+        project: "group/app",
+        tag: "v1.0.0",
+        git_ref,
+        sha: &repo.first,
+        job_id: JobId::new(),
+        attempt: 1,
+        spec: &spec,
+    };
+    // Cancel once the background child is running.
+    let cancel = {
+        let pidfile = pidfile.clone();
+        async move {
+            while !pidfile.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let result = tokio::time::timeout(DEADLINE, build::run(job, &env, &|_| {}, cancel))
+        .await
+        .expect("the build stops when cancelled");
+    let err = result.unwrap_err();
+    assert_eq!(err.to_string(), "build cancelled");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until("the background sleep to be gone", || !alive(pid));
+    assert_eq!(
+        std::fs::read_dir(env.data_dir.join("work"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[tokio::test]
 async fn secrets_printed_by_the_build_are_masked() {
     let repo = Repo::new();
     let mut env = repo.env();
