@@ -2,6 +2,7 @@
 
 mod agent;
 mod api;
+mod build;
 mod cli;
 mod conformance;
 mod deploy;

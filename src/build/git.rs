@@ -1,0 +1,265 @@
+//! Checkout with gix (blocking API: call from `spawn_blocking`). One bare mirror per project,
+//! fetched incrementally with explicit refspecs, then the tag's tree exported into a plain
+//! directory after checking that the tag still points at the commit the job was planned for.
+//!
+//! Transports: `file://` and plain paths (gix runs `git upload-pack`, so `git` must be on `PATH`),
+//! `git://` and `http(s)://` (pure Rust; TLS through rustls with the ring provider), and ssh
+//! (`ssh://`, `user@host:path`) through the `ssh` program with the agent's key.
+
+use super::Error;
+use gix::remote::Direction;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+/// Every branch and tag, force-updated: the mirror follows the remote, moved tags included.
+/// (A bare clone saves no fetch refspec; passing them on each fetch keeps the mirror's config
+/// irrelevant and lets a project's clone URL change.)
+const REFSPECS: [&str; 2] = ["+refs/tags/*:refs/tags/*", "+refs/heads/*:refs/heads/*"];
+
+pub(super) struct Checkout {
+    /// `<data_dir>/mirrors`.
+    pub mirrors: PathBuf,
+    pub project: String,
+    pub url: String,
+    pub tag: String,
+    pub git_ref: String,
+    pub sha: String,
+    /// Created by the checkout; must not exist yet.
+    pub dest: PathBuf,
+    pub ssh_key: Option<PathBuf>,
+}
+
+pub(super) struct CheckedOut {
+    pub files: usize,
+    pub mirror_created: bool,
+}
+
+pub(super) fn checkout(req: &Checkout, interrupt: &AtomicBool) -> Result<CheckedOut, Error> {
+    install_tls_provider();
+    let fetch_err = |reason: String| Error::Fetch {
+        url: req.url.clone(),
+        reason,
+    };
+    let checkout_err = |reason: String| Error::Checkout {
+        tag: req.tag.clone(),
+        reason,
+    };
+    std::fs::create_dir_all(&req.mirrors).map_err(|source| Error::Io {
+        what: "creating mirror directory",
+        path: req.mirrors.clone(),
+        source,
+    })?;
+    let name = mirror_name(&req.project);
+    let dir = req.mirrors.join(format!("{name}.git"));
+    // Serialises fetches into one mirror across builds, threads and agent processes sharing the
+    // data directory. Released when `_lock` is dropped.
+    let lock_path = req.mirrors.join(format!("{name}.lock"));
+    let _lock = lock_exclusive(&lock_path).map_err(|source| Error::Io {
+        what: "locking mirror",
+        path: lock_path.clone(),
+        source,
+    })?;
+
+    let (mut repo, mirror_created) = open_or_init(&dir).map_err(fetch_err)?;
+    if let Some(key) = &req.ssh_key {
+        let mut config = repo.config_snapshot_mut();
+        config
+            .set_value(&gix::config::tree::Core::SSH_COMMAND, ssh_command(key))
+            .and_then(|_| config.set_value(&gix::config::tree::Ssh::VARIANT, "ssh"))
+            .map_err(|e| fetch_err(format!("configuring ssh: {e}")))?;
+        config
+            .commit()
+            .map_err(|e| fetch_err(format!("configuring ssh: {e}")))?;
+    }
+
+    let git_ref = if req.git_ref.is_empty() {
+        format!("refs/tags/{}", req.tag)
+    } else {
+        req.git_ref.clone()
+    };
+    let outcome = repo
+        .remote_at(req.url.as_str())
+        .and_then(|r| r.with_refspecs(REFSPECS, Direction::Fetch))
+        .map(|r| r.with_fetch_tags(gix::remote::fetch::Tags::None))
+        .and_then(|remote| {
+            remote
+                .connect(Direction::Fetch)?
+                .prepare_fetch(gix::progress::Discard, Default::default())?
+                .receive(gix::progress::Discard, interrupt)
+        })
+        .map_err(|e| fetch_err(e.to_string()))?;
+    // The remote must still advertise the ref: a tag deleted upstream stays in the mirror.
+    let advertised = outcome
+        .ref_map
+        .remote_refs
+        .iter()
+        .any(|r| r.unpack().0 == git_ref.as_bytes());
+    if !advertised {
+        return Err(Error::TagNotFound {
+            tag: req.tag.clone(),
+            url: req.url.clone(),
+        });
+    }
+
+    let mut reference = repo
+        .find_reference(git_ref.as_str())
+        .map_err(|e| checkout_err(format!("finding {git_ref} in the mirror: {e}")))?;
+    let peeled = reference
+        .peel_to_id()
+        .map_err(|e| checkout_err(format!("peeling {git_ref}: {e}")))?;
+    if !peeled.to_string().eq_ignore_ascii_case(&req.sha) {
+        return Err(Error::TagMoved {
+            tag: req.tag.clone(),
+            now: peeled.to_string(),
+            planned: req.sha.clone(),
+        });
+    }
+    let commit = peeled
+        .object()
+        .and_then(|o| o.try_into_commit())
+        .map_err(|e| checkout_err(format!("{git_ref} does not point to a commit: {e}")))?;
+    let tree = commit
+        .tree_id()
+        .map_err(|e| checkout_err(format!("reading the commit's tree: {e}")))?;
+    let mut index = repo
+        .index_from_tree(&tree)
+        .map_err(|e| checkout_err(format!("reading tree {tree}: {e}")))?;
+    let mut opts = repo
+        .checkout_options(gix::worktree::stack::state::attributes::Source::IdMapping)
+        .map_err(|e| checkout_err(e.to_string()))?;
+    opts.destination_is_initially_empty = true;
+    std::fs::create_dir_all(&req.dest).map_err(|source| Error::Io {
+        what: "creating checkout directory",
+        path: req.dest.clone(),
+        source,
+    })?;
+    let objects = repo
+        .objects
+        .clone()
+        .into_arc()
+        .map_err(|e| checkout_err(e.to_string()))?;
+    let done = gix::worktree::state::checkout(
+        &mut index,
+        &req.dest,
+        objects,
+        &gix::progress::Discard,
+        &gix::progress::Discard,
+        interrupt,
+        opts,
+    )
+    .map_err(|e| checkout_err(e.to_string()))?;
+    if let Some(first) = done.errors.first() {
+        return Err(checkout_err(format!(
+            "{} files failed, the first {}: {}",
+            done.errors.len(),
+            first.path,
+            first.error
+        )));
+    }
+    Ok(CheckedOut {
+        files: done.files_updated,
+        mirror_created,
+    })
+}
+
+/// The mirror's directory name for a project path: injective (`group/app` and `group_app` get
+/// different names) and free of path separators and `..`.
+pub(super) fn mirror_name(project: &str) -> String {
+    let mut out = String::with_capacity(project.len());
+    for b in project.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'.' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    if out.is_empty() || out.starts_with('.') {
+        out.insert(0, '_');
+    }
+    out
+}
+
+/// The `core.sshCommand` that makes `ssh` use exactly the agent's key and never prompt.
+/// Host keys are checked against the agent user's known_hosts (ssh's default).
+fn ssh_command(key: &Path) -> String {
+    let key = key.to_string_lossy().replace('\'', r"'\''");
+    format!("ssh -i '{key}' -o IdentitiesOnly=yes -o BatchMode=yes")
+}
+
+fn open_or_init(dir: &Path) -> Result<(gix::Repository, bool), String> {
+    if dir.join("HEAD").exists() {
+        match gix::open(dir) {
+            Ok(repo) => return Ok((repo, false)),
+            Err(e) => {
+                // A half-created mirror (the agent died while creating it): start over.
+                tracing::warn!(mirror = %dir.display(), error = %e, "mirror unreadable; recreating it");
+                std::fs::remove_dir_all(dir)
+                    .map_err(|e| format!("removing {}: {e}", dir.display()))?;
+            }
+        }
+    } else if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
+    }
+    gix::init_bare(dir)
+        .map(|r| (r, true))
+        .map_err(|e| format!("creating mirror {}: {e}", dir.display()))
+}
+
+/// An exclusive `flock` on `path`, held until the returned file is dropped.
+fn lock_exclusive(path: &Path) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    loop {
+        // SAFETY: flock(2) on a file descriptor we own for the duration of the call.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            return Ok(file);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// gix's http transport is reqwest with provider-less rustls (see Cargo.toml): install ring as
+/// the process-wide provider once. Failing means another provider is already installed: fine.
+fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_names_are_injective_and_safe() {
+        for (project, expected) in [
+            ("group/app", "group_2fapp"),
+            ("group_app", "group_5fapp"),
+            ("a.b-c", "a.b-c"),
+            ("..", "_.."),
+            ("", "_"),
+            ("x/../y", "x_2f.._2fy"),
+        ] {
+            assert_eq!(mirror_name(project), expected, "{project}");
+            assert!(!mirror_name(project).contains('/'));
+        }
+    }
+
+    #[test]
+    fn ssh_command_quotes_the_key_path() {
+        assert_eq!(
+            ssh_command(Path::new("/keys/it's key")),
+            r"ssh -i '/keys/it'\''s key' -o IdentitiesOnly=yes -o BatchMode=yes"
+        );
+    }
+}

@@ -1,0 +1,394 @@
+//! The build step executor: check a tag out of a per-project mirror, run the job's commands in
+//! their own process group, pack the artifact paths into a deterministic tar.gz and publish it to
+//! the artifact store under a content-addressed key.
+//!
+//! The agent calls [`run`] once per claimed build step and turns the result into events
+//! (`ArtifactPublished` + `StepSucceeded`, or `StepFailed` with [`Error::retryable`] and
+//! [`Error::exit_code`]). Everything that touches git, processes or the artifact store lives
+//! here; nothing here touches the event store.
+//!
+//! Invariants kept here (design.md):
+//! - **8 (untrusted input)**: the tag, ref, sha and project travel to commands only as
+//!   `FERRY_*` environment variables; commands are the job's own strings run with `sh -c`.
+//!   Artifact paths that are absolute, contain `..` or resolve outside the checkout are refused.
+//!   The tag and project appear in file names only after [`artifact::file_name_part`].
+//! - **10 (secrets)**: every line the commands print is masked ([`mask::Masker`]) before it
+//!   reaches `log`.
+//! - **4 (effects land once)**: the artifact key is the sha256 of its bytes, and packing is
+//!   deterministic, so a re-run that builds the same bytes reuses the stored object.
+
+pub mod artifact;
+mod command;
+mod git;
+pub mod mask;
+
+pub use artifact::{Artifact, ArtifactStore};
+
+use ferry_proto::{BuildSpec, JobId};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The job facts a build step needs, borrowed from the job's plan (`JobCreated`).
+#[derive(Clone, Copy, Debug)]
+pub struct BuildJob<'a> {
+    /// `path_with_namespace`, e.g. `group/app`.
+    pub project: &'a str,
+    /// Short tag name, e.g. `v1.0.0`. Untrusted: reaches commands only as `FERRY_TAG`.
+    pub tag: &'a str,
+    /// Full ref, e.g. `refs/tags/v1.0.0`.
+    pub git_ref: &'a str,
+    /// The commit the job was planned for (full hex id).
+    pub sha: &'a str,
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub spec: &'a BuildSpec,
+}
+
+/// What the agent provides to every build: where to keep mirrors and work directories, where to
+/// publish artifacts, its secrets and its SSH key.
+#[derive(Clone, Debug)]
+pub struct BuildEnv {
+    /// Mirrors live in `<data_dir>/mirrors`, work directories in `<data_dir>/work`.
+    pub data_dir: PathBuf,
+    pub artifacts: ArtifactStore,
+    /// `(name, value)`: resolved secrets. A build gets the ones its spec names, by name; every
+    /// value is masked in every build's output.
+    pub secrets: Vec<(String, String)>,
+    /// Private key for `ssh://` and `user@host:path` clone URLs.
+    pub ssh_key: Option<PathBuf>,
+}
+
+/// Which stream a log line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+    /// The executor's own progress lines.
+    Ferry,
+}
+
+impl Stream {
+    /// The name used in `StepLog::stream`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+            Stream::Ferry => "ferry",
+        }
+    }
+}
+
+/// One line of build output, already masked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogLine {
+    pub stream: Stream,
+    pub line: String,
+}
+
+/// Why a build failed. [`Error::retryable`] separates infrastructure failures (worth another
+/// attempt, maybe on another agent) from failures of the build itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("fetching {url} failed: {reason}")]
+    Fetch { url: String, reason: String },
+    #[error("checking out {tag} failed: {reason}")]
+    Checkout { tag: String, reason: String },
+    #[error("tag {tag} does not exist at {url}")]
+    TagNotFound { tag: String, url: String },
+    #[error("tag {tag} moved: it now points to {now}, the job was planned for {planned}")]
+    TagMoved {
+        tag: String,
+        now: String,
+        planned: String,
+    },
+    #[error("secret {name} is not configured on this agent")]
+    MissingSecret { name: String },
+    #[error("starting command {index} failed: {source}")]
+    Spawn {
+        index: usize,
+        source: std::io::Error,
+    },
+    #[error("command {index} ({command}) {how}")]
+    CommandFailed {
+        index: usize,
+        command: String,
+        /// `exited with code 2` or `was killed by signal 9`.
+        how: String,
+        code: Option<i32>,
+    },
+    #[error("build timed out after {}s", .after.as_secs())]
+    TimedOut { after: Duration },
+    #[error("build cancelled")]
+    Cancelled,
+    #[error("artifact path {path} {why}")]
+    PathRefused { path: String, why: String },
+    #[error("artifact path {path} does not exist in the checkout")]
+    NoArtifacts { path: String },
+    #[error("the build spec lists no artifact paths")]
+    NoArtifactPaths,
+    #[error("packing artifact {name} failed: {source}")]
+    Pack {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("artifact store {url}: {reason}")]
+    Store { url: String, reason: String },
+    #[error("artifact store url {url} is not supported: {why}")]
+    UnsupportedStore { url: String, why: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Infrastructure failures (clone or fetch, the artifact store, local disk) are retryable; a
+    /// command that failed or timed out, a moved tag and a refused path are not: another attempt
+    /// would fail the same way.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Fetch { .. }
+                | Error::Checkout { .. }
+                | Error::Spawn { .. }
+                | Error::Pack { .. }
+                | Error::Store { .. }
+                | Error::Io { .. }
+        )
+    }
+
+    /// The exit code of the command that failed, when one exited with a code.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Error::CommandFailed { code, .. } => *code,
+            _ => None,
+        }
+    }
+}
+
+/// Runs one build: checkout, commands, artifact. Lines of output go to `log` as they come.
+///
+/// `cancel` resolving stops the build: a running fetch is interrupted and the commands' process
+/// group is killed. Dropping the returned future does the same (best effort: the group is killed
+/// by the drop guard, a fetch stops at its next interrupt check). The work directory
+/// `<data_dir>/work/<job>-<attempt>` is removed at the end whatever the outcome; the mirror is
+/// kept for the next build.
+pub async fn run(
+    job: BuildJob<'_>,
+    env: &BuildEnv,
+    log: &(dyn Fn(LogLine) + Send + Sync),
+    cancel: impl Future<Output = ()>,
+) -> Result<Artifact, Error> {
+    let work = env
+        .data_dir
+        .join("work")
+        .join(format!("{}-{}", job.job_id, job.attempt));
+    let _cleanup = RemoveOnDrop(work.clone());
+    tokio::pin!(cancel);
+    let result = run_in(job, env, log, &work, cancel.as_mut()).await;
+    let removed = {
+        let work = work.clone();
+        tokio::task::spawn_blocking(move || remove_dir_if_exists(&work)).await
+    };
+    if let Ok(Err(e)) = removed {
+        tracing::warn!(path = %work.display(), error = %e, "removing the build work directory failed");
+    }
+    result
+}
+
+async fn run_in(
+    job: BuildJob<'_>,
+    env: &BuildEnv,
+    log: &(dyn Fn(LogLine) + Send + Sync),
+    work: &Path,
+    mut cancel: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Artifact, Error> {
+    let ferry = |line: String| {
+        log(LogLine {
+            stream: Stream::Ferry,
+            line,
+        })
+    };
+    let spec = job.spec;
+    if spec.artifacts.is_empty() {
+        return Err(Error::NoArtifactPaths);
+    }
+    // Refuse bad artifact paths before spending time on a checkout.
+    for p in &spec.artifacts {
+        artifact::check_relative(p)?;
+    }
+    let secrets = resolve_secrets(spec, env)?;
+    let masker = mask::Masker::new(
+        env.secrets
+            .iter()
+            .map(|(_, v)| v.clone())
+            .chain(mask::secret_values_from_env(std::env::vars())),
+    );
+
+    {
+        let work = work.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            remove_dir_if_exists(&work)?;
+            std::fs::create_dir_all(&work).map_err(|source| Error::Io {
+                what: "creating work directory",
+                path: work.clone(),
+                source,
+            })
+        })
+        .await
+        .map_err(join_error)??;
+    }
+    let src = work.join("src");
+
+    ferry(format!("fetching {}", masker.mask(&spec.clone_url)));
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let _interrupt_on_drop = SetOnDrop(interrupt.clone());
+    let checkout = {
+        let req = git::Checkout {
+            mirrors: env.data_dir.join("mirrors"),
+            project: job.project.to_string(),
+            url: spec.clone_url.clone(),
+            tag: job.tag.to_string(),
+            git_ref: job.git_ref.to_string(),
+            sha: job.sha.to_string(),
+            dest: src.clone(),
+            ssh_key: env.ssh_key.clone(),
+        };
+        let interrupt = interrupt.clone();
+        tokio::task::spawn_blocking(move || git::checkout(&req, &interrupt))
+    };
+    let checked_out = tokio::select! {
+        r = checkout => r.map_err(join_error)??,
+        _ = cancel.as_mut() => {
+            interrupt.store(true, Ordering::Relaxed);
+            return Err(Error::Cancelled);
+        }
+    };
+    ferry(format!(
+        "checked out {} at {} ({} files, mirror {})",
+        job.tag,
+        job.sha,
+        checked_out.files,
+        if checked_out.mirror_created {
+            "created"
+        } else {
+            "updated"
+        }
+    ));
+
+    let mut vars: Vec<(String, String)> = Vec::new();
+    vars.push((
+        "PATH".into(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+    ));
+    if let Ok(home) = std::env::var("HOME") {
+        vars.push(("HOME".into(), home));
+    }
+    vars.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    vars.extend(secrets);
+    // The job's facts last, so no spec entry can override them.
+    vars.extend([
+        ("FERRY_PROJECT".into(), job.project.into()),
+        ("FERRY_TAG".into(), job.tag.into()),
+        ("FERRY_REF".into(), job.git_ref.into()),
+        ("FERRY_SHA".into(), job.sha.into()),
+        ("FERRY_JOB_ID".into(), job.job_id.to_string()),
+        ("FERRY_ATTEMPT".into(), job.attempt.to_string()),
+    ]);
+    let timeout = (spec.timeout_secs > 0).then(|| Duration::from_secs(spec.timeout_secs));
+    command::run_all(
+        &spec.commands,
+        &src,
+        &vars,
+        timeout,
+        &masker,
+        log,
+        cancel.as_mut(),
+    )
+    .await?;
+
+    let name = artifact::file_name(job.project, job.tag, job.sha);
+    ferry(format!("packing {name}"));
+    let packed = {
+        let (src, paths, out) = (src.clone(), spec.artifacts.clone(), work.join(&name));
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || artifact::pack(&src, &paths, &out, &name))
+    };
+    let packed = tokio::select! {
+        r = packed => r.map_err(join_error)??,
+        _ = cancel.as_mut() => return Err(Error::Cancelled),
+    };
+    let published = tokio::select! {
+        r = env.artifacts.publish(&packed, &name) => r?,
+        _ = cancel.as_mut() => return Err(Error::Cancelled),
+    };
+    ferry(format!(
+        "artifact {} ({} bytes, sha256 {}) {}",
+        published.key,
+        published.size,
+        published.sha256,
+        if published.reused {
+            "already stored"
+        } else {
+            "published"
+        }
+    ));
+    Ok(published)
+}
+
+/// The `(name, value)` pairs of the secrets the spec names. A missing secret is an error: running
+/// the build without it would only fail later and less clearly.
+fn resolve_secrets(spec: &BuildSpec, env: &BuildEnv) -> Result<Vec<(String, String)>, Error> {
+    spec.secrets
+        .iter()
+        .map(|name| {
+            env.secrets
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .ok_or_else(|| Error::MissingSecret { name: name.clone() })
+        })
+        .collect()
+}
+
+fn remove_dir_if_exists(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
+            what: "removing",
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> Error {
+    Error::Io {
+        what: "build task",
+        path: PathBuf::new(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Removes the work directory if the build future is dropped half-way (the agent lost its lease).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Interrupts a running fetch if the build future is dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}

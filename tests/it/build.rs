@@ -1,0 +1,602 @@
+//! The build step executor against real git repositories (made here with the `git` CLI), served
+//! over `file://` and by a `git daemon` started on a free port.
+
+use ferry::build::{self, ArtifactStore, BuildEnv, BuildJob, Error, LogLine, Stream};
+use ferry_proto::{BuildSpec, JobId};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Runs git in `dir` with a fixed identity and no user or system config; returns stdout.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=ferry",
+            "-c",
+            "user.email=ferry@test",
+            "-c",
+            "tag.gpgSign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A repository with two commits: `v1.0.0` is a lightweight tag on the first, `v2.0.0` an
+/// annotated tag on the second.
+struct Repo {
+    /// Holds `repo/` (the repository), `data/` (the agent's data_dir) and `store/` (artifacts).
+    dir: tempfile::TempDir,
+    first: String,
+    second: String,
+}
+
+impl Repo {
+    fn new() -> Repo {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        std::fs::write(repo.join("app.txt"), "version one\n").unwrap();
+        git(&repo, &["add", "."]);
+        git(&repo, &["commit", "-q", "-m", "first"]);
+        let first = git(&repo, &["rev-parse", "HEAD"]);
+        git(&repo, &["tag", "v1.0.0"]);
+        std::fs::write(repo.join("app.txt"), "version two\n").unwrap();
+        git(&repo, &["commit", "-q", "-am", "second"]);
+        let second = git(&repo, &["rev-parse", "HEAD"]);
+        git(&repo, &["tag", "-a", "v2.0.0", "-m", "release two"]);
+        Repo { dir, first, second }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    fn file_url(&self) -> String {
+        format!("file://{}", self.path().display())
+    }
+
+    fn env(&self) -> BuildEnv {
+        let store = url::Url::from_directory_path(self.dir.path().join("store")).unwrap();
+        BuildEnv {
+            data_dir: self.dir.path().join("data"),
+            artifacts: ArtifactStore::from_url(&store).unwrap(),
+            secrets: vec![],
+            ssh_key: None,
+        }
+    }
+
+    fn stored(&self, key: &str) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("store").join(key)).expect("artifact in the store")
+    }
+}
+
+/// The usual build: copy the app and write the tag next to it.
+fn spec(url: &str) -> BuildSpec {
+    BuildSpec {
+        clone_url: url.to_string(),
+        commands: vec![
+            "mkdir -p dist".into(),
+            r#"cp app.txt dist/ && printf '%s' "$FERRY_TAG" > dist/tag.txt"#.into(),
+        ],
+        artifacts: vec!["dist".into()],
+        timeout_secs: 60,
+        ..Default::default()
+    }
+}
+
+struct Outcome {
+    result: Result<build::Artifact, Error>,
+    lines: Vec<LogLine>,
+}
+
+async fn run(env: &BuildEnv, tag: &str, sha: &str, attempt: u32, spec: &BuildSpec) -> Outcome {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    let git_ref = format!("refs/tags/{tag}");
+    let job = BuildJob {
+        project: "group/app",
+        tag,
+        git_ref: &git_ref,
+        sha,
+        job_id: JobId::new(),
+        attempt,
+        spec,
+    };
+    let log = move |l: LogLine| sink.lock().unwrap().push(l);
+    let result = build::run(job, env, &log, std::future::pending()).await;
+    let lines = lines.lock().unwrap().clone();
+    Outcome { result, lines }
+}
+
+/// The files of a tar.gz, by name.
+fn untar(bytes: &[u8]) -> BTreeMap<String, String> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
+    let mut files = BTreeMap::new();
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        let mut body = String::new();
+        e.read_to_string(&mut body).unwrap();
+        files.insert(name, body);
+    }
+    files
+}
+
+/// Builds `tag` and checks the stored artifact: its name, key, checksum and content.
+async fn check_build(repo: &Repo, env: &BuildEnv, url: &str, tag: &str, sha: &str, app: &str) {
+    let out = run(env, tag, sha, 1, &spec(url)).await;
+    let artifact = out
+        .result
+        .unwrap_or_else(|e| panic!("build of {tag} from {url} failed: {e}; log {:?}", out.lines));
+    assert_eq!(
+        artifact.name,
+        format!("group-app-{tag}-{}.tar.gz", &sha[..8])
+    );
+    let bytes = repo.stored(&artifact.key);
+    let sha256 = format!("{:x}", Sha256::digest(&bytes));
+    assert_eq!(artifact.sha256, sha256);
+    assert_eq!(artifact.size, bytes.len() as u64);
+    assert_eq!(
+        artifact.key,
+        format!("sha256/{}/{sha256}/{}", &sha256[..2], artifact.name)
+    );
+    let files = untar(&bytes);
+    assert_eq!(files.get("dist/app.txt").map(String::as_str), Some(app));
+    assert_eq!(files.get("dist/tag.txt").map(String::as_str), Some(tag));
+    // The work directory is gone, the mirror stays.
+    assert_eq!(
+        std::fs::read_dir(env.data_dir.join("work"))
+            .unwrap()
+            .count(),
+        0,
+        "work directories left behind"
+    );
+    assert!(env.data_dir.join("mirrors/group_2fapp.git").is_dir());
+}
+
+#[tokio::test]
+async fn builds_lightweight_and_annotated_tags_over_file_url() {
+    let repo = Repo::new();
+    let env = repo.env();
+    let url = repo.file_url();
+    check_build(&repo, &env, &url, "v1.0.0", &repo.first, "version one\n").await;
+    check_build(&repo, &env, &url, "v2.0.0", &repo.second, "version two\n").await;
+}
+
+#[tokio::test]
+async fn builds_lightweight_and_annotated_tags_from_git_daemon() {
+    let repo = Repo::new();
+    let daemon = GitDaemon::start(repo.dir.path());
+    let env = repo.env();
+    let url = format!("git://127.0.0.1:{}/repo", daemon.port);
+    check_build(&repo, &env, &url, "v1.0.0", &repo.first, "version one\n").await;
+    check_build(&repo, &env, &url, "v2.0.0", &repo.second, "version two\n").await;
+}
+
+#[tokio::test]
+async fn a_second_build_fetches_into_the_mirror_and_reuses_the_artifact() {
+    let repo = Repo::new();
+    let env = repo.env();
+    let spec = spec(&repo.file_url());
+    let first = run(&env, "v2.0.0", &repo.second, 1, &spec).await;
+    let first_artifact = first.result.unwrap();
+    assert!(!first_artifact.reused);
+    assert!(ferry_said(&first.lines, "mirror created"));
+
+    // A new commit upstream: the next fetch brings only what is new into the same mirror.
+    std::fs::write(repo.path().join("more.txt"), "more\n").unwrap();
+    git(&repo.path(), &["add", "."]);
+    git(&repo.path(), &["commit", "-q", "-m", "third"]);
+    git(&repo.path(), &["tag", "v3.0.0"]);
+
+    let again = run(&env, "v2.0.0", &repo.second, 2, &spec).await;
+    let again_artifact = again.result.unwrap();
+    assert!(
+        ferry_said(&again.lines, "mirror updated"),
+        "{:?}",
+        again.lines
+    );
+    assert!(
+        again_artifact.reused,
+        "the same bytes must reuse the stored artifact"
+    );
+    assert_eq!(again_artifact.key, first_artifact.key);
+    assert_eq!(again_artifact.sha256, first_artifact.sha256);
+    let mirror = env.data_dir.join("mirrors/group_2fapp.git");
+    assert_eq!(
+        git(&mirror, &["rev-parse", "refs/tags/v3.0.0"]),
+        git(&repo.path(), &["rev-parse", "HEAD"])
+    );
+}
+
+#[tokio::test]
+async fn a_tag_moved_after_the_webhook_fails_without_retry() {
+    let repo = Repo::new();
+    let env = repo.env();
+    // The webhook said v1.0.0 is the first commit; someone force-moved it since.
+    git(&repo.path(), &["tag", "-f", "v1.0.0", &repo.second]);
+    let out = run(&env, "v1.0.0", &repo.first, 1, &spec(&repo.file_url())).await;
+    let err = out.result.unwrap_err();
+    assert!(matches!(err, Error::TagMoved { .. }), "{err}");
+    assert!(!err.retryable());
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "tag v1.0.0 moved: it now points to {}, the job was planned for {}",
+            repo.second, repo.first
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_build_that_times_out_has_its_whole_process_group_killed() {
+    let repo = Repo::new();
+    let env = repo.env();
+    let pidfile = repo.dir.path().join("sleep.pid");
+    let mut spec = spec(&repo.file_url());
+    spec.commands = vec![r#"sleep 1000 & echo $! > "$PIDFILE"; wait"#.into()];
+    spec.env
+        .insert("PIDFILE".into(), pidfile.display().to_string());
+    spec.timeout_secs = 2;
+    let started = Instant::now();
+    let out = run(&env, "v1.0.0", &repo.first, 1, &spec).await;
+    let err = out.result.unwrap_err();
+    assert!(matches!(err, Error::TimedOut { .. }), "{err}");
+    assert!(!err.retryable());
+    assert_eq!(err.to_string(), "build timed out after 2s");
+    assert!(started.elapsed() < DEADLINE);
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .expect("the command wrote the background child's pid")
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until("the background sleep to be gone", || !alive(pid));
+}
+
+#[tokio::test]
+async fn cancelling_a_build_kills_its_process_group() {
+    let repo = Repo::new();
+    let env = repo.env();
+    let pidfile = repo.dir.path().join("sleep.pid");
+    let mut spec = spec(&repo.file_url());
+    spec.commands = vec![r#"sleep 1000 & echo $! > "$PIDFILE"; wait"#.into()];
+    spec.env
+        .insert("PIDFILE".into(), pidfile.display().to_string());
+    let git_ref = "refs/tags/v1.0.0";
+    let job = BuildJob {
+        project: "group/app",
+        tag: "v1.0.0",
+        git_ref,
+        sha: &repo.first,
+        job_id: JobId::new(),
+        attempt: 1,
+        spec: &spec,
+    };
+    // Cancel once the background child is running.
+    let cancel = {
+        let pidfile = pidfile.clone();
+        async move {
+            while !pidfile.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let result = tokio::time::timeout(DEADLINE, build::run(job, &env, &|_| {}, cancel))
+        .await
+        .expect("the build stops when cancelled");
+    let err = result.unwrap_err();
+    assert_eq!(err.to_string(), "build cancelled");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until("the background sleep to be gone", || !alive(pid));
+    assert_eq!(
+        std::fs::read_dir(env.data_dir.join("work"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn secrets_printed_by_the_build_are_masked() {
+    let repo = Repo::new();
+    let mut env = repo.env();
+    env.secrets = vec![
+        ("DEPLOY_TOKEN".into(), "s3cr3t-deploy-value".into()),
+        ("UNUSED_SECRET".into(), "another-secret".into()),
+    ];
+    let mut spec = spec(&repo.file_url());
+    spec.secrets = vec!["DEPLOY_TOKEN".into()];
+    spec.commands
+        .push(r#"echo "token is $DEPLOY_TOKEN""#.into());
+    spec.commands
+        .push(r#"echo "$DEPLOY_TOKEN" >&2; echo another-secret"#.into());
+    let out = run(&env, "v1.0.0", &repo.first, 1, &spec).await;
+    out.result.unwrap();
+    let has = |stream, line: &str| {
+        out.lines
+            .iter()
+            .any(|l| l.stream == stream && l.line == line)
+    };
+    assert!(has(Stream::Stdout, "token is ***"), "{:?}", out.lines);
+    assert!(has(Stream::Stderr, "***"), "{:?}", out.lines);
+    assert!(has(Stream::Stdout, "***"), "{:?}", out.lines);
+    assert!(out
+        .lines
+        .iter()
+        .all(|l| !l.line.contains("s3cr3t") && !l.line.contains("another-secret")));
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_named() {
+    let repo = Repo::new();
+    let mut spec = spec(&repo.file_url());
+    spec.secrets = vec!["NOT_HERE_TOKEN".into()];
+    let err = run(&repo.env(), "v1.0.0", &repo.first, 1, &spec)
+        .await
+        .result
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "secret NOT_HERE_TOKEN is not configured on this agent"
+    );
+}
+
+#[tokio::test]
+async fn artifact_paths_that_escape_the_checkout_are_refused() {
+    let repo = Repo::new();
+    let env = repo.env();
+    for (artifacts, commands) in [
+        (vec!["../data"], vec![]),
+        (vec!["dist/../../x"], vec![]),
+        (vec!["/etc/passwd"], vec![]),
+        (vec!["escape"], vec!["ln -s /etc escape"]),
+        (vec!["up"], vec!["ln -s ../.. up"]),
+        (vec!["dist"], vec!["mkdir dist && ln -s ../../.. dist/up"]),
+    ] {
+        let mut spec = spec(&repo.file_url());
+        spec.artifacts = artifacts.iter().map(|s| s.to_string()).collect();
+        spec.commands = commands.iter().map(|s| s.to_string()).collect();
+        let err = run(&env, "v1.0.0", &repo.first, 1, &spec)
+            .await
+            .result
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::PathRefused { .. }),
+            "{artifacts:?}: {err}"
+        );
+        assert!(!err.retryable());
+        assert!(err.to_string().starts_with("artifact path "), "{err}");
+    }
+    let mut spec = spec(&repo.file_url());
+    spec.artifacts = vec!["nothing-here".into()];
+    let err = run(&env, "v1.0.0", &repo.first, 1, &spec)
+        .await
+        .result
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "artifact path nothing-here does not exist in the checkout"
+    );
+    assert!(!err.retryable());
+}
+
+#[tokio::test]
+async fn a_tag_with_shell_metacharacters_reaches_the_command_only_as_data() {
+    let repo = Repo::new();
+    let env = repo.env();
+    let tag = "v1;touch${IFS}pwned;$(touch${IFS}pwned2)`touch${IFS}pwned3`";
+    git(&repo.path(), &["tag", tag, &repo.first]);
+    let mut spec = spec(&repo.file_url());
+    spec.commands.push("ls -a > dist/listing.txt".into());
+    let out = run(&env, tag, &repo.first, 1, &spec).await;
+    let artifact = out
+        .result
+        .unwrap_or_else(|e| panic!("{e}; {:?}", out.lines));
+    assert_eq!(
+        artifact.name,
+        format!(
+            "group-app-v1_touch__IFS_pwned___touch__IFS_pwned2__touch__IFS_pwned3_-{}.tar.gz",
+            &repo.first[..8]
+        )
+    );
+    let files = untar(&repo.stored(&artifact.key));
+    assert_eq!(files["dist/tag.txt"], tag);
+    assert!(
+        !files["dist/listing.txt"].contains("pwned"),
+        "{}",
+        files["dist/listing.txt"]
+    );
+    for dir in [
+        repo.dir.path().to_path_buf(),
+        std::env::current_dir().unwrap(),
+    ] {
+        for name in ["pwned", "pwned2", "pwned3"] {
+            assert!(
+                !dir.join(name).exists(),
+                "{name} created in {}",
+                dir.display()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_failing_command_is_not_retryable_and_records_its_exit_code() {
+    let repo = Repo::new();
+    let mut spec = spec(&repo.file_url());
+    spec.commands = vec![
+        "true".into(),
+        "echo failing; exit 3".into(),
+        "touch never".into(),
+    ];
+    let out = run(&repo.env(), "v1.0.0", &repo.first, 1, &spec).await;
+    let err = out.result.unwrap_err();
+    assert!(!err.retryable());
+    assert_eq!(err.exit_code(), Some(3));
+    assert_eq!(
+        err.to_string(),
+        "command 2 (echo failing; exit 3) exited with code 3"
+    );
+    assert!(out
+        .lines
+        .iter()
+        .any(|l| l.stream == Stream::Stdout && l.line == "failing"));
+    assert!(!out.lines.iter().any(|l| l.line.contains("touch never")));
+}
+
+#[tokio::test]
+async fn an_unreachable_clone_url_is_retryable() {
+    let repo = Repo::new();
+    let env = repo.env();
+    let port = free_port(); // nothing listens there
+    for url in [
+        format!("git://127.0.0.1:{port}/repo"),
+        format!("http://127.0.0.1:{port}/repo.git"),
+        format!("https://127.0.0.1:{port}/repo.git"),
+        format!("file://{}/no-such-repo", repo.dir.path().display()),
+    ] {
+        let err = run(&env, "v1.0.0", &repo.first, 1, &spec(&url))
+            .await
+            .result
+            .unwrap_err();
+        assert!(matches!(err, Error::Fetch { .. }), "{url}: {err}");
+        assert!(err.retryable(), "{url}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("fetching {url} failed: ")),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_tag_missing_upstream_is_not_retryable() {
+    let repo = Repo::new();
+    let out = run(
+        &repo.env(),
+        "v9.9.9",
+        &repo.first,
+        1,
+        &spec(&repo.file_url()),
+    )
+    .await;
+    let err = out.result.unwrap_err();
+    assert!(!err.retryable());
+    assert_eq!(
+        err.to_string(),
+        format!("tag v9.9.9 does not exist at {}", repo.file_url())
+    );
+}
+
+fn ferry_said(lines: &[LogLine], what: &str) -> bool {
+    lines
+        .iter()
+        .any(|l| l.stream == Stream::Ferry && l.line.contains(what))
+}
+
+/// Alive means: exists and is not a zombie (a zombie runs nothing; whether it is reaped depends
+/// on who our pid 1 is).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z') && !state.starts_with('X')
+        }
+    }
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !ok() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+/// Runs `git daemon` under a shell guard that kills it when our end of its stdin closes (on
+/// drop, and when the test process dies); the guard exits when the daemon does.
+const GUARD: &str = r#"exec 3<&0
+git daemon "$@" </dev/null >/dev/null 2>&1 &
+pid=$!
+{ read _ <&3; kill $pid 2>/dev/null; } &
+watcher=$!
+wait $pid
+status=$?
+kill $watcher 2>/dev/null
+exit $status"#;
+
+struct GitDaemon {
+    port: u16,
+    child: Child,
+}
+
+impl GitDaemon {
+    fn start(base: &Path) -> GitDaemon {
+        for _ in 0..10 {
+            let port = free_port();
+            let mut child = Command::new("sh")
+                .arg("-c")
+                .arg(GUARD)
+                .arg("git-daemon-guard")
+                .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1"])
+                .arg(format!("--port={port}"))
+                .arg(format!("--base-path={}", base.display()))
+                .arg(base)
+                .stdin(Stdio::piped())
+                .stderr(Stdio::null()) // the guard's "Terminated" when it stops the watcher
+                .spawn()
+                .expect("spawn git daemon");
+            let end = Instant::now() + DEADLINE;
+            loop {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return GitDaemon { port, child };
+                }
+                if child.try_wait().unwrap().is_some() || Instant::now() > end {
+                    break; // the port was taken meanwhile: try another
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+        panic!("git daemon did not start");
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
