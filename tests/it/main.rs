@@ -8,4 +8,6 @@ mod gateway;
 mod harness;
 mod ordering;
 mod redis;
+mod ssh;
+mod sshd;
 mod tidy;
