@@ -90,6 +90,16 @@ async fn exec_streams_stdout_stderr_and_the_exit_status() {
     // status (by a process the script left behind, holding stdout) is still collected.
     let out = run(&*t, "cat; echo done", &[], &Seen::default()).await;
     assert_eq!((out.status, out.stdout.as_str()), (Some(0), "done\n"));
+    let out = run(
+        &*t,
+        "echo early; (sleep 0.3; echo late; echo late-err >&2) & exit 3",
+        &[],
+        &Seen::default(),
+    )
+    .await;
+    assert_eq!(out.status, Some(3));
+    assert_eq!(out.stdout, "early\nlate\n");
+    assert_eq!(out.stderr, "late-err\n");
     let big = run(&*t, "seq 1 20000", &[], &Seen::default()).await;
     assert_eq!(big.stdout.lines().count(), 20000);
     assert_eq!(big.stdout.lines().last(), Some("20000"));
