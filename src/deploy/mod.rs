@@ -9,6 +9,7 @@
 
 pub mod archive;
 pub mod scripts;
+pub mod ssh;
 pub mod transport;
 
 use async_trait::async_trait;

@@ -1,5 +1,6 @@
 //! How a deploy reaches a host: run a shell script there with an environment, and upload a file.
-//! `Local` runs on the agent's own machine (`hosts = ["local"]`); SSH is the other transport.
+//! `Local` runs on the agent's own machine (`hosts = ["local"]`); SSH ([`super::ssh`]) is the
+//! other transport. [`Hosts`] is the connector an agent uses: it picks the transport per host.
 
 use async_trait::async_trait;
 use std::path::Path;
@@ -172,6 +173,39 @@ impl Connector for LocalOnly {
                 host: host.into(),
                 reason: "this agent has no SSH transport configured".into(),
             })
+        }
+    }
+}
+
+/// The agent's connector: `local` runs on this machine, every other host goes over SSH (when the
+/// agent has an SSH key configured).
+pub struct Hosts {
+    ssh: Option<super::ssh::SshConnector>,
+}
+
+impl Hosts {
+    pub fn new(ssh: Option<super::ssh::SshConnector>) -> Hosts {
+        Hosts { ssh }
+    }
+
+    /// From `[agent]`: `ssh_key`, `known_hosts`, `host_key_policy`. Fails when the key cannot be
+    /// loaded.
+    pub fn from_config(agent: &crate::config::Agent) -> Result<Hosts, String> {
+        Ok(Hosts::new(super::ssh::SshConnector::from_config(agent)?))
+    }
+
+    pub fn ssh(&self) -> Option<&super::ssh::SshConnector> {
+        self.ssh.as_ref()
+    }
+}
+
+#[async_trait]
+impl Connector for Hosts {
+    async fn connect(&self, host: &str) -> Result<Box<dyn Transport>, Error> {
+        match &self.ssh {
+            _ if host == "local" => Ok(Box::new(Local)),
+            Some(ssh) => ssh.connect(host).await,
+            None => LocalOnly.connect(host).await,
         }
     }
 }

@@ -13,4 +13,6 @@ mod gitlab_mock;
 mod harness;
 mod ordering;
 mod redis;
+mod ssh;
+mod sshd;
 mod tidy;
