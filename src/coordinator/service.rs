@@ -186,7 +186,9 @@ impl Coordinator {
         for (job, positions, result) in results {
             match result {
                 Ok(()) => done.extend(positions),
-                Err(e) => warn!(%job, error = %e, "job not reconciled; its feed entries will be retried"),
+                Err(e) => {
+                    warn!(%job, error = %e, "job not reconciled; its feed entries will be retried")
+                }
             }
         }
         if !done.is_empty() {
