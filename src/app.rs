@@ -130,7 +130,7 @@ pub async fn run_up(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<()
     ));
     let agent = tokio::spawn(agent::run(
         store.clone(),
-        agent_options(config),
+        agent_options(config)?,
         until(stop.clone()),
     ));
     let reporter = gitlab_reporter_options(config)
@@ -170,9 +170,14 @@ pub fn coordinator_options(config: &Config) -> coordinator::Options {
     }
 }
 
-/// The agent's options from the configuration.
-pub fn agent_options(config: &Config) -> agent::Options {
-    agent::Options {
+/// The agent's options from the configuration: its SSH key is loaded and its artifact store
+/// opened here, so a bad key or store fails at start.
+pub fn agent_options(config: &Config) -> anyhow::Result<agent::Options> {
+    let artifacts = crate::build::ArtifactStore::from_url(&config.artifacts.url)
+        .map_err(|e| anyhow::anyhow!("artifacts.url {}: {e}", config.artifacts.url))?;
+    let hosts = crate::deploy::transport::Hosts::from_config(&config.agent)
+        .map_err(|e| anyhow::anyhow!("agent.ssh_key: {e}"))?;
+    Ok(agent::Options {
         name: AgentId::new(config.agent.name.clone()),
         pools: config.agent.pools.clone(),
         labels: config.agent.labels.clone(),
@@ -180,11 +185,17 @@ pub fn agent_options(config: &Config) -> agent::Options {
         lease_ttl: config.coordinator.lease_ttl,
         shutdown_grace: config.agent.shutdown_grace,
         runner: Arc::new(agent::Runner {
-            connector: Arc::new(crate::deploy::transport::LocalOnly),
-            artifacts: None,
+            connector: Arc::new(hosts),
+            artifacts: Some(Arc::new(artifacts.clone())),
+            build: Some(crate::build::BuildEnv {
+                data_dir: config.data_dir.clone(),
+                artifacts,
+                secrets: Vec::new(),
+                ssh_key: config.agent.ssh_key.clone(),
+            }),
             data_dir: config.data_dir.clone(),
         }),
-    }
+    })
 }
 
 /// What planning needs of each project: the settings recorded into every job's plan.

@@ -59,7 +59,7 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
         Command::Agent(_) => {
             let store = app::open_store(&config).await?;
             let stop = app::shutdown_signal();
-            ferry::agent::run(store, app::agent_options(&config), app::until(stop)).await?;
+            ferry::agent::run(store, app::agent_options(&config)?, app::until(stop)).await?;
         }
         Command::Gateway(_) => {
             let store = app::open_store(&config).await?;

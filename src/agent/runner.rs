@@ -1,13 +1,14 @@
 //! Running one claimed step: what each step kind does on the agent, and how its progress and
 //! output are recorded — every event and log line under the step lease's fencing token.
 
+use crate::build::{self, ArtifactStore, BuildEnv, BuildJob};
 use crate::deploy::{self, transport::Connector, HostReport, Phase, Progress, Release};
 use crate::domain::JobState;
 use crate::store::{Append, Claim, Error, Fence, Store, StreamId};
 use async_trait::async_trait;
 use ferry_proto::{
-    AgentId, DeployHostCheckpoint, DeployHostFinished, DeployHostStarted, DeploySpec, Event,
-    StepFailed, StepLog, StepSpec, StepSucceeded,
+    AgentId, ArtifactPublished, BuildSpec, DeployHostCheckpoint, DeployHostFinished,
+    DeployHostStarted, DeploySpec, Event, StepFailed, StepLog, StepSpec, StepSucceeded,
 };
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -22,12 +23,40 @@ pub trait ArtifactFetch: Send + Sync {
     async fn fetch(&self, key: &str, dest: &Path) -> Result<(), String>;
 }
 
+#[async_trait]
+impl ArtifactFetch for ArtifactStore {
+    async fn fetch(&self, key: &str, dest: &Path) -> Result<(), String> {
+        use futures_util::StreamExt;
+        use object_store::ObjectStoreExt;
+        use tokio::io::AsyncWriteExt;
+        let path = object_store::path::Path::from(key);
+        let got = self
+            .object_store()
+            .get(&path)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut file = tokio::fs::File::create(dest)
+            .await
+            .map_err(|e| format!("create {}: {e}", dest.display()))?;
+        let mut chunks = got.into_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| e.to_string())?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| format!("write {}: {e}", dest.display()))?;
+        }
+        file.flush().await.map_err(|e| e.to_string())
+    }
+}
+
 /// What steps need from the agent's machine.
 pub struct Runner {
     /// Reaches deploy hosts (`local`, SSH).
     pub connector: Arc<dyn Connector>,
     /// Where artifacts come from for deploys; `None` when the agent cannot deploy.
     pub artifacts: Option<Arc<dyn ArtifactFetch>>,
+    /// How builds run (mirrors, artifact store, SSH key); `None` when the agent cannot build.
+    pub build: Option<BuildEnv>,
     /// Work directories live under `<data_dir>/work`.
     pub data_dir: PathBuf,
 }
@@ -39,6 +68,7 @@ impl Runner {
         Runner {
             connector: Arc::new(crate::deploy::transport::LocalOnly),
             artifacts: None,
+            build: None,
             data_dir: data_dir.into(),
         }
     }
@@ -123,11 +153,46 @@ impl Runner {
         match spec {
             StepSpec::Noop => Ok(vec![step.succeeded()]),
             StepSpec::Deploy(d) => self.deploy(step, d).await,
-            StepSpec::Build(_) => Ok(vec![step.failed(
-                "this agent has no build executor".into(),
-                false,
-                None,
-            )]),
+            StepSpec::Build(b) => Ok(self.build(step, b).await),
+        }
+    }
+
+    async fn build(&self, step: &StepRun<'_>, spec: &BuildSpec) -> Vec<Event> {
+        let (Some(env), Some(plan)) = (&self.build, &step.job.plan) else {
+            return vec![step.failed("this agent cannot run builds".into(), false, None)];
+        };
+        // Secrets are named in the plan and resolved here, where they are used.
+        let mut env = env.clone();
+        env.secrets = spec
+            .secrets
+            .iter()
+            .filter_map(|name| std::env::var(name).ok().map(|v| (name.clone(), v)))
+            .collect();
+        let job = BuildJob {
+            project: &plan.project,
+            tag: &plan.tag,
+            git_ref: &plan.git_ref,
+            sha: &plan.sha,
+            job_id: step.claim.job,
+            attempt: step.claim.attempt,
+            spec,
+        };
+        let log = |l: build::LogLine| step.log(l.stream.as_str(), &l.line);
+        // Stopping the step drops this future, which kills the build's processes.
+        match build::run(job, &env, &log, std::future::pending::<()>()).await {
+            Ok(a) => vec![
+                ArtifactPublished {
+                    step: step.claim.step.clone(),
+                    attempt: step.claim.attempt,
+                    name: a.name,
+                    key: a.key,
+                    size: a.size,
+                    sha256: a.sha256,
+                }
+                .into(),
+                step.succeeded(),
+            ],
+            Err(e) => vec![step.failed(e.to_string(), e.retryable(), e.exit_code())],
         }
     }
 

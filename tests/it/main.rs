@@ -6,6 +6,7 @@ mod build;
 mod cli;
 mod conformance;
 mod deploy;
+mod e2e;
 mod flow;
 mod gateway;
 mod gitlab;

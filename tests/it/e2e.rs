@@ -1,0 +1,315 @@
+//! The whole flow with real processes: a real git repository, a webhook over HTTP to
+//! `ferry gateway`, `ferry coordinator` and `ferry agent` processes on one Redis, a build with
+//! gix and `sh`, and a deploy with the local transport. Agents are killed with SIGKILL and
+//! frozen with SIGSTOP in the middle of a build.
+
+use crate::cli::Proc;
+use crate::harness::{self, wait_for, wait_until, DEADLINE};
+use ferry::domain::{JobPhase, JobState};
+use ferry::store::redis::RedisStore;
+use ferry::store::{Store, StreamId};
+use ferry_proto::{Event, JobId};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+const HOOK_TOKEN: &str = "e2e-hook-token";
+
+/// A scratch world: a git repository with a tagged build script, a config, a store.
+struct World {
+    dir: tempfile::TempDir,
+    url: String,
+    ns: String,
+    config: PathBuf,
+    listen: String,
+    store: Arc<dyn Store>,
+    sha: String,
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl World {
+    async fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        // The build waits at a gate the test opens, and leaves its pid per attempt behind.
+        std::fs::write(
+            repo.join("build.sh"),
+            "#!/bin/sh\nset -eu\necho $$ > \"$MARKS/pid-$FERRY_ATTEMPT\"\n\
+             echo \"building $FERRY_TAG attempt $FERRY_ATTEMPT\"\n\
+             while [ ! -f \"$MARKS/gate\" ]; do sleep 0.05; done\n\
+             mkdir -p dist && printf 'echo deployed %s\\n' \"$FERRY_TAG\" > dist/app.sh\n",
+        )
+        .unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        git(&repo, &["add", "."]);
+        git(&repo, &["commit", "-q", "-m", "app"]);
+        git(&repo, &["tag", "v1.0.0"]);
+        let sha = git(&repo, &["rev-parse", "HEAD"]);
+        let marks = dir.path().join("marks");
+        std::fs::create_dir_all(&marks).unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join("ferry.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+data_dir = "{data}"
+[gateway]
+listen = "{listen}"
+[coordinator]
+lease_ttl = "2s"
+sweep_interval = "200ms"
+[artifacts]
+url = "file://{artifacts}/"
+[[projects]]
+id = 77
+path = "group/app"
+webhook_token = "{HOOK_TOKEN}"
+clone_url = "file://{repo}"
+[projects.build]
+commands = ["sh build.sh"]
+artifacts = ["dist/"]
+timeout = "2m"
+env = {{ MARKS = "{marks}" }}
+[[projects.environments]]
+name = "production"
+hosts = ["local"]
+path = "{target}"
+after_switch = ["sh dist/app.sh > ../../deployed"]
+"#,
+                data = dir.path().join("data").display(),
+                artifacts = dir.path().join("artifacts").display(),
+                repo = repo.display(),
+                marks = marks.display(),
+                target = dir.path().join("srv").display(),
+            ),
+        )
+        .unwrap();
+        let url = harness::shared().url();
+        let ns = harness::namespace();
+        let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &ns).await.unwrap());
+        World {
+            dir,
+            url,
+            ns,
+            config,
+            listen,
+            store,
+            sha,
+        }
+    }
+
+    fn marks(&self) -> PathBuf {
+        self.dir.path().join("marks")
+    }
+
+    fn spawn(&self, role: &[&str], agent: &str) -> Proc {
+        Proc(
+            Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("FERRY_STORE", &self.url)
+                .env("FERRY_NAMESPACE", &self.ns)
+                .env("FERRY_AGENT_NAME", agent)
+                .env("FERRY_LOG", "warn")
+                .arg("--config")
+                .arg(&self.config)
+                .args(role)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// Delivers a GitLab tag-push webhook for v1.0.0 and returns the job it created.
+    async fn push_tag(&self) -> JobId {
+        let mut body: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/gitlab/tag_push_create.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        body["project_id"] = 77.into();
+        body["project"]["id"] = 77.into();
+        body["project"]["path_with_namespace"] = "group/app".into();
+        body["ref"] = "refs/tags/v1.0.0".into();
+        body["before"] = "0".repeat(40).into();
+        body["after"] = self.sha.clone().into();
+        body["checkout_sha"] = self.sha.clone().into();
+        let http = reqwest::Client::new();
+        let url = format!("http://{}/hooks/gitlab", self.listen);
+        let status = wait_for(DEADLINE, "the gateway to accept the webhook", || async {
+            let res = http
+                .post(&url)
+                .header("X-Gitlab-Event", "Tag Push Hook")
+                .header("X-Gitlab-Token", HOOK_TOKEN)
+                .header("Idempotency-Key", "0b9f7c1e-1111-4000-8000-000000000077")
+                .json(&body)
+                .send()
+                .await
+                .ok()?;
+            Some(res.status().as_u16())
+        })
+        .await;
+        assert_eq!(status, 202);
+        wait_for(DEADLINE, "the job to be created", || async {
+            self.store.jobs(None, 10).await.unwrap().first().copied()
+        })
+        .await
+    }
+
+    async fn events(&self, job: JobId) -> (JobState, Vec<Event>) {
+        let mut state = JobState::new(job);
+        let mut events = Vec::new();
+        for s in self
+            .store
+            .read_stream(&StreamId::Job(job), 0)
+            .await
+            .unwrap()
+        {
+            let e = s.decode().unwrap();
+            state.evolve(&e, s.envelope.at_ms);
+            events.push(e);
+        }
+        (state, events)
+    }
+
+    async fn pid(&self, attempt: u32) -> i32 {
+        let path = self.marks().join(format!("pid-{attempt}"));
+        wait_for(DEADLINE * 3, "the build to start", || async {
+            std::fs::read_to_string(&path).ok()?.trim().parse().ok()
+        })
+        .await
+    }
+
+    fn open_gate(&self) {
+        std::fs::write(self.marks().join("gate"), "").unwrap();
+    }
+
+    fn assert_deployed(&self) {
+        let current = std::fs::read_link(self.dir.path().join("srv/current")).unwrap();
+        assert_eq!(
+            current,
+            Path::new(&format!("releases/v1.0.0-{}", &self.sha[..7]))
+        );
+        let out = std::fs::read_to_string(self.dir.path().join("srv/deployed")).unwrap();
+        assert_eq!(out, "deployed v1.0.0\n");
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks whether the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+fn count(events: &[Event], f: impl Fn(&Event) -> bool) -> usize {
+    events.iter().filter(|e| f(e)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_build_is_replaced_and_the_tag_is_built_and_deployed_once() {
+    let w = World::new().await;
+    let _gateway = w.spawn(&["gateway"], "gw");
+    let _coordinator = w.spawn(&["coordinator"], "c1");
+    let mut a1 = w.spawn(&["agent"], "agent-1");
+    let job = w.push_tag().await;
+    let first = w.pid(1).await;
+    a1.kill9();
+    let _a2 = w.spawn(&["agent"], "agent-2");
+    let second = w.pid(2).await;
+    assert_ne!(first, second);
+    w.open_gate();
+    wait_until(DEADLINE * 6, || async {
+        w.events(job).await.0.phase.is_terminal()
+    })
+    .await;
+    let (state, events) = w.events(job).await;
+    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
+    let build_succeeded = count(
+        &events,
+        |e| matches!(e, Event::StepSucceeded(s) if s.step.as_str() == "build"),
+    );
+    assert_eq!(build_succeeded, 1, "{events:?}");
+    assert_eq!(count(&events, |e| matches!(e, Event::LeaseExpired(_))), 1);
+    assert_eq!(
+        count(&events, |e| matches!(e, Event::ArtifactPublished(_))),
+        1
+    );
+    w.assert_deployed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_is_fenced_out_and_kills_its_build_when_it_wakes() {
+    let w = World::new().await;
+    let _gateway = w.spawn(&["gateway"], "gw");
+    let _coordinator = w.spawn(&["coordinator"], "c1");
+    let a1 = w.spawn(&["agent"], "agent-1");
+    let job = w.push_tag().await;
+    let first = w.pid(1).await;
+    let a1_pid = a1.0.id() as i32;
+    // SAFETY: plain signals to a child process this test started.
+    unsafe { libc::kill(a1_pid, libc::SIGSTOP) };
+    let _a2 = w.spawn(&["agent"], "agent-2");
+    w.pid(2).await; // the step was re-granted to agent-2 (attempt 2)
+    unsafe { libc::kill(a1_pid, libc::SIGCONT) };
+    // agent-1 wakes, finds its lease gone and kills its build before doing anything else.
+    wait_until(DEADLINE, || async { !alive(first) }).await;
+    w.open_gate();
+    wait_until(DEADLINE * 6, || async {
+        w.events(job).await.0.phase.is_terminal()
+    })
+    .await;
+    let (state, events) = w.events(job).await;
+    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
+    // Nothing agent-1 wrote for attempt 1 came after its lease expired.
+    let expired = events
+        .iter()
+        .position(|e| matches!(e, Event::LeaseExpired(_)))
+        .expect("agent-1's lease expired");
+    let late: Vec<&Event> = events[expired + 1..]
+        .iter()
+        .filter(|e| match e {
+            Event::StepStarted(s) => s.step.as_str() == "build" && s.attempt == 1,
+            Event::StepSucceeded(s) => s.step.as_str() == "build" && s.attempt == 1,
+            Event::StepFailed(s) => s.step.as_str() == "build" && s.attempt == 1,
+            Event::ArtifactPublished(a) => a.attempt == 1,
+            _ => false,
+        })
+        .collect();
+    assert!(
+        late.is_empty(),
+        "late events of the fenced-out attempt: {late:?}"
+    );
+    let build_succeeded = count(
+        &events,
+        |e| matches!(e, Event::StepSucceeded(s) if s.step.as_str() == "build"),
+    );
+    assert_eq!(build_succeeded, 1, "{events:?}");
+    w.assert_deployed();
+}
