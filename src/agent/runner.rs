@@ -243,7 +243,8 @@ impl Runner {
             .map(|s| {
                 s.hosts
                     .iter()
-                    .filter(|(_, h)| h.phase == "finished" && h.ok == Some(true))
+                    // A host rolled back by an earlier attempt is on the old release again.
+                    .filter(|(_, h)| h.phase == "finished" && h.ok == Some(true) && !h.rolled_back)
                     .map(|(host, _)| host.clone())
                     .collect()
             })
