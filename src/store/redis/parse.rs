@@ -124,21 +124,27 @@ fn stored(id: String, fields: Value, source: Source) -> Result<Stored> {
     })
 }
 
-/// The entries of an `XREADGROUP` reply on the log (nil when a block timed out).
-pub(crate) fn read_group(v: Value) -> Result<Vec<Stored>> {
-    let streams: Vec<Value> = match v {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Map(m) => m.into_iter().map(|(_, v)| v).collect(),
+/// The entry lists of an `XREAD`/`XREADGROUP` reply, one per stream read (RESP2 array of
+/// `[name, entries]` or RESP3 map); none when the reply is nil (a block timed out).
+fn per_stream(v: Value, command: &str) -> Result<Vec<Value>> {
+    match v {
+        Value::Nil => Ok(Vec::new()),
+        Value::Map(m) => Ok(m.into_iter().map(|(_, v)| v).collect()),
         Value::Array(a) => a
             .into_iter()
             .map(|s| {
                 array(s)
                     .and_then(|p| p.into_iter().nth(1))
-                    .ok_or_else(|| corrupt("XREADGROUP reply has no entries"))
+                    .ok_or_else(|| corrupt(format!("{command} reply has no entries")))
             })
-            .collect::<Result<_>>()?,
-        _ => return Err(corrupt("XREADGROUP reply is not a list")),
-    };
+            .collect(),
+        _ => Err(corrupt(format!("{command} reply is not a list"))),
+    }
+}
+
+/// The entries of an `XREADGROUP` reply on the log (nil when a block timed out).
+pub(crate) fn read_group(v: Value) -> Result<Vec<Stored>> {
+    let streams = per_stream(v, "XREADGROUP")?;
     let mut out = Vec::new();
     for s in streams {
         out.extend(entries(s, Source::Log)?);
@@ -162,19 +168,7 @@ pub(crate) fn autoclaim(v: Value) -> Result<(String, Vec<Stored>)> {
 /// An `XREAD` reply on one job's log stream: `(position, line)` pairs (nil when a block timed
 /// out).
 pub(crate) fn log_lines(v: Value) -> Result<Vec<(LogPos, ferry_proto::StepLog)>> {
-    let streams: Vec<Value> = match v {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Map(m) => m.into_iter().map(|(_, v)| v).collect(),
-        Value::Array(a) => a
-            .into_iter()
-            .map(|s| {
-                array(s)
-                    .and_then(|p| p.into_iter().nth(1))
-                    .ok_or_else(|| corrupt("XREAD reply has no entries"))
-            })
-            .collect::<Result<_>>()?,
-        _ => return Err(corrupt("XREAD reply is not a list")),
-    };
+    let streams = per_stream(v, "XREAD")?;
     let mut out = Vec::new();
     for s in streams {
         for entry in array(s).ok_or_else(|| corrupt("log reply is not a list of entries"))? {
