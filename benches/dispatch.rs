@@ -309,6 +309,7 @@ async fn client(url: &str) -> MultiplexedConnection {
 fn noop_job() -> (JobId, Event) {
     let job = JobId::new();
     let created = JobCreated {
+        artifact: None,
         job,
         project_id: 1,
         project: "group/app".into(),

@@ -8,6 +8,7 @@ use ferry_proto::*;
 
 fn plan(job: JobId) -> Event {
     JobCreated {
+        artifact: None,
         job,
         project_id: 42,
         project: "group/app".into(),

@@ -108,7 +108,7 @@ pub async fn run_gateway(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let state = gateway_state(config, store.clone(), prometheus::Registry::new())?;
-    let api = api::ApiState::new(store, &config.api.tokens);
+    let api = api::ApiState::new(store, &config.api.tokens).with_projects(project_plans(config));
     let router = gateway::router(state).merge(api::router(api));
     let listener = tokio::net::TcpListener::bind(config.gateway.listen)
         .await

@@ -52,6 +52,11 @@ pub enum Command {
     Jobs(JobsArgs),
     /// Inspect agents through the API.
     Agents(AgentsArgs),
+    /// Deploy an already-built tag to an environment, through the API.
+    Deploy(DeployArgs),
+    /// Roll an environment back to the release before the current one (or to --to TAG),
+    /// through the API.
+    Rollback(RollbackArgs),
 }
 
 /// `ferry gateway`
@@ -98,9 +103,9 @@ pub struct ReplayArgs {
     pub save_snapshot: bool,
 }
 
-/// `ferry jobs`
+/// How the API clients (`jobs`, `agents`, `deploy`, `rollback`) reach the API.
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
-pub struct JobsArgs {
+pub struct ApiConn {
     /// Base URL of the ferry API.
     #[arg(long, global = true, value_name = "URL", env = config::env::API_URL, default_value = "http://127.0.0.1:8080")]
     pub api: String,
@@ -110,6 +115,13 @@ pub struct JobsArgs {
     /// Print the API's JSON answer instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+/// `ferry jobs`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub conn: ApiConn,
     #[command(subcommand)]
     pub command: JobsCommand,
 }
@@ -159,15 +171,8 @@ pub struct JobsListArgs {
 /// `ferry agents`
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct AgentsArgs {
-    /// Base URL of the ferry API.
-    #[arg(long, global = true, value_name = "URL", env = config::env::API_URL, default_value = "http://127.0.0.1:8080")]
-    pub api: String,
-    /// Bearer token for the API.
-    #[arg(long, global = true, value_name = "T", env = config::env::API_TOKEN, hide_env_values = true)]
-    pub token: Option<String>,
-    /// Print the API's JSON answer instead of a table.
-    #[arg(long, global = true)]
-    pub json: bool,
+    #[command(flatten)]
+    pub conn: ApiConn,
     #[command(subcommand)]
     pub command: AgentsCommand,
 }
@@ -177,6 +182,35 @@ pub struct AgentsArgs {
 pub enum AgentsCommand {
     /// List live and lost agents.
     List,
+}
+
+/// `ferry deploy PROJECT TAG --env ENV`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct DeployArgs {
+    /// Project path (`group/app`).
+    pub project: String,
+    /// The tag whose artifact to deploy; it must have been built.
+    pub tag: String,
+    /// The environment to deploy to.
+    #[arg(long = "env", value_name = "ENV")]
+    pub environment: String,
+    #[command(flatten)]
+    pub conn: ApiConn,
+}
+
+/// `ferry rollback PROJECT --env ENV [--to TAG]`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct RollbackArgs {
+    /// Project path (`group/app`).
+    pub project: String,
+    /// The environment to roll back.
+    #[arg(long = "env", value_name = "ENV")]
+    pub environment: String,
+    /// The tag to go back to; by default the release deployed before the current one.
+    #[arg(long, value_name = "TAG")]
+    pub to: Option<String>,
+    #[command(flatten)]
+    pub conn: ApiConn,
 }
 
 impl Cli {
@@ -207,7 +241,12 @@ impl Cli {
                 overrides.agent_pools = args.pools.clone();
                 overrides.agent_concurrency = args.concurrency;
             }
-            Command::Coordinator | Command::Replay(_) | Command::Jobs(_) | Command::Agents(_) => {}
+            Command::Coordinator
+            | Command::Replay(_)
+            | Command::Jobs(_)
+            | Command::Agents(_)
+            | Command::Deploy(_)
+            | Command::Rollback(_) => {}
         }
         overrides
     }

@@ -1,8 +1,8 @@
-//! `ferry jobs …` and `ferry agents …`: a thin client of the REST API (`/api/v1`). Prints tables
+//! `ferry jobs …`, `ferry agents …`, `ferry deploy` and `ferry rollback`: a thin client of the REST API (`/api/v1`). Prints tables
 //! for people, or the API's JSON with `--json`. A non-2xx answer becomes an error carrying the
 //! API's `{"error"}` message, so the command exits non-zero with it.
 
-use crate::cli::{AgentsArgs, AgentsCommand, JobsArgs, JobsCommand};
+use crate::cli::{AgentsArgs, AgentsCommand, DeployArgs, JobsArgs, JobsCommand, RollbackArgs};
 use anyhow::{anyhow, bail, Context};
 use reqwest::Method;
 use serde_json::Value;
@@ -69,7 +69,7 @@ impl Client {
 
 /// Runs `ferry jobs …`, printing to stdout.
 pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.api, args.token.clone())?;
+    let client = Client::new(&args.conn.api, args.conn.token.clone())?;
     let (answer, text) = match &args.command {
         JobsCommand::List(list) => {
             let mut query = Vec::new();
@@ -110,7 +110,7 @@ pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
             (v, text)
         }
     };
-    print(args.json, &answer, &text);
+    print(args.conn.json, &answer, &text);
     Ok(())
 }
 
@@ -183,13 +183,62 @@ async fn logs(client: &Client, id: &str, follow: bool) -> anyhow::Result<()> {
 
 /// Runs `ferry agents …`, printing to stdout.
 pub async fn agents(args: &AgentsArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.api, args.token.clone())?;
+    let client = Client::new(&args.conn.api, args.conn.token.clone())?;
     match args.command {
         AgentsCommand::List => {
             let v = client.call(Method::GET, "/agents", &[], None).await?;
-            print(args.json, &v, &render_agents(&v));
+            print(args.conn.json, &v, &render_agents(&v));
         }
     }
+    Ok(())
+}
+
+/// Runs `ferry deploy PROJECT TAG --env ENV`: starts the deploy job and prints its id.
+pub async fn deploy(args: &DeployArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.conn.api, args.conn.token.clone())?;
+    let body = serde_json::json!({
+        "project": args.project,
+        "tag": args.tag,
+        "environment": args.environment,
+    });
+    let v = client
+        .call(Method::POST, "/deploys", &[], Some(body))
+        .await?;
+    let text = format!(
+        "deploying {} ({}) to {}: job {}\nfollow it with: ferry jobs logs -f {}\n",
+        s(&v["release"]),
+        s(&v["project"]),
+        args.environment,
+        s(&v["id"]),
+        s(&v["id"]),
+    );
+    print(args.conn.json, &v, &text);
+    Ok(())
+}
+
+/// Runs `ferry rollback PROJECT --env ENV [--to TAG]`: starts the rollback job and prints it.
+pub async fn rollback(args: &RollbackArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.conn.api, args.conn.token.clone())?;
+    let mut body = serde_json::json!({
+        "project": args.project,
+        "environment": args.environment,
+    });
+    if let Some(to) = &args.to {
+        body["to"] = Value::String(to.clone());
+    }
+    let v = client
+        .call(Method::POST, "/rollbacks", &[], Some(body))
+        .await?;
+    let text = format!(
+        "rolling {} of {} back from {} to {}: job {}\nfollow it with: ferry jobs logs -f {}\n",
+        args.environment,
+        s(&v["project"]),
+        s(&v["rolled_back_from"]),
+        s(&v["release"]),
+        s(&v["id"]),
+        s(&v["id"]),
+    );
+    print(args.conn.json, &v, &text);
     Ok(())
 }
 

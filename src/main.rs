@@ -79,6 +79,8 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
         }
         Command::Jobs(args) => ferry::client::jobs(&args).await?,
         Command::Agents(args) => ferry::client::agents(&args).await?,
+        Command::Deploy(args) => ferry::client::deploy(&args).await?,
+        Command::Rollback(args) => ferry::client::rollback(&args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

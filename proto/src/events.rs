@@ -100,6 +100,8 @@ events! {
     20 => CommitStatusReported, "commit_status_reported", version 1;
     21 => ArtifactPublished, "artifact_published", version 1;
     22 => StepReleased, "step_released", version 1;
+    // 23 is HostKeyPinned.
+    24 => DeploymentReported, "deployment_reported", version 1;
 }
 
 /// A webhook delivery that the gateway authenticated and stored. Written to the `webhooks`
@@ -160,6 +162,23 @@ pub struct JobCreated {
     pub trigger: String,
     /// Steps in the order they run.
     pub steps: Vec<StepPlan>,
+    /// For a job that deploys without building (a manual deploy or rollback): the artifact an
+    /// earlier job published. Jobs with a build step deploy what their own build published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactRef>,
+}
+
+/// An artifact published by an earlier job, as a later job refers to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRef {
+    /// The job whose build published it.
+    pub job: JobId,
+    /// File name, `<project>-<tag>-<shortsha>.tar.gz`.
+    pub name: String,
+    /// Key in the artifact store.
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 /// One step of a job's plan.
@@ -430,4 +449,20 @@ pub struct ArtifactPublished {
     pub key: String,
     pub size: u64,
     pub sha256: String,
+}
+
+/// ferry told GitLab about a deploy of a job to an environment (or tried to): a deployment was
+/// created (`running`, or directly a final status) or moved to its final status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentReported {
+    pub environment: String,
+    /// GitLab's id of the deployment, once GitLab created one.
+    #[serde(default)]
+    pub deployment_id: Option<u64>,
+    /// `running`, `success`, `failed` or `canceled`.
+    pub status: String,
+    #[serde(default)]
+    pub http_status: Option<u16>,
+    #[serde(default)]
+    pub error: Option<String>,
 }

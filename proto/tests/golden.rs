@@ -82,6 +82,8 @@ fn sample(kind: u16) -> Event {
                     spec: StepSpec::Noop,
                 },
             ],
+            // Added after v1's fixture: keeps its default, so the old bytes still match.
+            artifact: None,
         }
         .into(),
         3 => StepQueued {
@@ -211,6 +213,14 @@ fn sample(kind: u16) -> Event {
             agent,
             token: FencingToken(7),
             reason: "agent shutting down".into(),
+        }
+        .into(),
+        24 => DeploymentReported {
+            environment: "production".into(),
+            deployment_id: Some(17),
+            status: "running".into(),
+            http_status: Some(201),
+            error: None,
         }
         .into(),
         other => panic!("no sample for kind {other}: add one"),

@@ -200,7 +200,7 @@ impl Runner {
         let Some(plan) = &step.job.plan else {
             return Ok(vec![step.failed("the job has no plan".into(), false, None)]);
         };
-        let Some(artifact) = step.job.steps.iter().find_map(|s| s.artifact.clone()) else {
+        let Some(artifact) = step.job.artifact() else {
             return Ok(vec![step.failed(
                 "no build of this job published an artifact to deploy".into(),
                 false,

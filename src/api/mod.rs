@@ -1,12 +1,14 @@
 //! The REST API under `/api/v1`: jobs (list, show with the reason a step waits, history,
-//! cancel, retry) and agents.
+//! cancel, retry), agents, and manual deploys, rollbacks and releases ([`releases`]).
 //!
 //! Reads are folds of the log computed per request ([`JobState`] for a job, the agents part of
 //! [`View`] for agents) plus the store's live registry ([`Agents::live_agents`]). Writes are
 //! events appended with optimistic concurrency, exactly like the coordinator's decisions: a
 //! cancel is `JobCancelled` appended at the version the API folded (the store's `ClearJob`
 //! effect empties the queues and revokes the running lease); a retry is a new job with the old
-//! job's plan, since an ended job is immutable.
+//! job's plan, since an ended job is immutable (retried once: a repeated POST is refused). New
+//! jobs are appended as `JobCreated` alone; the coordinators queue their steps, as for a
+//! webhook's job, so manual deploys go through the per-environment ordering.
 //!
 //! - Every request needs `Authorization: Bearer <token>` matching one of `[api] tokens`,
 //!   compared in constant time (over SHA-256 digests, so lengths do not leak either). With no
@@ -19,9 +21,11 @@
 //! - Secrets never appear: plans hold only secret names, and events never hold values.
 
 use crate::config::Secret;
-use crate::coordinator::decide::{next, RetryPolicy};
+mod releases;
+
+use crate::coordinator::plan::ProjectPlan;
 use crate::domain::{AgentState, JobPhase, JobState, StepState, StepStatus, View};
-use crate::store::{self, now_ms, Agents, Append, Store, Stored, StreamId};
+use crate::store::{self, Agents, Append, Store, Stored, StreamId};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -53,8 +57,11 @@ pub struct ApiState {
     inner: Arc<Inner>,
 }
 
+#[derive(Clone)]
 struct Inner {
     store: Arc<dyn Store>,
+    /// The configured projects, for manual deploys and rollbacks.
+    projects: Vec<ProjectPlan>,
     /// SHA-256 of every accepted bearer token: compared in constant time, whatever the lengths.
     tokens: Vec<[u8; 32]>,
 }
@@ -65,9 +72,16 @@ impl ApiState {
         ApiState {
             inner: Arc::new(Inner {
                 store,
+                projects: Vec::new(),
                 tokens: tokens.iter().map(|t| digest(t.expose())).collect(),
             }),
         }
+    }
+
+    /// The projects manual deploys and rollbacks may name (none by default).
+    pub fn with_projects(mut self, projects: Vec<ProjectPlan>) -> Self {
+        Arc::make_mut(&mut self.inner).projects = projects;
+        self
     }
 
     fn store(&self) -> &dyn Store {
@@ -86,6 +100,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/api/v1/jobs/{id}/retry", post(retry_job))
         .route("/api/v1/agents", get(list_agents))
+        .route("/api/v1/deploys", post(releases::deploy))
+        .route("/api/v1/rollbacks", post(releases::rollback))
+        .route("/api/v1/releases", get(releases::releases))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
 }
@@ -818,6 +835,10 @@ async fn cancel_job(State(state): State<ApiState>, Path(id): Path<String>, body:
     )))
 }
 
+/// How long a job remembers that it was retried: a second retry of the same job within it is
+/// refused (a client that repeats its POST does not start two jobs).
+const RETRY_DEDUPE: Duration = Duration::from_secs(30 * 24 * 3600);
+
 async fn retry_job(State(state): State<ApiState>, Path(id): Path<String>) -> Answer {
     let id = parse_job_id(&id)?;
     let store = state.store();
@@ -831,28 +852,50 @@ async fn retry_job(State(state): State<ApiState>, Path(id): Path<String>) -> Ans
     let Some(plan) = old.plan else {
         return Err(ApiError::Conflict(format!("job {id} has no plan to retry")));
     };
-    let new_id = JobId::new();
-    let created: Event = JobCreated {
-        job: new_id,
+    let created = JobCreated {
+        job: JobId::new(),
         trigger: format!("retry:{id}"),
         ..plan
-    }
-    .into();
-    let now = now_ms();
-    let mut fresh = JobState::new(new_id);
-    fresh.evolve(&created, now);
-    let mut events = vec![created];
-    events.extend(next(&fresh, &RetryPolicy::default(), now, 0.0));
-    for e in &events[1..] {
-        fresh.evolve(e, now);
-    }
-    let mut append = Append::new(StreamId::Job(new_id), events).expect(0);
-    append.at_ms = now;
-    store.append(append).await?;
-    info!(job = %new_id, retry_of = %id, "job retried through the api");
+    };
+    let dedupe = (vec![format!("retry:{id}")], RETRY_DEDUPE);
+    let Some(fresh) = create_job_once(store, created, Some(dedupe)).await? else {
+        return Err(ApiError::Conflict(format!(
+            "job {id} was already retried: retry the newer job instead"
+        )));
+    };
+    info!(job = %fresh.id, retry_of = %id, "job retried through the api");
     let mut body = job_summary(&fresh);
     body["retry_of"] = json!(id);
     answer(StatusCode::ACCEPTED, body)
+}
+
+/// Appends a new job's plan and returns its state. Its steps are queued by the coordinators,
+/// like a webhook's job, so that a deploy goes through the environment's ordering.
+async fn create_job(store: &dyn Store, created: JobCreated) -> Result<JobState, ApiError> {
+    Ok(create_job_once(store, created, None)
+        .await?
+        .expect("an append without dedupe keys is never a duplicate"))
+}
+
+/// [`create_job`], unless one of the `dedupe` keys was recorded within its window: then nothing
+/// is written and the answer is `None`.
+async fn create_job_once(
+    store: &dyn Store,
+    created: JobCreated,
+    dedupe: Option<(Vec<String>, Duration)>,
+) -> Result<Option<JobState>, ApiError> {
+    let id = created.job;
+    let created: Event = created.into();
+    let mut append = Append::new(StreamId::Job(id), vec![created.clone()]).expect(0);
+    if let Some((keys, window)) = dedupe {
+        append = append.dedupe(keys, window);
+    }
+    let mut fresh = JobState::new(id);
+    fresh.evolve(&created, append.at_ms);
+    match store.append(append).await? {
+        store::Appended::Written { .. } => Ok(Some(fresh)),
+        store::Appended::Duplicate { .. } => Ok(None),
+    }
 }
 
 #[cfg(test)]

@@ -81,9 +81,11 @@ fn each_subcommand_parses() {
     );
     let jobs = |command, api: &str, token: Option<&str>| {
         Command::Jobs(JobsArgs {
-            api: api.into(),
-            token: token.map(Into::into),
-            json: false,
+            conn: ApiConn {
+                api: api.into(),
+                token: token.map(Into::into),
+                json: false,
+            },
             command,
         })
     };
@@ -101,9 +103,11 @@ fn each_subcommand_parses() {
     check(
         &format!("jobs {flags} list --project g/app --state failed --limit 5 --cursor c --json"),
         Command::Jobs(JobsArgs {
-            api: "http://ferry:8080".into(),
-            token: Some("t".into()),
-            json: true,
+            conn: ApiConn {
+                api: "http://ferry:8080".into(),
+                token: Some("t".into()),
+                json: true,
+            },
             command: JobsCommand::List(JobsListArgs {
                 project: Some("g/app".into()),
                 state: Some("failed".into()),
@@ -116,9 +120,11 @@ fn each_subcommand_parses() {
     check(
         &format!("agents list {flags}"),
         Command::Agents(AgentsArgs {
-            api: "http://ferry:8080".into(),
-            token: Some("t".into()),
-            json: false,
+            conn: ApiConn {
+                api: "http://ferry:8080".into(),
+                token: Some("t".into()),
+                json: false,
+            },
             command: AgentsCommand::List,
         }),
         none(),
@@ -153,6 +159,41 @@ fn each_subcommand_parses() {
             "http://ferry:8080",
             Some("t"),
         ),
+        none(),
+    );
+    let conn = || ApiConn {
+        api: "http://ferry:8080".into(),
+        token: Some("t".into()),
+        json: false,
+    };
+    check(
+        &format!("deploy g/app v1.2.0 --env production {flags}"),
+        Command::Deploy(DeployArgs {
+            project: "g/app".into(),
+            tag: "v1.2.0".into(),
+            environment: "production".into(),
+            conn: conn(),
+        }),
+        none(),
+    );
+    check(
+        &format!("rollback {flags} g/app --env staging"),
+        Command::Rollback(RollbackArgs {
+            project: "g/app".into(),
+            environment: "staging".into(),
+            to: None,
+            conn: conn(),
+        }),
+        none(),
+    );
+    check(
+        &format!("rollback g/app --env staging --to v1.0.0 {flags}"),
+        Command::Rollback(RollbackArgs {
+            project: "g/app".into(),
+            environment: "staging".into(),
+            to: Some("v1.0.0".into()),
+            conn: conn(),
+        }),
         none(),
     );
 }
@@ -194,6 +235,11 @@ fn role_flags_are_refused_elsewhere_and_bad_values_fail() {
         "jobs",
         "",
         "deploy",
+        "deploy g/app v1",
+        "deploy g/app --env prod",
+        "rollback g/app",
+        "rollback --env prod",
+        "rollback g/app v1 --env prod",
     ] {
         assert!(parse(line).is_err(), "{line:?} was accepted");
     }

@@ -125,6 +125,7 @@ mod tests {
     fn job() -> JobState {
         let id: JobId = "01890a5d-ac96-774b-bcce-b30209900001".parse().unwrap();
         let plan = JobCreated {
+            artifact: None,
             job: id,
             project_id: 1,
             project: "g/app".into(),
@@ -405,6 +406,7 @@ mod gate_tests {
             .parse()
             .unwrap();
         let plan = JobCreated {
+            artifact: None,
             job: id,
             project_id: 1,
             project: "g/app".into(),

@@ -2,7 +2,8 @@
 //! is recorded in `JobCreated`, so nothing downstream ever reads configuration again.
 
 use ferry_proto::{
-    BuildSpec, DeploySpec, JobCreated, JobId, StepId, StepPlan, StepSpec, WebhookReceived,
+    ArtifactRef, BuildSpec, DeploySpec, JobCreated, JobId, StepId, StepPlan, StepSpec,
+    WebhookReceived,
 };
 
 /// The settings of one project that planning needs, mapped from configuration.
@@ -79,6 +80,7 @@ pub fn plan_job(
         }));
     }
     Ok(JobCreated {
+        artifact: None,
         job,
         project_id: project.id,
         project: project.path.clone(),
@@ -88,5 +90,45 @@ pub fn plan_job(
         priority: project.priority,
         trigger,
         steps,
+    })
+}
+
+/// The plan of a job that ships an artifact an earlier job built to one environment, without
+/// building: a manual deploy or a rollback. The environment's settings are the project's current
+/// ones (hosts may have changed since the build); tag and commit are the source job's.
+pub fn plan_deploy(
+    project: &ProjectPlan,
+    environment: &str,
+    source: &JobCreated,
+    artifact: ArtifactRef,
+    job: JobId,
+    trigger: String,
+) -> Result<JobCreated, String> {
+    let (pool, spec) = project
+        .environments
+        .iter()
+        .find(|(_, e)| e.environment == environment)
+        .ok_or_else(|| {
+            format!(
+                "project {} has no environment {environment:?}",
+                project.path
+            )
+        })?;
+    Ok(JobCreated {
+        job,
+        project_id: project.id,
+        project: project.path.clone(),
+        tag: source.tag.clone(),
+        git_ref: source.git_ref.clone(),
+        sha: source.sha.clone(),
+        priority: project.priority,
+        trigger,
+        steps: vec![StepPlan {
+            step: deploy_step(environment),
+            pool: pool.clone(),
+            priority: project.deploy_priority,
+            spec: StepSpec::Deploy(spec.clone()),
+        }],
+        artifact: Some(artifact),
     })
 }

@@ -1,6 +1,8 @@
 //! One job's state: `evolve(state, event)` over the job's stream.
 
-use ferry_proto::{AgentId, ArtifactPublished, Event, FencingToken, JobCreated, JobId, StepId};
+use ferry_proto::{
+    AgentId, ArtifactPublished, ArtifactRef, Event, FencingToken, JobCreated, JobId, StepId,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -168,6 +170,22 @@ impl JobState {
         self.steps.iter().find(|s| &s.step == step)
     }
 
+    /// The artifact this job's deploys ship: what its own build published, else the earlier
+    /// job's artifact its plan names (a manual deploy or rollback).
+    pub fn artifact(&self) -> Option<ArtifactRef> {
+        let own = self.steps.iter().find_map(|s| s.artifact.as_ref());
+        match own {
+            Some(a) => Some(ArtifactRef {
+                job: self.id,
+                name: a.name.clone(),
+                key: a.key.clone(),
+                size: a.size,
+                sha256: a.sha256.clone(),
+            }),
+            None => self.plan.as_ref().and_then(|p| p.artifact.clone()),
+        }
+    }
+
     fn step_mut(&mut self, step: &StepId) -> Option<&mut StepState> {
         self.steps.iter_mut().find(|s| &s.step == step)
     }
@@ -305,7 +323,8 @@ impl JobState {
             | Event::StepLog(_)
             | Event::AgentJoined(_)
             | Event::AgentLost(_)
-            | Event::CommitStatusReported(_) => {}
+            | Event::CommitStatusReported(_)
+            | Event::DeploymentReported(_) => {}
         }
     }
 

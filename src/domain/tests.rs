@@ -14,6 +14,7 @@ fn job(i: u8) -> JobId {
 
 fn plan(j: JobId) -> Event {
     JobCreated {
+        artifact: None,
         job: j,
         project_id: 1,
         project: "g/app".into(),

@@ -447,6 +447,7 @@ mod tests {
 
     fn plan(steps: &[&str]) -> JobCreated {
         JobCreated {
+            artifact: None,
             job: "01890a5d-ac96-774b-bcce-b30209900001".parse().unwrap(),
             project_id: 7,
             project: "g/app".into(),

@@ -989,6 +989,7 @@ pub async fn job_created_indexes_the_job_by_tag_and_environment(fx: &Fixture) {
     let s = &**fx;
     let plan = |job: JobId, tag: &str, envs: &[&str]| -> Event {
         Event::JobCreated(JobCreated {
+            artifact: None,
             job,
             project_id: 7,
             project: "group/app".into(),
@@ -1032,6 +1033,8 @@ pub async fn job_created_indexes_the_job_by_tag_and_environment(fx: &Fixture) {
     assert_eq!(s.indexed(&live_env("staging")).await.unwrap(), vec![a, b]);
     assert_eq!(s.indexed(&env("production")).await.unwrap(), vec![a]);
     assert!(s.indexed(&tag("v3")).await.unwrap().is_empty());
+    let all_tag = |t: &str| super::tag_index("group/app", t);
+    assert_eq!(s.indexed(&all_tag("v1")).await.unwrap(), vec![a, c]);
 
     // When a job ends it leaves the live indexes, and stays in the permanent ones.
     let cancelled = Event::JobCancelled(JobCancelled {
@@ -1040,6 +1043,7 @@ pub async fn job_created_indexes_the_job_by_tag_and_environment(fx: &Fixture) {
     });
     append(s, Append::new(StreamId::Job(a), vec![cancelled])).await;
     assert_eq!(s.indexed(&tag("v1")).await.unwrap(), vec![c]);
+    assert_eq!(s.indexed(&all_tag("v1")).await.unwrap(), vec![a, c]);
     assert_eq!(s.indexed(&live_env("staging")).await.unwrap(), vec![b]);
     assert_eq!(s.indexed(&env("staging")).await.unwrap(), vec![a, b]);
 }

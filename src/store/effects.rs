@@ -31,9 +31,11 @@ pub enum Effect {
 
 /// The index keys a job is found under. Keys starting with [`LIVE`] hold only jobs that have not
 /// ended (the store drops the job from them with its terminal event); the others keep every job.
-/// The coordinator uses them to cancel a deleted tag's jobs and to order deploys per environment.
+/// The coordinator uses them to cancel a deleted tag's jobs and to order deploys per environment;
+/// manual deploys and rollbacks use them to find a tag's artifact and an environment's releases.
 pub fn index_keys(plan: &JobCreated) -> Vec<String> {
-    let mut keys = vec![format!("{LIVE}{}", tag_index(&plan.project, &plan.tag))];
+    let tag = tag_index(&plan.project, &plan.tag);
+    let mut keys = vec![format!("{LIVE}{tag}"), tag];
     for step in &plan.steps {
         if let StepSpec::Deploy(d) = &step.spec {
             let env = environment_index(&plan.project, &d.environment);

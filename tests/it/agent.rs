@@ -67,6 +67,7 @@ fn deploy_job(path: &Path, after_switch: &str) -> (JobId, Vec<Event>, DeploySpec
         ..Default::default()
     };
     let created = JobCreated {
+        artifact: None,
         job,
         project_id: 1,
         project: "group/app".into(),

@@ -96,6 +96,7 @@ impl Api {
     async fn queued_job_with(&self, project: &str, pool: &str, spec: StepSpec) -> JobId {
         let job = JobId::new();
         let created = JobCreated {
+            artifact: None,
             job,
             project_id: 42,
             project: project.into(),
@@ -632,9 +633,16 @@ async fn retry_of_a_failed_job_runs_a_new_job_with_the_same_plan() {
     let (_, shown) = api.get(&format!("/api/v1/jobs/{new}")).await;
     assert_eq!(shown["state"], "queued");
     assert_eq!(shown["trigger"], format!("retry:{old}"));
-    assert_eq!(shown["steps"][0]["status"], "queued");
+    assert_eq!(
+        shown["steps"][0]["status"], "pending",
+        "the coordinators queue it, as for a webhook's job"
+    );
     let (_, old_shown) = api.get(&format!("/api/v1/jobs/{old}")).await;
     assert_eq!(old_shown["state"], "failed", "the old job stays as it was");
+    // A repeated POST does not start a second job.
+    let (status, body) = api.post(&format!("/api/v1/jobs/{old}/retry"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(error_of(&body).contains("already retried"), "{body}");
     let plan = |job: JobId| {
         let store = api.store.clone();
         async move {

@@ -48,6 +48,7 @@ impl Drop for Proc {
 fn noop_job() -> (JobId, Event) {
     let job = JobId::new();
     let created = JobCreated {
+        artifact: None,
         job,
         project_id: 1,
         project: "group/app".into(),

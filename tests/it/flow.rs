@@ -15,6 +15,7 @@ use tokio::sync::watch;
 fn noop_job(steps: &[&str], pool: &str) -> (JobId, Event) {
     let job = JobId::new();
     let created = JobCreated {
+        artifact: None,
         job,
         project_id: 1,
         project: "group/app".into(),

@@ -349,6 +349,7 @@ fn reporter_options(mock: &GitlabMock, attempts: u32) -> ReporterOptions {
 async fn noop_job(store: &Arc<dyn Store>) -> JobId {
     let job = JobId::new();
     let created = JobCreated {
+        artifact: None,
         job,
         project_id: 42,
         project: "group/app".into(),

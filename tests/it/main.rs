@@ -12,6 +12,7 @@ mod gateway;
 mod gitlab;
 mod gitlab_mock;
 mod harness;
+mod manual;
 mod ordering;
 mod redis;
 mod ssh;

@@ -34,6 +34,7 @@ fn job(tag: &str) -> (JobId, Event) {
         },
     ];
     let created = JobCreated {
+        artifact: None,
         job,
         project_id: 7,
         project: "group/app".into(),

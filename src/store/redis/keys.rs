@@ -22,7 +22,7 @@
 //! | `{ns}:dedupe:<key>` | string | log id of the original event, with a PX expiry |
 //! | `{ns}:wake:<pool>` | list | wake-up tokens for `wait_for_work` (bounded) |
 //! | `{ns}:snap:<name>` | string | snapshot bytes |
-//! | `{ns}:idx:<key>` | set | job ids indexed under `live:tag:<project>:<tag>`, `env:<project>:<env>`, `live:env:<project>:<env>` (`live:` sets lose a job when it ends) |
+//! | `{ns}:idx:<key>` | set | job ids indexed under `tag:<project>:<tag>`, `live:tag:<project>:<tag>`, `env:<project>:<env>`, `live:env:<project>:<env>` (`live:` sets lose a job when it ends) |
 //! | `{ns}:logs:<job>` | stream | the job's step output, field `p` = rmp named `StepLog`, trimmed to ~`LOG_MAX_LINES` |
 //! | `{ns}:jobidx:<job>` | set | the `live:` index keys of a job, for removing it when it ends |
 //! | `{ns}:ended:<job>` | string | set when the job ended: queueing effects on it are no-ops |

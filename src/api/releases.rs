@@ -1,0 +1,299 @@
+//! Manual deploys and rollbacks, and the releases an environment has had.
+//!
+//! Both are new jobs that ship an artifact an earlier job built, through the same path as every
+//! deploy: `JobCreated` with one `deploy:<env>` step and the source job's artifact in its plan
+//! ([`plan_deploy`]), then the coordinator's newest-wins ordering per environment and an agent's
+//! deploy step. A release still on the hosts (every deploy keeps the current and the previous
+//! one) is found by its completion marker and only switched back, not uploaded again.
+//!
+//! - `POST /api/v1/deploys` `{"project", "tag", "environment"}`: deploys the newest artifact built
+//!   for the tag.
+//! - `POST /api/v1/rollbacks` `{"project", "environment", "to"?}`: deploys the release that was
+//!   live before the current one, or the tag `to`.
+//! - `GET /api/v1/releases?project=&environment=`: the releases the environment has had, newest
+//!   first, from the deploys that succeeded.
+//!
+//! An environment's deploys run in job id order (newer ones supersede queued older ones, and wait
+//! for a running one), so "newest successful deploy" is what `current` points to.
+
+use super::{answer, fold_job, job_summary, time, Answer, ApiError, ApiState, Params};
+use crate::coordinator::plan::{deploy_step, plan_deploy, ProjectPlan};
+use crate::deploy::release_name;
+use crate::domain::{JobState, StepStatus};
+use crate::store::{environment_index, tag_index, Store};
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use ferry_proto::{ArtifactRef, JobId};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tracing::info;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    project: String,
+    tag: String,
+    environment: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    project: String,
+    environment: String,
+    #[serde(default)]
+    to: Option<String>,
+}
+
+/// One release an environment had: a deploy job that succeeded, and what it shipped.
+struct Deployed {
+    job: JobState,
+    artifact: ArtifactRef,
+}
+
+impl Deployed {
+    fn release(&self) -> String {
+        let plan = self.job.plan.as_ref().expect("deployed jobs have a plan");
+        release_name(&plan.tag, &plan.sha)
+    }
+
+    fn tag(&self) -> &str {
+        &self
+            .job
+            .plan
+            .as_ref()
+            .expect("deployed jobs have a plan")
+            .tag
+    }
+
+    fn render(&self, current: bool) -> Value {
+        let plan = self.job.plan.as_ref().expect("deployed jobs have a plan");
+        json!({
+            "job": self.job.id,
+            "tag": plan.tag,
+            "sha": plan.sha,
+            "release": self.release(),
+            "trigger": plan.trigger,
+            "artifact": { "job": self.artifact.job, "name": self.artifact.name, "sha256": self.artifact.sha256, "size": self.artifact.size },
+            "deployed_at": time(self.job.updated_at_ms),
+            "current": current,
+        })
+    }
+}
+
+fn parse_body<T: DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed {what}: {e}")))
+}
+
+/// The configured project named by its path or numeric id.
+fn project<'a>(state: &'a ApiState, name: &str) -> Result<&'a ProjectPlan, ApiError> {
+    state
+        .inner
+        .projects
+        .iter()
+        .find(|p| p.path == name || name.parse() == Ok(p.id))
+        .ok_or_else(|| ApiError::NotFound(format!("unknown project {name:?}")))
+}
+
+fn environment_known(project: &ProjectPlan, environment: &str) -> Result<(), ApiError> {
+    if project
+        .environments
+        .iter()
+        .any(|(_, e)| e.environment == environment)
+    {
+        return Ok(());
+    }
+    Err(ApiError::NotFound(format!(
+        "project {} has no environment {environment:?}",
+        project.path
+    )))
+}
+
+/// The newest job of `project` that built (or shipped) an artifact for `tag`.
+async fn built(store: &dyn Store, project: &str, tag: &str) -> Result<Deployed, ApiError> {
+    let mut ids = store.indexed(&tag_index(project, tag)).await?;
+    ids.reverse();
+    for id in ids {
+        let Some(job) = fold_job(store, id).await? else {
+            continue;
+        };
+        if let Some(artifact) = job.artifact() {
+            return Ok(Deployed { job, artifact });
+        }
+    }
+    Err(ApiError::NotFound(format!(
+        "tag {tag} of {project} has no built artifact: build it first (push the tag)"
+    )))
+}
+
+/// The releases `environment` of `project` had, newest first, from deploy jobs older than
+/// `before` (all when `None`), at most `limit`.
+async fn deployed(
+    store: &dyn Store,
+    project: &str,
+    environment: &str,
+    before: Option<JobId>,
+    limit: usize,
+) -> Result<Vec<Deployed>, ApiError> {
+    let step = deploy_step(environment);
+    let mut ids: Vec<JobId> = store
+        .indexed(&environment_index(project, environment))
+        .await?;
+    ids.retain(|id| before.is_none_or(|b| *id < b));
+    ids.reverse();
+    let mut out = Vec::new();
+    for id in ids {
+        if out.len() >= limit {
+            break;
+        }
+        let Some(job) = fold_job(store, id).await? else {
+            continue;
+        };
+        let succeeded = job
+            .step(&step)
+            .is_some_and(|s| matches!(s.status, StepStatus::Succeeded { .. }));
+        if !succeeded {
+            continue;
+        }
+        if let Some(artifact) = job.artifact() {
+            out.push(Deployed { job, artifact });
+        }
+    }
+    Ok(out)
+}
+
+/// Appends the new job's plan (and its first decision) and answers 202 with it.
+async fn start(
+    state: &ApiState,
+    project: &ProjectPlan,
+    environment: &str,
+    source: &Deployed,
+    trigger: String,
+    extra: Value,
+) -> Answer {
+    let plan = source.job.plan.as_ref().expect("deployed jobs have a plan");
+    let id = JobId::new();
+    let created = plan_deploy(
+        project,
+        environment,
+        plan,
+        source.artifact.clone(),
+        id,
+        trigger,
+    )
+    .map_err(ApiError::NotFound)?;
+    let job = super::create_job(state.store(), created).await?;
+    let mut body = job_summary(&job);
+    body["environment"] = json!(environment);
+    body["source_job"] = json!(source.job.id);
+    body["release"] = json!(source.release());
+    if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+        body.extend(extra);
+    }
+    answer(StatusCode::ACCEPTED, body)
+}
+
+pub(super) async fn deploy(State(state): State<ApiState>, body: Bytes) -> Answer {
+    let body: DeployBody = parse_body(&body, "deploy request")?;
+    let project = project(&state, &body.project)?;
+    environment_known(project, &body.environment)?;
+    let source = built(state.store(), &project.path, &body.tag).await?;
+    let answer = start(
+        &state,
+        project,
+        &body.environment,
+        &source,
+        format!("deploy:{}", body.environment),
+        json!({}),
+    )
+    .await?;
+    info!(project = %project.path, tag = %body.tag, environment = %body.environment, "manual deploy requested through the api");
+    Ok(answer)
+}
+
+pub(super) async fn rollback(State(state): State<ApiState>, body: Bytes) -> Answer {
+    let body: RollbackBody = parse_body(&body, "rollback request")?;
+    let project = project(&state, &body.project)?;
+    environment_known(project, &body.environment)?;
+    let store = state.store();
+    let history = deployed(store, &project.path, &body.environment, None, usize::MAX).await?;
+    let Some(current) = history.first() else {
+        return Err(ApiError::Conflict(format!(
+            "{} of {} has never been deployed: nothing to roll back",
+            body.environment, project.path
+        )));
+    };
+    let target = match &body.to {
+        Some(tag) => {
+            // A release this environment had is preferred: its artifact is the one that ran.
+            match history.iter().find(|d| d.tag() == tag) {
+                Some(d) => Deployed {
+                    job: d.job.clone(),
+                    artifact: d.artifact.clone(),
+                },
+                None => built(store, &project.path, tag).await?,
+            }
+        }
+        None => {
+            let previous = history.iter().find(|d| d.release() != current.release());
+            match previous {
+                Some(d) => Deployed {
+                    job: d.job.clone(),
+                    artifact: d.artifact.clone(),
+                },
+                None => {
+                    return Err(ApiError::Conflict(format!(
+                        "{} of {} has had no release before {}: nothing to roll back to",
+                        body.environment,
+                        project.path,
+                        current.release()
+                    )))
+                }
+            }
+        }
+    };
+    if target.release() == current.release() {
+        return Err(ApiError::Conflict(format!(
+            "{} of {} already runs {}",
+            body.environment,
+            project.path,
+            current.release()
+        )));
+    }
+    let answer = start(
+        &state,
+        project,
+        &body.environment,
+        &target,
+        format!("rollback:{}", body.environment),
+        json!({ "rolled_back_from": current.release() }),
+    )
+    .await?;
+    info!(project = %project.path, environment = %body.environment, from = %current.release(), to = %target.release(), "rollback requested through the api");
+    Ok(answer)
+}
+
+pub(super) async fn releases(State(state): State<ApiState>, RawQuery(q): RawQuery) -> Answer {
+    let params = Params::parse(q);
+    let limit = params.limit()?;
+    let (Some(name), Some(environment)) = (params.get("project"), params.get("environment")) else {
+        return Err(ApiError::BadRequest(
+            "releases need the project and environment query parameters".into(),
+        ));
+    };
+    let before = params.get("cursor").map(super::parse_job_id).transpose()?;
+    let project = project(&state, name)?;
+    environment_known(project, environment)?;
+    let mut history =
+        deployed(state.store(), &project.path, environment, before, limit + 1).await?;
+    let more = history.len() > limit;
+    history.truncate(limit);
+    let items: Vec<Value> = history
+        .iter()
+        .enumerate()
+        .map(|(i, d)| d.render(before.is_none() && i == 0))
+        .collect();
+    let next = more.then(|| history.last().map(|d| d.job.id)).flatten();
+    answer(StatusCode::OK, json!({ "items": items, "next": next }))
+}
