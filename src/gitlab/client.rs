@@ -177,6 +177,17 @@ pub enum DeploymentStatus {
     Canceled,
 }
 
+impl DeploymentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentStatus::Running => "running",
+            DeploymentStatus::Success => "success",
+            DeploymentStatus::Failed => "failed",
+            DeploymentStatus::Canceled => "canceled",
+        }
+    }
+}
+
 /// The body of `POST /projects/:id/deployments`; `tag` is always `true` (ferry deploys tags).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeploymentRequest {

@@ -9,4 +9,7 @@ pub use client::{
     Client, Deployment, DeploymentRequest, DeploymentStatus, Error, Retry, StatusOutcome,
     StatusRequest, StatusState,
 };
-pub use reporter::{run, status_name, transitions, ReporterOptions, Transition, GROUP};
+pub use reporter::{
+    deployment_transitions, run, status_name, transitions, DeploymentTransition, ReporterOptions,
+    Transition, GROUP,
+};

@@ -1,5 +1,7 @@
 //! The commit-status reporter: a feed consumer (group [`GROUP`]) that tells GitLab how each
-//! step of each job is doing, and records every report as a `CommitStatusReported` event.
+//! step of each job is doing, and records every report as a `CommitStatusReported` event. Deploy
+//! steps also get a GitLab deployment of the tag to their environment, created `running` when
+//! the step starts and moved to its final status when it ends (`DeploymentReported`).
 //!
 //! It is deliberately apart from the coordinators: it reads the feed in its own consumer group,
 //! decides nothing about jobs, and its appends (`Expected::Any`) never compete with decisions for
@@ -13,11 +15,16 @@
 //! to `running`. Within one reporter, the entries of one job are handled in log order; different
 //! jobs are handled concurrently.
 
-use super::client::{self, Client, Retry, StatusOutcome, StatusRequest, StatusState};
+use super::client::{
+    self, Client, DeploymentRequest, DeploymentStatus, Retry, StatusOutcome, StatusRequest,
+    StatusState,
+};
 use crate::config::Secret;
 use crate::domain::{JobState, StepStatus};
 use crate::store::{Append, Error, LogPos, Store, Stored, StreamId};
-use ferry_proto::{CommitStatusReported, Event, JobCreated, JobId, StepId};
+use ferry_proto::{
+    CommitStatusReported, DeploymentReported, Event, JobCreated, JobId, StepId, StepSpec,
+};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -204,6 +211,79 @@ fn unfinished(before: &JobState, state: StatusState, why: &str) -> Vec<Transitio
             description: why.to_string(),
         })
         .collect()
+}
+
+/// A change of a GitLab deployment that a job event calls for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeploymentTransition {
+    pub environment: String,
+    pub status: DeploymentStatus,
+    /// Whether the deployment may be created with this status when GitLab has none yet for
+    /// the job and environment (the step's own outcome), or only updated (the job ending
+    /// around a deploy that may never have started).
+    pub create: bool,
+}
+
+/// The deployment changes for `event`, given the job's state just before it. Pure.
+///
+/// `running` when a deploy step starts; `success` when it succeeds; `failed` when it fails for
+/// good; on `JobFailed` / `JobCancelled` / `JobSuperseded`, `failed` / `canceled` for every deploy
+/// step that had not finished (only updating a deployment that exists).
+pub fn deployment_transitions(before: &JobState, event: &Event) -> Vec<DeploymentTransition> {
+    let environment = |step: &StepId| {
+        before.plan.as_ref().and_then(|p| {
+            p.steps
+                .iter()
+                .find(|s| &s.step == step)
+                .and_then(|s| match &s.spec {
+                    StepSpec::Deploy(d) => Some(d.environment.clone()),
+                    _ => None,
+                })
+        })
+    };
+    let one = |step: &StepId, status: DeploymentStatus| {
+        environment(step)
+            .map(|environment| DeploymentTransition {
+                environment,
+                status,
+                create: true,
+            })
+            .into_iter()
+            .collect()
+    };
+    let unfinished = |status: DeploymentStatus| -> Vec<DeploymentTransition> {
+        if before.phase.is_terminal() {
+            return Vec::new();
+        }
+        before
+            .steps
+            .iter()
+            .filter(|s| {
+                !matches!(
+                    s.status,
+                    StepStatus::Succeeded { .. }
+                        | StepStatus::Failed {
+                            retryable: false,
+                            ..
+                        }
+                )
+            })
+            .filter_map(|s| environment(&s.step))
+            .map(|environment| DeploymentTransition {
+                environment,
+                status,
+                create: false,
+            })
+            .collect()
+    };
+    match event {
+        Event::StepStarted(e) => one(&e.step, DeploymentStatus::Running),
+        Event::StepSucceeded(e) => one(&e.step, DeploymentStatus::Success),
+        Event::StepFailed(e) if !e.retryable => one(&e.step, DeploymentStatus::Failed),
+        Event::JobFailed(_) => unfinished(DeploymentStatus::Failed),
+        Event::JobCancelled(_) | Event::JobSuperseded(_) => unfinished(DeploymentStatus::Canceled),
+        _ => Vec::new(),
+    }
 }
 
 /// `pending` < `running` < every final state.
@@ -393,6 +473,84 @@ impl JobReporter {
             }
             self.report(&plan, t).await?;
         }
+        for t in deployment_transitions(&before, &event) {
+            self.deployment(&plan, &stream, at, t).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates or moves the job's GitLab deployment to `t.environment` and records the outcome.
+    /// Skipped when a report after this event already says as much (a redelivered entry), and
+    /// when the deployment would only be updated but GitLab never got one.
+    async fn deployment(
+        &self,
+        plan: &JobCreated,
+        stream: &[Stored],
+        at: usize,
+        t: DeploymentTransition,
+    ) -> Result<(), Error> {
+        let mut known: Option<u64> = None;
+        let mut reported_after: Option<u8> = None;
+        for (i, s) in stream.iter().enumerate() {
+            if let Ok(Event::DeploymentReported(r)) = s.decode() {
+                if r.environment != t.environment {
+                    continue;
+                }
+                known = r.deployment_id.or(known);
+                if i > at {
+                    let st = stage(&r.status);
+                    reported_after = Some(reported_after.map_or(st, |x| x.max(st)));
+                }
+            }
+        }
+        let wanted = stage(t.status.as_str());
+        if reported_after.is_some_and(|st| st >= wanted)
+            || (t.status == DeploymentStatus::Running && known.is_some())
+        {
+            debug!(job = %self.job, environment = %t.environment, status = t.status.as_str(), "deployment already reported");
+            return Ok(());
+        }
+        let result = match known {
+            Some(id) => {
+                self.client
+                    .update_deployment(plan.project_id, id, t.status)
+                    .await
+            }
+            None if t.create => {
+                let request = DeploymentRequest {
+                    environment: t.environment.clone(),
+                    sha: plan.sha.clone(),
+                    ref_: plan.tag.clone(),
+                    status: t.status,
+                };
+                self.client
+                    .create_deployment(plan.project_id, &request)
+                    .await
+            }
+            None => return Ok(()),
+        };
+        let event = match result {
+            Ok(d) => DeploymentReported {
+                environment: t.environment,
+                deployment_id: Some(d.id),
+                status: t.status.as_str().to_string(),
+                http_status: None,
+                error: None,
+            },
+            Err(e) => {
+                warn!(job = %self.job, environment = %t.environment, status = t.status.as_str(), error = %e, "deployment not accepted by gitlab");
+                DeploymentReported {
+                    environment: t.environment,
+                    deployment_id: known,
+                    status: t.status.as_str().to_string(),
+                    http_status: e.http_status(),
+                    error: Some(e.to_string()),
+                }
+            }
+        };
+        self.store
+            .append(Append::new(StreamId::Job(self.job), vec![event.into()]))
+            .await?;
         Ok(())
     }
 
@@ -592,5 +750,122 @@ mod tests {
         check(&[created(), cancelled.clone(), cancelled], &[]);
         check(&[created(), started("nope")], &[]);
         check(&[started("build")], &[]);
+    }
+}
+
+#[cfg(test)]
+mod deployment_tests {
+    use super::*;
+    use ferry_proto::*;
+
+    fn plan() -> JobCreated {
+        let step = |id: &str, spec: StepSpec| StepPlan {
+            step: StepId::new(id),
+            pool: "default".into(),
+            priority: 0,
+            spec,
+        };
+        JobCreated {
+            artifact: None,
+            job: "01890a5d-ac96-774b-bcce-b30209900001".parse().unwrap(),
+            project_id: 7,
+            project: "g/app".into(),
+            tag: "v1".into(),
+            git_ref: "refs/tags/v1".into(),
+            sha: "a".repeat(40),
+            priority: 0,
+            trigger: "test".into(),
+            steps: vec![
+                step("build", StepSpec::Noop),
+                step(
+                    "deploy:prod",
+                    StepSpec::Deploy(DeploySpec {
+                        environment: "prod".into(),
+                        ..Default::default()
+                    }),
+                ),
+            ],
+        }
+    }
+
+    /// The deployment transitions of the last event, after folding the plan and the others.
+    fn of(events: &[Event]) -> Vec<(String, DeploymentStatus, bool)> {
+        let p = plan();
+        let (last, earlier) = events.split_last().unwrap();
+        let created: Event = p.clone().into();
+        let before = JobState::fold(
+            p.job,
+            std::iter::once((&created, 1)).chain(earlier.iter().map(|e| (e, 1))),
+        );
+        deployment_transitions(&before, last)
+            .into_iter()
+            .map(|t| (t.environment, t.status, t.create))
+            .collect()
+    }
+
+    fn started(step: &str) -> Event {
+        StepStarted {
+            step: StepId::new(step),
+            attempt: 1,
+            agent: AgentId::new("a"),
+        }
+        .into()
+    }
+
+    fn failed(step: &str, retryable: bool) -> Event {
+        StepFailed {
+            step: StepId::new(step),
+            attempt: 1,
+            error: "boom".into(),
+            retryable,
+            exit_code: None,
+        }
+        .into()
+    }
+
+    #[test]
+    fn only_deploy_steps_make_deployments() {
+        use DeploymentStatus::*;
+        let prod = |s, c| vec![("prod".to_string(), s, c)];
+        assert!(of(&[started("build")]).is_empty());
+        assert_eq!(of(&[started("deploy:prod")]), prod(Running, true));
+        let succeeded: Event = StepSucceeded {
+            step: StepId::new("deploy:prod"),
+            attempt: 1,
+        }
+        .into();
+        assert_eq!(of(&[succeeded]), prod(Success, true));
+        assert!(
+            of(&[failed("deploy:prod", true)]).is_empty(),
+            "a retryable failure leaves the deployment running"
+        );
+        assert_eq!(of(&[failed("deploy:prod", false)]), prod(Failed, true));
+    }
+
+    #[test]
+    fn a_job_ending_early_only_updates_deployments_that_exist() {
+        use DeploymentStatus::*;
+        let superseded: Event = JobSuperseded {
+            by_job: JobId::new(),
+            environment: "prod".into(),
+        }
+        .into();
+        assert_eq!(
+            of(std::slice::from_ref(&superseded)),
+            vec![("prod".to_string(), Canceled, false)]
+        );
+        let job_failed: Event = JobFailed {
+            reason: "r".into(),
+            step: None,
+        }
+        .into();
+        assert_eq!(
+            of(std::slice::from_ref(&job_failed)),
+            vec![("prod".to_string(), Failed, false)]
+        );
+        assert!(
+            of(&[job_failed, superseded]).is_empty(),
+            "an ended job reports nothing more"
+        );
     }
 }

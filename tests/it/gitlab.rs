@@ -488,3 +488,170 @@ async fn a_gitlab_answering_500_does_not_stall_the_pipeline_and_failures_are_rec
     }
     assert_eq!(mock.calls().len(), 12, "two attempts per status");
 }
+
+/// Deploy steps become GitLab deployments of the tag: created `running` when the step starts,
+/// updated to `success` when it ends, and `canceled` when the job is cancelled mid-deploy. Each
+/// outcome is recorded as `DeploymentReported` with GitLab's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_steps_become_gitlab_deployments_created_running_then_finished() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let mock = GitlabMock::start(TOKEN).await;
+    let (stop, rx) = watch::channel(false);
+    let reporter = tokio::spawn({
+        let store = store.clone();
+        let opts = reporter_options(&mock, 4);
+        let mut rx = rx;
+        async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            gitlab::run(store, opts, stop).await.unwrap()
+        }
+    });
+    let job = JobId::new();
+    let deploy = |env: &str| StepPlan {
+        step: StepId::new(format!("deploy:{env}")),
+        pool: "nobody".into(),
+        priority: 0,
+        spec: StepSpec::Deploy(DeploySpec {
+            environment: env.into(),
+            ..Default::default()
+        }),
+    };
+    let created = JobCreated {
+        artifact: None,
+        job,
+        project_id: 42,
+        project: "group/app".into(),
+        tag: "v1.2.3".into(),
+        git_ref: "refs/tags/v1.2.3".into(),
+        sha: SHA.into(),
+        priority: 0,
+        trigger: "test".into(),
+        steps: vec![deploy("staging"), deploy("production")],
+    };
+    let append = |events: Vec<Event>| {
+        let store = store.clone();
+        async move {
+            store
+                .append(Append::new(StreamId::Job(job), events))
+                .await
+                .unwrap();
+        }
+    };
+    let started = |env: &str| -> Event {
+        StepStarted {
+            step: StepId::new(format!("deploy:{env}")),
+            attempt: 1,
+            agent: AgentId::new("a"),
+        }
+        .into()
+    };
+    let deployments = || {
+        mock.calls()
+            .into_iter()
+            .filter(|c| c.path.contains("/deployments"))
+            .collect::<Vec<_>>()
+    };
+    let recorded = || {
+        let store = store.clone();
+        async move {
+            store
+                .read_stream(&StreamId::Job(job), 0)
+                .await
+                .unwrap()
+                .iter()
+                .filter_map(|s| match s.decode().unwrap() {
+                    Event::DeploymentReported(r) => Some(r),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+
+    append(vec![created.into(), started("staging")]).await;
+    let first = wait_for(DEADLINE, "the staging deployment", || async {
+        let r = recorded().await;
+        (r.len() == 1).then(|| r[0].clone())
+    })
+    .await;
+    assert_eq!(first.environment, "staging");
+    assert_eq!(first.status, "running");
+    let staging_id = first.deployment_id.expect("gitlab's id");
+    append(vec![StepSucceeded {
+        step: StepId::new("deploy:staging"),
+        attempt: 1,
+    }
+    .into()])
+    .await;
+    append(vec![started("production")]).await;
+    append(vec![JobCancelled {
+        reason: "changed my mind".into(),
+        by: "api".into(),
+    }
+    .into()])
+    .await;
+    let all = wait_for(DEADLINE, "four deployment reports", || async {
+        let r = recorded().await;
+        (r.len() >= 4).then_some(r)
+    })
+    .await;
+    let _ = stop.send(true);
+    reporter.await.unwrap();
+
+    let summary: Vec<(&str, &str)> = all
+        .iter()
+        .map(|r| (r.environment.as_str(), r.status.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("staging", "running"),
+            ("staging", "success"),
+            ("production", "running"),
+            ("production", "canceled"),
+        ]
+    );
+    assert!(all.iter().all(|r| r.error.is_none()), "{all:?}");
+    assert_eq!(all[1].deployment_id, Some(staging_id));
+    let production_id = all[2].deployment_id.unwrap();
+    assert_ne!(production_id, staging_id);
+    assert_eq!(all[3].deployment_id, Some(production_id));
+
+    let calls = deployments();
+    let requests: Vec<(String, String, Option<&str>)> = calls
+        .iter()
+        .map(|c| (c.method.clone(), c.path.clone(), c.field("status")))
+        .collect();
+    assert_eq!(
+        requests,
+        [
+            (
+                "POST".into(),
+                "/api/v4/projects/42/deployments".into(),
+                Some("running")
+            ),
+            (
+                "PUT".into(),
+                format!("/api/v4/projects/42/deployments/{staging_id}"),
+                Some("success")
+            ),
+            (
+                "POST".into(),
+                "/api/v4/projects/42/deployments".into(),
+                Some("running")
+            ),
+            (
+                "PUT".into(),
+                format!("/api/v4/projects/42/deployments/{production_id}"),
+                Some("canceled")
+            ),
+        ]
+    );
+    for c in calls.iter().filter(|c| c.method == "POST") {
+        assert_eq!(c.body["tag"], serde_json::json!(true));
+        assert_eq!(c.field("ref"), Some("v1.2.3"));
+        assert_eq!(c.field("sha"), Some(SHA));
+    }
+    assert!(calls.iter().all(|c| c.answer == 200 || c.answer == 201));
+}
