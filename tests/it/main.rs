@@ -14,6 +14,7 @@ mod gitlab_mock;
 mod harness;
 mod ordering;
 mod redis;
+mod sqlite;
 mod ssh;
 mod sshd;
 mod tidy;
