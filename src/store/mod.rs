@@ -12,6 +12,8 @@
 pub mod conformance;
 mod effects;
 pub mod redis;
+pub mod sqlite;
+mod validate;
 
 pub use effects::{
     effects_of, environment_index, index_keys, queue_score, tag_index, Effect, LIVE, PRIORITY_RANGE,

@@ -1,8 +1,9 @@
-//! Test harness: real `redis-server` processes on free loopback ports, fresh namespaces, and
-//! condition polling.
+//! Test harness: real `redis-server` processes on free loopback ports, fresh namespaces, fresh
+//! SQLite files, and condition polling.
 
 use ferry::store::conformance::Fixture;
 use ferry::store::redis::RedisStore;
+use ferry::store::sqlite::SqliteStore;
 use ferry::store::Store;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -161,4 +162,36 @@ pub async fn redis_fixture() -> Fixture {
     };
     let store = open().await;
     Fixture::new(store, open)
+}
+
+/// A conformance fixture on a fresh SQLite file in its own temporary directory. `another()`
+/// opens the same file again, which in one process shares the connection, as roles in one
+/// process do. The opener owns the directory, so it lives as long as the fixture.
+pub async fn sqlite_fixture() -> Fixture {
+    sqlite_fixture_with(SqliteStore::open).await
+}
+
+/// Like [`sqlite_fixture`], but every handle, `another()` included, has a connection of its
+/// own, as separate processes on one file would: SQLite's locks serialise them and waiters
+/// learn of the others' writes by polling.
+pub async fn sqlite_fixture_separate() -> Fixture {
+    sqlite_fixture_with(SqliteStore::open_separate).await
+}
+
+async fn sqlite_fixture_with(
+    open: fn(&std::path::Path) -> ferry::store::Result<SqliteStore>,
+) -> Fixture {
+    let dir = Arc::new(tempfile::tempdir().expect("temporary directory for the sqlite store"));
+    let path = dir.path().join("ferry.db");
+    let opener = move || {
+        // Naming `dir` here makes the closure own it: the directory lives as long as the
+        // fixture does.
+        let (_dir, path) = (dir.clone(), path.clone());
+        async move {
+            let s = open(&path).expect("open the test sqlite store");
+            Arc::new(s) as Arc<dyn Store>
+        }
+    };
+    let store = opener().await;
+    Fixture::new(store, opener)
 }

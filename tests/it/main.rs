@@ -15,6 +15,7 @@ mod harness;
 mod manual;
 mod ordering;
 mod redis;
+mod sqlite;
 mod ssh;
 mod sshd;
 mod tidy;

@@ -21,6 +21,7 @@ mod scripts;
 
 pub use scripts::queue_score_probe;
 
+use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positive_ms};
 use crate::store::{
     effects_of, Agents, Append, Appended, Claim, Effect, Error, EventLog, Expected, Feed, Fence,
     LeaderLock, Lease, Leases, LogPos, Logs, Queued, Result, Snapshots, Stored, StreamId, Version,
@@ -28,7 +29,7 @@ use crate::store::{
 };
 use async_trait::async_trait;
 use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
-use keys::{check_name, member, split_member, Keys};
+use keys::{member, split_member, Keys};
 use parse::Source;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, FromRedisValue, RedisError, Value};
@@ -170,17 +171,6 @@ fn script_failure(e: &RedisError) -> Option<(&str, &str)> {
         .then(|| (code, e.detail().unwrap_or("")))
 }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn positive_ms(what: &str, d: Duration) -> Result<u64> {
-    match ms(d) {
-        0 => Err(Error::Invalid(format!("{what} must be at least 1 ms"))),
-        n => Ok(n),
-    }
-}
-
 fn parse_num<T: std::str::FromStr>(what: &str, s: &str) -> Result<T> {
     s.parse()
         .map_err(|_| Error::Corrupt(format!("{what} {s:?} is not a number")))
@@ -193,20 +183,6 @@ fn parse_job(s: &str) -> Result<JobId> {
 
 fn from_value<T: FromRedisValue>(what: &str, v: Value) -> Result<T> {
     T::from_redis_value(v).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
-}
-
-fn check_pools(pools: &[String]) -> Result<()> {
-    if pools.is_empty() {
-        return Err(Error::Invalid("no pools given".into()));
-    }
-    pools.iter().try_for_each(|p| check_name("pool", p))
-}
-
-fn check_nonempty(what: &str, value: &str) -> Result<()> {
-    if value.is_empty() {
-        return Err(Error::Invalid(format!("{what} must not be empty")));
-    }
-    Ok(())
 }
 
 #[async_trait]
