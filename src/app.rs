@@ -9,30 +9,85 @@ use crate::coordinator::{self, decide::RetryPolicy, plan::ProjectPlan};
 use crate::gateway::{self, GatewayOptions, GatewayState, ProjectHooks, SigningKey};
 use crate::gitlab;
 use crate::replay;
-use crate::store::{redis::RedisStore, Store};
+use crate::store::{redis::RedisStore, sqlite::SqliteStore, Store};
 use anyhow::{bail, Context};
 use ferry_proto::{AgentId, BuildSpec, DeploySpec};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// Opens the configured store.
+/// Where the events live: a Redis server, or the embedded store's file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    Redis(String),
+    Embedded(PathBuf),
+}
+
+impl StoreLocation {
+    /// `redis://HOST:PORT/DB`, `sqlite://PATH` (`sqlite:///abs/path` or `sqlite://rel/path`), or
+    /// a bare file path for the embedded store.
+    pub fn parse(text: &str) -> anyhow::Result<StoreLocation> {
+        let text = text.trim();
+        if text.starts_with("redis://") {
+            return Ok(StoreLocation::Redis(text.to_string()));
+        }
+        if text.starts_with("rediss://") {
+            bail!("store {text}: TLS (rediss://) is not supported by this build yet; use redis://");
+        }
+        if let Some(path) = text.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                bail!("store {text}: sqlite:// needs a file path, e.g. sqlite://.ferry/ferry.db");
+            }
+            return Ok(StoreLocation::Embedded(PathBuf::from(path)));
+        }
+        if text.is_empty() || text.contains("://") {
+            bail!(
+                "store {text:?}: expected redis://HOST:PORT/DB, sqlite://PATH or the path of an embedded store file"
+            );
+        }
+        Ok(StoreLocation::Embedded(PathBuf::from(text)))
+    }
+
+    /// The configured store: `store` when set, else the embedded store at `<data_dir>/ferry.db`.
+    pub fn of(config: &Config) -> anyhow::Result<StoreLocation> {
+        match config.store.as_deref() {
+            Some(url) => StoreLocation::parse(url),
+            None => Ok(StoreLocation::Embedded(config.data_dir.join("ferry.db"))),
+        }
+    }
+
+    /// Opens it. Redis keys live under `namespace`; an embedded file is one installation.
+    pub async fn open(&self, namespace: &str) -> anyhow::Result<Arc<dyn Store>> {
+        Ok(match self {
+            StoreLocation::Redis(url) => Arc::new(
+                RedisStore::connect(url, namespace)
+                    .await
+                    .with_context(|| format!("cannot open store {url}"))?,
+            ),
+            StoreLocation::Embedded(path) => {
+                let path = path.clone();
+                let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                    .await
+                    .context("the embedded store's opener panicked")?
+                    .with_context(|| format!("cannot open the embedded store {self}"))?;
+                Arc::new(store)
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Redis(url) => f.write_str(url),
+            StoreLocation::Embedded(path) => write!(f, "sqlite://{}", path.display()),
+        }
+    }
+}
+
+/// Opens the configured store ([`StoreLocation::of`]).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let Some(url) = config.store.as_deref() else {
-        bail!(
-            "no store configured: the embedded store is not available yet; \
-             pass --store redis://HOST:PORT/DB (or set FERRY_STORE, or `store` in the config file)"
-        );
-    };
-    if url.starts_with("rediss://") {
-        bail!("store {url}: TLS (rediss://) is not supported by this build yet; use redis://");
-    }
-    if !url.starts_with("redis://") {
-        bail!("store {url}: unsupported scheme; expected redis://HOST:PORT/DB");
-    }
-    let store = RedisStore::connect(url, &config.namespace)
-        .await
-        .with_context(|| format!("cannot open store {url}"))?;
-    Ok(Arc::new(store))
+    StoreLocation::of(config)?.open(&config.namespace).await
 }
 
 /// Resolves when SIGINT or SIGTERM arrives (or `stop` is set), for graceful shutdown.
@@ -107,12 +162,27 @@ pub async fn run_gateway(
     store: Arc<dyn Store>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let listener = bind(config).await?;
+    serve(config, store, listener, stop).await
+}
+
+/// Binds the gateway's listening socket.
+pub async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(config.gateway.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.gateway.listen))
+}
+
+/// Serves the gateway and the API on `listener` until `stop`.
+pub async fn serve(
+    config: &Config,
+    store: Arc<dyn Store>,
+    listener: tokio::net::TcpListener,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let state = gateway_state(config, store.clone(), prometheus::Registry::new())?;
     let api = api::ApiState::new(store, &config.api.tokens).with_projects(project_plans(config));
     let router = gateway::router(state).merge(api::router(api));
-    let listener = tokio::net::TcpListener::bind(config.gateway.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "gateway listening");
     axum::serve(listener, router)
         .with_graceful_shutdown(until(stop))
@@ -120,8 +190,30 @@ pub async fn run_gateway(
     Ok(())
 }
 
-/// `ferry up`: every role in one process, sharing one store.
+/// A fresh random API token (for `ferry up` and `ferry demo` when none is configured).
+pub fn generate_token() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `ferry up`: every role in one process, sharing one store. Prints where it listens, the store
+/// and, when none was configured, the API token it generated.
 pub async fn run_up(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<()> {
+    let mut config = config.clone();
+    let generated = config.api.tokens.is_empty().then(generate_token);
+    if let Some(token) = &generated {
+        config.api.tokens.push(crate::config::Secret::new(token));
+    }
+    let listener = bind(&config).await?;
+    println!("ferry up: listening on http://{}", listener.local_addr()?);
+    println!("ferry up: store {}", StoreLocation::of(&config)?);
+    match &generated {
+        Some(token) => {
+            println!("ferry up: API token {token} (generated; set [api] tokens to choose one)")
+        }
+        None => println!("ferry up: API tokens from the configuration"),
+    }
+    let config = &config;
     let stop = shutdown_signal();
     let coordinator = tokio::spawn(coordinator::run(
         store.clone(),
@@ -135,7 +227,7 @@ pub async fn run_up(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<()
     ));
     let reporter = gitlab_reporter_options(config)
         .map(|o| tokio::spawn(gitlab::run(store.clone(), o, until(stop.clone()))));
-    let gateway = run_gateway(config, store, stop.clone()).await;
+    let gateway = serve(config, store, listener, stop.clone()).await;
     coordinator.await??;
     agent.await??;
     if let Some(reporter) = reporter {
@@ -315,4 +407,34 @@ pub async fn replay(
             Ok(false)
         }
     }
+}
+
+/// `ferry migrate --from URL --to URL [--force]`: copies the event log and prints what it did.
+pub async fn migrate(config: &Config, args: &crate::cli::MigrateArgs) -> anyhow::Result<()> {
+    let from = StoreLocation::parse(&args.from).context("--from")?;
+    let to = StoreLocation::parse(&args.to).context("--to")?;
+    if from == to {
+        bail!("--from and --to are the same store ({from})");
+    }
+    if let StoreLocation::Embedded(path) = &from {
+        // Opening creates a missing file: reading from a store that is not there is a typo.
+        if !path.exists() {
+            bail!("--from {from}: no such file");
+        }
+    }
+    let source = from.open(&config.namespace).await.context("--from")?;
+    let target = to.open(&config.namespace).await.context("--to")?;
+    let report =
+        crate::migrate::migrate(&*source, &*target, args.force, config.gateway.dedupe_window)
+            .await
+            .with_context(|| format!("migrating {from} to {to}"))?;
+    println!(
+        "migrated {} events from {from} to {to}: {} written, {} already there",
+        report.read, report.written, report.skipped
+    );
+    for (job, step) in &report.interrupted {
+        println!("  job {job} step {step} was running: its lease did not move; it will run again");
+    }
+    println!("check it with: ferry --store {to} replay --verify");
+    Ok(())
 }

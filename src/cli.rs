@@ -57,6 +57,35 @@ pub enum Command {
     /// Roll an environment back to the release before the current one (or to --to TAG),
     /// through the API.
     Rollback(RollbackArgs),
+    /// Copy the whole event log from one store to another (embedded to Redis, or back).
+    Migrate(MigrateArgs),
+    /// Build and deploy a sample project end to end on this machine, in seconds.
+    Demo(DemoArgs),
+}
+
+/// `ferry migrate --from URL --to URL [--force]`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct MigrateArgs {
+    /// The store to read: redis://HOST:PORT/DB, sqlite://PATH or an embedded store's file.
+    #[arg(long, value_name = "URL")]
+    pub from: String,
+    /// The store to write.
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+    /// Write into a target that already holds events.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `ferry demo [--keep]`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct DemoArgs {
+    /// Leave ferry running after the demo, so you can send your own webhooks.
+    #[arg(long)]
+    pub keep: bool,
+    /// Address for the demo's gateway (default: a free port on 127.0.0.1).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `ferry gateway`
@@ -235,7 +264,14 @@ impl Cli {
         };
         match &self.command {
             Command::Gateway(args) => overrides.listen = args.listen,
-            Command::Up(args) => overrides.listen = args.listen,
+            Command::Up(args) => {
+                overrides.listen = args.listen;
+                overrides.default_data_dir = Some(PathBuf::from(".ferry"));
+            }
+            Command::Demo(args) => {
+                overrides.listen = args.listen;
+                overrides.default_data_dir = Some(PathBuf::from(".ferry"));
+            }
             Command::Agent(args) => {
                 overrides.agent_name = args.name.clone();
                 overrides.agent_pools = args.pools.clone();
@@ -246,7 +282,8 @@ impl Cli {
             | Command::Jobs(_)
             | Command::Agents(_)
             | Command::Deploy(_)
-            | Command::Rollback(_) => {}
+            | Command::Rollback(_)
+            | Command::Migrate(_) => {}
         }
         overrides
     }

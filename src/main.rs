@@ -7,10 +7,15 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    // The demo talks to a person through its own output; the roles' logs would drown it.
+    let default_log = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -81,6 +86,12 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
         Command::Agents(args) => ferry::client::agents(&args).await?,
         Command::Deploy(args) => ferry::client::deploy(&args).await?,
         Command::Rollback(args) => ferry::client::rollback(&args).await?,
+        Command::Migrate(args) => app::migrate(&config, &args).await?,
+        Command::Demo(args) => {
+            if !ferry::demo::run(&config, &args).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

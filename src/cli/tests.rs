@@ -58,8 +58,29 @@ fn each_subcommand_parses() {
         }),
         Overrides {
             listen: addr("[::1]:8080"),
+            default_data_dir: Some(PathBuf::from(".ferry")),
             ..none()
         },
+    );
+    check(
+        "demo --keep",
+        Command::Demo(DemoArgs {
+            keep: true,
+            listen: None,
+        }),
+        Overrides {
+            default_data_dir: Some(PathBuf::from(".ferry")),
+            ..none()
+        },
+    );
+    check(
+        "migrate --from sqlite://.ferry/ferry.db --to redis://r:6379/0 --force",
+        Command::Migrate(MigrateArgs {
+            from: "sqlite://.ferry/ferry.db".into(),
+            to: "redis://r:6379/0".into(),
+            force: true,
+        }),
+        none(),
     );
     check(
         "replay --verify --from-snapshot --save-snapshot",
@@ -240,6 +261,9 @@ fn role_flags_are_refused_elsewhere_and_bad_values_fail() {
         "rollback g/app",
         "rollback --env prod",
         "rollback g/app v1 --env prod",
+        "migrate --from a",
+        "migrate --to b",
+        "demo --verify",
     ] {
         assert!(parse(line).is_err(), "{line:?} was accepted");
     }

@@ -356,6 +356,9 @@ pub struct Overrides {
     pub agent_pools: Option<Vec<String>>,
     /// `--concurrency` (agent)
     pub agent_concurrency: Option<u32>,
+    /// The command's own default for `data_dir` (`./.ferry` for `up` and `demo`), used when
+    /// neither the file nor the environment sets it.
+    pub default_data_dir: Option<PathBuf>,
 }
 
 /// A configuration that cannot be used, with the key and where its value came from.
@@ -829,8 +832,16 @@ fn build(
     let cx = Ctx { file, origins, env };
 
     let store = match raw.store {
+        // A bare path names an embedded store's file.
+        Some(store) if !store.contains("://") && !store.trim().is_empty() => Some(store),
         Some(store) => {
-            cx.url("store", &store, false)?;
+            let url = cx.url("store", &store, false)?;
+            if !matches!(url.scheme(), "redis" | "rediss" | "sqlite") {
+                return Err(cx.err(
+                    "store",
+                    format!("unsupported store {store:?}: expected redis://HOST:PORT/DB, sqlite://PATH or a file path (omit it for the embedded store in <data_dir>/ferry.db)"),
+                ));
+            }
             Some(store)
         }
         None => None,
@@ -848,7 +859,13 @@ fn build(
             ),
         ));
     }
-    let data_dir = PathBuf::from(raw.data_dir.unwrap_or_else(|| defaults::DATA_DIR.into()));
+    let data_dir = match raw.data_dir {
+        Some(dir) => PathBuf::from(dir),
+        None => overrides
+            .default_data_dir
+            .clone()
+            .unwrap_or_else(|| defaults::DATA_DIR.into()),
+    };
     if data_dir.as_os_str().is_empty() {
         return Err(cx.err("data_dir", "is empty"));
     }

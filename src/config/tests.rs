@@ -372,8 +372,9 @@ fn errors_name_the_key_and_the_source() {
         ("".into(), vec![(env::GATEWAY_LISTEN, "localhost:x")], f(), "environment FERRY_GATEWAY_LISTEN: invalid address \"localhost:x\""),
         ("[gateway]\npublic_url = \"ftp://x\"".into(), vec![], f(), "/etc/ferry.toml: gateway.public_url: invalid url \"ftp://x\": expected http or https"),
         ("[gitlab]\nurl = \"gitlab.example.com\"".into(), vec![], f(), "/etc/ferry.toml: gitlab.url: invalid url \"gitlab.example.com\""),
-        ("store = \"not a url\"".into(), vec![], f(), "/etc/ferry.toml: store: invalid url"),
-        ("".into(), vec![], Overrides { store: Some("::".into()), ..f() }, "flag --store: invalid url \"::\""),
+        ("store = \"http://x:6379\"".into(), vec![], f(), "/etc/ferry.toml: store: unsupported store \"http://x:6379\""),
+        ("store = \"redis://[::1\"".into(), vec![], f(), "/etc/ferry.toml: store: invalid url"),
+        ("".into(), vec![], Overrides { store: Some("mysql://db/ferry".into()), ..f() }, "flag --store: unsupported store \"mysql://db/ferry\""),
         // Host key policy: there is no way to ignore host keys.
         ("[agent]\nhost_key_policy = \"ignore\"".into(), vec![], f(), "/etc/ferry.toml: agent.host_key_policy: invalid host key policy \"ignore\": only \"strict\" and \"accept-new\" exist; host keys are never ignored"),
         ("".into(), vec![(env::AGENT_HOST_KEY_POLICY, "no")], f(), "environment FERRY_AGENT_HOST_KEY_POLICY: invalid host key policy \"no\""),

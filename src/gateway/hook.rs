@@ -200,22 +200,6 @@ impl Hook {
         Ok(hook)
     }
 
-    /// The content dedupe key `content:<project_id>:<ref>:<before>:<after>`, for pushes that
-    /// carry all four. It catches one push delivered by several hooks (project + group), each
-    /// with its own `Idempotency-Key`, and GitLab before 17.4, which sends no key at all.
-    pub fn content_key(&self, kind: EventKind) -> Option<String> {
-        if !matches!(kind, EventKind::TagPush | EventKind::Push) {
-            return None;
-        }
-        let (id, r, b, a) = (
-            self.project_id?,
-            self.git_ref.as_deref()?,
-            self.before.as_deref()?,
-            self.after.as_deref()?,
-        );
-        Some(format!("content:{id}:{r}:{b}:{a}"))
-    }
-
     fn string(&mut self, value: Value, field: &'static str) -> Option<String> {
         match value {
             Value::Null => None,

@@ -291,11 +291,6 @@ impl GatewayState {
         let decision = hook::classify(kind, &hook, project)?;
         let delivery_id = delivery_id(headers)?;
 
-        let mut keys = Vec::with_capacity(2);
-        if let Some(id) = &delivery_id {
-            keys.push(format!("delivery:{}:{id}", project.key()));
-        }
-        keys.extend(hook.content_key(kind));
         let event = WebhookReceived {
             delivery_id: delivery_id.clone(),
             event: event_name(kind, headers),
@@ -312,6 +307,7 @@ impl GatewayState {
             action: decision.action().to_string(),
             reason: decision.reason(),
         };
+        let keys = dedupe_keys(&event);
         let append = Append::new(StreamId::Webhooks, vec![Event::WebhookReceived(event)])
             .dedupe(keys, options.dedupe_window);
 
@@ -412,6 +408,32 @@ fn delivery_id(headers: &HeaderMap) -> Result<Option<String>, Rejection> {
 }
 
 /// `WebhookReceived.event`: the header as sent, cut to 64 characters.
+/// The dedupe keys of a delivery, from what is stored of it: `delivery:<project>:<id>` when it
+/// carried an id (`<project>` is the numeric id, else the lowercased path), and
+/// `content:<project_id>:<ref>:<before>:<after>` for a push that carries all four. The gateway
+/// records exactly these with the append; `ferry migrate` records them again in the target, so a
+/// redelivery after a move is still a duplicate.
+pub fn dedupe_keys(w: &WebhookReceived) -> Vec<String> {
+    let mut keys = Vec::with_capacity(2);
+    let project = w
+        .project_id
+        .map(|id| id.to_string())
+        .or_else(|| w.project_path.as_ref().map(|p| p.to_ascii_lowercase()));
+    if let (Some(project), Some(id)) = (&project, &w.delivery_id) {
+        keys.push(format!("delivery:{project}:{id}"));
+    }
+    let push = matches!(
+        EventKind::from_header(Some(&w.event)),
+        EventKind::TagPush | EventKind::Push
+    );
+    if let (true, Some(id), Some(r), Some(b), Some(a)) =
+        (push, w.project_id, &w.git_ref, &w.before, &w.after)
+    {
+        keys.push(format!("content:{id}:{r}:{b}:{a}"));
+    }
+    keys
+}
+
 fn event_name(kind: EventKind, headers: &HeaderMap) -> String {
     match header_str(headers, headers::EVENT) {
         Some(value) if kind == EventKind::Other => value.chars().take(64).collect(),

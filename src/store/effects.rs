@@ -60,9 +60,20 @@ pub fn environment_index(project: &str, environment: &str) -> String {
 }
 
 /// The effect of appending `event` to a job's stream. Events that scripts write themselves
-/// (`StepClaimed`, `LeaseExpired`, `StepReleased`) carry out their effects inside the script.
+/// (`StepClaimed`, `LeaseExpired`, `StepReleased`) carry out their effects inside the script;
+/// appended by a client (a migration replaying another store's log) they end the step's stay in
+/// the queue, since no lease can come with them.
 pub fn effects_of(event: &Event) -> Option<Effect> {
     Some(match event {
+        Event::StepClaimed(e) => Effect::Finish {
+            step: e.step.clone(),
+        },
+        Event::LeaseExpired(e) => Effect::Finish {
+            step: e.step.clone(),
+        },
+        Event::StepReleased(e) => Effect::Finish {
+            step: e.step.clone(),
+        },
         Event::StepQueued(e) => Effect::Enqueue {
             step: e.step.clone(),
             attempt: e.attempt,

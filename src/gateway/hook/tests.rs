@@ -403,11 +403,28 @@ fn parse_reads_what_matters() {
         hook.clone_url.as_deref(),
         Some("http://example.com/jsmith/example.git")
     );
+    let stored = |event: &str| ferry_proto::WebhookReceived {
+        delivery_id: Some("d-1".into()),
+        event: event.into(),
+        project_id: hook.project_id,
+        project_path: hook.project_path.clone(),
+        git_ref: hook.git_ref.clone(),
+        before: hook.before.clone(),
+        after: hook.after.clone(),
+        action: "build".into(),
+        ..Default::default()
+    };
     assert_eq!(
-        hook.content_key(EventKind::TagPush).as_deref(),
-        Some("content:1:refs/tags/v1.1.0:0000000000000000000000000000000000000000:5f2a0e1c9d8b7a6f5e4d3c2b1a0f9e8d7c6b5a49")
+        crate::gateway::dedupe_keys(&stored("Tag Push Hook")),
+        [
+            "delivery:1:d-1",
+            "content:1:refs/tags/v1.1.0:0000000000000000000000000000000000000000:5f2a0e1c9d8b7a6f5e4d3c2b1a0f9e8d7c6b5a49"
+        ]
     );
-    assert_eq!(hook.content_key(EventKind::Other), None);
+    assert_eq!(
+        crate::gateway::dedupe_keys(&stored("Note Hook")),
+        ["delivery:1:d-1"]
+    );
 
     let mr = Hook::parse(MR.as_bytes()).unwrap();
     assert_eq!(mr.project_id, Some(2));
@@ -417,7 +434,6 @@ fn parse_reads_what_matters() {
     );
     assert_eq!(mr.user.as_deref(), Some("agarcia"));
     assert_eq!(mr.git_ref, None);
-    assert_eq!(mr.content_key(EventKind::MergeRequest), None);
 }
 
 #[test]

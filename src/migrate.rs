@@ -1,0 +1,183 @@
+//! `ferry migrate --from URL --to URL`: copies the whole event log from one store to another
+//! (embedded to Redis, or back), so that the target's fold is the source's.
+//!
+//! Events are read from the source's global log in order and appended to the target through
+//! the ordinary append port with their original `at_ms`, each job's stream at exactly the
+//! version it had in the source (so per-stream order and the global order agree with the
+//! source's). Appending replays the effects, so the target's queues and indexes are rebuilt as the
+//! source built them. What the log alone does not carry is recreated:
+//!
+//! - **Webhook dedupe keys** (`gateway::dedupe_keys`), so a delivery GitLab repeats after the
+//!   move is still a duplicate; their window (the gateway's) starts again at the move.
+//! - **Leases** cannot move: a step that was running in the source (claimed, with no outcome)
+//!   gets a `lease_expired` in the target, and a coordinator runs it again (steps are
+//!   idempotent). Stop the agents before migrating and there are none.
+//!
+//! The envelopes' fencing tokens (who wrote an event) are not carried; the payloads are, and they
+//! are all the fold reads.
+//!
+//! Refuses a target that holds events unless `force`. Then a job stream already in the target
+//! (job ids are unique, so it is the same job: an interrupted migration run again) is continued,
+//! not duplicated: an event at a version the target already has is skipped. The shared streams
+//! (`webhooks`, `agents`) are appended to, each event under a dedupe key
+//! `migrated:<stream>:<at_ms>:<digest>` (for the dedupe window), so a second run does not double
+//! them either.
+
+use crate::domain::{JobState, StepStatus};
+use crate::gateway::dedupe_keys;
+use crate::store::{self, Append, Appended, Error, Store, StreamId};
+use ferry_proto::{Event, JobId, LeaseExpired};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+const BATCH: usize = 1000;
+
+/// What a migration did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Events read from the source.
+    pub read: u64,
+    /// Events written to the target.
+    pub written: u64,
+    /// Events the target already had (with `force`).
+    pub skipped: u64,
+    /// Steps that were running in the source and will run again.
+    pub interrupted: Vec<(JobId, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("the target store already holds events; pass --force to add the source's to them")]
+    TargetNotEmpty,
+    #[error("stream {stream}: the target holds {target} events but the source only {source_len} at this point; the stores have diverged")]
+    Diverged {
+        stream: String,
+        target: u64,
+        source_len: u64,
+    },
+    #[error("source event at {pos} has an unknown stream {stream:?}")]
+    UnknownStream { pos: String, stream: String },
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+/// The dedupe key of an event of a shared stream copied by a migration.
+fn migrated_key(envelope: &ferry_proto::Envelope) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(envelope.kind.to_be_bytes())
+        .chain_update(&envelope.payload)
+        .finalize();
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    format!("migrated:{}:{}:{hex}", envelope.stream, envelope.at_ms)
+}
+
+/// Copies every event of `from` into `to`. `dedupe_window` is how long recreated webhook dedupe
+/// keys live (the gateway's window).
+pub async fn migrate(
+    from: &dyn Store,
+    to: &dyn Store,
+    force: bool,
+    dedupe_window: Duration,
+) -> Result<Report, MigrateError> {
+    if !force && !to.read_log(None, 1).await?.is_empty() {
+        return Err(MigrateError::TargetNotEmpty);
+    }
+    let mut report = Report::default();
+    // Events of each stream seen so far in the source: the version the next one lands at.
+    let mut versions: HashMap<String, u64> = HashMap::new();
+    let mut jobs: BTreeMap<JobId, JobState> = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let batch = from.read_log(after.as_ref(), BATCH).await?;
+        for stored in &batch {
+            report.read += 1;
+            let name = &stored.envelope.stream;
+            let stream = StreamId::parse(name).ok_or_else(|| MigrateError::UnknownStream {
+                pos: stored.pos.to_string(),
+                stream: name.clone(),
+            })?;
+            let event = stored.decode()?;
+            let version = versions.entry(name.clone()).or_insert(0);
+            let mut append = Append::new(stream.clone(), vec![event.clone()]);
+            append.at_ms = stored.envelope.at_ms;
+            if stream.job().is_some() {
+                append = append.expect(*version);
+            } else {
+                // Shared streams are appended to; a key per migrated event keeps a second run
+                // from doubling them, and a webhook's own keys keep later redeliveries out.
+                let mut keys = vec![migrated_key(&stored.envelope)];
+                if let Event::WebhookReceived(w) = &event {
+                    keys.extend(dedupe_keys(w));
+                }
+                append = append.dedupe(keys, dedupe_window);
+            }
+            match to.append(append).await {
+                Ok(Appended::Written { .. }) => report.written += 1,
+                // Its dedupe key is already in the target: the delivery is there.
+                Ok(Appended::Duplicate { .. }) => report.skipped += 1,
+                Err(Error::Conflict { actual, .. }) if actual > *version => report.skipped += 1,
+                Err(Error::Conflict { actual, .. }) => {
+                    return Err(MigrateError::Diverged {
+                        stream: name.clone(),
+                        target: actual,
+                        source_len: *version,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+            *version += 1;
+            if let StreamId::Job(job) = stream {
+                jobs.entry(job)
+                    .or_insert_with(|| JobState::new(job))
+                    .evolve(&event, stored.envelope.at_ms);
+            }
+        }
+        match batch.last() {
+            Some(last) if batch.len() == BATCH => after = Some(last.pos.clone()),
+            _ => break,
+        }
+    }
+    // Leases do not move: a step still running in the target's fold is interrupted there.
+    for (job, state) in &jobs {
+        if state.phase.is_terminal() {
+            continue;
+        }
+        let stream = StreamId::Job(*job);
+        let mut target = JobState::new(*job);
+        for s in to.read_stream(&stream, 0).await? {
+            target.evolve(&s.decode()?, s.envelope.at_ms);
+        }
+        let expired: Vec<Event> = target
+            .steps
+            .iter()
+            .filter_map(|step| match &step.status {
+                StepStatus::Claimed {
+                    attempt,
+                    agent,
+                    token,
+                    ..
+                } => Some(
+                    LeaseExpired {
+                        step: step.step.clone(),
+                        attempt: *attempt,
+                        agent: agent.clone(),
+                        token: *token,
+                    }
+                    .into(),
+                ),
+                _ => None,
+            })
+            .collect();
+        for e in &expired {
+            if let Event::LeaseExpired(l) = e {
+                report.interrupted.push((*job, l.step.to_string()));
+            }
+        }
+        if !expired.is_empty() {
+            to.append(Append::new(stream, expired).expect(target.version))
+                .await?;
+        }
+    }
+    Ok(report)
+}
