@@ -1,7 +1,8 @@
 //! Storage ports: the event log (with its consumer-group feed), the work queue, step leases, the
 //! leader lock, snapshots and the agent registry. Each is a narrow trait whose doc comment is its
 //! contract; every backend implements all of them and passes the one conformance suite
-//! ([`conformance`]).
+//! ([`conformance`]). Backends: [`redis`] (the distributed engine) and [`sqlite`] (the embedded
+//! one, for a single machine).
 //!
 //! The store keeps two kinds of data: the **log** (streams of events: the truth) and **live
 //! structures** (ready and delayed queues, leases) that the store derives from the events it
@@ -27,9 +28,11 @@ use std::time::Duration;
 /// The number of events in a stream. A stream that was never written has version 0.
 pub type Version = u64;
 
-/// A position in the global log, opaque to callers and ordered by the store. Redis uses the
-/// stream entry id (`<ms>-<seq>`); positions of that shape order numerically (`1-9 < 1-10`),
-/// anything else by its text.
+/// A position in the global log (or in a job's step log), opaque to callers and ordered by the
+/// store. Redis uses the stream entry id (`<ms>-<seq>`); SQLite uses `0-<rowid>`, the same
+/// shape with a zero first part. Positions of that shape order numerically (`1-9 < 1-10`,
+/// `0-9 < 0-10`), anything else by its text. A position is only meaningful to the backend that
+/// issued it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct LogPos(pub String);
 
@@ -461,11 +464,14 @@ mod tests {
     use super::LogPos;
 
     #[test]
-    fn redis_log_positions_order_numerically() {
+    fn log_positions_order_numerically() {
         let p = |s: &str| LogPos(s.to_string());
         assert!(p("1700000000000-9") < p("1700000000000-10"));
         assert!(p("999-5") < p("1000-0"));
         assert!(p("5-1") < p("5-2"));
+        // the sqlite form
+        assert!(p("0-9") < p("0-10"));
+        assert!(p("0-99") < p("0-100"));
         assert_eq!(p("5-1").cmp(&p("5-1")), std::cmp::Ordering::Equal);
     }
 }

@@ -1,7 +1,7 @@
 //! SQLite adapter for every storage port: the embedded store that runs ferry on one machine
 //! (`ferry up`, `ferry demo`) with no server to install.
 //!
-//! **Layout.** One file holds everything (tables in [`schema`], also in `proto/README.md`).
+//! **Layout.** One file holds everything (tables in `schema.rs`, also in `proto/README.md`).
 //! Every event is one row of `log`: its `pos` is its place in the global log and `(stream,
 //! seq)` its place in its stream, so the two orders agree by construction. Queues, leases,
 //! locks, dedupe keys and the feed's consumer groups are tables derived inside the same
@@ -38,7 +38,7 @@
 //! by canonical path), so waiters wake across handles.
 //!
 //! **Several processes** may open the same file: SQLite's locks serialise their transactions
-//! (a writer waits up to [`BUSY_TIMEOUT`](schema::BUSY_TIMEOUT) for another's lock, then the
+//! (a writer waits up to [`BUSY_TIMEOUT`] for another's lock, then the
 //! operation fails with [`Error::Unavailable`]), so every guarantee above holds across
 //! processes. Only wake-ups differ: a process cannot signal another, so while a waiter is
 //! blocked its process checks `PRAGMA data_version` every [`OTHER_PROCESS_POLL`] and wakes its
@@ -54,7 +54,7 @@ mod live;
 mod schema;
 mod signal;
 
-pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
+pub use schema::{APPLICATION_ID, BUSY_TIMEOUT, SCHEMA_VERSION};
 
 use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positive_ms};
 use crate::store::{
@@ -1477,5 +1477,31 @@ impl Agents for SqliteStore {
             Ok(due.into_iter().map(AgentId).collect())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_file_is_one_connection_per_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.db");
+        let a = SqliteStore::open(&path).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let b = SqliteStore::open(&dir.path().join("sub/../ferry.db")).unwrap();
+        assert!(
+            Arc::ptr_eq(&a.shared, &b.shared),
+            "same file, same connection"
+        );
+        assert_eq!(a.path(), b.path());
+        let separate = SqliteStore::open_separate(&path).unwrap();
+        assert!(!Arc::ptr_eq(&a.shared, &separate.shared));
+        let weak = Arc::downgrade(&a.shared);
+        drop((a, b));
+        assert!(weak.upgrade().is_none(), "the last handle closes the file");
+        let again = SqliteStore::open(&path).unwrap();
+        assert!(!Arc::ptr_eq(&again.shared, &separate.shared));
     }
 }

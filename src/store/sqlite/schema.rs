@@ -35,7 +35,10 @@ pub const SCHEMA_VERSION: i32 = 1;
 
 /// How long a statement waits for another process's write lock before the store reports
 /// itself unavailable.
-pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Prepared statements kept per connection (the store uses about 50 distinct ones).
+const STATEMENT_CACHE: usize = 128;
 
 /// Every table of the layout, for the check on open.
 const TABLES: &[&str] = &[
@@ -203,8 +206,12 @@ pub(super) fn open(path: &Path) -> Result<Connection> {
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| opening(path, "cannot set the busy timeout", e))?;
 
+    // Every operation's statements stay prepared.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+
     // Identify the file before writing anything to it (not even the journal mode).
-    match inspect(&conn).map_err(|e| opening(path, "cannot read the database header", e))? {
+    let found = inspect(&conn).map_err(|e| opening(path, "cannot read the database header", e))?;
+    match found {
         Found::Fresh | Found::Ferry(SCHEMA_VERSION) => {}
         Found::Ferry(v) if v > SCHEMA_VERSION => {
             return Err(Error::Invalid(format!(
@@ -247,7 +254,9 @@ pub(super) fn open(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(|e| opening(path, "cannot set synchronous = FULL", e))?;
 
-    create_if_fresh(&conn).map_err(|e| opening(path, "cannot create the schema", e))?;
+    if found == Found::Fresh {
+        create_if_fresh(&conn).map_err(|e| opening(path, "cannot create the schema", e))?;
+    }
     check_tables(&conn, path)?;
     Ok(conn)
 }
