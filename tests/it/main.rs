@@ -15,5 +15,6 @@ mod harness;
 mod ordering;
 mod redis;
 mod ssh;
+mod ssh_fleet;
 mod sshd;
 mod tidy;
