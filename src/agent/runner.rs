@@ -277,9 +277,16 @@ impl Runner {
                         .as_deref()
                         .is_some_and(|e| e.starts_with("cannot connect"))
                 });
+                let skipped: Vec<&str> =
+                    outcome.skipped().iter().map(|h| h.host.as_str()).collect();
+                let skipped = if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not started: {}", skipped.join(", "))
+                };
                 Ok(vec![step.failed(
                     format!(
-                        "deploy to {} failed on {} of {} hosts: {}",
+                        "deploy to {} failed on {} of {} hosts: {}{skipped}",
                         spec.environment,
                         failed.len(),
                         spec.hosts.len(),

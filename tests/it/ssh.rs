@@ -5,7 +5,8 @@
 //! environment path, runs them one at a time (`max_parallel = 1`), and tells them apart by the
 //! server port each session reports in `$SSH_CONNECTION`: the first host uploads and unpacks, the
 //! next ones find the release already there (as a re-run would), and every one of them switches
-//! and runs `after_switch` in its own SSH session.
+//! and runs `after_switch` in its own SSH session. Deploys to hosts with separate target roots
+//! (a [`Fleet`](crate::sshd::Fleet)) are in `ssh_fleet.rs`.
 
 use crate::sshd::{self, client_key, Sshd};
 use async_trait::async_trait;
