@@ -17,7 +17,7 @@ use ferry_proto::{DeploySpec, FencingToken, JobId};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
-use transport::{Connector, Output, Transport};
+use transport::{Connector, Output, PinnedKey, Transport};
 
 /// What is being deployed, and under which lease.
 #[derive(Clone, Debug)]
@@ -101,6 +101,8 @@ pub trait Progress: Send + Sync {
     async fn host_started(&self, host: &str) -> Result<(), String>;
     async fn checkpoint(&self, host: &str, phase: Phase) -> Result<(), String>;
     async fn host_finished(&self, report: &HostReport) -> Result<(), String>;
+    /// A host key was pinned on first use while connecting (`host_key_policy = "accept-new"`).
+    async fn host_key_pinned(&self, key: &PinnedKey) -> Result<(), String>;
     fn log(&self, host: &str, stream: &str, line: &str);
 }
 
@@ -307,6 +309,23 @@ async fn deploy_host(
     Ok((report, switched))
 }
 
+/// Connects to `host`, recording every host key pinned on the way (before the connection's own
+/// outcome: a pin stays in `known_hosts` even when the connection then fails).
+async fn connect(
+    connector: &dyn Connector,
+    host: &str,
+    progress: &dyn Progress,
+) -> Result<Box<dyn Transport>, HostFailure> {
+    let (result, pins) = connector.connect_noting_pins(host).await;
+    for key in &pins {
+        progress
+            .host_key_pinned(key)
+            .await
+            .map_err(HostFailure::Aborted)?;
+    }
+    result.map_err(|e| HostFailure::Failed(e.to_string()))
+}
+
 enum HostFailure {
     /// Progress could not be recorded: stop everything.
     Aborted(String),
@@ -324,10 +343,7 @@ async fn run_host(
     switched: &mut bool,
 ) -> Result<(), HostFailure> {
     use HostFailure::{Aborted, Failed};
-    let t = connector
-        .connect(host)
-        .await
-        .map_err(|e| Failed(e.to_string()))?;
+    let t = connect(connector, host, progress).await?;
     let env = base_env(spec, release);
     let log = |stream: &str, line: &str| progress.log(host, stream, line);
     let run = |script: &'static str, extra: Vec<(String, String)>| {
@@ -417,7 +433,11 @@ async fn rollback_host(
     host: &str,
     progress: &dyn Progress,
 ) -> Result<(), String> {
-    let t = connector.connect(host).await.map_err(|e| e.to_string())?;
+    let t = connect(connector, host, progress)
+        .await
+        .map_err(|e| match e {
+            HostFailure::Aborted(e) | HostFailure::Failed(e) => e,
+        })?;
     let env = base_env(spec, release);
     let log = |stream: &str, line: &str| progress.log(host, stream, line);
     let out = t

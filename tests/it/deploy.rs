@@ -3,7 +3,7 @@
 //! can live on one machine (the SSH transport's tests use real sshd instances).
 
 use async_trait::async_trait;
-use ferry::deploy::transport::{self, Connector, Local, LogFn, Output, Transport};
+use ferry::deploy::transport::{self, Connector, Local, LogFn, Output, PinnedKey, Transport};
 use ferry::deploy::{self, HostReport, Phase, Progress, Release};
 use ferry_proto::{DeploySpec, FencingToken, JobId};
 use std::collections::BTreeSet;
@@ -119,6 +119,11 @@ impl Progress for Recorder {
             .lock()
             .unwrap()
             .push(format!("{} finished ok={}", r.host, r.ok));
+        Ok(())
+    }
+    async fn host_key_pinned(&self, key: &PinnedKey) -> Result<(), String> {
+        let e = format!("{} pinned {}", key.host, key.fingerprint);
+        self.events.lock().unwrap().push(e);
         Ok(())
     }
     fn log(&self, _host: &str, _stream: &str, _line: &str) {}

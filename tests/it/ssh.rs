@@ -12,7 +12,7 @@ use crate::sshd::{self, client_key, Sshd};
 use async_trait::async_trait;
 use ferry::config::HostKeyPolicy;
 use ferry::deploy::ssh::SshConnector;
-use ferry::deploy::transport::{self, Connector, Hosts, Output, Transport};
+use ferry::deploy::transport::{self, Connector, Hosts, Output, PinnedKey, Transport};
 use ferry::deploy::{self, HostReport, Phase, Progress, Release};
 use ferry_proto::{DeploySpec, FencingToken, JobId};
 use sha2::Digest;
@@ -389,6 +389,11 @@ impl Progress for Recorder {
     }
     async fn host_finished(&self, r: &HostReport) -> Result<(), String> {
         let e = format!("{} finished ok={}", r.host, r.ok);
+        self.events.lock().unwrap().push(e);
+        Ok(())
+    }
+    async fn host_key_pinned(&self, key: &PinnedKey) -> Result<(), String> {
+        let e = format!("{} pinned {}", key.host, key.fingerprint);
         self.events.lock().unwrap().push(e);
         Ok(())
     }

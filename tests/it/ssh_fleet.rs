@@ -1198,3 +1198,170 @@ async fn two_tags_pushed_in_quick_succession_leave_the_newer_one_current_everywh
         assert_eq!(restarts.len(), expected, "host {i}: {restarts:?}");
     }
 }
+
+fn pins(events: &[Event]) -> Vec<&HostKeyPinned> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::HostKeyPinned(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A job's events as the API lists them (`GET /api/v1/jobs/{id}/events`), and the job as it
+/// shows it.
+async fn api_view(store: &Arc<dyn Store>, job: JobId) -> (serde_json::Value, serde_json::Value) {
+    use ferry::api::{self, ApiState};
+    let token = ferry::gateway::Secret::new("fleet-api-token");
+    let router = api::router(ApiState::new(store.clone(), &[token]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let req = http
+            .get(format!("{base}{path}"))
+            .bearer_auth("fleet-api-token");
+        async move {
+            let res = req.send().await.unwrap();
+            assert!(res.status().is_success(), "{res:?}");
+            res.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let events = get(format!("/api/v1/jobs/{job}/events")).await;
+    let shown = get(format!("/api/v1/jobs/{job}")).await;
+    server.abort();
+    (events, shown)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_new_pins_each_new_host_key_once_as_an_event_and_still_refuses_a_changed_one() {
+    let env = Env::start(2, HostKeyPolicy::AcceptNew).await;
+    assert!(!env.known_hosts.exists());
+    let t = env.fleet.targets();
+    let spec = env.spec();
+    let v1 = env.artifact("v1");
+    let (state, events) = env.deploy("v1", &sha_of("v1"), &spec, v1.clone()).await;
+    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
+
+    // One event per host, naming the host, its key's fingerprint and type, under the step.
+    let mut got: Vec<(String, String, String, u32)> = pins(&events)
+        .iter()
+        .map(|p| {
+            assert_eq!(p.step.as_str(), STEP);
+            (
+                p.host.clone(),
+                p.fingerprint.clone(),
+                p.key_type.clone(),
+                p.attempt,
+            )
+        })
+        .collect();
+    got.sort();
+    let mut expected: Vec<(String, String, String, u32)> = env
+        .fleet
+        .hosts()
+        .iter()
+        .map(|h| (h.target(), h.fingerprint(), "ssh-ed25519".into(), 1))
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected, "{events:?}");
+    // Each pin is recorded in its host's deploy: after it started, before its first checkpoint.
+    for host in &t {
+        let at = |f: &dyn Fn(&Event) -> bool| events.iter().position(f).unwrap();
+        let started = at(&|e| matches!(e, Event::DeployHostStarted(s) if &s.host == host));
+        let pinned = at(&|e| matches!(e, Event::HostKeyPinned(p) if &p.host == host));
+        let first = at(&|e| matches!(e, Event::DeployHostCheckpoint(c) if &c.host == host));
+        assert!(started < pinned && pinned < first, "{host}: {events:?}");
+    }
+    // known_hosts now lists exactly the fleet's keys, in a form OpenSSH reads.
+    let known = std::fs::read_to_string(&env.known_hosts).unwrap();
+    let mut lines: Vec<&str> = known.lines().collect();
+    lines.sort();
+    let mut want: Vec<String> = env
+        .fleet
+        .hosts()
+        .iter()
+        .map(|h| h.known_hosts_line())
+        .collect();
+    want.sort();
+    assert_eq!(lines, want);
+    for host in env.fleet.hosts() {
+        assert_eq!(
+            env.fleet.current(0).as_deref(),
+            Some(release_link("v1").as_str())
+        );
+        let found = std::process::Command::new("ssh-keygen")
+            .args(["-F", &format!("[127.0.0.1]:{}", host.port()), "-f"])
+            .arg(&env.known_hosts)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(found.success());
+    }
+    // The API lists the event and shows the job.
+    let (listed, shown) = api_view(&env.store, state.id).await;
+    let items: Vec<&serde_json::Value> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["name"] == "host_key_pinned")
+        .collect();
+    assert_eq!(items.len(), 2, "{listed}");
+    for item in items {
+        assert_eq!(
+            (item["kind"].as_u64(), item["version"].as_u64()),
+            (Some(23), Some(1))
+        );
+        assert!(
+            item["token"].as_u64().is_some(),
+            "appended under the lease: {item}"
+        );
+        assert!(item["payload"]["fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with("SHA256:"));
+        assert_eq!(item["payload"]["key_type"], "ssh-ed25519");
+        assert!(t.iter().any(|h| item["payload"]["host"] == h.as_str()));
+    }
+    assert_eq!(shown["state"], "succeeded", "{shown}");
+
+    // Known keys are not pinned again.
+    let (state, events) = env.deploy("v1", &sha_of("v1"), &spec, v1).await;
+    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
+    assert!(pins(&events).is_empty(), "{events:?}");
+    assert_eq!(std::fs::read_to_string(&env.known_hosts).unwrap(), known);
+
+    // A changed key is still refused, naming host and fingerprint, and nothing is pinned.
+    let changed = env.fleet.host(1);
+    tokio::task::block_in_place(|| changed.restart_with_new_key());
+    let (state, events) = env
+        .deploy("v2", &sha_of("v2"), &spec, env.artifact("v2"))
+        .await;
+    assert_eq!(state.phase, JobPhase::Failed, "{events:?}");
+    assert!(pins(&events).is_empty(), "{events:?}");
+    let refused = finished(&events, &t[1]);
+    let why = refused[0].error.as_deref().unwrap();
+    assert!(
+        why.contains(&format!("host key of {} refused", t[1])),
+        "{why}"
+    );
+    assert!(
+        why.contains(&changed.fingerprint()) && why.contains("CHANGED"),
+        "{why}"
+    );
+    assert_eq!(std::fs::read_to_string(&env.known_hosts).unwrap(), known);
+    assert_eq!(
+        env.fleet.host(1).sftp_sessions(),
+        1,
+        "nothing more reached the changed host"
+    );
+    for i in 0..2 {
+        assert_eq!(
+            env.fleet.current(i).as_deref(),
+            Some(release_link("v1").as_str()),
+            "host {i} is on v1 (host 0 rolled back)"
+        );
+    }
+}
