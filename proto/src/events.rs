@@ -100,7 +100,7 @@ events! {
     20 => CommitStatusReported, "commit_status_reported", version 1;
     21 => ArtifactPublished, "artifact_published", version 1;
     22 => StepReleased, "step_released", version 1;
-    // 23 is HostKeyPinned.
+    23 => HostKeyPinned, "host_key_pinned", version 1;
     24 => DeploymentReported, "deployment_reported", version 1;
 }
 
@@ -407,6 +407,21 @@ pub struct DeployHostFinished {
     pub error: Option<String>,
     #[serde(default)]
     pub rolled_back: bool,
+}
+
+/// Under `host_key_policy = "accept-new"`, a deploy met a host whose key `known_hosts` did not
+/// list, and pinned it there (trust on first use). A later different key for the host is
+/// refused like under `strict`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostKeyPinned {
+    pub step: StepId,
+    pub attempt: u32,
+    /// The host as configured (`user@host:port`).
+    pub host: String,
+    /// `SHA256:<base64>`, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
+    /// The key's algorithm, e.g. `ssh-ed25519`.
+    pub key_type: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

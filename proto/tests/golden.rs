@@ -215,6 +215,14 @@ fn sample(kind: u16) -> Event {
             reason: "agent shutting down".into(),
         }
         .into(),
+        23 => HostKeyPinned {
+            step,
+            attempt: 1,
+            host: "deploy@10.0.0.5:22".into(),
+            fingerprint: "SHA256:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5SY8".into(),
+            key_type: "ssh-ed25519".into(),
+        }
+        .into(),
         24 => DeploymentReported {
             environment: "production".into(),
             deployment_id: Some(17),

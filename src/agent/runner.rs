@@ -2,13 +2,15 @@
 //! output are recorded — every event and log line under the step lease's fencing token.
 
 use crate::build::{self, ArtifactStore, BuildEnv, BuildJob};
-use crate::deploy::{self, transport::Connector, HostReport, Phase, Progress, Release};
+use crate::deploy::transport::{Connector, PinnedKey};
+use crate::deploy::{self, HostReport, Phase, Progress, Release};
 use crate::domain::JobState;
 use crate::store::{Append, Claim, Error, Fence, Store, StreamId};
 use async_trait::async_trait;
 use ferry_proto::{
     AgentId, ArtifactPublished, BuildSpec, DeployHostCheckpoint, DeployHostFinished,
-    DeployHostStarted, DeploySpec, Event, StepFailed, StepLog, StepSpec, StepSucceeded,
+    DeployHostStarted, DeploySpec, Event, HostKeyPinned, StepFailed, StepLog, StepSpec,
+    StepSucceeded,
 };
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -277,9 +279,16 @@ impl Runner {
                         .as_deref()
                         .is_some_and(|e| e.starts_with("cannot connect"))
                 });
+                let skipped: Vec<&str> =
+                    outcome.skipped().iter().map(|h| h.host.as_str()).collect();
+                let skipped = if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not started: {}", skipped.join(", "))
+                };
                 Ok(vec![step.failed(
                     format!(
-                        "deploy to {} failed on {} of {} hosts: {}",
+                        "deploy to {} failed on {} of {} hosts: {}{skipped}",
                         spec.environment,
                         failed.len(),
                         spec.hosts.len(),
@@ -332,6 +341,27 @@ impl Progress for StepRun<'_> {
             ok: r.ok,
             error: r.error.clone(),
             rolled_back: r.rolled_back,
+        }
+        .into()])
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn host_key_pinned(&self, key: &PinnedKey) -> Result<(), String> {
+        StepRun::log(
+            self,
+            "ferry",
+            &format!(
+                "[{}] pinned host key {} {} (host_key_policy = \"accept-new\")",
+                key.host, key.key_type, key.fingerprint
+            ),
+        );
+        self.append(vec![HostKeyPinned {
+            step: self.claim.step.clone(),
+            attempt: self.claim.attempt,
+            host: key.host.clone(),
+            fingerprint: key.fingerprint.clone(),
+            key_type: key.key_type.clone(),
         }
         .into()])
             .await

@@ -17,7 +17,7 @@ use ferry_proto::{DeploySpec, FencingToken, JobId};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
-use transport::{Connector, Output, Transport};
+use transport::{Connector, Output, PinnedKey, Transport};
 
 /// What is being deployed, and under which lease.
 #[derive(Clone, Debug)]
@@ -90,6 +90,8 @@ pub struct HostReport {
     pub rolled_back: bool,
     /// Whether the upload was skipped because the release was already there.
     pub reused: bool,
+    /// Never started: more than `max_failures` hosts had failed before its batch.
+    pub skipped: bool,
 }
 
 /// Where progress goes. Every method may fail (the step's lease was lost): the deploy then stops
@@ -99,19 +101,29 @@ pub trait Progress: Send + Sync {
     async fn host_started(&self, host: &str) -> Result<(), String>;
     async fn checkpoint(&self, host: &str, phase: Phase) -> Result<(), String>;
     async fn host_finished(&self, report: &HostReport) -> Result<(), String>;
+    /// A host key was pinned on first use while connecting (`host_key_policy = "accept-new"`).
+    async fn host_key_pinned(&self, key: &PinnedKey) -> Result<(), String>;
     fn log(&self, host: &str, stream: &str, line: &str);
 }
 
 /// The outcome of a deploy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
-    /// One report per host this run touched (hosts finished in an earlier attempt are absent).
+    /// One report per host of this run: every host it deployed, and every host it did not start
+    /// because too many had failed (`skipped`). Hosts finished in an earlier attempt are absent
+    /// unless this run rolled them back.
     pub hosts: Vec<HostReport>,
 }
 
 impl Outcome {
+    /// The hosts that were tried and failed (skipped hosts are not among them).
     pub fn failed(&self) -> Vec<&HostReport> {
-        self.hosts.iter().filter(|h| !h.ok).collect()
+        self.hosts.iter().filter(|h| !h.ok && !h.skipped).collect()
+    }
+
+    /// The hosts that were not started because too many had failed.
+    pub fn skipped(&self) -> Vec<&HostReport> {
+        self.hosts.iter().filter(|h| h.skipped).collect()
     }
 }
 
@@ -126,6 +138,11 @@ pub enum Error {
 
 /// Deploys `release` per `spec`. `done` are hosts that finished successfully in an earlier
 /// attempt of this step (from its checkpoint events); they are not touched again.
+///
+/// Hosts go in batches of `max_parallel`; once more than `max_failures` hosts failed no further
+/// batch starts, and the hosts left are reported finished as `skipped` (never started), so every
+/// host gets an outcome. Then, with `rollback_on_failure`, every host this deploy switched goes
+/// back to its previous release and reruns `after_switch` there.
 pub async fn deploy(
     spec: &DeploySpec,
     release: &Release<'_>,
@@ -160,6 +177,31 @@ pub async fn deploy(
         }
     }
     let failures = reports.iter().filter(|r| !r.ok).count();
+    // Every host gets an outcome: those no batch reached are reported as skipped.
+    let skipped: Vec<&String> = todo
+        .iter()
+        .filter(|h| !reports.iter().any(|r| &r.host == **h))
+        .copied()
+        .collect();
+    for host in skipped {
+        let report = HostReport {
+            host: host.clone(),
+            ok: false,
+            error: Some(format!(
+                "not deployed: {failures} host(s) failed, more than max_failures = {}, so no \
+                 further batch started",
+                spec.max_failures
+            )),
+            rolled_back: false,
+            reused: false,
+            skipped: true,
+        };
+        progress
+            .host_finished(&report)
+            .await
+            .map_err(Error::Aborted)?;
+        reports.push(report);
+    }
     if failures > spec.max_failures as usize && spec.rollback_on_failure {
         // Roll back every host this deploy switched — the failed ones and the healthy ones —
         // plus hosts finished in earlier attempts, so the environment is on one release again.
@@ -176,6 +218,7 @@ pub async fn deploy(
                         error: None,
                         rolled_back: false,
                         reused: true,
+                        skipped: false,
                     });
                     reports.last_mut().expect("just pushed")
                 }
@@ -241,6 +284,7 @@ async fn deploy_host(
         error: None,
         rolled_back: false,
         reused: false,
+        skipped: false,
     };
     let mut switched = false;
     let result = run_host(
@@ -265,6 +309,23 @@ async fn deploy_host(
     Ok((report, switched))
 }
 
+/// Connects to `host`, recording every host key pinned on the way (before the connection's own
+/// outcome: a pin stays in `known_hosts` even when the connection then fails).
+async fn connect(
+    connector: &dyn Connector,
+    host: &str,
+    progress: &dyn Progress,
+) -> Result<Box<dyn Transport>, HostFailure> {
+    let (result, pins) = connector.connect_noting_pins(host).await;
+    for key in &pins {
+        progress
+            .host_key_pinned(key)
+            .await
+            .map_err(HostFailure::Aborted)?;
+    }
+    result.map_err(|e| HostFailure::Failed(e.to_string()))
+}
+
 enum HostFailure {
     /// Progress could not be recorded: stop everything.
     Aborted(String),
@@ -282,10 +343,7 @@ async fn run_host(
     switched: &mut bool,
 ) -> Result<(), HostFailure> {
     use HostFailure::{Aborted, Failed};
-    let t = connector
-        .connect(host)
-        .await
-        .map_err(|e| Failed(e.to_string()))?;
+    let t = connect(connector, host, progress).await?;
     let env = base_env(spec, release);
     let log = |stream: &str, line: &str| progress.log(host, stream, line);
     let run = |script: &'static str, extra: Vec<(String, String)>| {
@@ -375,7 +433,11 @@ async fn rollback_host(
     host: &str,
     progress: &dyn Progress,
 ) -> Result<(), String> {
-    let t = connector.connect(host).await.map_err(|e| e.to_string())?;
+    let t = connect(connector, host, progress)
+        .await
+        .map_err(|e| match e {
+            HostFailure::Aborted(e) | HostFailure::Failed(e) => e,
+        })?;
     let env = base_env(spec, release);
     let log = |stream: &str, line: &str| progress.log(host, stream, line);
     let out = t

@@ -5,8 +5,10 @@
 //!   (`[host]:port` entries for ports other than 22, hashed `|1|` entries, comma-separated host
 //!   lists). A key recorded for `host:port` that differs from the one presented is refused under
 //!   every policy; an unknown key is refused under [`HostKeyPolicy::Strict`] and pinned (appended
-//!   to `known_hosts`, reported through `on_pin`) under [`HostKeyPolicy::AcceptNew`]. There is no
-//!   policy that ignores keys. Errors name the host and the key's SHA256 fingerprint.
+//!   to `known_hosts`, reported through `on_pin` and to the caller of
+//!   [`Connector::connect_noting_pins`], which a deploy records as a `host_key_pinned` event)
+//!   under [`HostKeyPolicy::AcceptNew`]. There is no policy that ignores keys. Errors name the
+//!   host and the key's SHA256 fingerprint.
 //! - **Commands.** A script runs as `sh -c <script>` behind `export K='v';` lines: values are
 //!   single-quoted (`'` becomes `'\''`), so nothing in them is ever interpreted, and most sshd
 //!   refuse `SetEnv` anyway. The remote login shell must be POSIX (`sh`, `bash`, `dash`, ...).
@@ -14,7 +16,7 @@
 //! - **One connection per host per deploy**: [`SshConnector::connect`] returns a transport that
 //!   owns the session; every call of that host's deploy opens a channel on it.
 
-use super::transport::{Connector, Error, LogFn, Output, Transport};
+use super::transport::{Connector, Error, LogFn, Output, PinnedKey, Transport};
 use crate::config::{Agent, Host, HostKeyPolicy};
 use async_trait::async_trait;
 use russh::client;
@@ -109,6 +111,26 @@ impl SshConnector {
 
     /// Connects and authenticates to `user@host[:port]`.
     pub async fn session(&self, target: &str) -> Result<SshTransport, Error> {
+        self.session_noting_pins(target).await.0
+    }
+
+    /// Like [`SshConnector::session`], and also returns the keys pinned on the way (at most
+    /// one, under `accept-new`), whether or not the session then opened.
+    pub async fn session_noting_pins(
+        &self,
+        target: &str,
+    ) -> (Result<SshTransport, Error>, Vec<PinnedKey>) {
+        let pinned = Arc::new(Mutex::new(Vec::new()));
+        let result = self.open(target, pinned.clone()).await;
+        let pins = std::mem::take(&mut *pinned.lock().unwrap_or_else(|e| e.into_inner()));
+        (result, pins)
+    }
+
+    async fn open(
+        &self,
+        target: &str,
+        pinned: Arc<Mutex<Vec<PinnedKey>>>,
+    ) -> Result<SshTransport, Error> {
         let connect = |reason: String| Error::Connect {
             host: target.to_string(),
             reason,
@@ -124,6 +146,7 @@ impl SshConnector {
             known_hosts: self.known_hosts.clone(),
             policy: self.policy,
             on_pin: self.on_pin.clone(),
+            pinned,
             lock: self.pin_lock.clone(),
         };
         let config = Arc::new(client::Config {
@@ -175,6 +198,14 @@ impl SshConnector {
 impl Connector for SshConnector {
     async fn connect(&self, host: &str) -> Result<Box<dyn Transport>, Error> {
         Ok(Box::new(self.session(host).await?))
+    }
+
+    async fn connect_noting_pins(
+        &self,
+        host: &str,
+    ) -> (Result<Box<dyn Transport>, Error>, Vec<PinnedKey>) {
+        let (result, pins) = self.session_noting_pins(host).await;
+        (result.map(|t| Box::new(t) as Box<dyn Transport>), pins)
     }
 }
 
@@ -260,6 +291,8 @@ struct HostCheck {
     known_hosts: PathBuf,
     policy: HostKeyPolicy,
     on_pin: Option<OnPin>,
+    /// Keys pinned by this connection, for the caller of `session_noting_pins`.
+    pinned: Arc<Mutex<Vec<PinnedKey>>>,
     lock: Arc<Mutex<()>>,
 }
 
@@ -338,6 +371,14 @@ impl HostCheck {
                     if let Some(f) = &self.on_pin {
                         f(&self.target, &fingerprint(key));
                     }
+                    self.pinned
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(PinnedKey {
+                            host: self.target.clone(),
+                            fingerprint: fingerprint(key),
+                            key_type: key.algorithm().to_string(),
+                        });
                     Ok(())
                 }
             },

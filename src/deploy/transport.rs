@@ -61,10 +61,31 @@ pub trait Transport: Send + Sync {
     async fn upload(&self, local: &Path, remote: &str) -> Result<(), Error>;
 }
 
+/// A host key pinned on first use while connecting (`host_key_policy = "accept-new"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedKey {
+    /// The host as configured (`user@host:port`).
+    pub host: String,
+    /// `SHA256:<base64>`.
+    pub fingerprint: String,
+    /// The key's algorithm, e.g. `ssh-ed25519`.
+    pub key_type: String,
+}
+
 /// Opens transports to hosts.
 #[async_trait]
 pub trait Connector: Send + Sync {
     async fn connect(&self, host: &str) -> Result<Box<dyn Transport>, Error>;
+
+    /// Like [`Connector::connect`], and also says which host keys were pinned on the way
+    /// (`accept-new`) — even when the connection then failed, since a pin stays in
+    /// `known_hosts` either way. Connectors that never pin keep this default.
+    async fn connect_noting_pins(
+        &self,
+        host: &str,
+    ) -> (Result<Box<dyn Transport>, Error>, Vec<PinnedKey>) {
+        (self.connect(host).await, Vec::new())
+    }
 }
 
 /// The agent's own machine.
@@ -202,10 +223,17 @@ impl Hosts {
 #[async_trait]
 impl Connector for Hosts {
     async fn connect(&self, host: &str) -> Result<Box<dyn Transport>, Error> {
+        self.connect_noting_pins(host).await.0
+    }
+
+    async fn connect_noting_pins(
+        &self,
+        host: &str,
+    ) -> (Result<Box<dyn Transport>, Error>, Vec<PinnedKey>) {
         match &self.ssh {
-            _ if host == "local" => Ok(Box::new(Local)),
-            Some(ssh) => ssh.connect(host).await,
-            None => LocalOnly.connect(host).await,
+            _ if host == "local" => (Ok(Box::new(Local)), Vec::new()),
+            Some(ssh) => ssh.connect_noting_pins(host).await,
+            None => (LocalOnly.connect(host).await, Vec::new()),
         }
     }
 }

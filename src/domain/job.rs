@@ -319,7 +319,10 @@ impl JobState {
                     e.by_job, e.environment
                 )),
             ),
-            Event::WebhookReceived(_)
+            // Recorded for the audit trail (which key was trusted on first use); the job's
+            // state does not depend on it.
+            Event::HostKeyPinned(_)
+            | Event::WebhookReceived(_)
             | Event::StepLog(_)
             | Event::AgentJoined(_)
             | Event::AgentLost(_)

@@ -263,3 +263,28 @@ fn a_job_moves_through_its_phases() {
     assert_eq!(view.jobs[&j].created_at_ms, 1);
     assert_eq!(view.jobs[&j].updated_at_ms, 5);
 }
+
+/// A `host_key_pinned` event is an audit record: folding it changes nothing but the version.
+#[test]
+fn a_pinned_host_key_is_tolerated_by_the_fold() {
+    let j = job(1);
+    let mut state = super::JobState::new(j);
+    state.evolve(&plan(j), 1);
+    let before = state.clone();
+    let pinned: Event = HostKeyPinned {
+        step: StepId::new("deploy:prod"),
+        attempt: 1,
+        host: "deploy@10.0.0.5:22".into(),
+        fingerprint: "SHA256:x".into(),
+        key_type: "ssh-ed25519".into(),
+    }
+    .into();
+    state.evolve(&pinned, 2);
+    assert_eq!(state.version, before.version + 1);
+    assert_eq!(state.steps, before.steps);
+    assert_eq!(state.phase, before.phase);
+    let mut view = View::default();
+    view.apply("1-0", &format!("job:{j}"), &plan(j), 1);
+    view.apply("2-0", &format!("job:{j}"), &pinned, 2);
+    assert_eq!(view.jobs[&j].steps, before.steps);
+}

@@ -3,7 +3,7 @@
 //! can live on one machine (the SSH transport's tests use real sshd instances).
 
 use async_trait::async_trait;
-use ferry::deploy::transport::{self, Connector, Local, LogFn, Output, Transport};
+use ferry::deploy::transport::{self, Connector, Local, LogFn, Output, PinnedKey, Transport};
 use ferry::deploy::{self, HostReport, Phase, Progress, Release};
 use ferry_proto::{DeploySpec, FencingToken, JobId};
 use std::collections::BTreeSet;
@@ -119,6 +119,11 @@ impl Progress for Recorder {
             .lock()
             .unwrap()
             .push(format!("{} finished ok={}", r.host, r.ok));
+        Ok(())
+    }
+    async fn host_key_pinned(&self, key: &PinnedKey) -> Result<(), String> {
+        let e = format!("{} pinned {}", key.host, key.fingerprint);
+        self.events.lock().unwrap().push(e);
         Ok(())
     }
     fn log(&self, _host: &str, _stream: &str, _line: &str) {}
@@ -281,7 +286,16 @@ async fn a_failed_health_check_rolls_every_switched_host_back() {
         let restarted = std::fs::read_to_string(hosts.root(h).join("srv/app/restarted-with"));
         assert_eq!(restarted.unwrap(), "v1\n", "{h} restarted on v1 again");
     }
-    assert!(out.hosts.iter().all(|h| h.rolled_back), "{out:?}");
+    // h1 and h2 (one batch) were switched and are rolled back; h3's batch never started.
+    let rolled: Vec<&str> = out
+        .hosts
+        .iter()
+        .filter(|h| h.rolled_back)
+        .map(|h| h.host.as_str())
+        .collect();
+    assert_eq!(rolled, ["h1", "h2"], "{out:?}");
+    let skipped: Vec<&str> = out.skipped().iter().map(|h| h.host.as_str()).collect();
+    assert_eq!(skipped, ["h3"], "{out:?}");
 }
 
 #[tokio::test]
@@ -309,20 +323,36 @@ async fn an_unreachable_host_fails_alone_within_max_failures() {
         .contains("connection refused"));
     assert_eq!(hosts.current("h3"), "releases/v1-0123456");
 
-    // With no failures allowed, no batch starts after the failing one.
+    // With no failures allowed, no batch starts after the failing one; the host it would have
+    // deployed still gets an outcome, without ever being started.
     spec.max_failures = 0;
     spec.hosts = vec!["down-h0".into(), "h9".into()];
+    let progress = Recorder::default();
     let out = deploy::deploy(
         &spec,
         &release("v1", &v1, &s1, 2),
         &hosts,
         &BTreeSet::new(),
-        &Recorder::default(),
+        &progress,
     )
     .await
     .unwrap();
-    assert_eq!(out.hosts.len(), 1);
+    assert_eq!(out.failed().len(), 1);
+    let skipped = out.skipped();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0].host, "h9");
+    assert!(skipped[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("max_failures"));
     assert!(!hosts.root("h9").exists());
+    let events = progress.events.lock().unwrap().clone();
+    assert!(!events.contains(&"h9 started".to_string()), "{events:?}");
+    assert!(
+        events.contains(&"h9 finished ok=false".to_string()),
+        "{events:?}"
+    );
 }
 
 #[tokio::test]

@@ -19,5 +19,6 @@ mod ordering;
 mod redis;
 mod sqlite;
 mod ssh;
+mod ssh_fleet;
 mod sshd;
 mod tidy;

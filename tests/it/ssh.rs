@@ -5,13 +5,14 @@
 //! environment path, runs them one at a time (`max_parallel = 1`), and tells them apart by the
 //! server port each session reports in `$SSH_CONNECTION`: the first host uploads and unpacks, the
 //! next ones find the release already there (as a re-run would), and every one of them switches
-//! and runs `after_switch` in its own SSH session.
+//! and runs `after_switch` in its own SSH session. Deploys to hosts with separate target roots
+//! (a [`Fleet`](crate::sshd::Fleet)) are in `ssh_fleet.rs`.
 
 use crate::sshd::{self, client_key, Sshd};
 use async_trait::async_trait;
 use ferry::config::HostKeyPolicy;
 use ferry::deploy::ssh::SshConnector;
-use ferry::deploy::transport::{self, Connector, Hosts, Output, Transport};
+use ferry::deploy::transport::{self, Connector, Hosts, Output, PinnedKey, Transport};
 use ferry::deploy::{self, HostReport, Phase, Progress, Release};
 use ferry_proto::{DeploySpec, FencingToken, JobId};
 use sha2::Digest;
@@ -388,6 +389,11 @@ impl Progress for Recorder {
     }
     async fn host_finished(&self, r: &HostReport) -> Result<(), String> {
         let e = format!("{} finished ok={}", r.host, r.ok);
+        self.events.lock().unwrap().push(e);
+        Ok(())
+    }
+    async fn host_key_pinned(&self, key: &PinnedKey) -> Result<(), String> {
+        let e = format!("{} pinned {}", key.host, key.fingerprint);
         self.events.lock().unwrap().push(e);
         Ok(())
     }
