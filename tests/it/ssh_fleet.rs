@@ -162,13 +162,8 @@ fn fleet_hosts_share_one_path_but_write_to_their_own_roots_and_die_with_the_flee
 
     // A refused port refuses.
     let refused = RefusedPort::new();
-    let (_, port) = refused
-        .target()
-        .rsplit_once(':')
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .unwrap();
-    let err =
-        std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).unwrap_err();
+    let addr = refused.target().replace("root@", "");
+    let err = std::net::TcpStream::connect(addr).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
 }
 

@@ -13,7 +13,8 @@
 //! own private root over the fleet's shared target directory inside its mount namespace: every
 //! host sees the same absolute path, and writes land in that host's own directory. From the test
 //! (outside every namespace) the shared directory is empty and each host's files are read under
-//! [`Sshd::root`]. When namespaces are not available the harness panics (it never skips).
+//! [`Sshd::root`]. Fleet hosts also see root's `~/.bashrc` empty ([`ROOT_BASHRC`]). When
+//! namespaces are not available the harness panics (it never skips).
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -24,14 +25,23 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 const SSHD: &str = "/usr/sbin/sshd";
+
+/// sshd runs every command through root's login shell, and bash started by sshd reads
+/// `~/.bashrc`. A developer's `.bashrc` (pyenv, cargo, ...) has nothing to do with the hosts a
+/// fleet stands for, and can cost a tenth of a second per command; fleet hosts see it empty.
+const ROOT_BASHRC: &str = "/root/.bashrc";
 const STARTUP: Duration = Duration::from_secs(30);
 
-/// PID 1 of the server's namespaces: mounts the private root (when there is one), runs sshd in
-/// the foreground and kills it as soon as our end of stdin closes. Its exit takes every process
-/// of the namespace with it. Arguments: sshd, config, log, then optionally root and target.
+/// PID 1 of the server's namespaces: mounts the private root (when there is one) and hides
+/// root's `~/.bashrc` (see [`ROOT_BASHRC`]), runs sshd in the foreground and kills it as soon as
+/// our end of stdin closes. Its exit takes every process of the namespace with it. Arguments:
+/// sshd, config, log, then optionally root, target and the file to hide.
 const GUARD: &str = r#"exec 3<&0
 if [ -n "${4:-}" ]; then
   mount --bind "$4" "$5" || { echo "ferry-test-harness: mount --bind failed" >&2; exit 97; }
+  if [ -e "$6" ]; then
+    mount --bind /dev/null "$6" || { echo "ferry-test-harness: hiding $6 failed" >&2; exit 97; }
+  fi
 fi
 "$1" -D -e -f "$2" </dev/null >/dev/null 2>>"$3" &
 pid=$!
@@ -472,7 +482,7 @@ fn spawn(port: u16, dir: &Path, mount: Option<&(PathBuf, PathBuf)>) -> Option<Ch
     .arg(&conf)
     .arg(&log_path);
     if let Some((root, target)) = mount {
-        cmd.arg(root).arg(target);
+        cmd.arg(root).arg(target).arg(ROOT_BASHRC);
     }
     let mut child = cmd
         .stdin(Stdio::piped())
