@@ -24,9 +24,16 @@
 //!    (`INFO commandstats`) are diffed over the same window and divided by the steps.
 //! 3. `redis-benchmark -n 100000 XADD s * f v` and `ZADD` (50 clients, the BullMQ peer's raw
 //!    figures) on the same server, so every figure is also a ratio to raw Redis.
+//!
+//! With `FERRY_BENCH_STORE=sqlite` it measures 1. and 2. against the embedded SQLite store
+//! instead, with the roles in this process (see `dispatch/sqlite.rs`); unset or `redis`, it
+//! runs as described above.
 
 #[path = "support/mod.rs"]
 mod support;
+
+#[path = "dispatch/sqlite.rs"]
+mod sqlite;
 
 use ferry::domain::JobPhase;
 use ferry::store::redis::RedisStore;
@@ -45,6 +52,11 @@ const POOL: &str = "default";
 fn main() {
     let samples: usize = env_or("DISPATCH_SAMPLES", 500);
     let n: usize = env_or("DISPATCH_N", 10_000);
+    match std::env::var("FERRY_BENCH_STORE").as_deref() {
+        Err(_) | Ok("redis") => {}
+        Ok("sqlite") => return sqlite::main(samples, n),
+        Ok(other) => panic!("FERRY_BENCH_STORE={other}: expected redis or sqlite"),
+    }
     let bin = PathBuf::from(
         std::env::var("FERRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").to_string()),
     );
