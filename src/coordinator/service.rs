@@ -251,10 +251,15 @@ impl Coordinator {
             if let Some((step, environment)) = deploy_to_queue(&state, &events) {
                 let others = self.environment_jobs(&state, &environment).await?;
                 let gate = deploy_gate(&state, &step, &others);
+                let mut verdict = gate.verdict;
                 for older in gate.supersede {
-                    self.supersede(older, job, &environment).await?;
+                    // An older deploy that an agent claimed after we read it can no longer be
+                    // superseded: this one waits for it instead of running beside it.
+                    if !self.supersede(older, job, &environment).await? {
+                        verdict = Verdict::Wait { behind: older };
+                    }
                 }
-                match gate.verdict {
+                match verdict {
                     Verdict::Go => {}
                     Verdict::Superseded { by } => {
                         events = vec![JobSuperseded {
@@ -325,19 +330,24 @@ impl Coordinator {
     }
 
     /// Ends an older job whose deploy to `environment` has not started, because `by` is newer.
-    async fn supersede(&self, older: JobId, by: JobId, environment: &str) -> Result<(), Error> {
+    /// Returns `false` when that deploy is running (an agent claimed it after the gate read
+    /// it): it cannot be superseded, and the newer one must wait. The append is made at the version folded,
+    /// so a claim landing in between makes it conflict and be looked at again.
+    async fn supersede(&self, older: JobId, by: JobId, environment: &str) -> Result<bool, Error> {
         for _ in 0..16 {
             let state = self.fold(older).await?;
-            let started = state.steps.iter().any(|s| {
-                s.step == super::plan::deploy_step(environment)
-                    && matches!(
-                        s.status,
-                        crate::domain::StepStatus::Claimed { .. }
-                            | crate::domain::StepStatus::Succeeded { .. }
-                    )
-            });
-            if state.phase.is_terminal() || started {
-                return Ok(());
+            let deploy = state
+                .steps
+                .iter()
+                .find(|s| s.step == super::plan::deploy_step(environment))
+                .map(|s| &s.status);
+            if state.phase.is_terminal()
+                || matches!(deploy, Some(crate::domain::StepStatus::Succeeded { .. }))
+            {
+                return Ok(true);
+            }
+            if matches!(deploy, Some(crate::domain::StepStatus::Claimed { .. })) {
+                return Ok(false);
             }
             let event = JobSuperseded {
                 by_job: by,
@@ -350,7 +360,7 @@ impl Coordinator {
             {
                 Ok(_) => {
                     info!(job = %older, %by, %environment, "superseded by a newer deploy");
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(Error::Conflict { .. }) => continue,
                 Err(e) => return Err(e),
