@@ -14,6 +14,7 @@ use anyhow::{bail, Context};
 use ferry_proto::{AgentId, BuildSpec, DeploySpec};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// Where the events live: a Redis server, or the embedded store's file.
@@ -236,15 +237,85 @@ pub async fn run_up(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<()
     gateway
 }
 
-/// The commit-status reporter's options, when `[gitlab]` is configured.
+/// The commit-status reporter's options, when `[gitlab]` is configured (with tag
+/// reconciliation unless its interval is zero).
 pub fn gitlab_reporter_options(config: &Config) -> Option<gitlab::ReporterOptions> {
     let g = config.gitlab.as_ref()?;
-    Some(gitlab::ReporterOptions::new(
+    let mut opts = gitlab::ReporterOptions::new(
         format!("{}-gitlab", config.agent.name),
         g.url.clone(),
         g.token.clone(),
         config.gateway.public_url.clone(),
-    ))
+    );
+    opts.reconcile = (!g.reconcile_interval.is_zero()).then(|| gitlab::Reconciliation {
+        interval: g.reconcile_interval,
+        window: g.reconcile_window,
+        dedupe_window: config.gateway.dedupe_window,
+        projects: reconcile_projects(config),
+    });
+    Some(opts)
+}
+
+/// The projects whose tags can be reconciled: those with a GitLab id.
+pub fn reconcile_projects(config: &Config) -> Vec<gitlab::ReconcileProject> {
+    config
+        .projects
+        .iter()
+        .filter_map(|p| {
+            Some(gitlab::ReconcileProject {
+                id: p.id?,
+                path: p.path.clone(),
+                clone_url: p.clone_url.as_ref().map(|u| u.to_string()),
+            })
+        })
+        .collect()
+}
+
+/// `ferry reconcile`: lists every project's tags once and records the recent ones no webhook
+/// reported; the coordinators build them. Returns whether every project could be reconciled.
+pub async fn reconcile(config: &Config, window: Option<Duration>) -> anyhow::Result<bool> {
+    let Some(g) = config.gitlab.as_ref() else {
+        bail!("tag reconciliation needs [gitlab] (url and token) in the configuration");
+    };
+    let projects = reconcile_projects(config);
+    if projects.is_empty() {
+        bail!("no [[projects]] entry has an id: reconciliation lists tags by project id");
+    }
+    let store = open_store(config).await?;
+    let client = gitlab::Client::new(&g.url, g.token.clone())?;
+    let window = window.unwrap_or(g.reconcile_window);
+    let mut ok = true;
+    for project in &projects {
+        match gitlab::reconcile_project(
+            &*store,
+            &client,
+            project,
+            window,
+            config.gateway.dedupe_window,
+            crate::store::now_ms(),
+        )
+        .await
+        {
+            Ok(r) => println!(
+                "{}: {} tags, {} within {}, {} recorded to build{}",
+                project.path,
+                r.listed,
+                r.recent,
+                humantime::format_duration(window),
+                r.recorded.len(),
+                if r.recorded.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.recorded.join(", "))
+                }
+            ),
+            Err(e) => {
+                ok = false;
+                eprintln!("{}: {e}", project.path);
+            }
+        }
+    }
+    Ok(ok)
 }
 
 /// The coordinator's options from the configuration.

@@ -61,6 +61,17 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Build and deploy a sample project end to end on this machine, in seconds.
     Demo(DemoArgs),
+    /// Build the recent tags GitLab lists but no webhook reported (needs [gitlab]).
+    Reconcile(ReconcileArgs),
+}
+
+/// `ferry reconcile [--window DURATION]`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct ReconcileArgs {
+    /// How far back a tag may have been made to be built (overrides gitlab.reconcile_window),
+    /// e.g. `2h`, `3days`.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub window: Option<std::time::Duration>,
 }
 
 /// `ferry migrate --from URL --to URL [--force]`
@@ -283,7 +294,8 @@ impl Cli {
             | Command::Agents(_)
             | Command::Deploy(_)
             | Command::Rollback(_)
-            | Command::Migrate(_) => {}
+            | Command::Migrate(_)
+            | Command::Reconcile(_) => {}
         }
         overrides
     }

@@ -87,6 +87,11 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
         Command::Deploy(args) => ferry::client::deploy(&args).await?,
         Command::Rollback(args) => ferry::client::rollback(&args).await?,
         Command::Migrate(args) => app::migrate(&config, &args).await?,
+        Command::Reconcile(args) => {
+            if !app::reconcile(&config, args.window).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Demo(args) => {
             if !ferry::demo::run(&config, &args).await? {
                 return Ok(ExitCode::FAILURE);

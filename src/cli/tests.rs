@@ -83,6 +83,13 @@ fn each_subcommand_parses() {
         none(),
     );
     check(
+        "reconcile --window 2h",
+        Command::Reconcile(ReconcileArgs {
+            window: Some(std::time::Duration::from_secs(7200)),
+        }),
+        none(),
+    );
+    check(
         "replay --verify --from-snapshot --save-snapshot",
         Command::Replay(ReplayArgs {
             verify: true,
@@ -264,6 +271,7 @@ fn role_flags_are_refused_elsewhere_and_bad_values_fail() {
         "migrate --from a",
         "migrate --to b",
         "demo --verify",
+        "reconcile --window soon",
     ] {
         assert!(parse(line).is_err(), "{line:?} was accepted");
     }

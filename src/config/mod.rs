@@ -253,6 +253,11 @@ pub struct Artifacts {
 pub struct Gitlab {
     pub url: Url,
     pub token: Secret,
+    /// How often tags are reconciled against GitLab's tag list; zero turns it off.
+    pub reconcile_interval: Duration,
+    /// How far back a tag may have been created (or its commit made) to be built when a
+    /// reconciliation finds no webhook for it.
+    pub reconcile_window: Duration,
 }
 
 /// One `[[projects]]` entry.
@@ -1049,6 +1054,16 @@ fn build(
                 token: cx.resolve(
                     "gitlab.token_env",
                     gl.token_env.as_deref().unwrap_or(env::GITLAB_TOKEN),
+                )?,
+                reconcile_interval: cx.duration(
+                    "gitlab.reconcile_interval",
+                    gl.reconcile_interval,
+                    "10m",
+                )?,
+                reconcile_window: cx.positive_duration(
+                    "gitlab.reconcile_window",
+                    gl.reconcile_window,
+                    "24h",
                 )?,
             }),
         },

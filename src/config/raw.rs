@@ -98,6 +98,8 @@ raw_table! {
     RawGitlab {
         url: String,
         token_env: String,
+        reconcile_interval: String,
+        reconcile_window: String,
     }
 }
 

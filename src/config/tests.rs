@@ -331,6 +331,11 @@ fn every_env_setting_is_read() {
         (gitlab.url.as_str(), gitlab.token.expose()),
         ("https://gitlab.test/", "glpat")
     );
+    assert_eq!(
+        (gitlab.reconcile_interval, gitlab.reconcile_window),
+        (Duration::from_secs(600), Duration::from_secs(24 * 3600)),
+        "reconciliation defaults"
+    );
     let tokens: Vec<&str> = c.api.tokens.iter().map(Secret::expose).collect();
     assert_eq!(tokens, ["t1", "t2"]);
 }
@@ -412,6 +417,8 @@ fn errors_name_the_key_and_the_source() {
         (BASE.replace("id = 42", "id = 42\nsecrets = [\"NOT-A-NAME\"]"), vec![], f(), "/etc/ferry.toml: projects[0].secrets[0]: invalid environment variable name \"NOT-A-NAME\""),
         ("[gitlab]\nurl = \"https://gitlab.example.com\"".into(), vec![], f(), "/etc/ferry.toml: gitlab.token_env: environment variable FERRY_GITLAB_TOKEN is not set"),
         ("[gitlab]\ntoken_env = \"T\"".into(), vec![], f(), "/etc/ferry.toml: gitlab.url: missing required key (gitlab.token_env is set)"),
+        ("[gitlab]\nurl = \"https://g.example\"\ntoken_env = \"GL\"\nreconcile_window = \"0s\"".into(), vec![("GL", "x")], f(), "/etc/ferry.toml: gitlab.reconcile_window: must be longer than zero"),
+        ("[gitlab]\nurl = \"https://g.example\"\ntoken_env = \"GL\"\nreconcile_interval = \"often\"".into(), vec![("GL", "x")], f(), "/etc/ferry.toml: gitlab.reconcile_interval: invalid duration \"often\""),
         ("[api]\ntokens_env = \"MY_TOKENS\"".into(), vec![], f(), "/etc/ferry.toml: api.tokens_env: environment variable MY_TOKENS is not set"),
         ("[api]\ntokens = [\"a\"]\ntokens_env = \"B\"".into(), vec![], f(), "/etc/ferry.toml: api.tokens_env: set only one of tokens and tokens_env"),
         (with_project("[api]\ntokens = [\"\"]"), vec![], f(), "/etc/ferry.toml: api.tokens[0]: is empty"),

@@ -206,6 +206,28 @@ pub struct Deployment {
     pub status: String,
 }
 
+/// A tag as `GET /projects/:id/repository/tags` lists it (the fields ferry uses).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Tag {
+    pub name: String,
+    /// What the tag points at: the commit for a lightweight tag, the tag object for an
+    /// annotated one (what a Tag Push webhook sends as `after`).
+    pub target: String,
+    pub commit: TagCommit,
+    /// When an annotated tag was made (null for lightweight tags).
+    #[serde(default)]
+    pub created_at: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct TagCommit {
+    pub id: String,
+    #[serde(default)]
+    pub committed_date: Option<String>,
+    #[serde(default)]
+    pub created_at: Option<String>,
+}
+
 /// A GitLab API client. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -287,7 +309,7 @@ impl Client {
         body.description = body.description.map(|d| truncate(&d, MAX_FIELD_CHARS));
         let url = format!("{}/projects/{project_id}/statuses/{sha}", self.api);
         match self.send(&what, || self.http.post(&url).json(&body)).await {
-            Ok((status, _)) => Ok(StatusOutcome::Created {
+            Ok((status, _, _)) => Ok(StatusOutcome::Created {
                 http_status: status,
             }),
             Err(Error::Rejected {
@@ -323,7 +345,7 @@ impl Client {
             "status": request.status,
         });
         let url = format!("{}/projects/{project_id}/deployments", self.api);
-        let (_, bytes) = self
+        let (_, bytes, _) = self
             .send(&what, || self.http.post(&url).json(&body))
             .await?;
         parse(&what, &bytes)
@@ -342,17 +364,41 @@ impl Client {
             "{}/projects/{project_id}/deployments/{deployment_id}",
             self.api
         );
-        let (_, bytes) = self.send(&what, || self.http.put(&url).json(&body)).await?;
+        let (_, bytes, _) = self.send(&what, || self.http.put(&url).json(&body)).await?;
         parse(&what, &bytes)
     }
 
+    /// `GET /projects/:id/repository/tags`, every page: follows the `Link` header's
+    /// `rel="next"` (only to this GitLab), at most `max_pages` pages of 100.
+    pub async fn list_tags(&self, project_id: u64, max_pages: usize) -> Result<Vec<Tag>> {
+        let what = format!("tags of project {project_id}");
+        let mut url = format!(
+            "{}/projects/{project_id}/repository/tags?per_page=100",
+            self.api
+        );
+        let mut tags = Vec::new();
+        for _ in 0..max_pages {
+            let (_, bytes, next) = self.send(&what, || self.http.get(&url)).await?;
+            tags.extend(parse::<Vec<Tag>>(&what, &bytes)?);
+            match next {
+                Some(next) if same_origin(&self.api, &next) => url = next,
+                Some(next) => {
+                    warn!(%what, %next, "not following a next page on another host");
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(tags)
+    }
+
     /// Sends the request `build` makes until it succeeds, fails for good, or the retry budget
-    /// runs out. Returns the 2xx status and body.
+    /// runs out. Returns the 2xx status, the body and the `Link` header's `rel="next"` URL.
     async fn send(
         &self,
         what: &str,
         build: impl Fn() -> reqwest::RequestBuilder,
-    ) -> Result<(u16, Vec<u8>)> {
+    ) -> Result<(u16, Vec<u8>, Option<String>)> {
         let started = tokio::time::Instant::now();
         let mut attempt = 1;
         loop {
@@ -364,6 +410,11 @@ impl Client {
                 Ok(response) => {
                     let status = response.status().as_u16();
                     let wait = requested_wait(response.headers());
+                    let next = response
+                        .headers()
+                        .get("link")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(next_link);
                     let bytes = match response.bytes().await {
                         Ok(b) => b.to_vec(),
                         Err(e) if (200..300).contains(&status) => {
@@ -375,7 +426,7 @@ impl Client {
                         Err(_) => Vec::new(),
                     };
                     if (200..300).contains(&status) {
-                        return Ok((status, bytes));
+                        return Ok((status, bytes, next));
                     }
                     let message = message_of(&bytes);
                     if !retryable(status) {
@@ -405,6 +456,29 @@ impl Client {
             tokio::time::sleep(wait).await;
             attempt += 1;
         }
+    }
+}
+
+/// The `rel="next"` URL of a `Link` header: `<url>; rel="next", <url>; rel="first"`.
+pub fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (url, params) = part.trim().split_once(';')?;
+        let url = url.trim().strip_prefix('<')?.strip_suffix('>')?;
+        params
+            .split(';')
+            .any(|p| {
+                let p = p.trim().replace(' ', "");
+                p == "rel=\"next\"" || p == "rel=next"
+            })
+            .then(|| url.to_string())
+    })
+}
+
+/// Whether `url` is on the same scheme, host and port as `base` (the token goes with it).
+fn same_origin(base: &str, url: &str) -> bool {
+    match (Url::parse(base), Url::parse(url)) {
+        (Ok(a), Ok(b)) => a.origin() == b.origin(),
+        _ => false,
     }
 }
 

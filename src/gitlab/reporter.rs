@@ -58,7 +58,23 @@ pub struct ReporterOptions {
     pub batch: usize,
     /// A feed entry pending this long with another reporter is taken over.
     pub takeover_after: Duration,
+    /// Tag reconciliation, when on.
+    pub reconcile: Option<Reconciliation>,
 }
+
+/// How tags are reconciled (see [`super::reconcile`]): every `interval`, by one reporter at a
+/// time (the [`RECONCILE_LOCK`] leader lock).
+#[derive(Clone, Debug)]
+pub struct Reconciliation {
+    pub interval: Duration,
+    pub window: Duration,
+    /// The gateway's dedupe window, for the deliveries recorded.
+    pub dedupe_window: Duration,
+    pub projects: Vec<super::ReconcileProject>,
+}
+
+/// The leader lock one reporter holds while it reconciles tags.
+pub const RECONCILE_LOCK: &str = "gitlab-reconcile";
 
 impl ReporterOptions {
     /// Options with the default retry, concurrency and batch settings.
@@ -74,6 +90,7 @@ impl ReporterOptions {
             batch: 128,
             // Longer than the retry budget: a live reporter still working on an entry keeps it.
             takeover_after: Duration::from_secs(60),
+            reconcile: None,
         }
     }
 }
@@ -109,9 +126,20 @@ pub async fn run(
         }
     }
     info!(consumer = %reporter.opts.consumer, gitlab = %reporter.opts.gitlab_url, "commit status reporter started");
+    let reconciling = reporter.opts.reconcile.clone().map(|r| {
+        tokio::spawn(reconcile_duty(
+            reporter.store.clone(),
+            reporter.client.clone(),
+            reporter.opts.consumer.clone(),
+            r,
+        ))
+    });
     tokio::select! {
         _ = &mut shutdown => {}
         _ = reporter.consume() => {}
+    }
+    if let Some(task) = reconciling {
+        task.abort();
     }
     info!(consumer = %reporter.opts.consumer, "commit status reporter stopped");
     Ok(())
@@ -590,6 +618,49 @@ impl JobReporter {
             .append(Append::new(StreamId::Job(self.job), vec![event.into()]))
             .await?;
         Ok(())
+    }
+}
+
+/// Every `interval`, the reporter that takes the [`RECONCILE_LOCK`] reconciles every project's
+/// tags. The lock is not released: it lapses after `interval`, so one reporter reconciles per
+/// interval however many run.
+async fn reconcile_duty(store: Arc<dyn Store>, client: Client, holder: String, r: Reconciliation) {
+    if r.interval.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(r.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match store
+            .lock_acquire(RECONCILE_LOCK, &holder, r.interval)
+            .await
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(error = %e, "could not take the tag reconciliation lock");
+                continue;
+            }
+        }
+        for project in &r.projects {
+            match super::reconcile_project(
+                &*store,
+                &client,
+                project,
+                r.window,
+                r.dedupe_window,
+                crate::store::now_ms(),
+            )
+            .await
+            {
+                Ok(done) if !done.recorded.is_empty() => {
+                    info!(project = %project.path, tags = ?done.recorded, "tags without a webhook will be built")
+                }
+                Ok(_) => debug!(project = %project.path, "tags reconciled: nothing missing"),
+                Err(e) => warn!(project = %project.path, error = %e, "tag reconciliation failed"),
+            }
+        }
     }
 }
 

@@ -655,3 +655,170 @@ async fn deploy_steps_become_gitlab_deployments_created_running_then_finished() 
     }
     assert!(calls.iter().all(|c| c.answer == 200 || c.answer == 201));
 }
+
+/// A GitLab tag entity, made `age` ago (lightweight: dated by its commit).
+fn tag_entity(name: &str, age: Duration) -> serde_json::Value {
+    let at = std::time::SystemTime::now() - age;
+    let stamp = humantime::format_rfc3339_seconds(at).to_string();
+    let commit = format!(
+        "{:0>40}",
+        name.bytes().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    serde_json::json!({
+        "name": name,
+        "message": null,
+        "target": commit,
+        "commit": {
+            "id": commit,
+            "short_id": &commit[..8],
+            "title": "a commit",
+            "created_at": stamp,
+            "committed_date": stamp,
+            "parent_ids": [],
+        },
+        "release": null,
+        "protected": false,
+        "created_at": null,
+    })
+}
+
+/// Tags GitLab lists but no webhook reported are recorded as deliveries and become jobs, once;
+/// old tags and tags whose webhook did arrive are left alone. The list is read page by page
+/// through the `Link` header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_builds_recent_tags_no_webhook_reported_once() {
+    use ferry::coordinator::plan::ProjectPlan;
+    use ferry::gitlab::{reconcile_project, ReconcileProject};
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let mock = GitlabMock::start(TOKEN).await;
+    let day = Duration::from_secs(24 * 3600);
+    // 130 old tags (two pages of 100), two recent ones missed, one recent one whose webhook came.
+    let mut tags: Vec<serde_json::Value> = (0..130)
+        .map(|i| tag_entity(&format!("old-{i}"), day * 400))
+        .collect();
+    tags.insert(7, tag_entity("v2.0.0", Duration::from_secs(60)));
+    tags.push(tag_entity("v2.0.1", Duration::from_secs(30)));
+    let hooked = tag_entity("v1.9.0", Duration::from_secs(90));
+    tags.push(hooked.clone());
+    mock.set_tags(42, tags);
+    // The webhook for v1.9.0 arrived, as the gateway records it.
+    let delivered = WebhookReceived {
+        delivery_id: Some("d-19".into()),
+        event: "Tag Push Hook".into(),
+        job: Some(JobId::new()),
+        project_id: Some(42),
+        project_path: Some("group/app".into()),
+        git_ref: Some("refs/tags/v1.9.0".into()),
+        before: Some("0".repeat(40)),
+        after: hooked["target"].as_str().map(Into::into),
+        checkout_sha: hooked["commit"]["id"].as_str().map(Into::into),
+        action: "ignored".into(),
+        reason: Some("the project does not build it".into()),
+        ..Default::default()
+    };
+    let keys = ferry::gateway::dedupe_keys(&delivered);
+    store
+        .append(
+            Append::new(StreamId::Webhooks, vec![delivered.into()])
+                .dedupe(keys, Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap();
+
+    let client = client(&mock, TOKEN);
+    let project = ReconcileProject {
+        id: 42,
+        path: "group/app".into(),
+        clone_url: Some("file:///nowhere".into()),
+    };
+    let now = ferry::store::now_ms();
+    let first = reconcile_project(
+        &*store,
+        &client,
+        &project,
+        day,
+        Duration::from_secs(3600),
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.listed, 133);
+    assert_eq!(first.recent, 3);
+    assert_eq!(first.recorded, ["v2.0.0", "v2.0.1"]);
+    let pages = mock
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/repository/tags"))
+        .count();
+    assert_eq!(pages, 2, "followed the Link header to the second page");
+
+    // A coordinator turns the recorded deliveries into jobs.
+    let (stop, rx) = watch::channel(false);
+    let coordinator = tokio::spawn({
+        let store = store.clone();
+        let mut rx = rx;
+        let opts = coordinator::Options {
+            consumer: "c-reconcile".into(),
+            projects: vec![ProjectPlan {
+                id: 42,
+                path: "group/app".into(),
+                auto_build: true,
+                build_pool: "nobody".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        async move {
+            coordinator::run(store, opts, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+            .unwrap()
+        }
+    });
+    let jobs = wait_for(DEADLINE, "two jobs", || async {
+        let jobs = store.jobs(None, 10).await.unwrap();
+        (jobs.len() == 2).then_some(jobs)
+    })
+    .await;
+    let mut built = Vec::new();
+    for job in jobs {
+        match store.read_stream(&StreamId::Job(job), 0).await.unwrap()[0]
+            .decode()
+            .unwrap()
+        {
+            Event::JobCreated(p) => built.push((p.tag, p.sha)),
+            other => panic!("{other:?}"),
+        }
+    }
+    built.sort();
+    let sha = |t: &str| {
+        tag_entity(t, Duration::ZERO)["commit"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        built,
+        [
+            ("v2.0.0".to_string(), sha("v2.0.0")),
+            ("v2.0.1".to_string(), sha("v2.0.1"))
+        ]
+    );
+
+    // Again: nothing new.
+    let again = reconcile_project(
+        &*store,
+        &client,
+        &project,
+        day,
+        Duration::from_secs(3600),
+        now,
+    )
+    .await
+    .unwrap();
+    assert!(again.recorded.is_empty(), "{again:?}");
+    let _ = stop.send(true);
+    coordinator.await.unwrap();
+    assert_eq!(store.jobs(None, 10).await.unwrap().len(), 2);
+}

@@ -1,5 +1,6 @@
 //! A stand-in for GitLab's REST API that follows `gitlab/contract.md` §5, status codes
-//! included: commit statuses and deployments, `PRIVATE-TOKEN` auth, GitLab-shaped errors, and
+//! included: commit statuses, deployments and the paginated tag list (`Link` header),
+//! `PRIVATE-TOKEN` auth, GitLab-shaped errors, and
 //! faults on demand (409, 429 with `Retry-After`, 500, ... for the next N calls). It records every
 //! call it receives.
 
@@ -7,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{post, put};
+use axum::routing::{get, post, put};
 use axum::Router;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -44,6 +45,10 @@ struct Mock {
     statuses: HashMap<(String, String, String, String), String>,
     deployments: HashMap<u64, Value>,
     next_id: u64,
+    /// Each project's tags, as `GET /projects/:id/repository/tags` lists them.
+    tags: HashMap<String, Vec<Value>>,
+    /// The base URL, for `Link` headers.
+    url: String,
 }
 
 /// A running mock GitLab on `127.0.0.1:<free port>`.
@@ -76,10 +81,12 @@ impl GitlabMock {
                 "/api/v4/projects/{id}/deployments/{deployment}",
                 put(update_deployment),
             )
+            .route("/api/v4/projects/{id}/repository/tags", get(list_tags))
             .fallback(not_found)
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        state.lock().unwrap().url = url.clone();
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
@@ -98,6 +105,11 @@ impl GitlabMock {
     /// The `Retry-After` (seconds) a 429 carries.
     pub fn set_retry_after(&self, secs: u64) {
         self.state.lock().unwrap().retry_after = secs;
+    }
+
+    /// Sets project `id`'s tags (GitLab's tag entities: `name`, `target`, `commit`, ...).
+    pub fn set_tags(&self, id: u64, tags: Vec<Value>) {
+        self.state.lock().unwrap().tags.insert(id.to_string(), tags);
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -324,6 +336,58 @@ async fn update_deployment(
         }
     });
     record(&mut mock, &method, &uri, &headers, &body, &response);
+    response
+}
+
+/// `GET /projects/:id/repository/tags?page=&per_page=`: a page of tags, with a `Link` header
+/// naming the next page (and the first) as GitLab does.
+async fn list_tags(
+    State(state): State<Shared>,
+    Path(project): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let mut mock = state.lock().unwrap();
+    let response = gate(&mut mock, &headers).unwrap_or_else(|| {
+        let Some(tags) = mock.tags.get(&project) else {
+            return answer(404, json!({"message": "404 Project Not Found"}));
+        };
+        let query: HashMap<String, String> =
+            url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+                .into_owned()
+                .collect();
+        let num = |k: &str, default: usize| {
+            query
+                .get(k)
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(default)
+        };
+        let (page, per_page) = (num("page", 1).max(1), num("per_page", 20).clamp(1, 100));
+        let items: Vec<Value> = tags
+            .iter()
+            .skip((page - 1) * per_page)
+            .take(per_page)
+            .cloned()
+            .collect();
+        let link = |p: usize, rel: &str| {
+            format!(
+                "<{}{}?page={p}&per_page={per_page}>; rel=\"{rel}\"",
+                mock.url,
+                uri.path()
+            )
+        };
+        let mut links = Vec::new();
+        if page * per_page < tags.len() {
+            links.push(link(page + 1, "next"));
+        }
+        links.push(link(1, "first"));
+        let mut r = answer(200, Value::Array(items));
+        r.headers_mut()
+            .insert("link", links.join(", ").parse().unwrap());
+        r
+    });
+    record(&mut mock, &method, &uri, &headers, &Bytes::new(), &response);
     response
 }
 
