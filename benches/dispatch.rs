@@ -25,15 +25,21 @@
 //! 3. `redis-benchmark -n 100000 XADD s * f v` and `ZADD` (50 clients, the BullMQ peer's raw
 //!    figures) on the same server, so every figure is also a ratio to raw Redis.
 //!
-//! With `FERRY_BENCH_STORE=sqlite` it measures 1. and 2. against the embedded SQLite store
-//! instead, with the roles in this process (see `dispatch/sqlite.rs`); unset or `redis`, it
-//! runs as described above.
+//! Unset or `FERRY_BENCH_STORE=redis`, it runs as described above. Two more modes run the roles
+//! inside this process instead, as `ferry up` does on one machine (see `dispatch/in_process.rs`):
+//!
+//! - `FERRY_BENCH_STORE=sqlite`: 1. and 2. against the embedded SQLite store.
+//! - `FERRY_BENCH_STORE=both`: the same in-process harness against the embedded store and against
+//!   private redis-servers (no persistence, AOF `everysec`, AOF `always`), back to back in one
+//!   run, 1 coordinator + 1 agent, with every figure's ratio to SQLite's. Its defaults are
+//!   smaller (`DISPATCH_SAMPLES` 300, `DISPATCH_N` 3000) so that a run takes a few minutes;
+//!   `DISPATCH_ROUNDS` (default 2) repeats it, the order reversed every other round.
 
 #[path = "support/mod.rs"]
 mod support;
 
-#[path = "dispatch/sqlite.rs"]
-mod sqlite;
+#[path = "dispatch/in_process.rs"]
+mod in_process;
 
 use ferry::domain::JobPhase;
 use ferry::store::redis::RedisStore;
@@ -54,8 +60,15 @@ fn main() {
     let n: usize = env_or("DISPATCH_N", 10_000);
     match std::env::var("FERRY_BENCH_STORE").as_deref() {
         Err(_) | Ok("redis") => {}
-        Ok("sqlite") => return sqlite::main(samples, n),
-        Ok(other) => panic!("FERRY_BENCH_STORE={other}: expected redis or sqlite"),
+        Ok("sqlite") => return in_process::sqlite_main(samples, n),
+        Ok("both") => {
+            return in_process::both_main(
+                env_or("DISPATCH_SAMPLES", 300),
+                env_or("DISPATCH_N", 3_000),
+                env_or("DISPATCH_ROUNDS", 2).max(1),
+            )
+        }
+        Ok(other) => panic!("FERRY_BENCH_STORE={other}: expected redis, sqlite or both"),
     }
     let bin = PathBuf::from(
         std::env::var("FERRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").to_string()),

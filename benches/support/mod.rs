@@ -2,9 +2,10 @@
 //! `redis-server` on a free loopback port, `redis-benchmark` runs against it, `INFO` deltas
 //! (Redis CPU, commands by type) and latency quantiles.
 //!
-//! Every server is started by the bench itself, without persistence, in a temporary directory,
-//! under a shell guard that kills it when the bench exits or dies; the benches never touch a
-//! server they did not start.
+//! Every server is started by the bench itself, in a temporary directory, under a shell guard
+//! that kills it when the bench exits or dies; the benches never touch a server they did not
+//! start. Without persistence (no RDB, no AOF) unless a bench asks for an append-only file
+//! ([`RedisServer::start_aof`]).
 #![allow(dead_code)] // each bench uses a different subset
 
 use std::collections::BTreeMap;
@@ -24,15 +25,32 @@ status=$?
 kill $watcher 2>/dev/null
 exit $status"#;
 
-/// A redis-server of our own: no RDB, no AOF, loopback only.
+/// A redis-server of our own: no RDB, loopback only; no AOF unless started with
+/// [`RedisServer::start_aof`].
 pub struct RedisServer {
     pub port: u16,
+    /// What it persists, for the bench's header: `no RDB, no AOF` or `no RDB, AOF, appendfsync X`.
+    pub persistence: String,
     _dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl RedisServer {
+    /// Without persistence: no RDB, no AOF.
     pub fn start() -> RedisServer {
+        Self::start_with(&["--appendonly", "no"], "no RDB, no AOF".into())
+    }
+
+    /// With an append-only file in its temporary directory (`appendonly yes`, `appendfsync`
+    /// = `fsync`: `everysec` or `always`), still no RDB.
+    pub fn start_aof(fsync: &str) -> RedisServer {
+        Self::start_with(
+            &["--appendonly", "yes", "--appendfsync", fsync],
+            format!("no RDB, AOF with appendfsync {fsync}"),
+        )
+    }
+
+    fn start_with(persistence_args: &[&str], persistence: String) -> RedisServer {
         let dir = tempfile::tempdir().expect("temporary directory for redis-server");
         for _ in 0..10 {
             let port = free_port();
@@ -43,7 +61,8 @@ impl RedisServer {
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .arg("--dir")
                 .arg(dir.path())
-                .args(["--save", "", "--appendonly", "no"])
+                .args(["--save", ""])
+                .args(persistence_args)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .spawn()
@@ -56,6 +75,7 @@ impl RedisServer {
                 if ping(port) {
                     return RedisServer {
                         port,
+                        persistence,
                         _dir: dir,
                         child: Some(child),
                     };
@@ -305,10 +325,14 @@ pub fn print_machine(server: &RedisServer) {
         .unwrap_or(0);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "machine: {cores} cores (shared, noisy); loadavg {}; redis-server {} on 127.0.0.1:{} (no RDB, no AOF)",
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        "machine: {cores} cores (shared, noisy); loadavg {}; redis-server {} on 127.0.0.1:{} ({})",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
         server.info().version,
-        server.port
+        server.port,
+        server.persistence,
     );
 }
 
