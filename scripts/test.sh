@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: installs missing system packages (redis-server, openssh-server, git),
+# The whole test suite: installs missing system packages (redis-server, openssh-server, git,
+# openssl),
 # checks formatting and lints, then runs every test. Tests start their own servers on free
 # loopback ports; nothing needs to be running beforehand.
 set -euo pipefail
@@ -10,6 +11,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-benchmark >/dev/null || need+=(redis-tools)
 command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v git >/dev/null || need+=(git)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -25,15 +25,12 @@ pub enum StoreLocation {
 }
 
 impl StoreLocation {
-    /// `redis://HOST:PORT/DB`, `sqlite://PATH` (`sqlite:///abs/path` or `sqlite://rel/path`), or
+    /// `redis://HOST:PORT/DB` (`rediss://` for TLS), `sqlite://PATH` (`sqlite:///abs/path` or `sqlite://rel/path`), or
     /// a bare file path for the embedded store.
     pub fn parse(text: &str) -> anyhow::Result<StoreLocation> {
         let text = text.trim();
-        if text.starts_with("redis://") {
+        if text.starts_with("redis://") || text.starts_with("rediss://") {
             return Ok(StoreLocation::Redis(text.to_string()));
-        }
-        if text.starts_with("rediss://") {
-            bail!("store {text}: TLS (rediss://) is not supported by this build yet; use redis://");
         }
         if let Some(path) = text.strip_prefix("sqlite://") {
             if path.is_empty() {
@@ -57,14 +54,28 @@ impl StoreLocation {
         }
     }
 
-    /// Opens it. Redis keys live under `namespace`; an embedded file is one installation.
-    pub async fn open(&self, namespace: &str) -> anyhow::Result<Arc<dyn Store>> {
+    /// Opens it. Redis keys live under `namespace`; an embedded file is one installation. A
+    /// `rediss://` server's certificate must chain to the PEM certificates in `ca` when given,
+    /// else to the system's trust store.
+    pub async fn open(
+        &self,
+        namespace: &str,
+        ca: Option<&std::path::Path>,
+    ) -> anyhow::Result<Arc<dyn Store>> {
         Ok(match self {
-            StoreLocation::Redis(url) => Arc::new(
-                RedisStore::connect(url, namespace)
-                    .await
-                    .with_context(|| format!("cannot open store {url}"))?,
-            ),
+            StoreLocation::Redis(url) => {
+                let ca = match ca {
+                    Some(path) => Some(std::fs::read(path).with_context(|| {
+                        format!("store_ca_file {}: cannot read it", path.display())
+                    })?),
+                    None => None,
+                };
+                Arc::new(
+                    RedisStore::connect_tls(url, namespace, ca)
+                        .await
+                        .with_context(|| format!("cannot open store {}", redact(url)))?,
+                )
+            }
             StoreLocation::Embedded(path) => {
                 let path = path.clone();
                 let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
@@ -80,7 +91,7 @@ impl StoreLocation {
 impl std::fmt::Display for StoreLocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StoreLocation::Redis(url) => f.write_str(url),
+            StoreLocation::Redis(url) => f.write_str(&redact(url)),
             StoreLocation::Embedded(path) => write!(f, "sqlite://{}", path.display()),
         }
     }
@@ -88,7 +99,20 @@ impl std::fmt::Display for StoreLocation {
 
 /// Opens the configured store ([`StoreLocation::of`]).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    StoreLocation::of(config)?.open(&config.namespace).await
+    StoreLocation::of(config)?
+        .open(&config.namespace, config.store_ca_file.as_deref())
+        .await
+}
+
+/// A store URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Resolves when SIGINT or SIGTERM arrives (or `stop` is set), for graceful shutdown.
@@ -493,8 +517,9 @@ pub async fn migrate(config: &Config, args: &crate::cli::MigrateArgs) -> anyhow:
             bail!("--from {from}: no such file");
         }
     }
-    let source = from.open(&config.namespace).await.context("--from")?;
-    let target = to.open(&config.namespace).await.context("--to")?;
+    let ca = config.store_ca_file.as_deref();
+    let source = from.open(&config.namespace, ca).await.context("--from")?;
+    let target = to.open(&config.namespace, ca).await.context("--to")?;
     let report =
         crate::migrate::migrate(&*source, &*target, args.force, config.gateway.dedupe_window)
             .await

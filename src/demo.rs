@@ -77,7 +77,7 @@ pub async fn run(base: &Config, args: &DemoArgs) -> anyhow::Result<bool> {
         .context("the demo's configuration")?;
 
     let location = StoreLocation::of(&config)?;
-    let store = location.open(&config.namespace).await?;
+    let store = location.open(&config.namespace, None).await?;
     let listener = app::bind(&config).await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop) = watch::channel(false);

@@ -16,3 +16,4 @@ pub mod gitlab;
 pub mod migrate;
 pub mod replay;
 pub mod store;
+pub mod tls;

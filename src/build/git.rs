@@ -227,13 +227,8 @@ fn lock_exclusive(path: &Path) -> std::io::Result<File> {
     }
 }
 
-/// gix's http transport is reqwest with provider-less rustls (see Cargo.toml): install ring as
-/// the process-wide provider once. Failing means another provider is already installed: fine.
 fn install_tls_provider() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
+    crate::tls::install_provider();
 }
 
 #[cfg(test)]

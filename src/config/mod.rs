@@ -35,6 +35,8 @@ pub mod env {
     pub const CONFIG: &str = "FERRY_CONFIG";
     /// `store`
     pub const STORE: &str = "FERRY_STORE";
+    /// `store_ca_file`
+    pub const STORE_CA_FILE: &str = "FERRY_STORE_CA_FILE";
     /// `namespace`
     pub const NAMESPACE: &str = "FERRY_NAMESPACE";
     /// `data_dir`
@@ -165,6 +167,9 @@ pub struct Config {
     pub file: Option<PathBuf>,
     /// The event store URL; `None` selects the embedded store.
     pub store: Option<String>,
+    /// PEM file of the certificate authorities a `rediss://` store's certificate must chain to;
+    /// `None`: the system's trust store.
+    pub store_ca_file: Option<PathBuf>,
     /// Prefix (and Redis Cluster hash tag) of every key: several ferry installations can share
     /// one Redis under different namespaces.
     pub namespace: String,
@@ -614,6 +619,7 @@ fn agent(raw: &mut RawConfig) -> &mut RawAgent {
 #[rustfmt::skip]
 const ENV_SETTINGS: &[EnvSetting] = &[
     EnvSetting { key: "store", var: env::STORE, slot: |r| Slot::Text(&mut r.store) },
+    EnvSetting { key: "store_ca_file", var: env::STORE_CA_FILE, slot: |r| Slot::Text(&mut r.store_ca_file) },
     EnvSetting { key: "namespace", var: env::NAMESPACE, slot: |r| Slot::Text(&mut r.namespace) },
     EnvSetting { key: "data_dir", var: env::DATA_DIR, slot: |r| Slot::Text(&mut r.data_dir) },
     EnvSetting { key: "gateway.listen", var: env::GATEWAY_LISTEN, slot: |r| Slot::Text(&mut gateway(r).listen) },
@@ -1078,6 +1084,10 @@ fn build(
     Ok(Config {
         file: file.map(Path::to_owned),
         store,
+        store_ca_file: raw
+            .store_ca_file
+            .filter(|f| !f.trim().is_empty())
+            .map(PathBuf::from),
         namespace,
         data_dir,
         gateway,

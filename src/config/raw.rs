@@ -31,6 +31,7 @@ raw_table! {
     /// The whole file.
     RawConfig {
         store: String,
+        store_ca_file: String,
         namespace: String,
         data_dir: String,
         gateway: RawGateway,

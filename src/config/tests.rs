@@ -297,6 +297,7 @@ fn every_env_setting_is_read() {
         (env::GITLAB_URL, "https://gitlab.test"),
         (env::GITLAB_TOKEN, "glpat"),
         (env::API_TOKENS, "t1, t2"),
+        (env::STORE_CA_FILE, "/etc/ferry/ca.pem"),
     ]
     .into_iter()
     .collect();
@@ -307,6 +308,7 @@ fn every_env_setting_is_read() {
     let pairs: Vec<(&str, &str)> = values.into_iter().collect();
     let c = ok("", &pairs, &no_flags());
     assert_eq!(c.store.as_deref(), Some("redis://h:1/0"));
+    assert_eq!(c.store_ca_file, Some(PathBuf::from("/etc/ferry/ca.pem")));
     assert_eq!(c.data_dir, PathBuf::from("/data"));
     assert_eq!(c.namespace, "team-a");
     assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:9");

@@ -20,7 +20,7 @@ const STARTUP: Duration = Duration::from_secs(20);
 /// Runs redis-server under a tiny shell guard: the guard kills the server as soon as our end of
 /// its stdin closes — when the server is stopped or dropped, and also when the test process
 /// exits or dies, so no server outlives the tests. The guard exits when the server does.
-const GUARD: &str = r#"exec 3<&0
+pub const GUARD: &str = r#"exec 3<&0
 redis-server "$@" </dev/null >/dev/null 2>&1 &
 pid=$!
 { read _ <&3; kill $pid 2>/dev/null; } &
@@ -82,7 +82,7 @@ impl Drop for RedisServer {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind a free loopback port")

@@ -22,3 +22,4 @@ mod ssh;
 mod ssh_fleet;
 mod sshd;
 mod tidy;
+mod tls;

@@ -72,9 +72,31 @@ impl RedisStore {
     /// `namespace` (no whitespace or braces). Fails with [`Error::Unavailable`] if the server
     /// does not answer.
     pub async fn connect(url: &str, namespace: &str) -> Result<RedisStore> {
+        RedisStore::connect_tls(url, namespace, None).await
+    }
+
+    /// [`RedisStore::connect`], where a `rediss://` server's certificate must chain to one of
+    /// the PEM certificates `ca` (instead of the system's trust store).
+    pub async fn connect_tls(
+        url: &str,
+        namespace: &str,
+        ca: Option<Vec<u8>>,
+    ) -> Result<RedisStore> {
         let keys = Keys::new(namespace)?;
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::Invalid(format!("redis store url is invalid: {e}")))?;
+        if url.starts_with("rediss://") {
+            crate::tls::install_provider();
+        }
+        let client = match ca {
+            Some(root) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| Error::Invalid(format!("redis store url is invalid: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
