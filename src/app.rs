@@ -38,9 +38,9 @@ impl StoreLocation {
             }
             return Ok(StoreLocation::Embedded(PathBuf::from(path)));
         }
-        if text.is_empty() || text.contains("://") {
+        if !crate::config::is_store_file(text) {
             bail!(
-                "store {text:?}: expected redis://HOST:PORT/DB, sqlite://PATH or the path of an embedded store file"
+                "store {text:?}: expected redis://HOST:PORT/DB, rediss://…, sqlite://PATH or the path of an embedded store file (*.db)"
             );
         }
         Ok(StoreLocation::Embedded(PathBuf::from(text)))

@@ -11,6 +11,7 @@ pub mod coordinator;
 pub mod demo;
 pub mod deploy;
 pub mod domain;
+pub mod feed;
 pub mod gateway;
 pub mod gitlab;
 pub mod migrate;

@@ -127,14 +127,15 @@ async fn built(store: &dyn Store, project: &str, tag: &str) -> Result<Deployed, 
     )))
 }
 
-/// The releases `environment` of `project` had, newest first, from deploy jobs older than
-/// `before` (all when `None`), at most `limit`.
+/// The releases `environment` of `project` had that are `matching`, newest first, from deploy
+/// jobs older than `before` (all when `None`), at most `limit`. Stops reading at `limit`.
 async fn deployed(
     store: &dyn Store,
     project: &str,
     environment: &str,
     before: Option<JobId>,
     limit: usize,
+    matching: impl Fn(&Deployed) -> bool,
 ) -> Result<Vec<Deployed>, ApiError> {
     let step = deploy_step(environment);
     let mut ids: Vec<JobId> = store
@@ -157,7 +158,10 @@ async fn deployed(
             continue;
         }
         if let Some(artifact) = job.artifact() {
-            out.push(Deployed { job, artifact });
+            let d = Deployed { job, artifact };
+            if matching(&d) {
+                out.push(d);
+            }
         }
     }
     Ok(out)
@@ -217,40 +221,34 @@ pub(super) async fn rollback(State(state): State<ApiState>, body: Bytes) -> Answ
     let project = project(&state, &body.project)?;
     environment_known(project, &body.environment)?;
     let store = state.store();
-    let history = deployed(store, &project.path, &body.environment, None, usize::MAX).await?;
-    let Some(current) = history.first() else {
+    let env = &body.environment;
+    let Some(current) = deployed(store, &project.path, env, None, 1, |_| true)
+        .await?
+        .pop()
+    else {
         return Err(ApiError::Conflict(format!(
-            "{} of {} has never been deployed: nothing to roll back",
-            body.environment, project.path
+            "{env} of {} has never been deployed: nothing to roll back",
+            project.path
         )));
     };
-    let target = match &body.to {
-        Some(tag) => {
-            // A release this environment had is preferred: its artifact is the one that ran.
-            match history.iter().find(|d| d.tag() == tag) {
-                Some(d) => Deployed {
-                    job: d.job.clone(),
-                    artifact: d.artifact.clone(),
-                },
-                None => built(store, &project.path, tag).await?,
-            }
-        }
-        None => {
-            let previous = history.iter().find(|d| d.release() != current.release());
-            match previous {
-                Some(d) => Deployed {
-                    job: d.job.clone(),
-                    artifact: d.artifact.clone(),
-                },
-                None => {
-                    return Err(ApiError::Conflict(format!(
-                        "{} of {} has had no release before {}: nothing to roll back to",
-                        body.environment,
-                        project.path,
-                        current.release()
-                    )))
-                }
-            }
+    // The newest earlier release that is the one asked for (or, by default, any other than the
+    // current one); a tag this environment never ran is taken from its build.
+    let wanted = |d: &Deployed| match &body.to {
+        Some(tag) => d.tag() == tag,
+        None => d.release() != current.release(),
+    };
+    let earlier = deployed(store, &project.path, env, Some(current.job.id), 1, wanted)
+        .await?
+        .pop();
+    let target = match (earlier, &body.to) {
+        (Some(d), _) => d,
+        (None, Some(tag)) => built(store, &project.path, tag).await?,
+        (None, None) => {
+            return Err(ApiError::Conflict(format!(
+                "{env} of {} has had no release before {}: nothing to roll back to",
+                project.path,
+                current.release()
+            )))
         }
     };
     if target.release() == current.release() {
@@ -285,8 +283,15 @@ pub(super) async fn releases(State(state): State<ApiState>, RawQuery(q): RawQuer
     let before = params.get("cursor").map(super::parse_job_id).transpose()?;
     let project = project(&state, name)?;
     environment_known(project, environment)?;
-    let mut history =
-        deployed(state.store(), &project.path, environment, before, limit + 1).await?;
+    let mut history = deployed(
+        state.store(),
+        &project.path,
+        environment,
+        before,
+        limit + 1,
+        |_| true,
+    )
+    .await?;
     let more = history.len() > limit;
     history.truncate(limit);
     let items: Vec<Value> = history

@@ -371,6 +371,16 @@ pub struct Overrides {
     pub default_data_dir: Option<PathBuf>,
 }
 
+/// Whether a store setting without a scheme names an embedded store file: it must end in `.db`,
+/// `.sqlite` or `.sqlite3`, so that a mistyped server address (`localhost:6379`) is an error
+/// rather than a new file.
+pub fn is_store_file(text: &str) -> bool {
+    !text.contains("://")
+        && [".db", ".sqlite", ".sqlite3"]
+            .iter()
+            .any(|ext| text.len() > ext.len() && text.ends_with(ext))
+}
+
 /// A configuration that cannot be used, with the key and where its value came from.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -843,14 +853,14 @@ fn build(
     let cx = Ctx { file, origins, env };
 
     let store = match raw.store {
-        // A bare path names an embedded store's file.
-        Some(store) if !store.contains("://") && !store.trim().is_empty() => Some(store),
+        // A bare path names an embedded store's file (`*.db`, `*.sqlite`, `*.sqlite3`).
+        Some(store) if is_store_file(store.trim()) => Some(store),
         Some(store) => {
             let url = cx.url("store", &store, false)?;
             if !matches!(url.scheme(), "redis" | "rediss" | "sqlite") {
                 return Err(cx.err(
                     "store",
-                    format!("unsupported store {store:?}: expected redis://HOST:PORT/DB, sqlite://PATH or a file path (omit it for the embedded store in <data_dir>/ferry.db)"),
+                    format!("unsupported store {store:?}: expected redis://HOST:PORT/DB, rediss://…, sqlite://PATH or a *.db file path (omit it for the embedded store in <data_dir>/ferry.db)"),
                 ));
             }
             Some(store)

@@ -382,6 +382,7 @@ fn errors_name_the_key_and_the_source() {
         ("store = \"http://x:6379\"".into(), vec![], f(), "/etc/ferry.toml: store: unsupported store \"http://x:6379\""),
         ("store = \"redis://[::1\"".into(), vec![], f(), "/etc/ferry.toml: store: invalid url"),
         ("".into(), vec![], Overrides { store: Some("mysql://db/ferry".into()), ..f() }, "flag --store: unsupported store \"mysql://db/ferry\""),
+        ("".into(), vec![], Overrides { store: Some("localhost:6379".into()), ..f() }, "flag --store: unsupported store \"localhost:6379\""),
         // Host key policy: there is no way to ignore host keys.
         ("[agent]\nhost_key_policy = \"ignore\"".into(), vec![], f(), "/etc/ferry.toml: agent.host_key_policy: invalid host key policy \"ignore\": only \"strict\" and \"accept-new\" exist; host keys are never ignored"),
         ("".into(), vec![(env::AGENT_HOST_KEY_POLICY, "no")], f(), "environment FERRY_AGENT_HOST_KEY_POLICY: invalid host key policy \"no\""),
@@ -621,4 +622,16 @@ fn collect_env_refs(value: &toml::Value, out: &mut HashMap<String, String>) {
         toml::Value::Array(items) => items.iter().for_each(|v| collect_env_refs(v, out)),
         _ => {}
     }
+}
+
+#[test]
+fn a_store_without_a_scheme_must_name_a_database_file() {
+    for file in [".ferry/ferry.db", "ferry.db", "/var/lib/ferry/x.sqlite", "a.sqlite3"] {
+        assert!(is_store_file(file), "{file}");
+    }
+    for not_a_file in ["localhost:6379", ".db", "ferry", "redis://h/0.db", ""] {
+        assert!(!is_store_file(not_a_file), "{not_a_file}");
+    }
+    let c = ok("store = \"state/ferry.db\"", &[], &no_flags());
+    assert_eq!(c.store.as_deref(), Some("state/ferry.db"));
 }

@@ -85,44 +85,14 @@ struct Coordinator {
 
 impl Coordinator {
     async fn consume(&self) -> Result<(), Error> {
-        let me = self.opts.consumer.as_str();
-        // A restarted coordinator first finishes what it had been given.
-        loop {
-            match self.store.read_pending(GROUP, me, self.opts.batch).await {
-                Ok(batch) if batch.is_empty() => break,
-                Ok(batch) => self.handle_batch(batch).await,
-                Err(e) => backoff("read pending feed entries", &e).await,
-            }
-        }
-        let mut last_takeover = tokio::time::Instant::now();
-        loop {
-            if last_takeover.elapsed() >= self.opts.takeover_after / 2 {
-                last_takeover = tokio::time::Instant::now();
-                match self
-                    .store
-                    .claim_idle(GROUP, me, self.opts.takeover_after, self.opts.batch)
-                    .await
-                {
-                    Ok(batch) if !batch.is_empty() => {
-                        info!(
-                            entries = batch.len(),
-                            "took over feed entries of an idle coordinator"
-                        );
-                        self.handle_batch(batch).await
-                    }
-                    Ok(_) => {}
-                    Err(e) => backoff("take over idle feed entries", &e).await,
-                }
-            }
-            match self
-                .store
-                .read_new(GROUP, me, self.opts.batch, Duration::from_millis(500))
-                .await
-            {
-                Ok(batch) => self.handle_batch(batch).await,
-                Err(e) => backoff("read the feed", &e).await,
-            }
-        }
+        let consumer = crate::feed::Consumer {
+            group: GROUP,
+            name: &self.opts.consumer,
+            batch: self.opts.batch,
+            takeover_after: self.opts.takeover_after,
+        };
+        crate::feed::consume(&*self.store, consumer, |batch| self.handle_batch(batch)).await;
+        Ok(())
     }
 
     /// Handles a batch and acknowledges the entries handled. An entry whose handling failed
@@ -555,12 +525,7 @@ where
     loop {
         match f().await {
             Ok(()) => return,
-            Err(e) => backoff(what, &e).await,
+            Err(e) => crate::feed::backoff(what, &e).await,
         }
     }
-}
-
-async fn backoff(what: &str, e: &Error) {
-    warn!(error = %e, "could not {what}; retrying");
-    tokio::time::sleep(Duration::from_millis(500)).await;
 }

@@ -121,7 +121,7 @@ pub async fn run(
             _ = &mut shutdown => return Ok(()),
             r = reporter.store.ensure_group(GROUP) => match r {
                 Ok(()) => break,
-                Err(e) => store_backoff("create the gitlab-status consumer group", &e).await,
+                Err(e) => crate::feed::backoff("create the gitlab-status consumer group", &e).await,
             },
         }
     }
@@ -334,43 +334,13 @@ struct Reporter {
 
 impl Reporter {
     async fn consume(&self) {
-        let me = self.opts.consumer.as_str();
-        loop {
-            match self.store.read_pending(GROUP, me, self.opts.batch).await {
-                Ok(batch) if batch.is_empty() => break,
-                Ok(batch) => self.handle_batch(batch).await,
-                Err(e) => store_backoff("read pending feed entries", &e).await,
-            }
-        }
-        let mut last_takeover = tokio::time::Instant::now();
-        loop {
-            if last_takeover.elapsed() >= self.opts.takeover_after / 2 {
-                last_takeover = tokio::time::Instant::now();
-                match self
-                    .store
-                    .claim_idle(GROUP, me, self.opts.takeover_after, self.opts.batch)
-                    .await
-                {
-                    Ok(batch) if !batch.is_empty() => {
-                        info!(
-                            entries = batch.len(),
-                            "took over feed entries of an idle reporter"
-                        );
-                        self.handle_batch(batch).await
-                    }
-                    Ok(_) => {}
-                    Err(e) => store_backoff("take over idle feed entries", &e).await,
-                }
-            }
-            match self
-                .store
-                .read_new(GROUP, me, self.opts.batch, Duration::from_millis(500))
-                .await
-            {
-                Ok(batch) => self.handle_batch(batch).await,
-                Err(e) => store_backoff("read the feed", &e).await,
-            }
-        }
+        let consumer = crate::feed::Consumer {
+            group: GROUP,
+            name: &self.opts.consumer,
+            batch: self.opts.batch,
+            takeover_after: self.opts.takeover_after,
+        };
+        crate::feed::consume(&*self.store, consumer, |batch| self.handle_batch(batch)).await
     }
 
     /// Handles a batch: entries of one job in order, jobs concurrently (at most `concurrency`
@@ -662,11 +632,6 @@ async fn reconcile_duty(store: Arc<dyn Store>, client: Client, holder: String, r
             }
         }
     }
-}
-
-async fn store_backoff(what: &str, e: &Error) {
-    warn!(error = %e, "could not {what}; retrying");
-    tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
 #[cfg(test)]

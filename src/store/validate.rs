@@ -2,7 +2,7 @@
 //! accepts is part of its contract and not an accident of one backend's encoding (the
 //! conformance case `bad_names_are_rejected` holds every backend to the same rules).
 
-use super::{Error, Result};
+use super::{Append, Error, Result};
 use std::time::Duration;
 
 /// Pool, step and lock names become parts of Redis keys and of `|`-separated values: they must
@@ -47,6 +47,30 @@ pub(crate) fn positive_ms(what: &str, d: Duration) -> Result<u64> {
         0 => Err(Error::Invalid(format!("{what} must be at least 1 ms"))),
         n => Ok(n),
     }
+}
+
+/// The checks on an append: events to write, a fence only on a job stream and with a valid step
+/// name, non-empty dedupe keys with a window. Returns the window in ms (0 without dedupe keys).
+pub(crate) fn check_append(a: &Append) -> Result<u64> {
+    let name = a.stream.name();
+    if a.events.is_empty() {
+        return Err(Error::Invalid(format!("append to {name} has no events")));
+    }
+    if let Some(f) = &a.fence {
+        if a.stream.job().is_none() {
+            return Err(Error::Invalid(format!(
+                "fenced append to {name}: only job streams have leases"
+            )));
+        }
+        check_name("step", f.step.as_str())?;
+    }
+    if a.dedupe.is_empty() {
+        return Ok(0);
+    }
+    a.dedupe
+        .iter()
+        .try_for_each(|d| check_nonempty("dedupe key", d))?;
+    positive_ms("dedupe window", a.dedupe_window)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The build step executor against real git repositories (made here with the `git` CLI), served
 //! over `file://` and by a `git daemon` started on a free port.
 
+use crate::harness::git;
 use ferry::build::{self, ArtifactStore, BuildEnv, BuildJob, Error, LogLine, Stream};
 use ferry_proto::{BuildSpec, JobId};
 use sha2::{Digest, Sha256};
@@ -13,31 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Runs git in `dir` with a fixed identity and no user or system config; returns stdout.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=ferry",
-            "-c",
-            "user.email=ferry@test",
-            "-c",
-            "tag.gpgSign=false",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .output()
-        .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 /// A repository with two commits: `v1.0.0` is a lightweight tag on the first, `v2.0.0` an
 /// annotated tag on the second.

@@ -4,7 +4,7 @@
 //! frozen with SIGSTOP in the middle of a build.
 
 use crate::cli::Proc;
-use crate::harness::{self, wait_for, wait_until, DEADLINE};
+use crate::harness::{self, git, wait_for, wait_until, DEADLINE};
 use ferry::domain::{JobPhase, JobState};
 use ferry::store::redis::RedisStore;
 use ferry::store::{Store, StreamId};
@@ -25,21 +25,6 @@ struct World {
     listen: String,
     store: Arc<dyn Store>,
     sha: String,
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn free_port() -> u16 {
@@ -147,21 +132,7 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
 
     /// Delivers a GitLab tag-push webhook for v1.0.0 and returns the job it created.
     async fn push_tag(&self) -> JobId {
-        let mut body: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("tests/fixtures/gitlab/tag_push_create.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        body["project_id"] = 77.into();
-        body["project"]["id"] = 77.into();
-        body["project"]["path_with_namespace"] = "group/app".into();
-        body["ref"] = "refs/tags/v1.0.0".into();
-        body["before"] = "0".repeat(40).into();
-        body["after"] = self.sha.clone().into();
-        body["checkout_sha"] = self.sha.clone().into();
+        let body = harness::tag_push(77, "group/app", "v1.0.0", &self.sha);
         let http = reqwest::Client::new();
         let url = format!("http://{}/hooks/gitlab", self.listen);
         let status = wait_for(DEADLINE, "the gateway to accept the webhook", || async {

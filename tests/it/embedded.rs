@@ -3,7 +3,7 @@
 //! start.
 
 use crate::cli::Proc;
-use crate::harness::{wait_for, wait_until, DEADLINE};
+use crate::harness::{git, wait_for, wait_until, DEADLINE};
 use ferry::domain::{JobPhase, JobState};
 use ferry::store::sqlite::SqliteStore;
 use ferry::store::{EventLog, StreamId};
@@ -159,17 +159,6 @@ async fn demo_keep_leaves_the_gateway_running_for_your_own_webhooks() {
     })
     .await;
     assert!(status.success(), "{status:?}");
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// `ferry up` with no store configured runs on `<data_dir>/ferry.db` (`./.ferry` by default).

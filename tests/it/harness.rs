@@ -195,3 +195,45 @@ async fn sqlite_fixture_with(
     let store = opener().await;
     Fixture::new(store, opener)
 }
+
+/// Runs git in `dir` with a fixed identity and no user or system config; returns stdout.
+pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=ferry",
+            "-c",
+            "user.email=ferry@test",
+            "-c",
+            "tag.gpgSign=false",
+            "-c",
+            "commit.gpgSign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// GitLab's Tag Push webhook body (the fixture) for creating `tag` at commit `sha` in project
+/// `id` / `path`.
+pub fn tag_push(id: u64, path: &str, tag: &str, sha: &str) -> serde_json::Value {
+    let mut body: serde_json::Value =
+        serde_json::from_str(include_str!("../fixtures/gitlab/tag_push_create.json")).unwrap();
+    body["project_id"] = id.into();
+    body["project"]["id"] = id.into();
+    body["project"]["path_with_namespace"] = path.into();
+    body["ref"] = format!("refs/tags/{tag}").into();
+    body["before"] = "0".repeat(40).into();
+    body["after"] = sha.into();
+    body["checkout_sha"] = sha.into();
+    body
+}

@@ -3,14 +3,14 @@
 //! back and forth. A rollback to a release still on the host switches it without uploading.
 
 use crate::cli::Proc;
-use crate::harness::{self, wait_for, wait_until, DEADLINE};
+use crate::harness::{self, git, wait_for, wait_until, DEADLINE};
 use ferry::domain::{JobPhase, JobState};
 use ferry::store::redis::RedisStore;
 use ferry::store::{Store, StreamId};
 use ferry_proto::{Event, JobId};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
@@ -26,21 +26,6 @@ struct World {
     store: Arc<dyn Store>,
     /// tag → commit
     tags: Vec<(String, String)>,
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 impl World {
@@ -152,21 +137,7 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
     /// Delivers a tag-push webhook for `tag` and returns the job it created.
     async fn push_tag(&self, tag: &str) -> JobId {
         let before: BTreeSet<JobId> = self.jobs().await.into_iter().collect();
-        let mut body: Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("tests/fixtures/gitlab/tag_push_create.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        body["project_id"] = 78.into();
-        body["project"]["id"] = 78.into();
-        body["project"]["path_with_namespace"] = "group/app".into();
-        body["ref"] = format!("refs/tags/{tag}").into();
-        body["before"] = "0".repeat(40).into();
-        body["after"] = self.sha(tag).into();
-        body["checkout_sha"] = self.sha(tag).into();
+        let body = harness::tag_push(78, "group/app", tag, self.sha(tag));
         let http = reqwest::Client::new();
         let url = format!("http://{}/hooks/gitlab", self.listen);
         let status = wait_for(DEADLINE, "the gateway to accept the webhook", || async {

@@ -3,7 +3,7 @@
 //! names, so each host's files can be checked on their own.
 
 use crate::cli::Proc;
-use crate::harness::{self, wait_for, wait_until, DEADLINE};
+use crate::harness::{self, git, wait_for, wait_until, DEADLINE};
 use crate::sshd::{client_key, Fleet, RefusedPort};
 use async_trait::async_trait;
 use ferry::agent::{self, ArtifactFetch, Runner};
@@ -809,21 +809,6 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 const HOOK_TOKEN: &str = "fleet-hook-token";
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// A repository whose build writes `dist/app.sh` printing the tag, a configuration deploying it
 /// to a fleet, and the store the processes share.
 struct World {
@@ -970,21 +955,7 @@ max_parallel = {max_parallel}
 
     /// Delivers a GitLab tag-push webhook for `tag` at `sha` (202 expected).
     async fn push_tag(&self, tag: &str, sha: &str) {
-        let mut body: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("tests/fixtures/gitlab/tag_push_create.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        body["project_id"] = 78.into();
-        body["project"]["id"] = 78.into();
-        body["project"]["path_with_namespace"] = "group/app".into();
-        body["ref"] = format!("refs/tags/{tag}").into();
-        body["before"] = "0".repeat(40).into();
-        body["after"] = sha.into();
-        body["checkout_sha"] = sha.into();
+        let body = harness::tag_push(78, "group/app", tag, sha);
         let http = reqwest::Client::new();
         let url = format!("http://{}/hooks/gitlab", self.listen);
         let key = format!(

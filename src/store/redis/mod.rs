@@ -21,7 +21,9 @@ mod scripts;
 
 pub use scripts::queue_score_probe;
 
-use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positive_ms};
+use crate::store::validate::{
+    check_append, check_name, check_nonempty, check_pools, ms, positive_ms,
+};
 use crate::store::{
     effects_of, Agents, Append, Appended, Claim, Effect, Error, EventLog, Expected, Feed, Fence,
     LeaderLock, Lease, Leases, LogPos, Logs, Queued, Result, Snapshots, Stored, StreamId, Version,
@@ -211,27 +213,9 @@ fn from_value<T: FromRedisValue>(what: &str, v: Value) -> Result<T> {
 impl EventLog for RedisStore {
     async fn append(&self, a: Append) -> Result<Appended> {
         let k = self.keys();
+        let window = check_append(&a)?;
         let name = a.stream.name();
-        if a.events.is_empty() {
-            return Err(Error::Invalid(format!("append to {name} has no events")));
-        }
         let job = a.stream.job().map(|j| j.to_string()).unwrap_or_default();
-        if let Some(f) = &a.fence {
-            if job.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "fenced append to {name}: only job streams have leases"
-                )));
-            }
-            check_name("step", f.step.as_str())?;
-        }
-        let window = if a.dedupe.is_empty() {
-            0
-        } else {
-            a.dedupe
-                .iter()
-                .try_for_each(|d| check_nonempty("dedupe key", d))?;
-            positive_ms("dedupe window", a.dedupe_window)?
-        };
         let expected: i64 = match a.expected {
             Expected::Any => -1,
             Expected::Exactly(v) => i64::try_from(v)

@@ -56,7 +56,9 @@ mod signal;
 
 pub use schema::{APPLICATION_ID, BUSY_TIMEOUT, SCHEMA_VERSION};
 
-use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positive_ms};
+use crate::store::validate::{
+    check_append, check_name, check_nonempty, check_pools, ms, positive_ms,
+};
 use crate::store::{
     effects_of, now_ms, Agents, Append, Appended, Claim, Effect, Error, EventLog, Expected, Feed,
     Fence, LeaderLock, Lease, Leases, LogPos, Logs, Queued, Result, Snapshots, Stored, StreamId,
@@ -499,27 +501,9 @@ fn plan(event: &Event, name: &str, job: Option<&str>) -> Result<Planned> {
 #[async_trait]
 impl EventLog for SqliteStore {
     async fn append(&self, a: Append) -> Result<Appended> {
+        let window = check_append(&a)?;
         let name = a.stream.name();
-        if a.events.is_empty() {
-            return Err(Error::Invalid(format!("append to {name} has no events")));
-        }
         let job = a.stream.job().map(|j| j.to_string());
-        if let Some(f) = &a.fence {
-            if job.is_none() {
-                return Err(Error::Invalid(format!(
-                    "fenced append to {name}: only job streams have leases"
-                )));
-            }
-            check_name("step", f.step.as_str())?;
-        }
-        let window = if a.dedupe.is_empty() {
-            0
-        } else {
-            a.dedupe
-                .iter()
-                .try_for_each(|d| check_nonempty("dedupe key", d))?;
-            positive_ms("dedupe window", a.dedupe_window)?
-        };
         let mut events = Vec::with_capacity(a.events.len());
         for event in &a.events {
             let planned = plan(event, &name, job.as_deref())?;

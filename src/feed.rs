@@ -1,0 +1,71 @@
+//! The feed consumer loop that coordinators and GitLab reporters share: a consumer of a group
+//! first finishes its own pending entries (a restarted process picks up where it stopped), then
+//! reads new entries, and now and then takes over the entries another consumer of the group has
+//! held too long (a dead process's work). Store errors are logged and retried; the loop never
+//! ends by itself.
+
+use crate::store::{Error, Store, Stored};
+use std::future::Future;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How one consumer reads its group.
+#[derive(Clone, Debug)]
+pub struct Consumer<'a> {
+    pub group: &'a str,
+    pub name: &'a str,
+    /// Entries read per round trip.
+    pub batch: usize,
+    /// An entry pending this long with another consumer is taken over (checked every half of it).
+    pub takeover_after: Duration,
+}
+
+/// How long `read_new` waits for entries.
+const BLOCK: Duration = Duration::from_millis(500);
+
+/// Feeds every batch to `handle` until the future is dropped. `handle` acknowledges what it
+/// handled; what it leaves pending comes back (after a restart, or to another consumer).
+pub async fn consume<F, Fut>(store: &dyn Store, c: Consumer<'_>, mut handle: F)
+where
+    F: FnMut(Vec<Stored>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    loop {
+        match store.read_pending(c.group, c.name, c.batch).await {
+            Ok(batch) if batch.is_empty() => break,
+            Ok(batch) => handle(batch).await,
+            Err(e) => backoff("read pending feed entries", &e).await,
+        }
+    }
+    let mut last_takeover = tokio::time::Instant::now();
+    loop {
+        if last_takeover.elapsed() >= c.takeover_after / 2 {
+            last_takeover = tokio::time::Instant::now();
+            match store
+                .claim_idle(c.group, c.name, c.takeover_after, c.batch)
+                .await
+            {
+                Ok(batch) if !batch.is_empty() => {
+                    info!(
+                        group = c.group,
+                        entries = batch.len(),
+                        "took over feed entries of an idle consumer"
+                    );
+                    handle(batch).await
+                }
+                Ok(_) => {}
+                Err(e) => backoff("take over idle feed entries", &e).await,
+            }
+        }
+        match store.read_new(c.group, c.name, c.batch, BLOCK).await {
+            Ok(batch) => handle(batch).await,
+            Err(e) => backoff("read the feed", &e).await,
+        }
+    }
+}
+
+/// Logs a store error and waits before the caller tries again.
+pub async fn backoff(what: &str, e: &Error) {
+    warn!(error = %e, "could not {what}; retrying");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
