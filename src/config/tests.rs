@@ -626,7 +626,12 @@ fn collect_env_refs(value: &toml::Value, out: &mut HashMap<String, String>) {
 
 #[test]
 fn a_store_without_a_scheme_must_name_a_database_file() {
-    for file in [".ferry/ferry.db", "ferry.db", "/var/lib/ferry/x.sqlite", "a.sqlite3"] {
+    for file in [
+        ".ferry/ferry.db",
+        "ferry.db",
+        "/var/lib/ferry/x.sqlite",
+        "a.sqlite3",
+    ] {
         assert!(is_store_file(file), "{file}");
     }
     for not_a_file in ["localhost:6379", ".db", "ferry", "redis://h/0.db", ""] {
