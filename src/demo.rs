@@ -366,6 +366,9 @@ async fn follow(store: &dyn Store, job: JobId) -> anyhow::Result<JobState> {
     let style = ProgressStyle::with_template("{spinner:.cyan} {prefix:<16} {msg}")
         .expect("a valid template")
         .tick_strings(&["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏", "✔"]);
+    let failed = ProgressStyle::with_template("{spinner:.red} {prefix:<16} {msg}")
+        .expect("a valid template")
+        .tick_strings(&["✘", "✘"]);
     let mut bars: BTreeMap<String, (ProgressBar, String)> = BTreeMap::new();
     let mut after: Option<LogPos> = None;
     let deadline = Instant::now() + DEADLINE;
@@ -385,7 +388,15 @@ async fn follow(store: &dyn Store, job: JobId) -> anyhow::Result<JobState> {
                 if !terminal {
                     println!("  {name:<16} {text}");
                 }
-                bar.set_message(text.clone());
+                // A step that ended stops spinning and shows its mark: ✔ or ✘.
+                match step.status {
+                    StepStatus::Succeeded { .. } => bar.finish_with_message(text.clone()),
+                    StepStatus::Failed { .. } => {
+                        bar.set_style(failed.clone());
+                        bar.finish_with_message(text.clone());
+                    }
+                    _ => bar.set_message(text.clone()),
+                }
                 *last = text;
             }
         }
