@@ -68,14 +68,13 @@ pub async fn run(
         coordinator.opts.consumer.clone(),
         coordinator.opts.sweep_interval,
     ));
-    tokio::pin!(shutdown);
-    let result = tokio::select! {
-        _ = &mut shutdown => Ok(()),
-        r = coordinator.consume() => r,
-    };
+    tokio::select! {
+        _ = shutdown => {}
+        _ = coordinator.consume() => {}
+    }
     duty.abort();
     info!(consumer = %coordinator.opts.consumer, "coordinator stopped");
-    result
+    Ok(())
 }
 
 struct Coordinator {
@@ -84,15 +83,15 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    async fn consume(&self) -> Result<(), Error> {
+    /// Handles the feed until the future is dropped.
+    async fn consume(&self) {
         let consumer = crate::feed::Consumer {
             group: GROUP,
             name: &self.opts.consumer,
             batch: self.opts.batch,
             takeover_after: self.opts.takeover_after,
         };
-        crate::feed::consume(&*self.store, consumer, |batch| self.handle_batch(batch)).await;
-        Ok(())
+        crate::feed::consume(&*self.store, consumer, |batch| self.handle_batch(batch)).await
     }
 
     /// Handles a batch and acknowledges the entries handled. An entry whose handling failed
