@@ -43,7 +43,7 @@ fn main() {
         .build()
         .expect("gateway runtime");
     let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .thread_name("load")
         .enable_all()
         .build()
@@ -80,10 +80,9 @@ fn main() {
             }));
             (addr, stop)
         });
-        let endpoint = format!("http://{addr}/hooks/gitlab");
 
         // Warm-up (script load, connections, allocator), not measured.
-        client_rt.block_on(load(&endpoint, &bodies[n..], k, usize::MAX));
+        client_rt.block_on(load(addr, &bodies[n..], k, usize::MAX));
         let before = server.info();
         let cpu0 = support::process_cpu();
         let (gw0, load0) = (
@@ -91,7 +90,7 @@ fn main() {
             support::threads_cpu("load"),
         );
         let t0 = Instant::now();
-        let outcome = client_rt.block_on(load(&endpoint, &bodies[..n], k, 10));
+        let outcome = client_rt.block_on(load(addr, &bodies[..n], k, 10));
         let elapsed = t0.elapsed().as_secs_f64();
         let cpu = support::process_cpu() - cpu0;
         let gw = support::threads_cpu("gateway") - gw0;
@@ -214,19 +213,24 @@ struct Outcome {
 /// Sends `bodies` over `k` connections (connection `c` sends bodies `c, c+k, ...`, one request
 /// at a time); every `dup_every`-th request of a connection re-sends its request of 5 earlier.
 /// Bounded: gives up after 120 s.
-async fn load(endpoint: &str, bodies: &[String], k: usize, dup_every: usize) -> Outcome {
+///
+/// The client is a minimal HTTP/1.1 writer and reader over a keep-alive `TcpStream` (one write
+/// per request, responses read by `Content-Length`), so that the load generator's own CPU, which
+/// shares the two cores with the gateway and Redis, stays small: a general HTTP client cost
+/// about as much CPU per request as the gateway itself.
+async fn load(
+    addr: std::net::SocketAddr,
+    bodies: &[String],
+    k: usize,
+    dup_every: usize,
+) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(120);
     let bodies: Arc<Vec<String>> = Arc::new(bodies.to_vec());
     let mut tasks = Vec::new();
     for c in 0..k {
         let bodies = bodies.clone();
-        let endpoint = endpoint.to_string();
         tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .timeout(Duration::from_secs(10))
-                .build()
-                .expect("http client");
+            let mut conn = Conn::open(addr).await;
             let mut sent: Vec<(usize, String)> = Vec::new();
             let mut out = Outcome::default();
             let mut own = (c..bodies.len()).step_by(k);
@@ -244,19 +248,7 @@ async fn load(endpoint: &str, bodies: &[String], k: usize, dup_every: usize) -> 
                     (i, uuid::Uuid::new_v4().to_string())
                 };
                 let t = Instant::now();
-                let response = client
-                    .post(&endpoint)
-                    .header("content-type", "application/json")
-                    .header("x-gitlab-event", "Tag Push Hook")
-                    .header("x-gitlab-token", TOKEN)
-                    .header("idempotency-key", &key)
-                    .body(bodies[i].clone())
-                    .send()
-                    .await;
-                let (status, text) = match response {
-                    Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-                    Err(_) => (0, String::new()),
-                };
+                let (status, text) = conn.post(&addr, &key, &bodies[i]).await;
                 out.latencies.push(t.elapsed());
                 match status {
                     202 => out.accepted += 1,
@@ -282,6 +274,75 @@ async fn load(endpoint: &str, bodies: &[String], k: usize, dup_every: usize) -> 
         total.latencies.extend(o.latencies);
     }
     total
+}
+
+/// One keep-alive HTTP/1.1 connection to the gateway.
+struct Conn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    request: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: std::net::SocketAddr) -> Conn {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Conn {
+            stream,
+            buf: Vec::with_capacity(4096),
+            request: Vec::with_capacity(4096),
+        }
+    }
+
+    /// POSTs `body` to /hooks/gitlab and returns the status and the response body.
+    async fn post(&mut self, addr: &std::net::SocketAddr, key: &str, body: &str) -> (u16, String) {
+        use std::io::Write;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.request.clear();
+        write!(
+            self.request,
+            "POST /hooks/gitlab HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+             x-gitlab-event: Tag Push Hook\r\nx-gitlab-token: {TOKEN}\r\n\
+             idempotency-key: {key}\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .expect("format");
+        self.request.extend_from_slice(body.as_bytes());
+        if self.stream.write_all(&self.request).await.is_err() {
+            return (0, String::new());
+        }
+        // Read until the head is complete, then until the body is.
+        self.buf.clear();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(head_end) = find(&self.buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..head_end]).to_ascii_lowercase();
+                let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0u16);
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let total = head_end + 4 + length;
+                while self.buf.len() < total {
+                    match self.stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return (0, String::new()),
+                        Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&self.buf[head_end + 4..total]).into_owned();
+                return (status, text);
+            }
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return (0, String::new()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Bytes of the fields of one entry of the `webhooks` stream.

@@ -58,6 +58,9 @@ impl std::fmt::Debug for Runner {
     }
 }
 
+/// Steps claimed in one call, at most.
+const MAX_CLAIM: usize = 32;
+
 /// Runs an agent until `shutdown` resolves; then takes no new work and waits for running steps.
 pub async fn run(
     store: Arc<dyn Store>,
@@ -84,26 +87,36 @@ pub async fn run(
     let (hand_back, hand_back_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
+        let first = tokio::select! {
             _ = &mut shutdown => break,
             p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
-        let claim = tokio::select! {
-            _ = &mut shutdown => break,
-            c = store.claim(&opts.pools, &opts.name, opts.lease_ttl) => c,
-        };
-        match claim {
-            Ok(Some(claim)) => {
-                let store = store.clone();
-                let opts = opts.clone();
-                let hand_back = hand_back_rx.clone();
-                tokio::spawn(async move {
-                    run_step(store, opts, claim, hand_back).await;
-                    drop(permit);
-                });
+        // One claim call for every free slot: under load, steps are taken in batches.
+        let mut permits = vec![first];
+        while permits.len() < MAX_CLAIM {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
             }
-            Ok(None) => {
-                drop(permit);
+        }
+        let claims = tokio::select! {
+            _ = &mut shutdown => break,
+            c = store.claim_many(&opts.pools, &opts.name, opts.lease_ttl, permits.len()) => c,
+        };
+        match claims {
+            Ok(claims) if !claims.is_empty() => {
+                for (claim, permit) in claims.into_iter().zip(permits.drain(..)) {
+                    let store = store.clone();
+                    let opts = opts.clone();
+                    let hand_back = hand_back_rx.clone();
+                    tokio::spawn(async move {
+                        run_step(store, opts, claim, hand_back).await;
+                        drop(permit);
+                    });
+                }
+            }
+            Ok(_) => {
+                drop(permits);
                 tokio::select! {
                     _ = &mut shutdown => break,
                     r = store.wait_for_work(&opts.pools, Duration::from_secs(1)) => {
@@ -115,7 +128,7 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                drop(permit);
+                drop(permits);
                 warn!(error = %e, "claiming work failed");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -192,7 +205,7 @@ async fn run_step(
 async fn execute(store: &Arc<dyn Store>, opts: &Options, claim: &Claim) -> Result<(), Error> {
     let stream = StreamId::Job(claim.job);
     let mut job = JobState::new(claim.job);
-    for stored in store.read_stream(&stream, 0).await? {
+    for stored in &claim.history {
         job.evolve(&stored.decode()?, stored.envelope.at_ms);
     }
     let spec = job

@@ -103,10 +103,12 @@ macro_rules! store_conformance {
             append_and_read_in_order,
             expected_version_conflicts,
             racing_appends_have_one_winner,
+            concurrent_appends_each_get_their_own_answer,
             fenced_append_needs_the_live_token,
             expired_lease_fences_out_the_old_holder,
             dedupe_returns_the_original_and_writes_nothing,
             claim_orders_by_priority_then_fifo_across_pools,
+            claim_many_takes_the_best_in_order,
             concurrent_claimers_take_each_step_once,
             step_claimed_event_decodes,
             renew_and_release_need_the_holder,
@@ -333,6 +335,114 @@ pub async fn racing_appends_have_one_winner(fx: &Fixture) {
     assert_eq!(fx.read_stream(&js, 0).await.unwrap().len() as u64, ROUNDS);
 }
 
+/// Many appends in flight at once on one handle (a backend may send them together): each gets
+/// the answer it would get alone, and a refused one writes nothing.
+pub async fn concurrent_appends_each_get_their_own_answer(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    enqueue(s, job, "build", "linux", 0).await;
+    let c = s
+        .claim(&pools(&["linux"]), &"agent-1".into(), LONG)
+        .await
+        .unwrap()
+        .expect("a claim");
+    let leased = StreamId::Job(job);
+    let contested = StreamId::Job(JobId::new());
+    let log_before = s.read_log(None, 10_000).await.unwrap().len();
+
+    #[derive(Debug)]
+    enum Kind {
+        Fresh,
+        Contested,
+        Deduped,
+        Fenced,
+        WrongToken,
+    }
+    let mut calls = Vec::new();
+    for i in 0..120u32 {
+        let (kind, append) = match i % 5 {
+            0 => (
+                Kind::Fresh,
+                Append::new(
+                    StreamId::Job(JobId::new()),
+                    vec![started("a"), started("b")],
+                ),
+            ),
+            1 => (
+                Kind::Contested,
+                Append::new(contested.clone(), vec![started(&format!("c{i}"))]).expect(0),
+            ),
+            2 => (
+                Kind::Deduped,
+                Append::new(StreamId::Webhooks, vec![webhook(i)])
+                    .dedupe(pool_keys(&["same-delivery"]), LONG),
+            ),
+            3 => (
+                Kind::Fenced,
+                Append::new(leased.clone(), vec![started("build")]).fenced(c.step.clone(), c.token),
+            ),
+            _ => (
+                Kind::WrongToken,
+                Append::new(leased.clone(), vec![started("build")])
+                    .fenced(c.step.clone(), FencingToken(c.token.0 + 1)),
+            ),
+        };
+        calls.push(async move { (kind, s.append(append).await) });
+    }
+    let answers = futures_util::future::join_all(calls).await;
+
+    let (mut written, mut contested_wins, mut deduped_wins) = (0, 0, 0);
+    let mut originals = HashSet::new();
+    let mut dedupe_written = None;
+    for (kind, answer) in answers {
+        match (&kind, answer) {
+            (Kind::Fresh, Ok(Appended::Written { version, positions })) => {
+                assert_eq!((version, positions.len()), (2, 2));
+                written += 2;
+            }
+            (Kind::Contested, Ok(Appended::Written { version, .. })) => {
+                assert_eq!(version, 1);
+                contested_wins += 1;
+                written += 1;
+            }
+            (
+                Kind::Contested,
+                Err(Error::Conflict {
+                    expected, actual, ..
+                }),
+            ) => {
+                assert_eq!((expected, actual), (0, 1));
+            }
+            (Kind::Deduped, Ok(Appended::Written { positions, .. })) => {
+                deduped_wins += 1;
+                dedupe_written = Some(positions[0].clone());
+                written += 1;
+            }
+            (Kind::Deduped, Ok(Appended::Duplicate { original })) => {
+                originals.insert(original);
+            }
+            (Kind::Fenced, Ok(Appended::Written { .. })) => written += 1,
+            (Kind::WrongToken, Err(Error::Stale { token, .. })) => {
+                assert_eq!(token, FencingToken(c.token.0 + 1));
+            }
+            (kind, other) => panic!("{kind:?}: unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!((contested_wins, deduped_wins), (1, 1));
+    let first = dedupe_written.expect("one deduped append was written");
+    assert!(
+        originals.iter().all(|o| *o == first),
+        "every duplicate names the one written: {originals:?} vs {first}"
+    );
+    let log_after = s.read_log(None, 10_000).await.unwrap().len();
+    assert_eq!(
+        log_after - log_before,
+        written,
+        "refused appends wrote nothing"
+    );
+    assert_eq!(s.read_stream(&contested, 0).await.unwrap().len(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // leases and fencing
 
@@ -520,6 +630,55 @@ pub async fn claim_orders_by_priority_then_fifo_across_pools(fx: &Fixture) {
     assert!(s.queued().await.unwrap().is_empty());
 }
 
+/// `claim_many` takes what successive `claim`s would, in the same order, each with its own
+/// lease, token and `StepClaimed`, and each claim carries its own job's stream.
+pub async fn claim_many_takes_the_best_in_order(fx: &Fixture) {
+    let s = &**fx;
+    let jobs: Vec<JobId> = (0..5).map(|_| JobId::new()).collect();
+    for (i, (job, prio)) in jobs.iter().zip([0, 5, 0, 9, -1]).enumerate() {
+        let pool = if i % 2 == 0 { "a" } else { "b" };
+        enqueue(s, *job, "build", pool, prio).await;
+        next_ms().await;
+    }
+    let both = pools(&["a", "b"]);
+    assert!(s
+        .claim_many(&both, &"agent".into(), LONG, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    let first = s.claim_many(&both, &"agent".into(), LONG, 3).await.unwrap();
+    let order: Vec<JobId> = first.iter().map(|c| c.job).collect();
+    assert_eq!(order, vec![jobs[3], jobs[1], jobs[0]], "priority, then age");
+    let rest = s
+        .claim_many(&both, &"agent".into(), LONG, 10)
+        .await
+        .unwrap();
+    let order: Vec<JobId> = rest.iter().map(|c| c.job).collect();
+    assert_eq!(order, vec![jobs[2], jobs[4]]);
+    assert!(s
+        .claim_many(&both, &"agent".into(), LONG, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    let all: Vec<&super::Claim> = first.iter().chain(&rest).collect();
+    for pair in all.windows(2) {
+        assert!(
+            pair[0].token < pair[1].token,
+            "every claim has its own, newer token"
+        );
+    }
+    for c in &all {
+        let stream = s.read_stream(&StreamId::Job(c.job), 0).await.unwrap();
+        assert_eq!(c.history, stream, "each claim carries its own job's stream");
+        match stream.last().unwrap().decode().unwrap() {
+            Event::StepClaimed(x) => assert_eq!(x.token, c.token),
+            other => panic!("expected StepClaimed, got {other:?}"),
+        }
+    }
+    assert_eq!(s.leases().await.unwrap().len(), 5);
+}
+
 pub async fn concurrent_claimers_take_each_step_once(fx: &Fixture) {
     let s = &**fx;
     const JOBS: usize = 4;
@@ -598,6 +757,7 @@ pub async fn step_claimed_event_decodes(fx: &Fixture) {
     );
     let log = s.read_log(None, 10).await.unwrap();
     assert_eq!(log.last().unwrap(), e, "the log holds the same entry");
+    assert_eq!(c.history, stored, "the claim carries the job's stream");
     let leases = s.leases().await.unwrap();
     assert_eq!(leases.len(), 1);
     assert_eq!(

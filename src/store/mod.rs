@@ -206,6 +206,9 @@ pub struct Claim {
     pub token: FencingToken,
     /// Store-clock ms at which the lease runs out unless renewed.
     pub deadline_ms: u64,
+    /// The job's stream as of the claim, its `StepClaimed` last: what `read_stream(job, 0)`
+    /// would return, read in the same atomic operation (the agent finds the plan here).
+    pub history: Vec<Stored>,
 }
 
 /// A step waiting in a queue.
@@ -321,21 +324,31 @@ pub trait Feed: Send + Sync {
 /// (older first); a delayed set ordered by due time. Steps enter them only through the effects of
 /// appended events.
 ///
-/// - `claim` atomically pops the best ready step over `pools`, grants `agent` a lease of `ttl`
-///   with a fresh fencing token, and appends `StepClaimed` to the job's stream. Each queued step
-///   is claimed at most once.
+/// - `claim_many` atomically pops up to `max` of the best ready steps over `pools`, best first,
+///   grants `agent` a lease of `ttl` on each with a fresh fencing token, and appends
+///   `StepClaimed` to each job's stream. Each queued step is claimed at most once. An error
+///   means nothing was claimed. `claim` is `claim_many` with `max` = 1.
 /// - `promote_due` moves delayed steps whose due time passed (store clock) to their ready queue,
 ///   appending `StepQueued` for each.
 /// - `wait_for_work` returns when work may have arrived for one of `pools`, or after `timeout`.
 ///   It may return early without work; it never busy-polls the store.
 #[async_trait]
 pub trait WorkQueue: Send + Sync {
+    async fn claim_many(
+        &self,
+        pools: &[String],
+        agent: &AgentId,
+        ttl: Duration,
+        max: usize,
+    ) -> Result<Vec<Claim>>;
     async fn claim(
         &self,
         pools: &[String],
         agent: &AgentId,
         ttl: Duration,
-    ) -> Result<Option<Claim>>;
+    ) -> Result<Option<Claim>> {
+        Ok(self.claim_many(pools, agent, ttl, 1).await?.pop())
+    }
     async fn promote_due(&self, max: usize) -> Result<usize>;
     async fn wait_for_work(&self, pools: &[String], timeout: Duration) -> Result<()>;
     /// Everything waiting, ready and delayed, in no particular order.

@@ -1,106 +1,133 @@
--- ferry append: atomic append of events to a stream and the global log, with dedupe, expected
--- version and fencing checks, applying the live-structure effects of each event.
+-- ferry append: M independent appends in one call (group commit). Each append is atomic on its
+-- own: its checks run before any of its writes, and a refused append writes nothing. Appends
+-- apply in order, so a later one sees an earlier one's writes (two appends to one stream at the
+-- same expected version: the second gets a conflict).
 --
--- KEYS[1]  {ns}:s:<stream>       the stream
--- KEYS[2]  {ns}:log              the global log
--- KEYS[3]  {ns}:jobs             job index (zset)
--- KEYS[4..] {ns}:dedupe:<key>    dedupe keys (any number)
--- ARGV[1]  prefix `{ns}:` (derived keys: ready:<pool>, delayed, items, jobitems:<job>,
---          ended:<job>, lease:<member>, leases, pools, wake:<pool>)
--- ARGV[2]  stream name (`job:<uuid>`, `webhooks`, `agents`)
--- ARGV[3]  job id, or '' when the stream is not a job's
--- ARGV[4]  expected version, or -1 for any
--- ARGV[5]  fence step, or '' for no fence;  ARGV[6] fence token (also written as field `f`)
--- ARGV[7]  dedupe window ms;  ARGV[8] envelope at_ms;  ARGV[9] number of events N
--- ARGV[10..] N tuples of 9: kind, schema version, payload, effect, step, attempt, pool,
+-- KEYS[1]  {ns}:log              the global log
+-- KEYS[2]  {ns}:jobs             job index (zset)
+-- ARGV[1]  prefix `{ns}:` (derived keys: s:<stream>, dedupe:<key>, ready:<pool>, delayed,
+--          items, jobitems:<job>, ended:<job>, lease:<member>, leases, pools, wake:<pool>,
+--          idx:<key>, jobidx:<job>)
+-- ARGV[2]  M, the number of appends; then M appends, each:
+--          stream name (`job:<uuid>`, `webhooks`, `agents`), job id or '' when the stream is
+--          not a job's, expected version or -1 for any, fence step or '' for no fence, fence
+--          token (also written as field `f`), dedupe window ms, envelope at_ms,
+--          D, then D dedupe keys (without the `{ns}:dedupe:` prefix),
+--          N, then N tuples of 9: kind, schema version, payload, effect, step, attempt, pool,
 --          priority, due_ms; effect is '' | 'enqueue' | 'schedule' | 'finish' | 'clear' |
 --          'index' (unused tuple fields are ''); for 'index' the step field holds the index
---          keys separated by newlines, and the job is added to each set `{ns}:idx:<key>`;
---          keys starting with `live:` are also remembered in `{ns}:jobidx:<job>`, and 'clear'
+--          keys separated by newlines, and the job is added to each set `{ns}:idx:<key>`; keys
+--          starting with `live:` are also remembered in `{ns}:jobidx:<job>`, and 'clear'
 --          removes the job from those again.
--- Returns  {'ok', new_version, log_id...} (one log id per event, in order), or
---          {'dup', original_log_id} when a dedupe key exists (nothing written).
--- Errors   'FERRY_CONFLICT <actual version>' when the expected version does not match;
---          'FERRY_STALE <reason>' when the fence token is not the live lease's.
--- Checks run in that order (dedupe, version, fence) and all before any write.
+-- Returns  M replies, in order, each one of
+--          {'ok', new_version, log_id...} (one log id per event, in order);
+--          {'dup', original_log_id} when a dedupe key exists (nothing written);
+--          {'conflict', actual_version} when the expected version does not match;
+--          {'stale', reason} when the fence token is not the live lease's.
+-- Checks run in that order (dedupe, version, fence), all before the append's first write.
 
 local prefix = ARGV[1]
-local stream = ARGV[2]
-local job = ARGV[3]
-local expected = tonumber(ARGV[4])
-local fence_step = ARGV[5]
-local fence_token = ARGV[6]
-local window = ARGV[7]
-local at = ARGV[8]
-local n = tonumber(ARGV[9])
-
-for i = 4, #KEYS do
-  local original = redis.call('GET', KEYS[i])
-  if original then
-    return {'dup', original}
-  end
-end
-
-local len = redis.call('XLEN', KEYS[1])
-if expected >= 0 and len ~= expected then
-  return redis.error_reply('FERRY_CONFLICT ' .. len)
-end
-
+local m = tonumber(ARGV[2])
 local now = now_ms()
-local token = ''
-if fence_step ~= '' then
-  local err = check_lease(prefix .. 'lease:' .. job .. '/' .. fence_step, fence_token, now)
-  if err then return err end
-  token = fence_token
-end
+local replies = {}
+local i = 3
 
-if job ~= '' and len == 0 then
-  redis.call('ZADD', KEYS[3], 'NX', now, job)
-end
+for _ = 1, m do
+  local stream = ARGV[i]
+  local job = ARGV[i + 1]
+  local expected = tonumber(ARGV[i + 2])
+  local fence_step = ARGV[i + 3]
+  local fence_token = ARGV[i + 4]
+  local window = ARGV[i + 5]
+  local at = ARGV[i + 6]
+  local d = tonumber(ARGV[i + 7])
+  local dedupe = {}
+  for k = 1, d do
+    dedupe[k] = prefix .. 'dedupe:' .. ARGV[i + 7 + k]
+  end
+  i = i + 8 + d
+  local n = tonumber(ARGV[i])
+  local first = i + 1
+  i = first + n * 9
 
-local out = {'ok', tostring(len + n)}
-for e = 0, n - 1 do
-  local base = 10 + e * 9
-  local id = emit(prefix, stream, ARGV[base], ARGV[base + 1], at, token, ARGV[base + 2])
-  out[#out + 1] = id
-  local effect = ARGV[base + 3]
-  if effect ~= '' then
-    local step = ARGV[base + 4]
-    local member = job .. '/' .. step
-    if effect == 'enqueue' then
-      enqueue(prefix, job, member, ARGV[base + 5], ARGV[base + 6], ARGV[base + 7], now)
-    elseif effect == 'schedule' then
-      schedule(prefix, job, member, ARGV[base + 5], ARGV[base + 6], ARGV[base + 7], ARGV[base + 8])
-    elseif effect == 'finish' then
-      drop_lease(prefix, member)
-      unqueue(prefix, member)
-      redis.call('SREM', prefix .. 'jobitems:' .. job, member)
-    elseif effect == 'index' then
-      for key in string.gmatch(ARGV[base + 4], '[^\n]+') do
-        redis.call('SADD', prefix .. 'idx:' .. key, job)
-        if string.sub(key, 1, 5) == 'live:' then
-          redis.call('SADD', prefix .. 'jobidx:' .. job, key)
-        end
-      end
-    elseif effect == 'clear' then
-      local set = prefix .. 'jobitems:' .. job
-      for _, m in ipairs(redis.call('SMEMBERS', set)) do
-        unqueue(prefix, m)
-        drop_lease(prefix, m)
-      end
-      redis.call('DEL', set)
-      redis.call('SET', prefix .. 'ended:' .. job, '1')
-      local idx = prefix .. 'jobidx:' .. job
-      for _, key in ipairs(redis.call('SMEMBERS', idx)) do
-        redis.call('SREM', prefix .. 'idx:' .. key, job)
-      end
-      redis.call('DEL', idx)
+  local reply
+  for _, key in ipairs(dedupe) do
+    local original = redis.call('GET', key)
+    if original then
+      reply = {'dup', original}
+      break
     end
   end
+
+  local stream_key = prefix .. 's:' .. stream
+  local len
+  if not reply then
+    len = redis.call('XLEN', stream_key)
+    if expected >= 0 and len ~= expected then
+      reply = {'conflict', tostring(len)}
+    end
+  end
+
+  local token = ''
+  if not reply and fence_step ~= '' then
+    local why = lease_problem(prefix .. 'lease:' .. job .. '/' .. fence_step, fence_token, now)
+    if why then
+      reply = {'stale', why}
+    else
+      token = fence_token
+    end
+  end
+
+  if not reply then
+    if job ~= '' and len == 0 then
+      redis.call('ZADD', KEYS[2], 'NX', now, job)
+    end
+    reply = {'ok', tostring(len + n)}
+    for e = 0, n - 1 do
+      local base = first + e * 9
+      local id = emit(prefix, stream, ARGV[base], ARGV[base + 1], at, token, ARGV[base + 2])
+      reply[#reply + 1] = id
+      local effect = ARGV[base + 3]
+      if effect ~= '' then
+        local step = ARGV[base + 4]
+        local member = job .. '/' .. step
+        if effect == 'enqueue' then
+          enqueue(prefix, job, member, ARGV[base + 5], ARGV[base + 6], ARGV[base + 7], now)
+        elseif effect == 'schedule' then
+          schedule(prefix, job, member, ARGV[base + 5], ARGV[base + 6], ARGV[base + 7],
+            ARGV[base + 8])
+        elseif effect == 'finish' then
+          drop_lease(prefix, member)
+          unqueue(prefix, member)
+          redis.call('SREM', prefix .. 'jobitems:' .. job, member)
+        elseif effect == 'index' then
+          for key in string.gmatch(ARGV[base + 4], '[^\n]+') do
+            redis.call('SADD', prefix .. 'idx:' .. key, job)
+            if string.sub(key, 1, 5) == 'live:' then
+              redis.call('SADD', prefix .. 'jobidx:' .. job, key)
+            end
+          end
+        elseif effect == 'clear' then
+          local set = prefix .. 'jobitems:' .. job
+          for _, mem in ipairs(redis.call('SMEMBERS', set)) do
+            unqueue(prefix, mem)
+            drop_lease(prefix, mem)
+          end
+          redis.call('DEL', set)
+          redis.call('SET', prefix .. 'ended:' .. job, '1')
+          local idx = prefix .. 'jobidx:' .. job
+          for _, key in ipairs(redis.call('SMEMBERS', idx)) do
+            redis.call('SREM', prefix .. 'idx:' .. key, job)
+          end
+          redis.call('DEL', idx)
+        end
+      end
+    end
+    for _, key in ipairs(dedupe) do
+      redis.call('SET', key, reply[3], 'PX', window)
+    end
+  end
+  replies[#replies + 1] = reply
 end
 
-for i = 4, #KEYS do
-  redis.call('SET', KEYS[i], out[3], 'PX', window)
-end
-
-return out
+return replies

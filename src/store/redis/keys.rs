@@ -104,9 +104,6 @@ impl Keys {
     pub(crate) fn lock(&self, name: &str) -> String {
         self.key(&format!("lock:{name}"))
     }
-    pub(crate) fn dedupe(&self, key: &str) -> String {
-        self.key(&format!("dedupe:{key}"))
-    }
     pub(crate) fn wake(&self, pool: &str) -> String {
         self.key(&format!("wake:{pool}"))
     }
@@ -140,7 +137,6 @@ mod tests {
             k.stream("job:x"),
             k.ready("linux"),
             k.lease("a/b"),
-            k.dedupe("x{y}"),
             k.agents(),
         ] {
             assert!(key.starts_with("{p3}:"), "{key}");

@@ -15,19 +15,17 @@
 //! What Redis cannot promise: with asynchronous replication a failover can lose acknowledged
 //! writes; durability is what the server's `appendonly` / `appendfsync` settings make it.
 
+mod batch;
 mod keys;
 mod parse;
 mod scripts;
 
 pub use scripts::queue_score_probe;
 
-use crate::store::validate::{
-    check_append, check_name, check_nonempty, check_pools, ms, positive_ms,
-};
+use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positive_ms};
 use crate::store::{
-    effects_of, Agents, Append, Appended, Claim, Effect, Error, EventLog, Expected, Feed, Fence,
-    LeaderLock, Lease, Leases, LogPos, Logs, Queued, Result, Snapshots, Stored, StreamId, Version,
-    WorkQueue, LOG_MAX_LINES,
+    Agents, Append, Appended, Claim, Error, EventLog, Feed, Fence, LeaderLock, Lease, Leases,
+    LogPos, Logs, Queued, Result, Snapshots, Stored, StreamId, Version, WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
@@ -59,6 +57,8 @@ struct Inner {
     keys: Keys,
     namespace: String,
     blocking: Mutex<Vec<MultiplexedConnection>>,
+    /// Every append goes through it (group commit).
+    batcher: batch::Batcher,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -107,11 +107,13 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(|e| command_error("connect", e))?;
+        let batcher = batch::Batcher::start(conn.clone(), keys.clone());
         let store = RedisStore {
             inner: Arc::new(Inner {
                 client,
                 conn,
                 keys,
+                batcher,
                 namespace: namespace.to_string(),
                 blocking: Mutex::new(Vec::new()),
             }),
@@ -177,6 +179,23 @@ impl RedisStore {
     }
 }
 
+/// One claim of the claim script's reply.
+fn parse_claim(v: Value) -> Result<Claim> {
+    let parts: Vec<Value> = from_value("claim", v)?;
+    let [job, step, attempt, pool, token, deadline, history] = <[Value; 7]>::try_from(parts)
+        .map_err(|r| Error::Corrupt(format!("claim script answered {r:?}")))?;
+    let text = |what: &str, v: Value| from_value::<String>(&format!("claim {what}"), v);
+    Ok(Claim {
+        job: parse_job(&text("job", job)?)?,
+        step: StepId(text("step", step)?),
+        attempt: parse_num("attempt", &text("attempt", attempt)?)?,
+        pool: text("pool", pool)?,
+        token: FencingToken(parse_num("token", &text("token", token)?)?),
+        deadline_ms: parse_num("deadline", &text("deadline", deadline)?)?,
+        history: parse::entries(history, Source::Stream)?,
+    })
+}
+
 /// A failed command: missing consumer groups are the caller's mistake, wrong key types mean the
 /// data is corrupt, everything else (I/O, timeouts, a lost connection, a server that cannot
 /// serve) means the store is unavailable and the command may or may not have taken effect.
@@ -212,129 +231,8 @@ fn from_value<T: FromRedisValue>(what: &str, v: Value) -> Result<T> {
 #[async_trait]
 impl EventLog for RedisStore {
     async fn append(&self, a: Append) -> Result<Appended> {
-        let k = self.keys();
-        let window = check_append(&a)?;
-        let name = a.stream.name();
-        let job = a.stream.job().map(|j| j.to_string()).unwrap_or_default();
-        let expected: i64 = match a.expected {
-            Expected::Any => -1,
-            Expected::Exactly(v) => i64::try_from(v)
-                .map_err(|_| Error::Invalid(format!("expected version {v} is too large")))?,
-        };
-
-        let mut inv = scripts::APPEND.prepare_invoke();
-        inv.key(k.stream(&name)).key(k.log()).key(k.jobs());
-        for d in &a.dedupe {
-            inv.key(k.dedupe(d));
-        }
-        let (fence_step, fence_token) = match &a.fence {
-            Some(f) => (f.step.0.clone(), f.token.0.to_string()),
-            None => (String::new(), String::new()),
-        };
-        inv.arg(k.prefix())
-            .arg(&name)
-            .arg(&job)
-            .arg(expected)
-            .arg(&fence_step)
-            .arg(&fence_token)
-            .arg(window)
-            .arg(a.at_ms)
-            .arg(a.events.len());
-        for event in &a.events {
-            inv.arg(event.kind())
-                .arg(event.version())
-                .arg(event.encode_payload());
-            let effect = effects_of(event);
-            if effect.is_some() && job.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "{} changes job queues but {name} is not a job stream",
-                    event.name()
-                )));
-            }
-            let none = String::new;
-            let (what, step, attempt, pool, priority, due) = match effect {
-                None => ("", none(), none(), none(), none(), none()),
-                Some(Effect::Enqueue {
-                    step,
-                    attempt,
-                    pool,
-                    priority,
-                }) => {
-                    check_name("step", step.as_str())?;
-                    check_name("pool", &pool)?;
-                    let (a, p) = (attempt.to_string(), priority.to_string());
-                    ("enqueue", step.0, a, pool, p, none())
-                }
-                Some(Effect::Schedule {
-                    step,
-                    attempt,
-                    pool,
-                    priority,
-                    due_ms,
-                }) => {
-                    check_name("step", step.as_str())?;
-                    check_name("pool", &pool)?;
-                    let (a, p) = (attempt.to_string(), priority.to_string());
-                    ("schedule", step.0, a, pool, p, due_ms.to_string())
-                }
-                Some(Effect::Index { keys }) => {
-                    for key in &keys {
-                        check_nonempty("index key", key)?;
-                        if key.contains('\n') {
-                            return Err(Error::Invalid(format!(
-                                "index key {key:?} contains a newline"
-                            )));
-                        }
-                    }
-                    ("index", keys.join("\n"), none(), none(), none(), none())
-                }
-                Some(Effect::Finish { step }) => {
-                    check_name("step", step.as_str())?;
-                    ("finish", step.0, none(), none(), none(), none())
-                }
-                Some(Effect::ClearJob) => ("clear", none(), none(), none(), none(), none()),
-            };
-            inv.arg(what)
-                .arg(step)
-                .arg(attempt)
-                .arg(pool)
-                .arg(priority)
-                .arg(due);
-        }
-
-        let reply: Vec<String> = match inv.invoke_async(&mut self.conn()).await {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(match script_failure(&e) {
-                    Some(("FERRY_CONFLICT", actual)) => Error::Conflict {
-                        stream: name,
-                        expected: expected as Version,
-                        actual: parse_num("stream version", actual)?,
-                    },
-                    Some(("FERRY_STALE", reason)) => {
-                        let f = a.fence.expect("only fenced appends are stale");
-                        Error::Stale {
-                            step: f.step,
-                            token: f.token,
-                            reason: reason.to_string(),
-                        }
-                    }
-                    _ => command_error(&format!("append to {name}"), e),
-                })
-            }
-        };
-        match reply.first().map(String::as_str) {
-            Some("dup") if reply.len() == 2 => Ok(Appended::Duplicate {
-                original: LogPos(reply[1].clone()),
-            }),
-            Some("ok") if reply.len() == 2 + a.events.len() => Ok(Appended::Written {
-                version: parse_num("stream version", &reply[1])?,
-                positions: reply[2..].iter().cloned().map(LogPos).collect(),
-            }),
-            _ => Err(Error::Corrupt(format!(
-                "append script answered {reply:?} for {name}"
-            ))),
-        }
+        let prepared = batch::prepare(&a)?;
+        self.inner.batcher.append(prepared).await
     }
 
     async fn read_stream(&self, stream: &StreamId, from: Version) -> Result<Vec<Stored>> {
@@ -552,15 +450,19 @@ impl Feed for RedisStore {
 
 #[async_trait]
 impl WorkQueue for RedisStore {
-    async fn claim(
+    async fn claim_many(
         &self,
         pools: &[String],
         agent: &AgentId,
         ttl: Duration,
-    ) -> Result<Option<Claim>> {
+        max: usize,
+    ) -> Result<Vec<Claim>> {
         check_pools(pools)?;
         check_nonempty("agent", agent.as_str())?;
         let ttl = positive_ms("lease ttl", ttl)?;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         let k = self.keys();
         let mut inv = scripts::CLAIM.prepare_invoke();
         inv.key(k.items())
@@ -568,28 +470,19 @@ impl WorkQueue for RedisStore {
             .key(k.fence())
             .arg(k.prefix())
             .arg(agent.as_str())
-            .arg(ttl);
+            .arg(ttl)
+            .arg(max);
         for p in pools {
             inv.arg(p);
         }
-        let reply: Option<Vec<String>> =
+        let reply: Vec<Value> =
             inv.invoke_async(&mut self.conn())
                 .await
                 .map_err(|e| match script_failure(&e) {
                     Some(("FERRY_CORRUPT", why)) => Error::Corrupt(why.to_string()),
                     _ => command_error("claim", e),
                 })?;
-        let Some(r) = reply else { return Ok(None) };
-        let [job, step, attempt, pool, token, deadline] = <[String; 6]>::try_from(r)
-            .map_err(|r| Error::Corrupt(format!("claim script answered {r:?}")))?;
-        Ok(Some(Claim {
-            job: parse_job(&job)?,
-            step: StepId(step),
-            attempt: parse_num("attempt", &attempt)?,
-            pool,
-            token: FencingToken(parse_num("token", &token)?),
-            deadline_ms: parse_num("deadline", &deadline)?,
-        }))
+        reply.into_iter().map(parse_claim).collect()
     }
 
     async fn promote_due(&self, max: usize) -> Result<usize> {

@@ -110,19 +110,27 @@ local function split_member(member)
   return string.match(member, '^([^/]*)/(.*)$')
 end
 
--- Checks that `token` is the live token of the lease at `lease_key`; returns an error reply
--- or nil.
-local function check_lease(lease_key, token, now)
+-- Why `token` is not the live token of the lease at `lease_key`, or nil when it is.
+local function lease_problem(lease_key, token, now)
   local h = redis.call('HMGET', lease_key, 'token', 'deadline')
   if not h[1] then
-    return redis.error_reply('FERRY_STALE no live lease')
+    return 'no live lease'
   end
   if h[1] ~= token then
-    return redis.error_reply('FERRY_STALE the lease is held under token ' .. h[1])
+    return 'the lease is held under token ' .. h[1]
   end
   if tonumber(h[2]) < now then
-    return redis.error_reply('FERRY_STALE the lease ran out')
+    return 'the lease ran out'
   end
   return nil
 end
 
+-- Checks that `token` is the live token of the lease at `lease_key`; returns an error reply
+-- or nil.
+local function check_lease(lease_key, token, now)
+  local why = lease_problem(lease_key, token, now)
+  if why then
+    return redis.error_reply('FERRY_STALE ' .. why)
+  end
+  return nil
+end

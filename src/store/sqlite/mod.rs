@@ -895,79 +895,26 @@ fn prefixed(alias: &str) -> String {
 
 #[async_trait]
 impl WorkQueue for SqliteStore {
-    async fn claim(
+    async fn claim_many(
         &self,
         pools: &[String],
         agent: &AgentId,
         ttl: Duration,
-    ) -> Result<Option<Claim>> {
+        max: usize,
+    ) -> Result<Vec<Claim>> {
         check_pools(pools)?;
         check_nonempty("agent", agent.as_str())?;
         let ttl = positive_ms("lease ttl", ttl)?;
         let (pools, agent) = (pools.to_vec(), agent.clone());
         self.write("claim".into(), move |tx| {
-            // The lowest (score, member) head across the pools: priority, then enqueue time,
-            // ties by `<job>/<step>`.
-            let mut best: Option<(i64, String, String, String, u32, String)> = None;
-            {
-                let mut head = tx.tx.prepare_cached(
-                    "SELECT score, job, step, attempt FROM queue \
-                     WHERE pool = ?1 AND score IS NOT NULL ORDER BY score, job, step LIMIT 1",
-                )?;
-                for pool in &pools {
-                    let row: Option<(i64, String, String, u32)> = head
-                        .query_row([pool], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                        .optional()?;
-                    if let Some((score, job, step, attempt)) = row {
-                        let member = format!("{job}/{step}");
-                        let better = match &best {
-                            None => true,
-                            Some((s, m, ..)) => (score, &member) < (*s, m),
-                        };
-                        if better {
-                            best = Some((score, member, job, step, attempt, pool.clone()));
-                        }
-                    }
+            let mut claims = Vec::new();
+            while claims.len() < max {
+                match claim_one(tx, &pools, &agent, ttl)? {
+                    Some(c) => claims.push(c),
+                    None => break,
                 }
             }
-            let Some((_, _, job, step, attempt, pool)) = best else {
-                return Ok(None);
-            };
-            let job_id = parse_job(&job)?;
-            tx.unqueue(&job, &step)?;
-            let token = tx.next_token()?;
-            let deadline = tx.after(ttl);
-            tx.tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO leases \
-                     (job, step, token, agent, attempt, deadline_ms, pool) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![
-                    job,
-                    step,
-                    token as i64,
-                    agent.as_str(),
-                    attempt,
-                    deadline,
-                    pool
-                ])?;
-            let claimed = Event::StepClaimed(StepClaimed {
-                step: StepId::new(step.as_str()),
-                attempt,
-                agent: agent.clone(),
-                token: FencingToken(token),
-                lease_ttl_ms: ttl,
-            });
-            tx.emit(&StreamId::Job(job_id).name(), &claimed, Some(token))?;
-            Ok(Some(Claim {
-                job: job_id,
-                step: StepId(step),
-                attempt,
-                pool,
-                token: FencingToken(token),
-                deadline_ms: deadline as u64,
-            }))
+            Ok(claims)
         })
         .await
     }
@@ -1462,6 +1409,81 @@ impl Agents for SqliteStore {
         })
         .await
     }
+}
+
+/// Claims the best ready step over `pools` for `agent` inside `tx` (see `claim_many`).
+fn claim_one(
+    tx: &mut Tx<'_>,
+    pools: &[String],
+    agent: &AgentId,
+    ttl: u64,
+) -> TxResult<Option<Claim>> {
+    // The lowest (score, member) head across the pools: priority, then enqueue time,
+    // ties by `<job>/<step>`.
+    let mut best: Option<(i64, String, String, String, u32, String)> = None;
+    {
+        let mut head = tx.tx.prepare_cached(
+            "SELECT score, job, step, attempt FROM queue \
+                 WHERE pool = ?1 AND score IS NOT NULL ORDER BY score, job, step LIMIT 1",
+        )?;
+        for pool in pools {
+            let row: Option<(i64, String, String, u32)> = head
+                .query_row([pool], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .optional()?;
+            if let Some((score, job, step, attempt)) = row {
+                let member = format!("{job}/{step}");
+                let better = match &best {
+                    None => true,
+                    Some((s, m, ..)) => (score, &member) < (*s, m),
+                };
+                if better {
+                    best = Some((score, member, job, step, attempt, pool.clone()));
+                }
+            }
+        }
+    }
+    let Some((_, _, job, step, attempt, pool)) = best else {
+        return Ok(None);
+    };
+    let job_id = parse_job(&job)?;
+    tx.unqueue(&job, &step)?;
+    let token = tx.next_token()?;
+    let deadline = tx.after(ttl);
+    tx.tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO leases \
+                 (job, step, token, agent, attempt, deadline_ms, pool) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            job,
+            step,
+            token as i64,
+            agent.as_str(),
+            attempt,
+            deadline,
+            pool
+        ])?;
+    let claimed = Event::StepClaimed(StepClaimed {
+        step: StepId::new(step.as_str()),
+        attempt,
+        agent: agent.clone(),
+        token: FencingToken(token),
+        lease_ttl_ms: ttl,
+    });
+    let stream = StreamId::Job(job_id).name();
+    tx.emit(&stream, &claimed, Some(token))?;
+    let sql = format!("SELECT {EVENT_COLUMNS} FROM log WHERE stream = ?1 ORDER BY seq");
+    let history = events(&mut tx.tx.prepare_cached(&sql)?, params![stream])?;
+    Ok(Some(Claim {
+        job: job_id,
+        step: StepId(step),
+        attempt,
+        pool,
+        token: FencingToken(token),
+        deadline_ms: deadline as u64,
+        history,
+    }))
 }
 
 #[cfg(test)]
