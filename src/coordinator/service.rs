@@ -7,9 +7,9 @@ use crate::store::{
     self, environment_index, now_ms, Append, Error, LogPos, Store, Stored, StreamId, LIVE,
 };
 use ferry_proto::{Event, FencingToken, JobCancelled, JobId, JobSuperseded, StepSpec};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
@@ -56,6 +56,7 @@ pub async fn run(
     let coordinator = Coordinator {
         store: store.clone(),
         opts: Arc::new(opts),
+        known: Mutex::new(HashMap::new()),
     };
     with_retry("create the consumer group", || {
         coordinator.store.ensure_group(GROUP)
@@ -80,7 +81,14 @@ pub async fn run(
 struct Coordinator {
     store: Arc<dyn Store>,
     opts: Arc<Options>,
+    /// The last state this coordinator folded or produced for recent jobs, with the log
+    /// position of its last event. Feed entries a job's known state already includes need no
+    /// new read when that state has nothing left to decide (see `handle_job`).
+    known: Mutex<HashMap<JobId, (LogPos, JobState)>>,
 }
+
+/// Jobs remembered in `Coordinator::known`; the map is emptied when it is full.
+const KNOWN_JOBS: usize = 16_384;
 
 impl Coordinator {
     /// Handles the feed until the future is dropped.
@@ -140,14 +148,7 @@ impl Coordinator {
         }
         let results = futures_util::future::join_all(jobs.into_iter().map(
             |(job, (positions, events))| async move {
-                let result = async {
-                    let state = self.reconcile(job).await?;
-                    if events.iter().any(|e| frees_environment(&state, e)) {
-                        self.wake_environments(&state).await?;
-                    }
-                    Ok::<_, Error>(())
-                }
-                .await;
+                let result = self.handle_job(job, &positions, &events).await;
                 (job, positions, result)
             },
         ))
@@ -165,6 +166,50 @@ impl Coordinator {
                 warn!(error = %e, "could not acknowledge feed entries; they will be handled again");
             }
         }
+    }
+
+    /// Handles the waking feed entries of one job (`positions`, `events`) of a batch.
+    ///
+    /// Decisions are level-triggered: a job is reconciled (read, then one decision appended)
+    /// whenever an event after which something may need deciding arrives. When this
+    /// coordinator already knows a state of the job that includes every one of these entries
+    /// (it appended the last of them itself, typically) and that state has nothing to decide,
+    /// reading the stream again would find nothing to do: anything appended after that state
+    /// arrives through the feed on its own and is handled then.
+    async fn handle_job(
+        &self,
+        job: JobId,
+        positions: &[LogPos],
+        events: &[Event],
+    ) -> Result<(), Error> {
+        let known = self
+            .known
+            .lock()
+            .expect("known-state lock")
+            .get(&job)
+            .cloned();
+        let state = match known {
+            Some((last, state))
+                if positions.iter().all(|p| *p <= last)
+                    && next(&state, &self.opts.policy, now_ms(), 0.0).is_empty() =>
+            {
+                state
+            }
+            _ => self.reconcile(job).await?,
+        };
+        if events.iter().any(|e| frees_environment(&state, e)) {
+            self.wake_environments(&state).await?;
+        }
+        Ok(())
+    }
+
+    fn remember(&self, last: Option<&LogPos>, state: &JobState) {
+        let Some(last) = last else { return };
+        let mut known = self.known.lock().expect("known-state lock");
+        if known.len() >= KNOWN_JOBS {
+            known.clear();
+        }
+        known.insert(state.id, (last.clone(), state.clone()));
     }
 
     /// Creates the job a webhook asks for. The job id was chosen by the gateway, so a second
@@ -193,19 +238,23 @@ impl Coordinator {
             }
         };
         let created: Event = plan.into();
-        let mut state = JobState::new(job);
-        state.evolve(&created, now_ms());
+        let mut planned = JobState::new(job);
+        planned.evolve(&created, now_ms());
         let mut events = vec![created];
-        events.extend(next(&state, &self.opts.policy, now_ms(), jitter()));
-        match self
-            .store
-            .append(Append::new(StreamId::Job(job), events).expect(0))
-            .await
-        {
-            Ok(_) => {
+        events.extend(next(&planned, &self.opts.policy, now_ms(), jitter()));
+        let append = Append::new(StreamId::Job(job), events.clone()).expect(0);
+        let at_ms = append.at_ms;
+        match self.store.append(append).await {
+            Ok(store::Appended::Written { positions, .. }) => {
+                let mut state = JobState::new(job);
+                for e in &events {
+                    state.evolve(e, at_ms);
+                }
+                self.remember(positions.last(), &state);
                 info!(%job, "job created");
                 Ok(())
             }
+            Ok(store::Appended::Duplicate { .. }) => Ok(()),
             Err(Error::Conflict { .. }) => self.reconcile(job).await.map(|_| ()),
             Err(e) => Err(e),
         }
@@ -249,12 +298,15 @@ impl Coordinator {
             let append = Append::new(StreamId::Job(job), events.clone()).expect(state.version);
             let at_ms = append.at_ms;
             match self.store.append(append).await {
-                Ok(_) => {
+                Ok(appended) => {
                     // The append landed at exactly the version we folded: the new state is the
                     // old one plus our events, no need to read the stream again.
                     let mut state = state;
                     for e in &events {
                         state.evolve(e, at_ms);
+                    }
+                    if let store::Appended::Written { positions, .. } = &appended {
+                        self.remember(positions.last(), &state);
                     }
                     debug!(%job, events = ?events.iter().map(Event::name).collect::<Vec<_>>(), "decided");
                     return Ok(state);
@@ -274,6 +326,7 @@ impl Coordinator {
         for stored in &stream {
             state.evolve(&stored.decode()?, stored.envelope.at_ms);
         }
+        self.remember(stream.last().map(|s| &s.pos), &state);
         Ok(state)
     }
 

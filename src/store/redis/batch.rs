@@ -184,38 +184,49 @@ async fn write_loop(
 }
 
 /// One script call for `batch`; every waiter gets its own answer.
-async fn send(mut conn: ConnectionManager, keys: &Keys, batch: Vec<(Prepared, Waiter)>) {
+async fn send(conn: ConnectionManager, keys: &Keys, batch: Vec<(Prepared, Waiter)>) {
+    let (prepared, waiters): (Vec<Prepared>, Vec<Waiter>) = batch.into_iter().unzip();
+    for (answer, waiter) in call(conn, keys, &prepared).await.into_iter().zip(waiters) {
+        let _ = waiter.send(answer);
+    }
+}
+
+/// One call of the append script for `appends`: one answer per append, in order.
+async fn call(
+    mut conn: ConnectionManager,
+    keys: &Keys,
+    appends: &[Prepared],
+) -> Vec<Result<Appended>> {
     let mut inv = scripts::APPEND.prepare_invoke();
     inv.key(keys.log()).key(keys.jobs());
-    inv.arg(keys.prefix()).arg(batch.len());
-    for (p, _) in &batch {
+    inv.arg(keys.prefix()).arg(appends.len());
+    for p in appends {
         for a in &p.args {
             inv.arg(a.as_slice());
         }
     }
     match inv.invoke_async::<Vec<Value>>(&mut conn).await {
-        Ok(replies) if replies.len() == batch.len() => {
-            for ((p, waiter), reply) in batch.into_iter().zip(replies) {
-                let _ = waiter.send(answer(&p, reply));
-            }
-        }
+        Ok(replies) if replies.len() == appends.len() => appends
+            .iter()
+            .zip(replies)
+            .map(|(p, reply)| answer(p, reply))
+            .collect(),
         Ok(replies) => {
             let n = replies.len();
-            for (p, waiter) in batch {
-                let _ = waiter.send(Err(Error::Corrupt(format!(
-                    "append script answered {n} replies for a batch with the append to {}",
-                    p.stream
-                ))));
-            }
+            appends
+                .iter()
+                .map(|p| {
+                    Err(Error::Corrupt(format!(
+                        "append script answered {n} replies for a batch with the append to {}",
+                        p.stream
+                    )))
+                })
+                .collect()
         }
-        Err(e) => {
-            for (p, waiter) in batch {
-                let _ = waiter.send(Err(command_error(
-                    &format!("append to {}", p.stream),
-                    e.clone(),
-                )));
-            }
-        }
+        Err(e) => appends
+            .iter()
+            .map(|p| Err(command_error(&format!("append to {}", p.stream), e.clone())))
+            .collect(),
     }
 }
 
