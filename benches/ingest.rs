@@ -3,7 +3,7 @@
 //! side with `redis-benchmark` XADD of a comparable payload on the same server in the same run.
 //!
 //! `cargo bench --bench ingest` (env: `INGEST_N` requests per phase, default 20000;
-//! `INGEST_CONNS` comma-separated connection counts, default `8,32`)
+//! `INGEST_CONNS` comma-separated connection counts, default `8,32,64`)
 //!
 //! Bodies are `tests/fixtures/gitlab/tag_push_create.json` with a unique tag, `after` and
 //! `checkout_sha` each, so their content keys differ; every request carries the project token
@@ -30,7 +30,7 @@ const WARMUP: usize = 500;
 fn main() {
     let n: usize = env_or("INGEST_N", 20_000);
     let conns: Vec<usize> = std::env::var("INGEST_CONNS")
-        .unwrap_or_else(|_| "8,32".into())
+        .unwrap_or_else(|_| "8,32,64".into())
         .split(',')
         .filter_map(|c| c.trim().parse().ok())
         .collect();
