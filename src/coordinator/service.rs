@@ -87,6 +87,14 @@ struct Coordinator {
     known: Mutex<HashMap<JobId, (LogPos, JobState)>>,
 }
 
+/// The entries of one job in a feed batch, in log order, and the positions of those that may
+/// need a decision (acknowledged only once the job was handled).
+#[derive(Default)]
+struct JobEntries {
+    events: Vec<(Stored, Event)>,
+    waking: Vec<LogPos>,
+}
+
 /// Jobs remembered in `Coordinator::known`; the map is emptied when it is full.
 const KNOWN_JOBS: usize = 16_384;
 
@@ -110,7 +118,7 @@ impl Coordinator {
     /// round trips per job, not per event, and not one after another.
     async fn handle_batch(&self, batch: Vec<Stored>) {
         let mut done: Vec<LogPos> = Vec::with_capacity(batch.len());
-        let mut jobs: BTreeMap<JobId, (Vec<LogPos>, Vec<Event>)> = BTreeMap::new();
+        let mut jobs: BTreeMap<JobId, JobEntries> = BTreeMap::new();
         for stored in batch {
             let event = match stored.decode() {
                 Ok(e) => e,
@@ -122,10 +130,14 @@ impl Coordinator {
                 }
             };
             let handled = match StreamId::parse(&stored.envelope.stream) {
-                Some(StreamId::Job(job)) if wakes_coordinator(&event) => {
-                    let entry = jobs.entry(job).or_default();
-                    entry.0.push(stored.pos);
-                    entry.1.push(event);
+                Some(StreamId::Job(job)) => {
+                    let entries = jobs.entry(job).or_default();
+                    if wakes_coordinator(&event) {
+                        entries.waking.push(stored.pos.clone());
+                    } else {
+                        done.push(stored.pos.clone());
+                    }
+                    entries.events.push((stored, event));
                     continue;
                 }
                 Some(StreamId::Webhooks) => match &event {
@@ -147,9 +159,9 @@ impl Coordinator {
             }
         }
         let results = futures_util::future::join_all(jobs.into_iter().map(
-            |(job, (positions, events))| async move {
-                let result = self.handle_job(job, &positions, &events).await;
-                (job, positions, result)
+            |(job, entries)| async move {
+                let result = self.handle_job(job, &entries).await;
+                (job, entries.waking, result)
             },
         ))
         .await;
@@ -168,36 +180,53 @@ impl Coordinator {
         }
     }
 
-    /// Handles the waking feed entries of one job (`positions`, `events`) of a batch.
+    /// Handles the feed entries of one job in a batch.
     ///
-    /// Decisions are level-triggered: a job is reconciled (read, then one decision appended)
-    /// whenever an event after which something may need deciding arrives. When this
-    /// coordinator already knows a state of the job that includes every one of these entries
-    /// (it appended the last of them itself, typically) and that state has nothing to decide,
-    /// reading the stream again would find nothing to do: anything appended after that state
-    /// arrives through the feed on its own and is handled then.
-    async fn handle_job(
-        &self,
-        job: JobId,
-        positions: &[LogPos],
-        events: &[Event],
-    ) -> Result<(), Error> {
-        let known = self
-            .known
-            .lock()
-            .expect("known-state lock")
-            .get(&job)
-            .cloned();
-        let state = match known {
-            Some((last, state))
-                if positions.iter().all(|p| *p <= last)
-                    && next(&state, &self.opts.policy, now_ms(), 0.0).is_empty() =>
-            {
-                state
-            }
-            _ => self.reconcile(job).await?,
+    /// The coordinator remembers the last state of each recent job that it folded or produced
+    /// (an exact fold of the stream's first `version` events). Entries that continue that state
+    /// without a gap (each entry carries its place in the stream) extend it without reading
+    /// the stream; entries it already includes are skipped. Only when the entries leave a gap
+    /// (another coordinator took some, or this one never saw the job) does deciding need a read.
+    ///
+    /// Decisions are level-triggered: with waking entries present, the job is brought one
+    /// decision further from that state. When the state has nothing to decide, nothing is read
+    /// or written: anything appended after it arrives through the feed on its own.
+    async fn handle_job(&self, job: JobId, entries: &JobEntries) -> Result<(), Error> {
+        let known = self.known.lock().expect("known-state lock").get(&job).cloned();
+        let mut current = known.map(|(_, state)| state);
+        let mut last = None;
+        for (stored, event) in &entries.events {
+            current = match (stored.seq, current) {
+                (Some(n), Some(state)) if n <= state.version => Some(state),
+                (Some(n), Some(mut state)) if n == state.version + 1 => {
+                    state.evolve(event, stored.envelope.at_ms);
+                    last = Some(stored.pos.clone());
+                    Some(state)
+                }
+                (Some(1), None) => {
+                    let mut state = JobState::new(job);
+                    state.evolve(event, stored.envelope.at_ms);
+                    last = Some(stored.pos.clone());
+                    Some(state)
+                }
+                _ => None,
+            };
+        }
+        if let Some(state) = &current {
+            self.remember(last.as_ref(), state);
+        }
+        if entries.waking.is_empty() {
+            return Ok(());
+        }
+        let state = match current {
+            Some(state) if next(&state, &self.opts.policy, now_ms(), 0.0).is_empty() => state,
+            known => self.reconcile_from(job, known).await?,
         };
-        if events.iter().any(|e| frees_environment(&state, e)) {
+        let woke = entries
+            .events
+            .iter()
+            .filter(|(stored, _)| entries.waking.contains(&stored.pos));
+        if woke.clone().any(|(_, e)| frees_environment(&state, e)) {
             self.wake_environments(&state).await?;
         }
         Ok(())
@@ -263,8 +292,18 @@ impl Coordinator {
     /// Brings a job one decision further, if it needs one, and returns its state. Losing a race
     /// to another coordinator just means re-reading and deciding again.
     async fn reconcile(&self, job: JobId) -> Result<JobState, Error> {
+        self.reconcile_from(job, None).await
+    }
+
+    /// [`Coordinator::reconcile`], deciding first from `known` (an exact fold of the job's
+    /// first `version` events) instead of reading the stream; a conflict means reading it.
+    async fn reconcile_from(&self, job: JobId, known: Option<JobState>) -> Result<JobState, Error> {
+        let mut known = known;
         for _ in 0..16 {
-            let state = self.fold(job).await?;
+            let state = match known.take() {
+                Some(state) => state,
+                None => self.fold(job).await?,
+            };
             let mut events = next(&state, &self.opts.policy, now_ms(), jitter());
             if let Some((step, environment)) = deploy_to_queue(&state, &events) {
                 let others = self.environment_jobs(&state, &environment).await?;

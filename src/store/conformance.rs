@@ -244,6 +244,13 @@ pub async fn append_and_read_in_order(fx: &Fixture) {
     assert_eq!(all[0].envelope.stream, js.name());
     assert_eq!(all[0].envelope.token, None);
     assert_eq!(all[2].envelope.at_ms, 1_234);
+    let seqs: Vec<Option<Version>> = all.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [Some(1), Some(2), Some(3), Some(4)], "each event knows its place");
+    let log = s.read_log(None, 100).await.unwrap();
+    assert!(
+        all.iter().all(|e| log.contains(e)),
+        "the log holds the same entries, places included"
+    );
     let tail = s.read_stream(&js, 3).await.unwrap();
     assert_eq!(tail, all[3..].to_vec());
     assert!(s.read_stream(&js, 9).await.unwrap().is_empty());
@@ -743,6 +750,7 @@ pub async fn step_claimed_event_decodes(fx: &Fixture) {
     let stored = s.read_stream(&StreamId::Job(job), 0).await.unwrap();
     assert_eq!(stored.len(), 2);
     let e = &stored[1];
+    assert_eq!(e.seq, Some(2), "script-written events know their place too");
     assert_eq!(e.envelope.stream, format!("job:{job}"));
     assert_eq!(e.envelope.token, Some(c.token.0));
     assert_eq!(

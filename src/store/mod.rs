@@ -184,6 +184,9 @@ pub enum Appended {
 pub struct Stored {
     /// Its place in the global log.
     pub pos: LogPos,
+    /// Its place in its own stream: 1 for the first event, so after it the stream's version
+    /// is `seq`. `None` only for Redis entries written before entries recorded it.
+    pub seq: Option<Version>,
     pub envelope: Envelope,
 }
 

@@ -85,7 +85,8 @@ for _ = 1, m do
     reply = {'ok', tostring(len + n)}
     for e = 0, n - 1 do
       local base = first + e * 9
-      local id = emit(prefix, stream, ARGV[base], ARGV[base + 1], at, token, ARGV[base + 2])
+      local id = emit(prefix, stream, ARGV[base], ARGV[base + 1], at, token, ARGV[base + 2],
+        len + e + 1)
       reply[#reply + 1] = id
       local effect = ARGV[base + 3]
       if effect ~= '' then

@@ -29,7 +29,8 @@
 //! | `{ns}:agents` | zset | agent name → heartbeat deadline ms (store clock) |
 //!
 //! Entry fields, identical in a stream and in the log: `s` stream name, `k` kind, `v` schema
-//! version, `t` at_ms, `f` fencing token (only when present), `p` payload (rmp named msgpack).
+//! version, `t` at_ms, `n` the event's place in its stream (1-based; absent in entries written
+//! before it was recorded), `f` fencing token (only when present), `p` payload (rmp named msgpack).
 
 use crate::store::{Error, Result};
 

@@ -118,8 +118,14 @@ fn stored(id: String, fields: Value, source: Source) -> Result<Stored> {
             .cloned()
             .ok_or_else(|| corrupt(format!("entry {id} has no field p")))?,
     };
+    let seq = if map.contains_key("n") {
+        Some(num("n")?)
+    } else {
+        None
+    };
     Ok(Stored {
         pos: LogPos(pos),
+        seq,
         envelope,
     })
 }

@@ -25,9 +25,13 @@ local function int(n)
 end
 
 -- Appends one event to the global log and to its stream (with `l` = the log id); returns the
--- log id.
-local function emit(prefix, stream, kind, version, at, token, payload)
-  local fields = {'s', stream, 'k', kind, 'v', version, 't', at}
+-- log id. `seq` is the event's place in its stream (the stream's length after it), written as
+-- field `n`; nil reads the stream's length first.
+local function emit(prefix, stream, kind, version, at, token, payload, seq)
+  if seq == nil then
+    seq = redis.call('XLEN', prefix .. 's:' .. stream) + 1
+  end
+  local fields = {'s', stream, 'k', kind, 'v', version, 't', at, 'n', seq}
   if token ~= nil and token ~= '' then
     fields[#fields + 1] = 'f'
     fields[#fields + 1] = token

@@ -3,7 +3,7 @@
 //! steps in the same order, so both backends derive the same live structures from the same
 //! events.
 
-use crate::store::{queue_score, Error, LogPos, Result, Stored, LIVE};
+use crate::store::{queue_score, Error, LogPos, Result, Stored, Version, LIVE};
 use ferry_proto::{Envelope, JobId};
 use rusqlite::{params, OptionalExtension, Row};
 use std::collections::BTreeSet;
@@ -49,7 +49,7 @@ pub(super) struct Tx<'c> {
 }
 
 /// The columns of `log` that make a [`Stored`], in the order [`stored`] reads them.
-pub(super) const EVENT_COLUMNS: &str = "pos, stream, kind, version, at_ms, token, payload";
+pub(super) const EVENT_COLUMNS: &str = "pos, stream, kind, version, at_ms, token, payload, seq";
 
 /// A log position is `0-<pos>`: it parses as the numeric `<ms>-<seq>` form that [`LogPos`]
 /// orders numerically, so positions order exactly as `pos` does.
@@ -74,6 +74,7 @@ pub(super) fn stored(row: &Row<'_>) -> rusqlite::Result<Stored> {
     let token: Option<i64> = row.get(5)?;
     Ok(Stored {
         pos: position(row.get(0)?),
+        seq: Some(row.get::<_, i64>(7)? as Version),
         envelope: Envelope {
             stream: row.get(1)?,
             kind: row.get(2)?,
