@@ -249,6 +249,7 @@ pub const SCRIPT_ONLY: &[&str] = &[
     "time",
     "set",
     "get",
+    "mget",
     "pexpire",
     "zrange",
     "zrangebyscore",

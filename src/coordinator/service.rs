@@ -158,13 +158,12 @@ impl Coordinator {
                 }
             }
         }
-        let results = futures_util::future::join_all(jobs.into_iter().map(
-            |(job, entries)| async move {
+        let results =
+            futures_util::future::join_all(jobs.into_iter().map(|(job, entries)| async move {
                 let result = self.handle_job(job, &entries).await;
                 (job, entries.waking, result)
-            },
-        ))
-        .await;
+            }))
+            .await;
         for (job, positions, result) in results {
             match result {
                 Ok(()) => done.extend(positions),
@@ -192,7 +191,12 @@ impl Coordinator {
     /// decision further from that state. When the state has nothing to decide, nothing is read
     /// or written: anything appended after it arrives through the feed on its own.
     async fn handle_job(&self, job: JobId, entries: &JobEntries) -> Result<(), Error> {
-        let known = self.known.lock().expect("known-state lock").get(&job).cloned();
+        let known = self
+            .known
+            .lock()
+            .expect("known-state lock")
+            .get(&job)
+            .cloned();
         let mut current = known.map(|(_, state)| state);
         let mut last = None;
         for (stored, event) in &entries.events {

@@ -245,7 +245,11 @@ pub async fn append_and_read_in_order(fx: &Fixture) {
     assert_eq!(all[0].envelope.token, None);
     assert_eq!(all[2].envelope.at_ms, 1_234);
     let seqs: Vec<Option<Version>> = all.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, [Some(1), Some(2), Some(3), Some(4)], "each event knows its place");
+    assert_eq!(
+        seqs,
+        [Some(1), Some(2), Some(3), Some(4)],
+        "each event knows its place"
+    );
     let log = s.read_log(None, 100).await.unwrap();
     assert!(
         all.iter().all(|e| log.contains(e)),

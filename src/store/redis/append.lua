@@ -51,11 +51,12 @@ for _ = 1, m do
   i = first + n * 9
 
   local reply
-  for _, key in ipairs(dedupe) do
-    local original = redis.call('GET', key)
-    if original then
-      reply = {'dup', original}
-      break
+  if d > 0 then
+    for _, original in ipairs(redis.call('MGET', unpack(dedupe))) do
+      if original then
+        reply = {'dup', original}
+        break
+      end
     end
   end
 

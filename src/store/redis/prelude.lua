@@ -28,20 +28,23 @@ end
 -- log id. `seq` is the event's place in its stream (the stream's length after it), written as
 -- field `n`; nil reads the stream's length first.
 local function emit(prefix, stream, kind, version, at, token, payload, seq)
+  local key = prefix .. 's:' .. stream
   if seq == nil then
-    seq = redis.call('XLEN', prefix .. 's:' .. stream) + 1
+    seq = redis.call('XLEN', key) + 1
   end
-  local fields = {'s', stream, 'k', kind, 'v', version, 't', at, 'n', seq}
+  -- One XADD call each, arguments spelled out: no field tables to build and unpack.
+  local id
   if token ~= nil and token ~= '' then
-    fields[#fields + 1] = 'f'
-    fields[#fields + 1] = token
+    id = redis.call('XADD', prefix .. 'log', '*', 's', stream, 'k', kind, 'v', version, 't', at,
+      'n', seq, 'f', token, 'p', payload)
+    redis.call('XADD', key, '*', 's', stream, 'k', kind, 'v', version, 't', at, 'n', seq,
+      'f', token, 'p', payload, 'l', id)
+  else
+    id = redis.call('XADD', prefix .. 'log', '*', 's', stream, 'k', kind, 'v', version, 't', at,
+      'n', seq, 'p', payload)
+    redis.call('XADD', key, '*', 's', stream, 'k', kind, 'v', version, 't', at, 'n', seq,
+      'p', payload, 'l', id)
   end
-  fields[#fields + 1] = 'p'
-  fields[#fields + 1] = payload
-  local id = redis.call('XADD', prefix .. 'log', '*', unpack(fields))
-  fields[#fields + 1] = 'l'
-  fields[#fields + 1] = id
-  redis.call('XADD', prefix .. 's:' .. stream, '*', unpack(fields))
   return id
 end
 
