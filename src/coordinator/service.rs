@@ -81,10 +81,9 @@ pub async fn run(
 struct Coordinator {
     store: Arc<dyn Store>,
     opts: Arc<Options>,
-    /// The last state this coordinator folded or produced for recent jobs, with the log
-    /// position of its last event. Feed entries a job's known state already includes need no
-    /// new read when that state has nothing left to decide (see `handle_job`).
-    known: Mutex<HashMap<JobId, (LogPos, JobState)>>,
+    /// The last state this coordinator folded, produced or extended from the feed for recent
+    /// jobs: each an exact fold of its stream's first `version` events (see `handle_job`).
+    known: Mutex<HashMap<JobId, JobState>>,
 }
 
 /// The entries of one job in a feed batch, in log order, and the positions of those that may
@@ -197,27 +196,28 @@ impl Coordinator {
             .expect("known-state lock")
             .get(&job)
             .cloned();
-        let mut current = known.map(|(_, state)| state);
-        let mut last = None;
+        let mut current = known;
+        let mut extended = false;
         for (stored, event) in &entries.events {
             current = match (stored.seq, current) {
                 (Some(n), Some(state)) if n <= state.version => Some(state),
                 (Some(n), Some(mut state)) if n == state.version + 1 => {
                     state.evolve(event, stored.envelope.at_ms);
-                    last = Some(stored.pos.clone());
+                    extended = true;
                     Some(state)
                 }
                 (Some(1), None) => {
                     let mut state = JobState::new(job);
                     state.evolve(event, stored.envelope.at_ms);
-                    last = Some(stored.pos.clone());
+                    extended = true;
                     Some(state)
                 }
+                // A gap, or an entry written before entries recorded their place.
                 _ => None,
             };
         }
-        if let Some(state) = &current {
-            self.remember(last.as_ref(), state);
+        if let (true, Some(state)) = (extended, &current) {
+            self.remember(state);
         }
         if entries.waking.is_empty() {
             return Ok(());
@@ -226,23 +226,22 @@ impl Coordinator {
             Some(state) if next(&state, &self.opts.policy, now_ms(), 0.0).is_empty() => state,
             known => self.reconcile_from(job, known).await?,
         };
-        let woke = entries
-            .events
-            .iter()
-            .filter(|(stored, _)| entries.waking.contains(&stored.pos));
-        if woke.clone().any(|(_, e)| frees_environment(&state, e)) {
+        let frees = entries.events.iter().any(|(stored, e)| {
+            entries.waking.contains(&stored.pos) && frees_environment(&state, e)
+        });
+        if frees {
             self.wake_environments(&state).await?;
         }
         Ok(())
     }
 
-    fn remember(&self, last: Option<&LogPos>, state: &JobState) {
-        let Some(last) = last else { return };
+    /// Remembers `state`, an exact fold of its job's first `state.version` events.
+    fn remember(&self, state: &JobState) {
         let mut known = self.known.lock().expect("known-state lock");
         if known.len() >= KNOWN_JOBS {
             known.clear();
         }
-        known.insert(state.id, (last.clone(), state.clone()));
+        known.insert(state.id, state.clone());
     }
 
     /// Creates the job a webhook asks for. The job id was chosen by the gateway, so a second
@@ -278,12 +277,12 @@ impl Coordinator {
         let append = Append::new(StreamId::Job(job), events.clone()).expect(0);
         let at_ms = append.at_ms;
         match self.store.append(append).await {
-            Ok(store::Appended::Written { positions, .. }) => {
+            Ok(store::Appended::Written { .. }) => {
                 let mut state = JobState::new(job);
                 for e in &events {
                     state.evolve(e, at_ms);
                 }
-                self.remember(positions.last(), &state);
+                self.remember(&state);
                 info!(%job, "job created");
                 Ok(())
             }
@@ -348,8 +347,8 @@ impl Coordinator {
                     for e in &events {
                         state.evolve(e, at_ms);
                     }
-                    if let store::Appended::Written { positions, .. } = &appended {
-                        self.remember(positions.last(), &state);
+                    if let store::Appended::Written { .. } = appended {
+                        self.remember(&state);
                     }
                     debug!(%job, events = ?events.iter().map(Event::name).collect::<Vec<_>>(), "decided");
                     return Ok(state);
@@ -369,7 +368,7 @@ impl Coordinator {
         for stored in &stream {
             state.evolve(&stored.decode()?, stored.envelope.at_ms);
         }
-        self.remember(stream.last().map(|s| &s.pos), &state);
+        self.remember(&state);
         Ok(state)
     }
 
