@@ -623,3 +623,159 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use ferry_proto::{JobCreated, StepId, StepPlan, StepStarted, StepSucceeded};
+
+    fn two_step_job(job: JobId) -> Event {
+        let step = |name: &str| StepPlan {
+            step: StepId::new(name),
+            pool: "linux".into(),
+            priority: 0,
+            spec: StepSpec::Noop,
+        };
+        JobCreated {
+            artifact: None,
+            job,
+            project_id: 1,
+            project: "group/app".into(),
+            tag: "v1".into(),
+            git_ref: "refs/tags/v1".into(),
+            sha: "a".repeat(40),
+            priority: 0,
+            trigger: "test".into(),
+            steps: vec![step("a"), step("b")],
+        }
+        .into()
+    }
+
+    /// The job's entries from version `from` on, as the feed would hand them over.
+    async fn entries(store: &Arc<dyn Store>, job: JobId, from: u64) -> JobEntries {
+        let mut out = JobEntries::default();
+        for stored in store.read_stream(&StreamId::Job(job), from).await.unwrap() {
+            let event = stored.decode().unwrap();
+            if wakes_coordinator(&event) {
+                out.waking.push(stored.pos.clone());
+            }
+            out.events.push((stored, event));
+        }
+        out
+    }
+
+    fn queued(events: &[Stored], step: &str) -> usize {
+        events
+            .iter()
+            .filter(
+                |s| matches!(s.decode().unwrap(), Event::StepQueued(q) if q.step.as_str() == step),
+            )
+            .count()
+    }
+
+    /// A coordinator decides from the state it remembers, extended by gap-free feed entries.
+    /// When that state is stale (another coordinator decided meanwhile, and its entry has not
+    /// reached this one), the decision conflicts and is made again from the stream: nothing is
+    /// decided twice.
+    #[tokio::test]
+    async fn a_stale_remembered_state_costs_a_reread_not_a_second_decision() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("ferry.db")).unwrap());
+        let coordinator = Coordinator {
+            store: store.clone(),
+            opts: Arc::new(Options::default()),
+            known: Mutex::new(HashMap::new()),
+        };
+        let job = JobId::new();
+        let stream = StreamId::Job(job);
+        store
+            .append(Append::new(stream.clone(), vec![two_step_job(job)]).expect(0))
+            .await
+            .unwrap();
+
+        // JobCreated reaches this coordinator: it queues step a from the entry alone.
+        coordinator
+            .handle_job(job, &entries(&store, job, 0).await)
+            .await
+            .unwrap();
+        let history = store.read_stream(&stream, 0).await.unwrap();
+        assert_eq!((history.len(), queued(&history, "a")), (2, 1));
+
+        // Step a runs and succeeds; another coordinator sees that first and queues step b.
+        let claim = store
+            .claim(
+                &["linux".to_string()],
+                &"agent".into(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap()
+            .expect("step a is queued");
+        let ran: Vec<Event> = vec![
+            StepStarted {
+                step: claim.step.clone(),
+                attempt: 1,
+                agent: "agent".into(),
+            }
+            .into(),
+            StepSucceeded {
+                step: claim.step.clone(),
+                attempt: 1,
+            }
+            .into(),
+        ];
+        store
+            .append(Append::new(stream.clone(), ran).fenced(claim.step.clone(), claim.token))
+            .await
+            .unwrap();
+        let other = Coordinator {
+            store: store.clone(),
+            opts: Arc::new(Options::default()),
+            known: Mutex::new(HashMap::new()),
+        };
+        other.reconcile(job).await.unwrap();
+        assert_eq!(
+            queued(&store.read_stream(&stream, 0).await.unwrap(), "b"),
+            1
+        );
+
+        // This coordinator now gets the entries up to StepSucceeded only: they continue its
+        // remembered state without a gap, so it decides without reading, to queue b again. The
+        // append conflicts, it reads the stream, and there is nothing left to decide.
+        let mut late = entries(&store, job, 2).await;
+        late.events.truncate(3);
+        late.waking
+            .retain(|p| late.events.iter().any(|(s, _)| &s.pos == p));
+        coordinator.handle_job(job, &late).await.unwrap();
+        let history = store.read_stream(&stream, 0).await.unwrap();
+        assert_eq!(queued(&history, "b"), 1, "step b is queued once");
+        assert_eq!(history.len(), 6);
+        let known = coordinator
+            .known
+            .lock()
+            .unwrap()
+            .get(&job)
+            .cloned()
+            .unwrap();
+        assert_eq!(known.version, 6, "the re-read state is remembered");
+
+        // Waking entries after a gap (this coordinator remembers nothing of the job, and the
+        // feed brings entries 5 and 6) mean a read; still nothing to decide.
+        coordinator.known.lock().unwrap().clear();
+        coordinator
+            .handle_job(job, &entries(&store, job, 4).await)
+            .await
+            .unwrap();
+        assert_eq!(store.read_stream(&stream, 0).await.unwrap().len(), 6);
+        let known = coordinator
+            .known
+            .lock()
+            .unwrap()
+            .get(&job)
+            .cloned()
+            .unwrap();
+        assert_eq!(known.version, 6);
+    }
+}
