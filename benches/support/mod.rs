@@ -254,6 +254,7 @@ pub const SCRIPT_ONLY: &[&str] = &[
     "zrange",
     "zrangebyscore",
     "smembers",
+    "sismember",
     "zcard",
 ];
 

@@ -13,7 +13,7 @@
 //! | `{ns}:ready:<pool>` | zset | member `<job>/<step>`, score = `queue_score(priority, enqueue ms)` |
 //! | `{ns}:delayed` | zset | member `<job>/<step>`, score = due ms |
 //! | `{ns}:items` | hash | member → `attempt\|priority\|pool` for every queued (ready or delayed) member |
-//! | `{ns}:jobitems:<job>` | set | the job's members that are queued or leased |
+//! | `{ns}:jobitems:<job>` | set | the job's members that are queued or leased (every such member is in it) |
 //! | `{ns}:pools` | set | every pool ever enqueued to |
 //! | `{ns}:lease:<job>/<step>` | hash | `token`, `agent`, `attempt`, `deadline`, `pool` |
 //! | `{ns}:leases` | zset | member → lease deadline ms |

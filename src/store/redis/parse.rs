@@ -3,7 +3,6 @@
 use crate::store::{Error, LogPos, Result, Stored};
 use ferry_proto::Envelope;
 use redis::Value;
-use std::collections::HashMap;
 
 pub(crate) fn bytes(v: Value) -> Option<Vec<u8>> {
     match v {
@@ -77,51 +76,49 @@ pub(crate) fn entries(v: Value, source: Source) -> Result<Vec<Stored>> {
 }
 
 fn stored(id: String, fields: Value, source: Source) -> Result<Stored> {
-    let mut map: HashMap<String, Vec<u8>> = HashMap::new();
-    for (k, v) in pairs(fields).ok_or_else(|| corrupt(format!("entry {id} has no fields")))? {
-        if let (Some(k), Some(v)) = (string(k), bytes(v)) {
-            map.insert(k, v);
-        }
+    // The fields by name, without building a map: an entry has at most nine.
+    let (mut s, mut k, mut v, mut t, mut n, mut f, mut p, mut l) =
+        (None, None, None, None, None, None, None, None);
+    for (key, value) in pairs(fields).ok_or_else(|| corrupt(format!("entry {id} has no fields")))? {
+        let slot = match bytes(key).as_deref() {
+            Some(b"s") => &mut s,
+            Some(b"k") => &mut k,
+            Some(b"v") => &mut v,
+            Some(b"t") => &mut t,
+            Some(b"n") => &mut n,
+            Some(b"f") => &mut f,
+            Some(b"p") => &mut p,
+            Some(b"l") => &mut l,
+            _ => continue,
+        };
+        *slot = bytes(value);
     }
-    let text = |f: &str| -> Result<String> {
-        let b = map
-            .get(f)
-            .ok_or_else(|| corrupt(format!("entry {id} has no field {f}")))?;
-        String::from_utf8(b.clone())
-            .map_err(|_| corrupt(format!("entry {id} field {f} is not utf-8")))
+    let text = |field: &str, b: Option<Vec<u8>>| -> Result<String> {
+        let b = b.ok_or_else(|| corrupt(format!("entry {id} has no field {field}")))?;
+        String::from_utf8(b).map_err(|_| corrupt(format!("entry {id} field {field} is not utf-8")))
     };
-    let num = |f: &str| -> Result<u64> {
-        text(f)?
+    let num = |field: &str, b: Option<Vec<u8>>| -> Result<u64> {
+        text(field, b)?
             .parse()
-            .map_err(|_| corrupt(format!("entry {id} field {f} is not a number")))
+            .map_err(|_| corrupt(format!("entry {id} field {field} is not a number")))
+    };
+    let small = |field: &str, b: Option<Vec<u8>>| -> Result<u16> {
+        u16::try_from(num(field, b)?)
+            .map_err(|_| corrupt(format!("entry {id} field {field} is out of range")))
     };
     let pos = match source {
         Source::Log => id.clone(),
-        Source::Stream => text("l")?,
+        Source::Stream => text("l", l)?,
     };
-    let token = if map.contains_key("f") {
-        Some(num("f")?)
-    } else {
-        None
-    };
-    let small = |f: &str| -> Result<u16> {
-        u16::try_from(num(f)?).map_err(|_| corrupt(format!("entry {id} field {f} is out of range")))
-    };
+    let token = f.map(|f| num("f", Some(f))).transpose()?;
+    let seq = n.map(|n| num("n", Some(n))).transpose()?;
     let envelope = Envelope {
-        kind: small("k")?,
-        version: small("v")?,
-        at_ms: num("t")?,
-        stream: text("s")?,
+        kind: small("k", k)?,
+        version: small("v", v)?,
+        at_ms: num("t", t)?,
+        stream: text("s", s)?,
         token,
-        payload: map
-            .get("p")
-            .cloned()
-            .ok_or_else(|| corrupt(format!("entry {id} has no field p")))?,
-    };
-    let seq = if map.contains_key("n") {
-        Some(num("n")?)
-    } else {
-        None
+        payload: p.ok_or_else(|| corrupt(format!("entry {id} has no field p")))?,
     };
     Ok(Stored {
         pos: LogPos(pos),

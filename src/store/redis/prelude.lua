@@ -88,12 +88,20 @@ local function ended(prefix, job)
   return redis.call('EXISTS', prefix .. 'ended:' .. job) == 1
 end
 
+-- Removes any queue entry and lease of `member`. Every queued or leased member is in its job's
+-- `jobitems` set, so a member not in it (a step queued for the first time) has none.
+local function clear_member(prefix, job, member)
+  if redis.call('SISMEMBER', prefix .. 'jobitems:' .. job, member) == 1 then
+    unqueue(prefix, member)
+    drop_lease(prefix, member)
+  end
+end
+
 -- Puts `member` in `pool`'s ready queue (replacing any queue entry or lease it had: a requeued
 -- step's old holder is fenced out) and wakes waiters.
 local function enqueue(prefix, job, member, attempt, pool, priority, now)
   if ended(prefix, job) then return end
-  unqueue(prefix, member)
-  drop_lease(prefix, member)
+  clear_member(prefix, job, member)
   redis.call('ZADD', prefix .. 'ready:' .. pool, int(queue_score(priority, now)), member)
   redis.call('HSET', prefix .. 'items', member, attempt .. '|' .. priority .. '|' .. pool)
   redis.call('SADD', prefix .. 'jobitems:' .. job, member)
@@ -104,8 +112,7 @@ end
 -- Puts `member` in the delayed set until `due` (replacing any queue entry or lease it had).
 local function schedule(prefix, job, member, attempt, pool, priority, due)
   if ended(prefix, job) then return end
-  unqueue(prefix, member)
-  drop_lease(prefix, member)
+  clear_member(prefix, job, member)
   redis.call('ZADD', prefix .. 'delayed', due, member)
   redis.call('HSET', prefix .. 'items', member, attempt .. '|' .. priority .. '|' .. pool)
   redis.call('SADD', prefix .. 'jobitems:' .. job, member)
