@@ -665,6 +665,11 @@ mod tests {
         out
     }
 
+    /// The version of the state `coordinator` remembers for `job`.
+    fn remembered(coordinator: &Coordinator, job: JobId) -> u64 {
+        coordinator.known.lock().unwrap()[&job].version
+    }
+
     fn queued(events: &[Stored], step: &str) -> usize {
         events
             .iter()
@@ -752,14 +757,11 @@ mod tests {
         let history = store.read_stream(&stream, 0).await.unwrap();
         assert_eq!(queued(&history, "b"), 1, "step b is queued once");
         assert_eq!(history.len(), 6);
-        let known = coordinator
-            .known
-            .lock()
-            .unwrap()
-            .get(&job)
-            .cloned()
-            .unwrap();
-        assert_eq!(known.version, 6, "the re-read state is remembered");
+        assert_eq!(
+            remembered(&coordinator, job),
+            6,
+            "the re-read state is remembered"
+        );
 
         // Waking entries after a gap (this coordinator remembers nothing of the job, and the
         // feed brings entries 5 and 6) mean a read; still nothing to decide.
@@ -769,13 +771,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.read_stream(&stream, 0).await.unwrap().len(), 6);
-        let known = coordinator
-            .known
-            .lock()
-            .unwrap()
-            .get(&job)
-            .cloned()
-            .unwrap();
-        assert_eq!(known.version, 6);
+        assert_eq!(remembered(&coordinator, job), 6);
     }
 }
