@@ -110,18 +110,21 @@ for _ = 1, m do
             end
           end
         elseif effect == 'clear' then
+          -- (an empty set does not exist: no DEL needed)
           local set = prefix .. 'jobitems:' .. job
-          for _, mem in ipairs(redis.call('SMEMBERS', set)) do
+          local members = redis.call('SMEMBERS', set)
+          for _, mem in ipairs(members) do
             unqueue(prefix, mem)
             drop_lease(prefix, mem)
           end
-          redis.call('DEL', set)
+          if #members > 0 then redis.call('DEL', set) end
           redis.call('SET', prefix .. 'ended:' .. job, '1')
           local idx = prefix .. 'jobidx:' .. job
-          for _, key in ipairs(redis.call('SMEMBERS', idx)) do
+          local keys = redis.call('SMEMBERS', idx)
+          for _, key in ipairs(keys) do
             redis.call('SREM', prefix .. 'idx:' .. key, job)
           end
-          redis.call('DEL', idx)
+          if #keys > 0 then redis.call('DEL', idx) end
         end
       end
     end

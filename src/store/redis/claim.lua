@@ -3,7 +3,7 @@
 -- job's stream and the log.
 --
 -- KEYS[1]  {ns}:items    KEYS[2] {ns}:leases    KEYS[3] {ns}:fence
--- ARGV[1]  prefix `{ns}:` (derived keys: ready:<pool>, lease:<member>, jobitems:<job>, log,
+-- ARGV[1]  prefix `{ns}:` (derived keys: ready:<pool>, lease:<member>, log,
 --          s:job:<job>)
 -- ARGV[2]  agent id;  ARGV[3] lease ttl ms;  ARGV[4] max claims (>= 1)
 -- ARGV[5..] pool names
@@ -54,14 +54,20 @@ for _ = 1, max do
   redis.call('HSET', prefix .. 'lease:' .. best, 'token', token, 'agent', agent,
     'attempt', attempt, 'deadline', int(deadline), 'pool', item_pool)
   redis.call('ZADD', KEYS[2], int(deadline), best)
-  redis.call('SADD', prefix .. 'jobitems:' .. job, best)
+  -- `best` stays in its job's `jobitems` set: it was queued, now it is leased.
 
   local payload = cmsgpack.pack({step = step, attempt = attempt, agent = agent, token = token,
     lease_ttl_ms = ttl})
-  emit(prefix, 'job:' .. job, 4, 1, int(now), tostring(token), payload)
-  local history = redis.call('XRANGE', prefix .. 's:job:' .. job, '-', '+')
-  claims[#claims + 1] = {job, step, tostring(attempt), item_pool, tostring(token),
-    int(deadline), history}
+  -- The stream is read first: its length gives StepClaimed's place, and the new entry is added
+  -- to the reply as XRANGE would return it (every value a string).
+  local stream = 'job:' .. job
+  local history = redis.call('XRANGE', prefix .. 's:' .. stream, '-', '+')
+  local seq = #history + 1
+  local at, fence = int(now), tostring(token)
+  local log_id, entry_id = emit(prefix, stream, 4, 1, at, fence, payload, seq)
+  history[seq] = {entry_id, {'s', stream, 'k', '4', 'v', '1', 't', at, 'n', tostring(seq),
+    'f', fence, 'p', payload, 'l', log_id}}
+  claims[#claims + 1] = {job, step, tostring(attempt), item_pool, fence, int(deadline), history}
 end
 
 return claims

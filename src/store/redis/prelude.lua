@@ -25,27 +25,27 @@ local function int(n)
 end
 
 -- Appends one event to the global log and to its stream (with `l` = the log id); returns the
--- log id. `seq` is the event's place in its stream (the stream's length after it), written as
--- field `n`; nil reads the stream's length first.
+-- log id, then the stream entry's id. `seq` is the event's place in its stream (the stream's
+-- length after it), written as field `n`; nil reads the stream's length first.
 local function emit(prefix, stream, kind, version, at, token, payload, seq)
   local key = prefix .. 's:' .. stream
   if seq == nil then
     seq = redis.call('XLEN', key) + 1
   end
   -- One XADD call each, arguments spelled out: no field tables to build and unpack.
-  local id
+  local id, entry
   if token ~= nil and token ~= '' then
     id = redis.call('XADD', prefix .. 'log', '*', 's', stream, 'k', kind, 'v', version, 't', at,
       'n', seq, 'f', token, 'p', payload)
-    redis.call('XADD', key, '*', 's', stream, 'k', kind, 'v', version, 't', at, 'n', seq,
-      'f', token, 'p', payload, 'l', id)
+    entry = redis.call('XADD', key, '*', 's', stream, 'k', kind, 'v', version, 't', at,
+      'n', seq, 'f', token, 'p', payload, 'l', id)
   else
     id = redis.call('XADD', prefix .. 'log', '*', 's', stream, 'k', kind, 'v', version, 't', at,
       'n', seq, 'p', payload)
-    redis.call('XADD', key, '*', 's', stream, 'k', kind, 'v', version, 't', at, 'n', seq,
-      'p', payload, 'l', id)
+    entry = redis.call('XADD', key, '*', 's', stream, 'k', kind, 'v', version, 't', at,
+      'n', seq, 'p', payload, 'l', id)
   end
-  return id
+  return id, entry
 end
 
 -- The queued item of `member`: attempt, priority, pool; nil when not queued.
@@ -56,10 +56,12 @@ local function item_get(prefix, member)
   return tonumber(a), tonumber(p), pool
 end
 
--- Removes any queue entry (ready or delayed) of `member`.
+-- Removes any queue entry (ready or delayed) of `member`. Every queued member has an item, so
+-- a member without one (a leased step, say) has nothing to remove.
 local function unqueue(prefix, member)
   local _, _, pool = item_get(prefix, member)
-  if pool then redis.call('ZREM', prefix .. 'ready:' .. pool, member) end
+  if not pool then return end
+  redis.call('ZREM', prefix .. 'ready:' .. pool, member)
   redis.call('ZREM', prefix .. 'delayed', member)
   redis.call('HDEL', prefix .. 'items', member)
 end
@@ -77,9 +79,12 @@ local function forget_if_idle(prefix, job, member)
   end
 end
 
+-- Pushes a wake-up token for `pool`'s waiters, keeping at most 64.
 local function wake(prefix, pool)
-  redis.call('LPUSH', prefix .. 'wake:' .. pool, '1')
-  redis.call('LTRIM', prefix .. 'wake:' .. pool, 0, 63)
+  local key = prefix .. 'wake:' .. pool
+  if redis.call('LPUSH', key, '1') > 64 then
+    redis.call('LTRIM', key, 0, 63)
+  end
 end
 
 -- An ended job (its stream holds a terminal event) never waits or runs again: queueing
