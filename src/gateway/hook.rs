@@ -8,8 +8,8 @@
 //! commit is `checkout_sha`, and that is what gets built.
 
 use super::options::{OnTagMove, ProjectHooks};
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::Value;
 
 /// The values of `WebhookReceived.action`.
 pub mod action {
@@ -161,7 +161,7 @@ impl Hook {
             serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(not_json)?;
             return Err(Error::NotObject);
         }
-        // Every field reads as a `Value`, so a data error here is a duplicate key.
+        // Every field reads leniently (see `Field`), so a data error here is a duplicate key.
         let raw: Raw = serde_json::from_slice(body).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => Error::NotJson(e.to_string()),
             _ => not_json(e),
@@ -175,47 +175,41 @@ impl Hook {
         hook.project_id = hook.unsigned(raw.project_id, "project_id");
         hook.user = hook.string(raw.user_username, "user_username");
         match raw.project {
-            Value::Object(mut project) => {
-                let mut take = |k: &str| project.remove(k).unwrap_or(Value::Null);
-                let (id, path, url) = (
-                    take("id"),
-                    take("path_with_namespace"),
-                    take("git_http_url"),
-                );
+            Nested::Object(project) => {
                 if hook.project_id.is_none() {
-                    hook.project_id = hook.unsigned(id, "project.id");
+                    hook.project_id = hook.unsigned(project.id, "project.id");
                 }
-                hook.project_path = hook.string(path, "project.path_with_namespace");
-                hook.clone_url = hook.string(url, "project.git_http_url");
+                hook.project_path =
+                    hook.string(project.path_with_namespace, "project.path_with_namespace");
+                hook.clone_url = hook.string(project.git_http_url, "project.git_http_url");
             }
-            Value::Null => {}
-            _ => hook.invalid.push(("project", "an object")),
+            Nested::Null => {}
+            Nested::Other => hook.invalid.push(("project", "an object")),
         }
         if hook.user.is_none() {
-            if let Value::Object(mut user) = raw.user {
-                let username = user.remove("username").unwrap_or(Value::Null);
-                hook.user = hook.string(username, "user.username");
+            if let Nested::Object(user) = raw.user {
+                hook.user = hook.string(user.username, "user.username");
             }
         }
         Ok(hook)
     }
 
-    fn string(&mut self, value: Value, field: &'static str) -> Option<String> {
+    fn string(&mut self, value: Field, field: &'static str) -> Option<String> {
         match value {
-            Value::Null => None,
-            Value::String(s) => Some(s),
-            _ => {
+            Field::Null => None,
+            Field::Str(s) => Some(s),
+            Field::Unsigned(_) | Field::Other => {
                 self.invalid.push((field, "a string"));
                 None
             }
         }
     }
 
-    fn unsigned(&mut self, value: Value, field: &'static str) -> Option<u64> {
+    fn unsigned(&mut self, value: Field, field: &'static str) -> Option<u64> {
         match value {
-            Value::Null => None,
-            Value::Number(n) if n.is_u64() => n.as_u64(),
-            _ => {
+            Field::Null => None,
+            Field::Unsigned(n) => Some(n),
+            Field::Str(_) | Field::Other => {
                 self.invalid.push((field, "an unsigned integer"));
                 None
             }
@@ -282,23 +276,203 @@ pub fn is_all_zeros(id: &str) -> bool {
 #[derive(Deserialize)]
 struct Raw {
     #[serde(default)]
-    object_kind: Value,
+    object_kind: Field,
     #[serde(default)]
-    project_id: Value,
+    project_id: Field,
     #[serde(default)]
-    project: Value,
+    project: Nested<RawProject>,
     #[serde(default, rename = "ref")]
-    git_ref: Value,
+    git_ref: Field,
     #[serde(default)]
-    before: Value,
+    before: Field,
     #[serde(default)]
-    after: Value,
+    after: Field,
     #[serde(default)]
-    checkout_sha: Value,
+    checkout_sha: Field,
     #[serde(default)]
-    user_username: Value,
+    user_username: Field,
     #[serde(default)]
-    user: Value,
+    user: Nested<RawUser>,
+}
+
+/// The fields of `project` that ferry reads (the others are skipped unparsed).
+#[derive(Default)]
+struct RawProject {
+    id: Field,
+    path_with_namespace: Field,
+    git_http_url: Field,
+}
+
+/// The field of `user` that ferry reads.
+#[derive(Default)]
+struct RawUser {
+    username: Field,
+}
+
+/// One scalar field, read without building a tree: arrays and objects are skipped and read as
+/// `Other` (a wrong type), as do booleans and numbers that are not unsigned integers.
+#[derive(Default)]
+enum Field {
+    #[default]
+    Null,
+    Str(String),
+    Unsigned(u64),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Field;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any json value")
+            }
+            fn visit_unit<E>(self) -> Result<Field, E> {
+                Ok(Field::Null)
+            }
+            fn visit_none<E>(self) -> Result<Field, E> {
+                Ok(Field::Null)
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Field, E> {
+                Ok(Field::Str(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Field, E> {
+                Ok(Field::Str(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Field, E> {
+                Ok(Field::Unsigned(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Field, E> {
+                Ok(u64::try_from(v).map_or(Field::Other, Field::Unsigned))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A nested object of which ferry reads a few fields: `null`, the object, or anything else
+/// (a wrong type). Unknown keys are skipped unparsed; a repeated key's last value wins.
+#[derive(Default)]
+enum Nested<T> {
+    #[default]
+    Null,
+    Object(T),
+    Other,
+}
+
+/// The fields a [`Nested`] object reads, by key.
+trait Fields: Default {
+    fn slot(&mut self, key: &str) -> Option<&mut Field>;
+}
+
+impl Fields for RawProject {
+    fn slot(&mut self, key: &str) -> Option<&mut Field> {
+        match key {
+            "id" => Some(&mut self.id),
+            "path_with_namespace" => Some(&mut self.path_with_namespace),
+            "git_http_url" => Some(&mut self.git_http_url),
+            _ => None,
+        }
+    }
+}
+
+impl Fields for RawUser {
+    fn slot(&mut self, key: &str) -> Option<&mut Field> {
+        (key == "username").then_some(&mut self.username)
+    }
+}
+
+impl<'de, T: Fields> Deserialize<'de> for Nested<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Fields> Visitor<'de> for V<T> {
+            type Value = Nested<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any json value")
+            }
+            fn visit_unit<E>(self) -> Result<Nested<T>, E> {
+                Ok(Nested::Null)
+            }
+            fn visit_none<E>(self) -> Result<Nested<T>, E> {
+                Ok(Nested::Null)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Nested<T>, A::Error> {
+                let mut fields = T::default();
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    match fields.slot(key.as_str()) {
+                        Some(slot) => *slot = map.next_value()?,
+                        None => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(Nested::Object(fields))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Nested<T>, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Nested::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Nested<T>, E> {
+                Ok(Nested::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Nested<T>, E> {
+                Ok(Nested::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Nested<T>, E> {
+                Ok(Nested::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Nested<T>, E> {
+                Ok(Nested::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Nested<T>, E> {
+                Ok(Nested::Other)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// An object key, borrowed from the body when it has no escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl Key<'_> {
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 fn ignore(reason: &str) -> Decision {

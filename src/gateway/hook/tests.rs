@@ -1,5 +1,5 @@
 use super::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const TAG_CREATE: &str = include_str!("../../../tests/fixtures/gitlab/tag_push_create.json");
 const TAG_ANNOTATED: &str = include_str!("../../../tests/fixtures/gitlab/tag_push_annotated.json");
@@ -462,4 +462,52 @@ fn duplicate_keys_are_not_json_ferry_accepts() {
         &project(),
         "error: body is not valid json: duplicate field `ref` at line 1 column 28",
     );
+}
+
+#[test]
+fn fields_of_the_wrong_type_read_as_absent_and_are_named_when_required() {
+    let parse = |body: &str| Hook::parse(body.as_bytes()).unwrap();
+    // Unknown fields of any shape are skipped; an escaped key is still the key it spells.
+    let hook = parse(
+        r#"{"project": {"namespace": {"a": [1, {"b": null}]}, "id": 7,
+            "path_with\u005fnamespace": "g/app", "git_http_url": null},
+           "user": {"username": "ann", "x": [true]}, "commits": [[], {}], "ref": "refs/tags/v1"}"#,
+    );
+    assert_eq!(hook.project_id, Some(7));
+    assert_eq!(hook.project_path.as_deref(), Some("g/app"));
+    assert_eq!(hook.clone_url, None);
+    assert_eq!(hook.user.as_deref(), Some("ann"));
+    assert_eq!(hook.git_ref.as_deref(), Some("refs/tags/v1"));
+    assert!(hook.invalid.is_empty(), "{:?}", hook.invalid);
+
+    for (body, invalid) in [
+        (
+            r#"{"project_id": -1}"#,
+            ("project_id", "an unsigned integer"),
+        ),
+        (
+            r#"{"project_id": 1.5}"#,
+            ("project_id", "an unsigned integer"),
+        ),
+        (
+            r#"{"project_id": "1"}"#,
+            ("project_id", "an unsigned integer"),
+        ),
+        (
+            r#"{"project": {"id": [1]}}"#,
+            ("project.id", "an unsigned integer"),
+        ),
+        (r#"{"project": "g/app"}"#, ("project", "an object")),
+        (r#"{"project": [1]}"#, ("project", "an object")),
+        (r#"{"before": {"sha": "0"}}"#, ("before", "a string")),
+        (r#"{"checkout_sha": false}"#, ("checkout_sha", "a string")),
+        (
+            r#"{"user": {"username": 3}}"#,
+            ("user.username", "a string"),
+        ),
+    ] {
+        assert_eq!(parse(body).invalid, [invalid], "{body}");
+    }
+    // A user that is not an object is simply not read (the field is optional everywhere).
+    assert_eq!(parse(r#"{"user": [1]}"#).user, None);
 }
