@@ -1,7 +1,7 @@
 //! The whole flow with real processes: a real git repository, a webhook over HTTP to
 //! `ferry gateway`, `ferry coordinator` and `ferry agent` processes on one Redis, a build with
-//! gix and `sh`, and a deploy with the local transport. Agents are killed with SIGKILL and
-//! frozen with SIGSTOP in the middle of a build.
+//! gix and `sh`, and a deploy with the local transport. Agents are killed with SIGKILL (their
+//! build dies with them) and frozen with SIGSTOP in the middle of a build.
 
 use crate::cli::Proc;
 use crate::harness::{self, git, wait_for, wait_until, DEADLINE};
@@ -194,9 +194,16 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
     }
 }
 
+/// Whether `pid` still runs: it exists and is not a zombie (an orphan waits as a zombie until
+/// whoever adopted it reaps it).
 fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks whether the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 fn count(events: &[Event], f: impl Fn(&Event) -> bool) -> usize {
@@ -212,6 +219,8 @@ async fn an_agent_killed_mid_build_is_replaced_and_the_tag_is_built_and_deployed
     let job = w.push_tag().await;
     let first = w.pid(1).await;
     a1.kill9();
+    // The build does not run on without its agent: the group's watchdog kills it.
+    wait_until(DEADLINE, || async { !alive(first) }).await;
     let _a2 = w.spawn(&["agent"], "agent-2");
     let second = w.pid(2).await;
     assert_ne!(first, second);
