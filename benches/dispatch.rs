@@ -44,7 +44,7 @@ mod in_process;
 use ferry::domain::JobPhase;
 use ferry::store::redis::RedisStore;
 use ferry::store::{Append, EventLog, StreamId};
-use ferry_proto::{Event, JobCreated, JobId, StepId, StepPlan, StepQueued, StepSpec, StepStarted};
+use ferry_proto::{Event, JobCreated, JobId, StepId, StepQueued, StepStarted};
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
 use std::path::PathBuf;
@@ -336,21 +336,8 @@ async fn client(url: &str) -> MultiplexedConnection {
 fn noop_job() -> (JobId, Event) {
     let job = JobId::new();
     let created = JobCreated {
-        artifact: None,
-        job,
-        project_id: 1,
-        project: "group/app".into(),
-        tag: "v1".into(),
-        git_ref: "refs/tags/v1".into(),
-        sha: "a".repeat(40),
-        priority: 0,
         trigger: "bench".into(),
-        steps: vec![StepPlan {
-            step: StepId::new("noop"),
-            pool: POOL.into(),
-            priority: 0,
-            spec: StepSpec::Noop,
-        }],
+        ..ferry::store::conformance::noop_job(job, "v1", POOL, &["noop"])
     };
     (job, created.into())
 }

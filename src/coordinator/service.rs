@@ -315,7 +315,7 @@ impl Coordinator {
                 for older in gate.supersede {
                     // An older deploy that an agent claimed after we read it can no longer be
                     // superseded: this one waits for it instead of running beside it.
-                    if !self.supersede(older, job, &environment).await? {
+                    if !self.supersede(older, job, &environment, None).await? {
                         verdict = Verdict::Wait { behind: older };
                     }
                 }
@@ -395,11 +395,22 @@ impl Coordinator {
 
     /// Ends an older job whose deploy to `environment` has not started, because `by` is newer.
     /// Returns `false` when that deploy is running (an agent claimed it after the gate read
-    /// it): it cannot be superseded, and the newer one must wait. The append is made at the version folded,
-    /// so a claim landing in between makes it conflict and be looked at again.
-    async fn supersede(&self, older: JobId, by: JobId, environment: &str) -> Result<bool, Error> {
+    /// it): it cannot be superseded, and the newer one must wait. The append is made at the
+    /// version folded (first `known`, when given, then fresh reads), so a claim landing in
+    /// between makes it conflict and be looked at again.
+    async fn supersede(
+        &self,
+        older: JobId,
+        by: JobId,
+        environment: &str,
+        known: Option<JobState>,
+    ) -> Result<bool, Error> {
+        let mut known = known;
         for _ in 0..16 {
-            let state = self.fold(older).await?;
+            let state = match known.take() {
+                Some(state) => state,
+                None => self.fold(older).await?,
+            };
             let deploy = state
                 .steps
                 .iter()
@@ -627,29 +638,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::conformance::noop_job;
     use crate::store::sqlite::SqliteStore;
-    use ferry_proto::{JobCreated, StepId, StepPlan, StepStarted, StepSucceeded};
+    use ferry_proto::{StepStarted, StepSucceeded};
 
     fn two_step_job(job: JobId) -> Event {
-        let step = |name: &str| StepPlan {
-            step: StepId::new(name),
-            pool: "linux".into(),
-            priority: 0,
-            spec: StepSpec::Noop,
-        };
-        JobCreated {
-            artifact: None,
-            job,
-            project_id: 1,
-            project: "group/app".into(),
-            tag: "v1".into(),
-            git_ref: "refs/tags/v1".into(),
-            sha: "a".repeat(40),
-            priority: 0,
-            trigger: "test".into(),
-            steps: vec![step("a"), step("b")],
-        }
-        .into()
+        noop_job(job, "v1", "linux", &["a", "b"]).into()
     }
 
     /// The job's entries from version `from` on, as the feed would hand them over.
@@ -772,5 +766,84 @@ mod tests {
             .unwrap();
         assert_eq!(store.read_stream(&stream, 0).await.unwrap().len(), 6);
         assert_eq!(remembered(&coordinator, job), 6);
+    }
+
+    /// A newer tag's deploy supersedes an older one that is still queued, but an agent may claim
+    /// the older deploy between the coordinator's read and its JobSuperseded. That append was
+    /// made at the version read, so it conflicts; the re-read shows the deploy running, and the
+    /// older job is left to finish (the newer one waits for it) instead of being ended under a
+    /// running deploy.
+    #[tokio::test]
+    async fn a_deploy_claimed_after_the_read_is_not_superseded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("ferry.db")).unwrap());
+        let coordinator = Coordinator {
+            store: store.clone(),
+            opts: Arc::new(Options::default()),
+            known: Mutex::new(HashMap::new()),
+        };
+        let deploy = crate::coordinator::plan::deploy_step("prod");
+        let deploy_job = |job: JobId, tag: &str| -> Event {
+            noop_job(job, tag, "linux", &["deploy:prod"]).into()
+        };
+        let (older, newer) = (JobId::new(), JobId::new());
+        for (job, tag) in [(older, "v1"), (newer, "v2")] {
+            store
+                .append(Append::new(StreamId::Job(job), vec![deploy_job(job, tag)]).expect(0))
+                .await
+                .unwrap();
+        }
+        // The older job's deploy is queued; the coordinator reads it so.
+        coordinator.reconcile(older).await.unwrap();
+        let read = coordinator.fold(older).await.unwrap();
+        assert!(matches!(
+            read.steps[0].status,
+            crate::domain::StepStatus::Queued { .. }
+        ));
+
+        // An agent claims it before the coordinator's JobSuperseded lands.
+        let claim = store
+            .claim(
+                &["linux".to_string()],
+                &"agent".into(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap()
+            .expect("the older deploy is queued");
+        assert_eq!((claim.job, &claim.step), (older, &deploy));
+
+        let superseded = coordinator
+            .supersede(older, newer, "prod", Some(read))
+            .await
+            .unwrap();
+        assert!(!superseded, "a running deploy cannot be superseded");
+        let history: Vec<Event> = store
+            .read_stream(&StreamId::Job(older), 0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.decode().unwrap())
+            .collect();
+        assert!(
+            !history.iter().any(|e| matches!(e, Event::JobSuperseded(_))),
+            "{history:?}"
+        );
+        // The older deploy finishes under its lease.
+        store
+            .append(
+                Append::new(
+                    StreamId::Job(older),
+                    vec![StepSucceeded {
+                        step: deploy.clone(),
+                        attempt: 1,
+                    }
+                    .into()],
+                )
+                .fenced(deploy.clone(), claim.token),
+            )
+            .await
+            .unwrap();
     }
 }

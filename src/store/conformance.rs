@@ -175,6 +175,31 @@ fn webhook(n: u32) -> Event {
     })
 }
 
+/// A test job of project `group/app` (id 1) at tag `tag` on commit `aaa…`: one no-op step per
+/// name in `steps`, all for `pool`, priority 0. Tests, benches and this suite share it.
+pub fn noop_job(job: JobId, tag: &str, pool: &str, steps: &[&str]) -> ferry_proto::JobCreated {
+    ferry_proto::JobCreated {
+        artifact: None,
+        job,
+        project_id: 1,
+        project: "group/app".into(),
+        tag: tag.into(),
+        git_ref: format!("refs/tags/{tag}"),
+        sha: "a".repeat(40),
+        priority: 0,
+        trigger: "test".into(),
+        steps: steps
+            .iter()
+            .map(|s| ferry_proto::StepPlan {
+                step: ferry_proto::StepId::new(*s),
+                pool: pool.into(),
+                priority: 0,
+                spec: ferry_proto::StepSpec::Noop,
+            })
+            .collect(),
+    }
+}
+
 async fn append(store: &dyn Store, a: Append) -> (Version, Vec<LogPos>) {
     match store.append(a).await.expect("append") {
         Appended::Written { version, positions } => (version, positions),

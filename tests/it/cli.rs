@@ -47,23 +47,7 @@ impl Drop for Proc {
 
 fn noop_job() -> (JobId, Event) {
     let job = JobId::new();
-    let created = JobCreated {
-        artifact: None,
-        job,
-        project_id: 1,
-        project: "group/app".into(),
-        tag: "v1".into(),
-        git_ref: "refs/tags/v1".into(),
-        sha: "a".repeat(40),
-        priority: 0,
-        trigger: "test".into(),
-        steps: vec![StepPlan {
-            step: StepId::new("build"),
-            pool: "default".into(),
-            priority: 0,
-            spec: StepSpec::Noop,
-        }],
-    };
+    let created = ferry::store::conformance::noop_job(job, "v1", "default", &["build"]);
     (job, created.into())
 }
 

@@ -14,26 +14,7 @@ use tokio::sync::watch;
 
 fn noop_job(steps: &[&str], pool: &str) -> (JobId, Event) {
     let job = JobId::new();
-    let created = JobCreated {
-        artifact: None,
-        job,
-        project_id: 1,
-        project: "group/app".into(),
-        tag: "v1".into(),
-        git_ref: "refs/tags/v1".into(),
-        sha: "a".repeat(40),
-        priority: 0,
-        trigger: "test".into(),
-        steps: steps
-            .iter()
-            .map(|s| StepPlan {
-                step: StepId::new(*s),
-                pool: pool.into(),
-                priority: 0,
-                spec: StepSpec::Noop,
-            })
-            .collect(),
-    };
+    let created = ferry::store::conformance::noop_job(job, "v1", pool, steps);
     (job, created.into())
 }
 
