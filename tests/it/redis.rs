@@ -65,6 +65,63 @@ async fn ready_scores_use_the_store_clock() {
     assert_eq!(score as u64 >> 43, 93, "priority band");
 }
 
+/// A ready member whose queue item is missing (damaged by hand) is refused as corrupt, and the
+/// refused claim writes nothing: the member stays ready, with one pool (popped and put back) as
+/// with several (only looked at).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_member_without_an_item_is_corrupt_and_stays_put() {
+    let store = harness::redis_store().await;
+    let job = JobId::new();
+    let ev = Event::StepQueued(StepQueued {
+        step: "build".into(),
+        attempt: 1,
+        pool: "linux".into(),
+        priority: 0,
+    });
+    store
+        .append(Append::new(StreamId::Job(job), vec![ev]))
+        .await
+        .unwrap();
+    let ns = store.namespace();
+    let member = format!("{job}/build");
+    let mut conn = raw().await;
+    let _: () = redis::cmd("HDEL")
+        .arg(format!("{{{ns}}}:items"))
+        .arg(&member)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ready = format!("{{{ns}}}:ready:linux");
+    let score = |conn: &mut redis::aio::MultiplexedConnection| {
+        let (ready, member) = (ready.clone(), member.clone());
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("ZSCORE")
+                .arg(ready)
+                .arg(member)
+                .query_async::<Option<f64>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let before = score(&mut conn).await.expect("queued");
+    for pools in [
+        vec!["linux".to_string()],
+        vec!["linux".into(), "arm".into()],
+    ] {
+        match store
+            .claim(&pools, &"agent".into(), Duration::from_secs(30))
+            .await
+        {
+            Err(Error::Corrupt(m)) => assert!(m.contains("no queue item"), "{m}"),
+            other => panic!("{pools:?}: expected Corrupt, got {other:?}"),
+        }
+        assert_eq!(score(&mut conn).await, Some(before), "{pools:?}");
+    }
+    let stream = store.read_stream(&StreamId::Job(job), 0).await.unwrap();
+    assert_eq!(stream.len(), 1, "no StepClaimed was written");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_keys_share_the_namespace_hash_tag() {
     let fixture = harness::redis_fixture().await;

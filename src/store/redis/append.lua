@@ -100,7 +100,11 @@ for _ = 1, m do
             ARGV[base + 8])
         elseif effect == 'finish' then
           drop_lease(prefix, member)
-          unqueue(prefix, member)
+          -- A member is queued or leased, never both (queueing drops the lease): when this
+          -- append passed the step's own fence, there is no queue entry to remove.
+          if token == '' or fence_step ~= step then
+            unqueue(prefix, member)
+          end
           redis.call('SREM', prefix .. 'jobitems:' .. job, member)
         elseif effect == 'index' then
           for key in string.gmatch(ARGV[base + 4], '[^\n]+') do

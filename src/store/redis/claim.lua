@@ -27,12 +27,21 @@ local claims = {}
 
 for _ = 1, max do
   local best, best_score, best_pool
-  for i = 5, #ARGV do
-    local head = redis.call('ZRANGE', prefix .. 'ready:' .. ARGV[i], 0, 0, 'WITHSCORES')
+  -- One pool: pop its head at once (ZPOPMIN orders by score, then member, as below).
+  local popped = #ARGV == 5
+  if popped then
+    local head = redis.call('ZPOPMIN', prefix .. 'ready:' .. ARGV[5])
     if head[1] then
-      local score = tonumber(head[2])
-      if best == nil or score < best_score or (score == best_score and head[1] < best) then
-        best, best_score, best_pool = head[1], score, ARGV[i]
+      best, best_score, best_pool = head[1], head[2], ARGV[5]
+    end
+  else
+    for i = 5, #ARGV do
+      local head = redis.call('ZRANGE', prefix .. 'ready:' .. ARGV[i], 0, 0, 'WITHSCORES')
+      if head[1] then
+        local score = tonumber(head[2])
+        if best == nil or score < best_score or (score == best_score and head[1] < best) then
+          best, best_score, best_pool = head[1], score, ARGV[i]
+        end
       end
     end
   end
@@ -43,11 +52,17 @@ for _ = 1, max do
   local attempt, _, item_pool = item_get(prefix, best)
   local job, step = split_member(best)
   if attempt == nil or job == nil then
+    if popped then
+      -- put it back: a refused claim writes nothing
+      redis.call('ZADD', prefix .. 'ready:' .. best_pool, best_score, best)
+    end
     if #claims > 0 then break end
     return redis.error_reply('FERRY_CORRUPT ready member ' .. best .. ' has no queue item')
   end
 
-  redis.call('ZREM', prefix .. 'ready:' .. best_pool, best)
+  if not popped then
+    redis.call('ZREM', prefix .. 'ready:' .. best_pool, best)
+  end
   redis.call('HDEL', KEYS[1], best)
   local token = redis.call('INCR', KEYS[3])
   local deadline = now + ttl

@@ -79,10 +79,11 @@ local function forget_if_idle(prefix, job, member)
   end
 end
 
--- Pushes a wake-up token for `pool`'s waiters, keeping at most 64.
+-- Pushes a wake-up token for `pool`'s waiters. The list stays bounded: past 128 tokens it is
+-- trimmed to 64 (so a trim comes once per 64 pushes when nobody waits).
 local function wake(prefix, pool)
   local key = prefix .. 'wake:' .. pool
-  if redis.call('LPUSH', key, '1') > 64 then
+  if redis.call('LPUSH', key, '1') > 128 then
     redis.call('LTRIM', key, 0, 63)
   end
 end
