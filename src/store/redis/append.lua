@@ -6,7 +6,7 @@
 -- KEYS[1]  {ns}:log              the global log
 -- KEYS[2]  {ns}:jobs             job index (zset)
 -- ARGV[1]  prefix `{ns}:` (derived keys: s:<stream>, dedupe:<key>, ready:<pool>, delayed,
---          items, jobitems:<job>, ended:<job>, lease:<member>, leases, pools, wake:<pool>,
+--          items, jobitems:<job>, ended:<job>, lease:<member>, leases, wake:<pool>,
 --          idx:<key>, jobidx:<job>)
 -- ARGV[2]  M, the number of appends; then M appends, each:
 --          stream name (`job:<uuid>`, `webhooks`, `agents`), job id or '' when the stream is

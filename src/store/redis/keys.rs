@@ -12,9 +12,8 @@
 //! | `{ns}:jobs` | zset | job ids, score = creation ms (store clock) |
 //! | `{ns}:ready:<pool>` | zset | member `<job>/<step>`, score = `queue_score(priority, enqueue ms)` |
 //! | `{ns}:delayed` | zset | member `<job>/<step>`, score = due ms |
-//! | `{ns}:items` | hash | member → `attempt\|priority\|pool` for every queued (ready or delayed) member |
+//! | `{ns}:items` | hash | member → `attempt\|priority\|pool` for every queued (ready or delayed) member (listing the queues reads the pools from it) |
 //! | `{ns}:jobitems:<job>` | set | the job's members that are queued or leased (every such member is in it) |
-//! | `{ns}:pools` | set | every pool ever enqueued to |
 //! | `{ns}:lease:<job>/<step>` | hash | `token`, `agent`, `attempt`, `deadline`, `pool` |
 //! | `{ns}:leases` | zset | member → lease deadline ms |
 //! | `{ns}:fence` | string | INCR counter for lease and lock tokens |
@@ -89,9 +88,6 @@ impl Keys {
     }
     pub(crate) fn items(&self) -> String {
         self.key("items")
-    }
-    pub(crate) fn pools(&self) -> String {
-        self.key("pools")
     }
     pub(crate) fn lease(&self, member: &str) -> String {
         self.key(&format!("lease:{member}"))

@@ -517,30 +517,49 @@ impl WorkQueue for RedisStore {
 
     async fn queued(&self) -> Result<Vec<Queued>> {
         let k = self.keys();
-        let mut pools: Vec<String> = self
-            .query("list pools", redis::cmd("SMEMBERS").arg(k.pools()))
-            .await?;
-        pools.sort();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HGETALL")
-            .arg(k.items())
-            .cmd("ZRANGE")
-            .arg(k.delayed())
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES");
-        for p in &pools {
-            pipe.cmd("ZRANGE").arg(k.ready(p)).arg(0).arg(-1);
-        }
-        let replies: Vec<Value> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| command_error("list queues", e))?;
-        let mut replies = replies.into_iter();
-        let mut next = || replies.next().unwrap_or(Value::Nil);
-        let items: HashMap<String, String> = from_value("queue items", next())?;
-        let delayed: Vec<(String, f64)> = from_value("delayed set", next())?;
+        // The pools come from the items (every queued member has one, naming its pool): read
+        // the items, the delayed set and the ready queues of the pools known so far in one
+        // transaction, and again with more pools while the items name a pool not read yet.
+        let mut pools: Vec<String> = Vec::new();
+        let (items, delayed, mut ready) = loop {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("HGETALL")
+                .arg(k.items())
+                .cmd("ZRANGE")
+                .arg(k.delayed())
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES");
+            for p in &pools {
+                pipe.cmd("ZRANGE").arg(k.ready(p)).arg(0).arg(-1);
+            }
+            let replies: Vec<Value> = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| command_error("list queues", e))?;
+            let mut replies = replies.into_iter();
+            let mut next = || replies.next().unwrap_or(Value::Nil);
+            let items: HashMap<String, String> = from_value("queue items", next())?;
+            let delayed: Vec<(String, f64)> = from_value("delayed set", next())?;
+            let mut named: Vec<String> = items
+                .values()
+                .filter_map(|d| d.splitn(3, '|').nth(2))
+                .filter(|p| !pools.iter().any(|known| known == p))
+                .map(str::to_string)
+                .collect();
+            if named.is_empty() {
+                let ready = pools
+                    .iter()
+                    .map(|_| from_value::<Vec<String>>("ready queue", next()))
+                    .collect::<Result<Vec<_>>>()?;
+                break (items, delayed, ready);
+            }
+            named.sort();
+            named.dedup();
+            pools.extend(named);
+            pools.sort();
+        };
         let item = |m: &str, due_ms: Option<u64>| -> Result<Queued> {
             let detail = items
                 .get(m)
@@ -564,8 +583,7 @@ impl WorkQueue for RedisStore {
         for (m, due) in &delayed {
             out.push(item(m, Some(*due as u64))?);
         }
-        for _ in &pools {
-            let members: Vec<String> = from_value("ready queue", next())?;
+        for members in ready.drain(..) {
             for m in &members {
                 out.push(item(m, None)?);
             }

@@ -111,7 +111,6 @@ local function enqueue(prefix, job, member, attempt, pool, priority, now)
   redis.call('ZADD', prefix .. 'ready:' .. pool, int(queue_score(priority, now)), member)
   redis.call('HSET', prefix .. 'items', member, attempt .. '|' .. priority .. '|' .. pool)
   redis.call('SADD', prefix .. 'jobitems:' .. job, member)
-  redis.call('SADD', prefix .. 'pools', pool)
   wake(prefix, pool)
 end
 
@@ -122,7 +121,6 @@ local function schedule(prefix, job, member, attempt, pool, priority, due)
   redis.call('ZADD', prefix .. 'delayed', due, member)
   redis.call('HSET', prefix .. 'items', member, attempt .. '|' .. priority .. '|' .. pool)
   redis.call('SADD', prefix .. 'jobitems:' .. job, member)
-  redis.call('SADD', prefix .. 'pools', pool)
 end
 
 -- Splits `<job>/<step>`.

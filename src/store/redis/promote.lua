@@ -2,7 +2,7 @@
 -- and appends StepQueued (kind 3, schema 1) for each to its job's stream and the log.
 --
 -- KEYS[1]  {ns}:delayed    KEYS[2] {ns}:items
--- ARGV[1]  prefix `{ns}:` (derived keys: ready:<pool>, jobitems:<job>, pools, wake:<pool>,
+-- ARGV[1]  prefix `{ns}:` (derived keys: ready:<pool>, jobitems:<job>, wake:<pool>,
 --          log, s:job:<job>)
 -- ARGV[2]  max steps to promote
 -- A step is due when due_ms <= now (store clock). Its ready score is queue_score(priority, now).
