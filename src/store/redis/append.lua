@@ -65,7 +65,7 @@ for _ = 1, m do
   if not reply then
     len = redis.call('XLEN', stream_key)
     if expected >= 0 and len ~= expected then
-      reply = {'conflict', tostring(len)}
+      reply = {'conflict', int(len)}
     end
   end
 
@@ -83,11 +83,11 @@ for _ = 1, m do
     if job ~= '' and len == 0 then
       redis.call('ZADD', KEYS[2], 'NX', now, job)
     end
-    reply = {'ok', tostring(len + n)}
+    reply = {'ok', int(len + n)}
     for e = 0, n - 1 do
       local base = first + e * 9
       local id = emit(prefix, stream, ARGV[base], ARGV[base + 1], at, token, ARGV[base + 2],
-        len + e + 1)
+        int(len + e + 1))
       reply[#reply + 1] = id
       local effect = ARGV[base + 3]
       if effect ~= '' then

@@ -50,8 +50,9 @@ for _ = 1, max do
   end
 
   local attempt, _, item_pool = item_get(prefix, best)
+  local attempt_n = tonumber(attempt)
   local job, step = split_member(best)
-  if attempt == nil or job == nil then
+  if attempt_n == nil or job == nil then
     if popped then
       -- put it back: a refused claim writes nothing
       redis.call('ZADD', prefix .. 'ready:' .. best_pool, best_score, best)
@@ -65,24 +66,25 @@ for _ = 1, max do
   end
   redis.call('HDEL', KEYS[1], best)
   local token = redis.call('INCR', KEYS[3])
-  local deadline = now + ttl
-  redis.call('HSET', prefix .. 'lease:' .. best, 'token', token, 'agent', agent,
-    'attempt', attempt, 'deadline', int(deadline), 'pool', item_pool)
-  redis.call('ZADD', KEYS[2], int(deadline), best)
+  -- every number is formatted once (see int)
+  local fence, deadline = int(token), int(now + ttl)
+  redis.call('HSET', prefix .. 'lease:' .. best, 'token', fence, 'agent', agent,
+    'attempt', attempt, 'deadline', deadline, 'pool', item_pool)
+  redis.call('ZADD', KEYS[2], deadline, best)
   -- `best` stays in its job's `jobitems` set: it was queued, now it is leased.
 
-  local payload = cmsgpack.pack({step = step, attempt = attempt, agent = agent, token = token,
+  local payload = cmsgpack.pack({step = step, attempt = attempt_n, agent = agent, token = token,
     lease_ttl_ms = ttl})
   -- The stream is read first: its length gives StepClaimed's place, and the new entry is added
   -- to the reply as XRANGE would return it (every value a string).
   local stream = 'job:' .. job
   local history = redis.call('XRANGE', prefix .. 's:' .. stream, '-', '+')
   local seq = #history + 1
-  local at, fence = int(now), tostring(token)
-  local log_id, entry_id = emit(prefix, stream, 4, 1, at, fence, payload, seq)
-  history[seq] = {entry_id, {'s', stream, 'k', '4', 'v', '1', 't', at, 'n', tostring(seq),
+  local at, n = int(now), int(seq)
+  local log_id, entry_id = emit(prefix, stream, '4', '1', at, fence, payload, n)
+  history[seq] = {entry_id, {'s', stream, 'k', '4', 'v', '1', 't', at, 'n', n,
     'f', fence, 'p', payload, 'l', log_id}}
-  claims[#claims + 1] = {job, step, tostring(attempt), item_pool, fence, int(deadline), history}
+  claims[#claims + 1] = {job, step, attempt, item_pool, fence, deadline, history}
 end
 
 return claims

@@ -17,6 +17,6 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. int(now), 'LIMIT
 for _, agent in ipairs(due) do
   redis.call('ZREM', KEYS[1], agent)
   local payload = cmsgpack.pack({agent = agent, reason = 'heartbeat expired'})
-  emit(prefix, 'agents', 19, 1, int(now), '', payload)
+  emit(prefix, 'agents', '19', '1', int(now), '', payload)
 end
 return due

@@ -19,18 +19,21 @@ local function queue_score(priority, ms)
   return (100 - p) * 8796093022208 + ms
 end
 
--- A number as an integer string (tostring would use exponent notation for large values).
+-- A number as an integer string. '%d' formats a C long: no exponent notation (which tostring
+-- uses past 1e14) and none of the floating-point formatting that '%.0f' and tostring cost.
+-- Scripts format each number once and pass strings to redis.call, which would otherwise
+-- format every number argument with '%.14g'.
 local function int(n)
-  return string.format('%.0f', n)
+  return string.format('%d', n)
 end
 
 -- Appends one event to the global log and to its stream (with `l` = the log id); returns the
 -- log id, then the stream entry's id. `seq` is the event's place in its stream (the stream's
--- length after it), written as field `n`; nil reads the stream's length first.
+-- length after it) as a string, written as field `n`; nil reads the stream's length first.
 local function emit(prefix, stream, kind, version, at, token, payload, seq)
   local key = prefix .. 's:' .. stream
   if seq == nil then
-    seq = redis.call('XLEN', key) + 1
+    seq = int(redis.call('XLEN', key) + 1)
   end
   -- One XADD call each, arguments spelled out: no field tables to build and unpack.
   local id, entry
@@ -48,12 +51,11 @@ local function emit(prefix, stream, kind, version, at, token, payload, seq)
   return id, entry
 end
 
--- The queued item of `member`: attempt, priority, pool; nil when not queued.
+-- The queued item of `member`: attempt, priority, pool, as strings; nil when not queued.
 local function item_get(prefix, member)
   local v = redis.call('HGET', prefix .. 'items', member)
   if not v then return nil end
-  local a, p, pool = string.match(v, '^([^|]*)|([^|]*)|(.*)$')
-  return tonumber(a), tonumber(p), pool
+  return string.match(v, '^([^|]*)|([^|]*)|(.*)$')
 end
 
 -- Removes any queue entry (ready or delayed) of `member`. Every queued member has an item, so

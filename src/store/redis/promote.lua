@@ -19,9 +19,9 @@ for _, member in ipairs(due) do
   local attempt, priority, pool = item_get(prefix, member)
   if job and attempt then
     enqueue(prefix, job, member, attempt, pool, priority, now)
-    local payload = cmsgpack.pack({step = step, attempt = attempt, pool = pool,
-      priority = priority})
-    emit(prefix, 'job:' .. job, 3, 1, int(now), '', payload)
+    local payload = cmsgpack.pack({step = step, attempt = tonumber(attempt), pool = pool,
+      priority = tonumber(priority)})
+    emit(prefix, 'job:' .. job, '3', '1', int(now), '', payload)
     promoted = promoted + 1
   else
     -- a delayed member without an item cannot be queued: drop it rather than loop on it

@@ -25,7 +25,7 @@ for _, member in ipairs(due) do
     forget_if_idle(prefix, job, member)
     local payload = cmsgpack.pack({step = step, attempt = tonumber(h[3]), agent = h[2],
       token = tonumber(h[1])})
-    emit(prefix, 'job:' .. job, 10, 1, int(now), '', payload)
+    emit(prefix, 'job:' .. job, '10', '1', int(now), '', payload)
     for _, v in ipairs({job, step, h[3], h[2], h[1], h[4]}) do
       out[#out + 1] = v
     end
