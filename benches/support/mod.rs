@@ -253,6 +253,7 @@ pub const SCRIPT_ONLY: &[&str] = &[
     "pexpire",
     "zrange",
     "zrangebyscore",
+    "zpopmin",
     "smembers",
     "sismember",
     "zcard",
