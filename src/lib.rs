@@ -15,6 +15,7 @@ pub mod feed;
 pub mod gateway;
 pub mod gitlab;
 pub mod migrate;
+pub(crate) mod process;
 pub mod replay;
 pub mod store;
 pub mod tls;

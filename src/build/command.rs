@@ -5,6 +5,7 @@
 
 use super::mask::Masker;
 use super::{Error, LogLine, Stream};
+use crate::process::WatchedGroup;
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -85,27 +86,10 @@ async fn run_one(
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     // The command runs in a group led by a watchdog, which kills the group if the agent dies
-    // (even by SIGKILL). Without one (fork failed), the shell leads its own group.
-    let watchdog = match Watchdog::spawn() {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, "no watchdog for the build command: its processes will outlive the agent if it dies");
-            None
-        }
-    };
-    cmd.process_group(watchdog.as_ref().map_or(0, |w| w.pid));
-    let mut child = cmd
-        .spawn()
-        .map_err(|source| Error::Spawn { index, source })?;
-    // The guard kills the group however this function ends, including when the build future
-    // is dropped, and reaps the watchdog.
-    let group = GroupGuard {
-        pgid: watchdog
-            .as_ref()
-            .map(|w| w.pid)
-            .or(child.id().map(|pid| pid as i32)),
-        watchdog,
-    };
+    // (even by SIGKILL). The guard kills the group however this function ends, including when
+    // the build future is dropped.
+    let (mut child, group) =
+        WatchedGroup::spawn(&mut cmd).map_err(|source| Error::Spawn { index, source })?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
 
@@ -220,117 +204,5 @@ async fn read_lines(
         if done {
             return;
         }
-    }
-}
-
-/// Owns a process group id; [`GroupGuard::kill`] (and drop) sends SIGKILL to the whole group.
-/// Drop also reaps the group's watchdog.
-struct GroupGuard {
-    pgid: Option<i32>,
-    watchdog: Option<Watchdog>,
-}
-
-impl GroupGuard {
-    fn kill(&self) {
-        if let Some(pgid) = self.pgid {
-            // SAFETY: kill(2) with a negative pid signals the process group; no memory is
-            // involved. ESRCH (the group is already gone) is the expected, harmless failure.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
-        }
-    }
-}
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        self.kill();
-        if let Some(w) = self.watchdog.take() {
-            w.reap();
-        }
-    }
-}
-
-/// A forked child of the agent that leads a build command's process group and does nothing but
-/// watch its parent: when the agent process is gone (killed with SIGKILL, say), it kills its
-/// whole group, so a build never runs on without the agent that holds its lease. The agent
-/// kills the group (watchdog included) itself whenever a command ends.
-///
-/// It learns of the agent's death at once through `PR_SET_PDEATHSIG` (SIGTERM, blocked and
-/// waited for), and checks `getppid()` every second as well: the death signal also comes when
-/// only the forking thread ends, so it acts only once its parent process has changed.
-struct Watchdog {
-    pid: libc::pid_t,
-}
-
-impl Watchdog {
-    fn spawn() -> std::io::Result<Watchdog> {
-        // SAFETY: getpid has no preconditions.
-        let parent = unsafe { libc::getpid() };
-        // SAFETY: the child runs only `watch`, which makes async-signal-safe calls (raw
-        // syscalls, no allocation, no locks) and never returns.
-        match unsafe { libc::fork() } {
-            -1 => Err(std::io::Error::last_os_error()),
-            0 => unsafe { watch(parent) },
-            pid => {
-                // The child does this too: whichever runs first, the group exists before the
-                // command's shell joins it.
-                // SAFETY: setpgid on our own child.
-                unsafe { libc::setpgid(pid, pid) };
-                Ok(Watchdog { pid })
-            }
-        }
-    }
-
-    /// Waits for the watchdog to end (it was sent SIGKILL with its group): at once when it has,
-    /// else on a blocking thread.
-    fn reap(self) {
-        let pid = self.pid;
-        let wait = move |flags| {
-            let mut status = 0;
-            // SAFETY: waitpid on our own child, with a valid status pointer.
-            unsafe { libc::waitpid(pid, &mut status, flags) }
-        };
-        if wait(libc::WNOHANG) != 0 {
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(move || wait(0))),
-            Err(_) => {
-                wait(0);
-            }
-        }
-    }
-}
-
-/// The watchdog's life, in the forked child.
-///
-/// # Safety
-/// Only in a child just forked from `parent`: it closes every inherited descriptor (a pipe of
-/// another build held open here would never report end of file) and makes only
-/// async-signal-safe calls.
-unsafe fn watch(parent: libc::pid_t) -> ! {
-    unsafe {
-        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
-            for fd in 0..4096 {
-                libc::close(fd);
-            }
-        }
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        libc::setpgid(0, 0);
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-        let second = libc::timespec {
-            tv_sec: 1,
-            tv_nsec: 0,
-        };
-        // Checked after the death signal is armed: a parent that died before is seen here.
-        while libc::getppid() == parent {
-            libc::sigtimedwait(&set, std::ptr::null_mut(), &second);
-        }
-        libc::kill(0, libc::SIGKILL);
-        libc::_exit(0)
     }
 }

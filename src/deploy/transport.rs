@@ -2,6 +2,7 @@
 //! `Local` runs on the agent's own machine (`hosts = ["local"]`); SSH ([`super::ssh`]) is the
 //! other transport. [`Hosts`] is the connector an agent uses: it picks the transport per host.
 
+use crate::process::WatchedGroup;
 use async_trait::async_trait;
 use std::path::Path;
 use std::process::Stdio;
@@ -120,13 +121,12 @@ impl Transport for Local {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(io)?;
         // Whatever the script started dies with it when this future is dropped (a step that
-        // is stopped, timed out or handed back leaves nothing running behind).
-        // (Only then: a script that finished may have started a service on purpose.)
-        let group = child.id().map(ProcessGroup);
+        // is stopped, timed out or handed back leaves nothing running behind) or when the
+        // agent dies while it runs (the group's watchdog). Only then: a script that finished
+        // may have started a service on purpose.
+        let (mut child, group) = WatchedGroup::spawn(&mut cmd).map_err(io)?;
         let (out, err) = (child.stdout.take(), child.stderr.take());
         async fn read(
             r: Option<impl tokio::io::AsyncRead + Unpin>,
@@ -149,7 +149,7 @@ impl Transport for Local {
             read(err, "stderr", log),
             child.wait()
         );
-        std::mem::forget(group);
+        group.release();
         Ok(Output {
             status: status.map_err(io)?.code(),
             stdout,
@@ -165,19 +165,6 @@ impl Transport for Local {
         };
         tokio::fs::copy(local, &tmp).await.map_err(io)?;
         tokio::fs::rename(&tmp, remote).await.map_err(io)
-    }
-}
-
-/// Kills a whole process group when dropped; `mem::forget` it once the leader was reaped.
-struct ProcessGroup(u32);
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        // The group may be gone already; then there is nothing to kill.
-        // SAFETY: kill(2) with a negative pid signals the process group; no memory is touched.
-        unsafe {
-            libc::kill(-(self.0 as i32), libc::SIGKILL);
-        }
     }
 }
 

@@ -40,13 +40,16 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("repo");
         std::fs::create_dir_all(&repo).unwrap();
-        // The build waits at a gate the test opens, and leaves its pid per attempt behind.
+        // The build waits at a gate the test opens, and leaves its pid per attempt behind. The
+        // deploy's hook (dist/app.sh, which the build writes) does the same at a second gate.
         std::fs::write(
             repo.join("build.sh"),
             "#!/bin/sh\nset -eu\necho $$ > \"$MARKS/pid-$FERRY_ATTEMPT\"\n\
              echo \"building $FERRY_TAG attempt $FERRY_ATTEMPT\"\n\
              while [ ! -f \"$MARKS/gate\" ]; do sleep 0.05; done\n\
-             mkdir -p dist && printf 'echo deployed %s\\n' \"$FERRY_TAG\" > dist/app.sh\n",
+             mkdir -p dist && printf 'echo $$ > %s/deploy-pid\\n\
+             while [ ! -f %s/deploy-gate ]; do sleep 0.05; done\\necho deployed %s\\n' \
+             \"$MARKS\" \"$MARKS\" \"$FERRY_TAG\" > dist/app.sh\n",
         )
         .unwrap();
         git(&repo, &["init", "-q", "-b", "main"]);
@@ -179,8 +182,21 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
         .await
     }
 
+    /// Opens the build's gate and the deploy's.
     fn open_gate(&self) {
-        std::fs::write(self.marks().join("gate"), "").unwrap();
+        self.open("gate");
+        self.open("deploy-gate");
+    }
+    fn open(&self, gate: &str) {
+        std::fs::write(self.marks().join(gate), "").unwrap();
+    }
+    /// The pid of the deploy hook that runs now (waiting at its gate).
+    async fn deploy_pid(&self) -> i32 {
+        let path = self.marks().join("deploy-pid");
+        wait_for(DEADLINE * 3, "the deploy hook to start", || async {
+            std::fs::read_to_string(&path).ok()?.trim().parse().ok()
+        })
+        .await
     }
 
     fn assert_deployed(&self) {
@@ -241,6 +257,38 @@ async fn an_agent_killed_mid_build_is_replaced_and_the_tag_is_built_and_deployed
         count(&events, |e| matches!(e, Event::ArtifactPublished(_))),
         1
     );
+    w.assert_deployed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_deploy_takes_its_local_deploy_script_with_it() {
+    let w = World::new().await;
+    let _gateway = w.spawn(&["gateway"], "gw");
+    let _coordinator = w.spawn(&["coordinator"], "c1");
+    let mut a1 = w.spawn(&["agent"], "agent-1");
+    let job = w.push_tag().await;
+    w.open("gate");
+    let first = w.deploy_pid().await;
+    a1.kill9();
+    // The local transport's script does not run on without its agent: the group's watchdog
+    // kills it (else it would deploy beside the next attempt).
+    wait_until(DEADLINE, || async { !alive(first) }).await;
+    std::fs::remove_file(w.marks().join("deploy-pid")).unwrap();
+    let _a2 = w.spawn(&["agent"], "agent-2");
+    let second = w.deploy_pid().await;
+    assert_ne!(first, second);
+    w.open("deploy-gate");
+    wait_until(DEADLINE * 6, || async {
+        w.events(job).await.0.phase.is_terminal()
+    })
+    .await;
+    let (state, events) = w.events(job).await;
+    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
+    let deployed = count(
+        &events,
+        |e| matches!(e, Event::StepSucceeded(s) if s.step.as_str() == "deploy:production"),
+    );
+    assert_eq!(deployed, 1, "{events:?}");
     w.assert_deployed();
 }
 
