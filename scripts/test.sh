@@ -20,6 +20,12 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# The S3 tests talk to a real S3-compatible server: s3s-fs, which keeps objects as files. It is
+# not packaged by the distribution; cargo builds it once into target/tools (about 3 minutes).
+if [ ! -x target/tools/bin/s3s-fs ]; then
+  cargo install s3s-fs --version 0.14.1 --locked --features binary --root target/tools
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

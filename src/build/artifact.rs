@@ -27,8 +27,8 @@ pub struct Artifact {
     pub reused: bool,
 }
 
-/// Where artifacts are published. `file://` URLs are a local directory; other schemes are not
-/// compiled in (see [`ArtifactStore::from_url`]).
+/// Where artifacts are published: `file://` (a local directory) or `s3://` (an S3-compatible
+/// store, for fleets whose agents and deploy targets do not share a disk).
 #[derive(Clone, Debug)]
 pub struct ArtifactStore {
     url: url::Url,
@@ -36,16 +36,27 @@ pub struct ArtifactStore {
 }
 
 impl ArtifactStore {
-    /// `file:///var/lib/ferry/artifacts` (created if missing).
+    /// `file:///var/lib/ferry/artifacts` (created if missing) or `s3://<bucket>[/<prefix>]`.
     ///
-    /// `s3://` is refused: object_store's `aws` feature pulls `aws-lc-rs` (a C/cmake build) and a
-    /// second reqwest, too much for the build machines for now.
+    /// An S3 store takes its settings from the standard `AWS_*` environment variables:
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, and for S3-compatible
+    /// servers `AWS_ENDPOINT_URL` (with `AWS_ALLOW_HTTP=true` for a plain-http endpoint).
     pub fn from_url(url: &url::Url) -> Result<Self, Error> {
+        Self::from_url_with(url, &[])
+    }
+
+    /// As [`from_url`](Self::from_url), with S3 settings (`aws_endpoint_url`,
+    /// `aws_access_key_id`, ...) given explicitly; they take precedence over the environment.
+    pub fn from_url_with(url: &url::Url, s3_options: &[(&str, &str)]) -> Result<Self, Error> {
         let unsupported = |why: &str| Error::UnsupportedStore {
             url: url.to_string(),
             why: why.into(),
         };
-        match url.scheme() {
+        let store_err = |e: object_store::Error| Error::Store {
+            url: url.to_string(),
+            reason: e.to_string(),
+        };
+        let store: Arc<dyn ObjectStore> = match url.scheme() {
             "file" => {
                 let path = url
                     .to_file_path()
@@ -55,23 +66,37 @@ impl ArtifactStore {
                     path: path.clone(),
                     source,
                 })?;
-                let store =
-                    object_store::local::LocalFileSystem::new_with_prefix(&path).map_err(|e| {
-                        Error::Store {
-                            url: url.to_string(),
-                            reason: e.to_string(),
-                        }
-                    })?;
-                Ok(ArtifactStore {
-                    url: url.clone(),
-                    store: Arc::new(store),
-                })
+                Arc::new(
+                    object_store::local::LocalFileSystem::new_with_prefix(&path)
+                        .map_err(store_err)?,
+                )
             }
-            "s3" => Err(unsupported(
-                "this build of ferry has no s3 support (object_store's aws feature is not enabled)",
-            )),
-            other => Err(unsupported(&format!("unknown scheme {other}"))),
-        }
+            "s3" => {
+                let bucket = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| {
+                    unsupported("an s3 url names its bucket: s3://<bucket>/<prefix>")
+                })?;
+                let mut builder =
+                    object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                for (key, value) in s3_options {
+                    let key = key
+                        .parse()
+                        .map_err(|_| unsupported(&format!("unknown s3 setting {key}")))?;
+                    builder = builder.with_config(key, *value);
+                }
+                // reqwest's rustls comes without a crypto provider: ring is installed.
+                crate::tls::install_provider();
+                let s3 = builder.build().map_err(store_err)?;
+                match url.path().trim_matches('/') {
+                    "" => Arc::new(s3),
+                    prefix => Arc::new(object_store::prefix::PrefixStore::new(s3, prefix)),
+                }
+            }
+            other => return Err(unsupported(&format!("unknown scheme {other}"))),
+        };
+        Ok(ArtifactStore {
+            url: url.clone(),
+            store,
+        })
     }
 
     pub fn url(&self) -> &url::Url {

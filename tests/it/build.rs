@@ -1,9 +1,10 @@
 //! The build step executor against real git repositories (made here with the `git` CLI), served
 //! over `file://` and by a `git daemon` started on a free port.
 
-use crate::harness::git;
+use crate::harness::{git, S3Server, GUARD};
 use ferry::build::{self, ArtifactStore, BuildEnv, BuildJob, Error, LogLine, Stream};
 use ferry_proto::{BuildSpec, JobId};
+use object_store::ObjectStoreExt;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -57,6 +58,16 @@ impl Repo {
             artifacts: ArtifactStore::from_url(&store).unwrap(),
             secrets: vec![],
             ssh_key: None,
+        }
+    }
+
+    /// The same, publishing to `s3://<bucket>/<prefix>` with `options` (see [`S3Server::options`]).
+    fn s3_env(&self, prefix: &str, options: &[(&str, String)]) -> BuildEnv {
+        let url = url::Url::parse(&format!("s3://{}/{prefix}", S3Server::BUCKET)).unwrap();
+        let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        BuildEnv {
+            artifacts: ArtifactStore::from_url_with(&url, &options).unwrap(),
+            ..self.env()
         }
     }
 
@@ -202,6 +213,84 @@ async fn a_second_build_fetches_into_the_mirror_and_reuses_the_artifact() {
         git(&mirror, &["rev-parse", "refs/tags/v3.0.0"]),
         git(&repo.path(), &["rev-parse", "HEAD"])
     );
+}
+
+#[tokio::test]
+async fn a_build_publishes_to_an_s3_store_and_a_rerun_reuses_the_object() {
+    let repo = Repo::new();
+    let s3 = S3Server::start();
+    let env = repo.s3_env("ferry/builds", &s3.options());
+    let spec = spec(&repo.file_url());
+    let first = run(&env, "v2.0.0", &repo.second, 1, &spec).await;
+    let artifact = first
+        .result
+        .unwrap_or_else(|e| panic!("build failed: {e}; log {:?}", first.lines));
+    assert!(!artifact.reused);
+    // The object is in the server's bucket, under the prefix, with the recorded checksum.
+    let on_server = s3
+        .root
+        .path()
+        .join(S3Server::BUCKET)
+        .join("ferry/builds")
+        .join(&artifact.key);
+    let bytes = std::fs::read(&on_server)
+        .unwrap_or_else(|e| panic!("{} on the S3 server: {e}", on_server.display()));
+    assert_eq!(artifact.sha256, format!("{:x}", Sha256::digest(&bytes)));
+    assert_eq!(artifact.size, bytes.len() as u64);
+    let files = untar(&bytes);
+    assert_eq!(
+        files.get("dist/tag.txt").map(String::as_str),
+        Some("v2.0.0")
+    );
+    // Readers (deploy steps) get the same bytes through the store.
+    let read = env
+        .artifacts
+        .object_store()
+        .get(&object_store::path::Path::from(artifact.key.as_str()))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(read.as_ref(), bytes.as_slice());
+
+    let again = run(&env, "v2.0.0", &repo.second, 2, &spec).await;
+    let again = again.result.unwrap();
+    assert!(again.reused, "the same bytes must reuse the stored object");
+    assert_eq!(again.key, artifact.key);
+}
+
+#[tokio::test]
+async fn an_s3_store_that_refuses_the_credentials_fails_the_publish_naming_the_store() {
+    let repo = Repo::new();
+    let s3 = S3Server::start();
+    let mut options = s3.options();
+    for (key, value) in &mut options {
+        if *key == "aws_secret_access_key" {
+            *value = "not-the-secret".into();
+        }
+    }
+    let env = repo.s3_env("", &options);
+    let out = run(&env, "v1.0.0", &repo.first, 1, &spec(&repo.file_url())).await;
+    let err = out
+        .result
+        .expect_err("a refused upload must fail the build");
+    assert!(matches!(err, Error::Store { .. }), "{err:?}");
+    assert!(
+        err.retryable(),
+        "a store failure is an infrastructure failure"
+    );
+    assert!(err.to_string().contains("s3://artifacts"), "{err}");
+}
+
+#[test]
+fn s3_urls_without_a_bucket_and_unknown_s3_settings_are_refused() {
+    let no_bucket = url::Url::parse("s3:///builds").unwrap();
+    let err = ArtifactStore::from_url(&no_bucket).unwrap_err();
+    assert!(err.to_string().contains("names its bucket"), "{err}");
+    let url = url::Url::parse("s3://artifacts/builds").unwrap();
+    let err = ArtifactStore::from_url_with(&url, &[("aws_no_such_setting", "1")]).unwrap_err();
+    assert!(err.to_string().contains("aws_no_such_setting"), "{err}");
 }
 
 #[tokio::test]
@@ -520,18 +609,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Runs `git daemon` under a shell guard that kills it when our end of its stdin closes (on
-/// drop, and when the test process dies); the guard exits when the daemon does.
-const GUARD: &str = r#"exec 3<&0
-git daemon "$@" </dev/null >/dev/null 2>&1 &
-pid=$!
-{ read _ <&3; kill $pid 2>/dev/null; } &
-watcher=$!
-wait $pid
-status=$?
-kill $watcher 2>/dev/null
-exit $status"#;
-
 struct GitDaemon {
     port: u16,
     child: Child,
@@ -544,7 +621,7 @@ impl GitDaemon {
             let mut child = Command::new("sh")
                 .arg("-c")
                 .arg(GUARD)
-                .arg("git-daemon-guard")
+                .args(["git-daemon-guard", "git", "daemon"])
                 .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1"])
                 .arg(format!("--port={port}"))
                 .arg(format!("--base-path={}", base.display()))

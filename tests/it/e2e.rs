@@ -4,7 +4,7 @@
 //! build dies with them) and frozen with SIGSTOP in the middle of a build.
 
 use crate::cli::Proc;
-use crate::harness::{self, git, wait_for, wait_until, DEADLINE};
+use crate::harness::{self, git, wait_for, wait_until, S3Server, DEADLINE};
 use ferry::domain::{JobPhase, JobState};
 use ferry::store::redis::RedisStore;
 use ferry::store::{Store, StreamId};
@@ -25,6 +25,8 @@ struct World {
     listen: String,
     store: Arc<dyn Store>,
     sha: String,
+    /// Set for every process the test starts (the S3 settings, when artifacts go to S3).
+    env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -37,6 +39,11 @@ fn free_port() -> u16 {
 
 impl World {
     async fn new() -> World {
+        World::with_artifacts(None).await
+    }
+
+    /// A world whose artifacts go to a bucket of `s3` (else to a local directory).
+    async fn with_artifacts(s3: Option<&S3Server>) -> World {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("repo");
         std::fs::create_dir_all(&repo).unwrap();
@@ -72,7 +79,7 @@ listen = "{listen}"
 lease_ttl = "2s"
 sweep_interval = "200ms"
 [artifacts]
-url = "file://{artifacts}/"
+url = "{artifacts}"
 [[projects]]
 id = 77
 path = "group/app"
@@ -90,7 +97,10 @@ path = "{target}"
 after_switch = ["sh dist/app.sh > ../../deployed"]
 "#,
                 data = dir.path().join("data").display(),
-                artifacts = dir.path().join("artifacts").display(),
+                artifacts = match s3 {
+                    Some(_) => format!("s3://{}/e2e", S3Server::BUCKET),
+                    None => format!("file://{}/", dir.path().join("artifacts").display()),
+                },
                 repo = repo.display(),
                 marks = marks.display(),
                 target = dir.path().join("srv").display(),
@@ -100,6 +110,14 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
         let url = harness::shared().url();
         let ns = harness::namespace();
         let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &ns).await.unwrap());
+        let env = s3
+            .map(|s3| {
+                s3.options()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_ascii_uppercase(), v))
+                    .collect()
+            })
+            .unwrap_or_default();
         World {
             dir,
             url,
@@ -108,6 +126,7 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
             listen,
             store,
             sha,
+            env,
         }
     }
 
@@ -124,6 +143,7 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
                 .env("FERRY_NAMESPACE", &self.ns)
                 .env("FERRY_AGENT_NAME", agent)
                 .env("FERRY_LOG", "warn")
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .arg("--config")
                 .arg(&self.config)
                 .args(role)
@@ -289,6 +309,34 @@ async fn an_agent_killed_mid_deploy_takes_its_local_deploy_script_with_it() {
         |e| matches!(e, Event::StepSucceeded(s) if s.step.as_str() == "deploy:production"),
     );
     assert_eq!(deployed, 1, "{events:?}");
+    w.assert_deployed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_is_built_and_deployed_through_an_s3_artifact_store() {
+    let s3 = S3Server::start();
+    let w = World::with_artifacts(Some(&s3)).await;
+    let _gateway = w.spawn(&["gateway"], "gw");
+    let _coordinator = w.spawn(&["coordinator"], "c1");
+    let _agent = w.spawn(&["agent"], "agent-1");
+    let job = w.push_tag().await;
+    w.open_gate();
+    wait_until(DEADLINE * 6, || async {
+        w.events(job).await.0.phase.is_terminal()
+    })
+    .await;
+    let (state, events) = w.events(job).await;
+    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
+    let key = events
+        .iter()
+        .find_map(|e| match e {
+            Event::ArtifactPublished(a) => Some(a.key.clone()),
+            _ => None,
+        })
+        .expect("ArtifactPublished");
+    // The agent uploaded to the S3 server, and the deploy read it back from there.
+    let object = s3.root.path().join(S3Server::BUCKET).join("e2e").join(&key);
+    assert!(object.is_file(), "{} on the S3 server", object.display());
     w.assert_deployed();
 }
 

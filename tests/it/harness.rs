@@ -17,11 +17,12 @@ pub use ferry::store::conformance::{wait_for, wait_until, DEADLINE};
 /// How long a fresh server may take to answer PING.
 const STARTUP: Duration = Duration::from_secs(20);
 
-/// Runs redis-server under a tiny shell guard: the guard kills the server as soon as our end of
-/// its stdin closes — when the server is stopped or dropped, and also when the test process
-/// exits or dies, so no server outlives the tests. The guard exits when the server does.
+/// Runs a program (the arguments after the guard's name) under a tiny shell guard: the guard
+/// kills the program as soon as our end of its stdin closes — when the server is stopped or
+/// dropped, and also when the test process exits or dies, so no server outlives the tests. The
+/// guard exits when the program does.
 pub const GUARD: &str = r#"exec 3<&0
-redis-server "$@" </dev/null >/dev/null 2>&1 &
+"$@" </dev/null >/dev/null 2>&1 &
 pid=$!
 { read _ <&3; kill $pid 2>/dev/null; } &
 watcher=$!
@@ -94,7 +95,7 @@ fn spawn(port: u16, dir: &std::path::Path) -> Option<Child> {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(GUARD)
-        .arg("redis-guard")
+        .args(["redis-guard", "redis-server"])
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .arg("--dir")
         .arg(dir)
@@ -236,4 +237,90 @@ pub fn tag_push(id: u64, path: &str, tag: &str, sha: &str) -> serde_json::Value 
     body["after"] = sha.into();
     body["checkout_sha"] = sha.into();
     body
+}
+
+/// A real S3-compatible server (`s3s-fs`, which stores objects as files under its root) on a
+/// free loopback port, with one bucket. `scripts/test.sh` installs it into `target/tools`;
+/// `FERRY_TEST_S3S_FS` names another binary.
+pub struct S3Server {
+    pub port: u16,
+    pub root: tempfile::TempDir,
+    child: Child,
+}
+
+impl S3Server {
+    pub const ACCESS_KEY: &'static str = "ferry-test-access";
+    pub const SECRET_KEY: &'static str = "ferry-test-secret-0123456789";
+    pub const BUCKET: &'static str = "artifacts";
+
+    pub fn start() -> S3Server {
+        let bin = std::env::var_os("FERRY_TEST_S3S_FS")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/s3s-fs")
+            });
+        assert!(
+            bin.exists(),
+            "the S3 tests need s3s-fs at {}: run scripts/test.sh, which installs it \
+             (cargo install s3s-fs --version 0.14.1 --locked --features binary --root target/tools)",
+            bin.display()
+        );
+        let root = tempfile::tempdir().expect("temporary directory for s3s-fs");
+        std::fs::create_dir_all(root.path().join(Self::BUCKET)).unwrap();
+        for _ in 0..10 {
+            let port = free_port();
+            let mut child = Command::new("sh")
+                .arg("-c")
+                .arg(GUARD)
+                .arg("s3-guard")
+                .arg(&bin)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args([
+                    "--access-key",
+                    Self::ACCESS_KEY,
+                    "--secret-key",
+                    Self::SECRET_KEY,
+                ])
+                .arg(root.path())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn s3s-fs");
+            let end = Instant::now() + STARTUP;
+            loop {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return S3Server { port, root, child };
+                }
+                if child.try_wait().unwrap().is_some() || Instant::now() > end {
+                    break; // the port was taken meanwhile: try another
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+        panic!("s3s-fs did not start");
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The S3 settings a client of this server needs (as `AWS_*` variables, lower-cased).
+    pub fn options(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("aws_endpoint_url", self.endpoint()),
+            ("aws_access_key_id", Self::ACCESS_KEY.into()),
+            ("aws_secret_access_key", Self::SECRET_KEY.into()),
+            ("aws_region", "us-east-1".into()),
+            ("aws_allow_http", "true".into()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take()); // the guard kills the server
+        let _ = self.child.wait();
+    }
 }

@@ -95,7 +95,7 @@ fn start(dir: &Path) -> TlsRedis {
     let child = Command::new("sh")
         .arg("-c")
         .arg(GUARD)
-        .arg("redis-guard")
+        .args(["redis-guard", "redis-server"])
         .args([
             "--port",
             "0",
