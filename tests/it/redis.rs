@@ -3,7 +3,7 @@
 use crate::harness::{self, wait_for, RedisServer, DEADLINE};
 use ferry::store::redis::{queue_score_probe, RedisStore};
 use ferry::store::{queue_score, Append, Error, EventLog, Feed, StreamId, WorkQueue};
-use ferry_proto::{Event, JobId, StepQueued};
+use ferry_proto::{Event, JobId, StepQueued, StepRetryScheduled};
 use std::time::Duration;
 
 async fn raw() -> redis::aio::MultiplexedConnection {
@@ -120,6 +120,69 @@ async fn a_ready_member_without_an_item_is_corrupt_and_stays_put() {
     }
     let stream = store.read_stream(&StreamId::Job(job), 0).await.unwrap();
     assert_eq!(stream.len(), 1, "no StepClaimed was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_delayed_member_with_a_malformed_item_is_dropped_and_the_others_promoted() {
+    let store = harness::redis_store().await;
+    let ns = store.namespace().to_string();
+    let (good, bad) = (JobId::new(), JobId::new());
+    for job in [good, bad] {
+        let ev = Event::StepRetryScheduled(StepRetryScheduled {
+            step: "build".into(),
+            attempt: 2,
+            pool: "linux".into(),
+            priority: 0,
+            due_ms: 0,
+            reason: "lease expired".into(),
+        });
+        store
+            .append(Append::new(StreamId::Job(job), vec![ev]))
+            .await
+            .unwrap();
+    }
+    let mut conn = raw().await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{{{ns}}}:items"))
+        .arg(format!("{bad}/build"))
+        .arg("two|0|linux")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(store.promote_due(10).await.unwrap(), 1);
+    let delayed: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{{{ns}}}:delayed"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(delayed.is_empty(), "{delayed:?}");
+    let ready: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{{{ns}}}:ready:linux"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ready, vec![format!("{good}/build")]);
+    let queued = |job| {
+        let store = &store;
+        async move {
+            store
+                .read_stream(&StreamId::Job(job), 0)
+                .await
+                .unwrap()
+                .iter()
+                .filter_map(|s| match s.decode().unwrap() {
+                    Event::StepQueued(q) => Some((q.attempt, q.priority, q.pool)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(queued(good).await, vec![(2, 0, "linux".to_string())]);
+    assert!(queued(bad).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,14 +17,15 @@ local promoted = 0
 for _, member in ipairs(due) do
   local job, step = split_member(member)
   local attempt, priority, pool = item_get(prefix, member)
-  if job and attempt then
+  local attempt_n, priority_n = tonumber(attempt), tonumber(priority)
+  if job and attempt_n and priority_n then
     enqueue(prefix, job, member, attempt, pool, priority, now)
-    local payload = cmsgpack.pack({step = step, attempt = tonumber(attempt), pool = pool,
-      priority = tonumber(priority)})
+    local payload = cmsgpack.pack({step = step, attempt = attempt_n, pool = pool,
+      priority = priority_n})
     emit(prefix, 'job:' .. job, '3', '1', int(now), '', payload)
     promoted = promoted + 1
   else
-    -- a delayed member without an item cannot be queued: drop it rather than loop on it
+    -- a delayed member without a well-formed item cannot be queued: drop it rather than loop on it
     redis.call('ZREM', KEYS[1], member)
   end
 end
