@@ -1,7 +1,7 @@
 //! Process groups for the commands an agent runs on its own machine (build commands, the local
-//! deploy transport's scripts): each command leads nothing itself; a forked watchdog leads its
-//! group and kills the whole group when the agent process dies, even by SIGKILL, so no command
-//! runs on without the agent that holds its step's lease.
+//! deploy transport's scripts). A forked watchdog, not the command, leads each group and kills
+//! the whole group when the agent process dies, even by SIGKILL, so no command runs on without
+//! the agent that holds its step's lease.
 
 use tokio::process::{Child, Command};
 
