@@ -226,6 +226,34 @@ impl Info {
     }
 }
 
+/// Commands that ferry's scripts run and its clients send too: the benches account for them by
+/// hand (the claim script's `XRANGE`, one per claim).
+pub const SCRIPT_AND_CLIENT: &[&str] = &["xrange"];
+
+/// Every command a script in `src/store/redis/` calls must be in [`SCRIPT_ONLY`] or
+/// [`SCRIPT_AND_CLIENT`], or the round-trip counts would be wrong: panics naming the others.
+fn check_script_commands() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/redis");
+    let mut unknown = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).expect("the scripts' directory") {
+        let path = entry.expect("a script").path();
+        if path.extension().is_none_or(|e| e != "lua") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("a script");
+        for call in text.split("redis.call('").skip(1) {
+            let cmd = call.split('\'').next().unwrap_or("").to_ascii_lowercase();
+            if !SCRIPT_ONLY.contains(&cmd.as_str()) && !SCRIPT_AND_CLIENT.contains(&cmd.as_str()) {
+                unknown.insert(cmd);
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "benches/support: scripts call {unknown:?}, which SCRIPT_ONLY / SCRIPT_AND_CLIENT do not classify"
+    );
+}
+
 /// Commands only ever issued from inside ferry's Lua scripts (never by a client of the
 /// benchmarked path). Redis counts them in `commandstats` and `total_commands_processed` too, so
 /// round trips = every command except these.
@@ -323,6 +351,7 @@ pub fn ms(d: Duration) -> f64 {
 /// The machine and load, printed at the top of every bench (the numbers are only comparable
 /// within one run).
 pub fn print_machine(server: &RedisServer) {
+    check_script_commands();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
