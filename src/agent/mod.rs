@@ -99,6 +99,8 @@ pub async fn run(
                 Err(_) => break,
             }
         }
+        // A lease granted by this call runs out no earlier than TTL after it was sent.
+        let asked = tokio::time::Instant::now();
         let claims = tokio::select! {
             _ = &mut shutdown => break,
             c = store.claim_many(&opts.pools, &opts.name, opts.lease_ttl, permits.len()) => c,
@@ -110,7 +112,7 @@ pub async fn run(
                     let opts = opts.clone();
                     let hand_back = hand_back_rx.clone();
                     tokio::spawn(async move {
-                        run_step(store, opts, claim, hand_back).await;
+                        run_step(store, opts, claim, asked, hand_back).await;
                         drop(permit);
                     });
                 }
@@ -166,6 +168,7 @@ async fn run_step(
     store: Arc<dyn Store>,
     opts: Arc<Options>,
     claim: Claim,
+    asked: tokio::time::Instant,
     mut hand_back: watch::Receiver<bool>,
 ) {
     let (lost_tx, mut lost) = watch::channel(false);
@@ -173,6 +176,7 @@ async fn run_step(
         store.clone(),
         claim.clone(),
         opts.lease_ttl,
+        asked,
         lost_tx,
     ));
     let work = execute(&store, &opts, &claim);
@@ -245,30 +249,43 @@ async fn until_set(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
 }
 
-/// Renews every TTL/3. Signals `lost` when the store refuses the token, or when it could not be
-/// reached for longer than the TTL (by then the lease may have been granted to someone else).
+/// Renews every TTL/3. Signals `lost` when the store refuses the token, or when no renewal was
+/// confirmed for 90 % of the TTL, counted from when the last confirmed request was sent (the
+/// store's deadline is at least that late). A call still waiting for an answer (a cut
+/// connection, a frozen server) counts as unconfirmed: the step is stopped before its lease can
+/// run out and be granted again, however long the store client would wait.
 async fn keep_renewed(
     store: Arc<dyn Store>,
     claim: Claim,
     ttl: Duration,
+    asked: tokio::time::Instant,
     lost: watch::Sender<bool>,
 ) {
-    let mut last_ok = tokio::time::Instant::now();
+    let margin = ttl.mul_f64(0.9);
+    let mut valid_until = asked + margin;
     loop {
-        tokio::time::sleep(ttl / 3).await;
-        match store.renew(claim.job, &claim.step, claim.token, ttl).await {
-            Ok(_) => last_ok = tokio::time::Instant::now(),
-            Err(Error::Stale { reason, .. }) => {
+        tokio::time::sleep_until((tokio::time::Instant::now() + ttl / 3).min(valid_until)).await;
+        let sent = tokio::time::Instant::now();
+        if sent >= valid_until {
+            warn!(job = %claim.job, step = %claim.step, "no lease renewal confirmed in time");
+            let _ = lost.send(true);
+            return;
+        }
+        let renewal = store.renew(claim.job, &claim.step, claim.token, ttl);
+        match tokio::time::timeout_at(valid_until, renewal).await {
+            Ok(Ok(_)) => valid_until = sent + margin,
+            Ok(Err(Error::Stale { reason, .. })) => {
                 warn!(job = %claim.job, step = %claim.step, %reason, "lease renewal refused");
                 let _ = lost.send(true);
                 return;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 warn!(job = %claim.job, step = %claim.step, error = %e, "lease renewal failed");
-                if last_ok.elapsed() >= ttl.mul_f64(0.9) {
-                    let _ = lost.send(true);
-                    return;
-                }
+            }
+            Err(_) => {
+                warn!(job = %claim.job, step = %claim.step, "the store did not answer the lease renewal in time");
+                let _ = lost.send(true);
+                return;
             }
         }
     }

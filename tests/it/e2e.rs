@@ -135,11 +135,15 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
     }
 
     fn spawn(&self, role: &[&str], agent: &str) -> Proc {
+        self.spawn_on(&self.url, role, agent)
+    }
+    /// A process that reaches the store at `store` (a proxy, say).
+    fn spawn_on(&self, store: &str, role: &[&str], agent: &str) -> Proc {
         Proc(
             Command::new(env!("CARGO_BIN_EXE_ferry"))
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
-                .env("FERRY_STORE", &self.url)
+                .env("FERRY_STORE", store)
                 .env("FERRY_NAMESPACE", &self.ns)
                 .env("FERRY_AGENT_NAME", agent)
                 .env("FERRY_LOG", "warn")
@@ -337,6 +341,41 @@ async fn a_tag_is_built_and_deployed_through_an_s3_artifact_store() {
     // The agent uploaded to the S3 server, and the deploy read it back from there.
     let object = s3.root.path().join(S3Server::BUCKET).join("e2e").join(&key);
     assert!(object.is_file(), "{} on the S3 server", object.display());
+    w.assert_deployed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cut_off_from_the_store_kills_its_build_before_the_step_is_granted_again() {
+    let w = World::new().await;
+    let redis_port = url::Url::parse(&w.url).unwrap().port().unwrap();
+    let proxy = harness::Proxy::start(redis_port);
+    let _gateway = w.spawn(&["gateway"], "gw");
+    let _coordinator = w.spawn(&["coordinator"], "c1");
+    let via_proxy = format!("redis://127.0.0.1:{}/", proxy.port);
+    let _a1 = w.spawn_on(&via_proxy, &["agent"], "agent-1");
+    let job = w.push_tag().await;
+    let first = w.pid(1).await;
+    // agent-1's connection to the store is cut without a reset: its renewals get no answer (the
+    // store client would wait 5 s; the lease lasts 2 s).
+    proxy.freeze();
+    let _a2 = w.spawn(&["agent"], "agent-2");
+    w.pid(2).await; // the lease ran out and the step was granted again: attempt 2 runs
+    assert!(
+        !alive(first),
+        "attempt 1's build still ran when the step was granted again"
+    );
+    w.open_gate();
+    wait_until(DEADLINE * 6, || async {
+        w.events(job).await.0.phase.is_terminal()
+    })
+    .await;
+    let (state, events) = w.events(job).await;
+    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
+    let build_succeeded = count(
+        &events,
+        |e| matches!(e, Event::StepSucceeded(s) if s.step.as_str() == "build"),
+    );
+    assert_eq!(build_succeeded, 1, "{events:?}");
     w.assert_deployed();
 }
 

@@ -324,3 +324,69 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// A TCP proxy to a local port whose traffic the test can freeze: after [`Proxy::freeze`] no byte
+/// goes through in either direction and the connections stay open, as when a network path is cut
+/// without a reset. Dropping it lets held traffic go and stops forwarding.
+pub struct Proxy {
+    pub port: u16,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let closed = Arc::new(AtomicBool::new(false));
+        let (f, c) = (frozen.clone(), closed.clone());
+        std::thread::spawn(move || {
+            for down in listener.incoming() {
+                if c.load(SeqCst) {
+                    return;
+                }
+                let (Ok(down), Ok(up)) = (down, TcpStream::connect(("127.0.0.1", upstream))) else {
+                    continue;
+                };
+                let pairs = [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ];
+                for (mut from, mut to) in pairs {
+                    let (f, c) = (f.clone(), c.clone());
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            while f.load(SeqCst) && !c.load(SeqCst) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            if c.load(SeqCst) || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy {
+            port,
+            frozen,
+            closed,
+        }
+    }
+
+    pub fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port)); // wakes the accept loop
+    }
+}
