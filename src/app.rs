@@ -379,6 +379,9 @@ pub fn agent_options(config: &Config) -> anyhow::Result<agent::Options> {
                 artifacts,
                 secrets: Vec::new(),
                 ssh_key: config.agent.ssh_key.clone(),
+                known_hosts: Some(config.agent.known_hosts.clone()),
+                accept_new_host_keys: config.agent.host_key_policy
+                    == crate::config::HostKeyPolicy::AcceptNew,
             }),
             data_dir: config.data_dir.clone(),
         }),

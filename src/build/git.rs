@@ -28,6 +28,10 @@ pub(super) struct Checkout {
     /// Created by the checkout; must not exist yet.
     pub dest: PathBuf,
     pub ssh_key: Option<PathBuf>,
+    /// The agent's `known_hosts` for ssh clone URLs (else the agent user's, ssh's default).
+    pub known_hosts: Option<PathBuf>,
+    /// Unknown host keys are added to `known_hosts` instead of failing (changed keys still fail).
+    pub accept_new_host_keys: bool,
 }
 
 pub(super) struct CheckedOut {
@@ -62,10 +66,14 @@ pub(super) fn checkout(req: &Checkout, interrupt: &AtomicBool) -> Result<Checked
     })?;
 
     let (mut repo, mirror_created) = open_or_init(&dir).map_err(fetch_err)?;
-    if let Some(key) = &req.ssh_key {
+    if let Some(command) = ssh_command(
+        req.ssh_key.as_deref(),
+        req.known_hosts.as_deref(),
+        req.accept_new_host_keys,
+    ) {
         let mut config = repo.config_snapshot_mut();
         config
-            .set_value(&gix::config::tree::Core::SSH_COMMAND, ssh_command(key))
+            .set_value(&gix::config::tree::Core::SSH_COMMAND, command)
             .and_then(|_| config.set_value(&gix::config::tree::Ssh::VARIANT, "ssh"))
             .map_err(|e| fetch_err(format!("configuring ssh: {e}")))?;
         config
@@ -180,11 +188,27 @@ pub(super) fn mirror_name(project: &str) -> String {
     out
 }
 
-/// The `core.sshCommand` that makes `ssh` use exactly the agent's key and never prompt.
-/// Host keys are checked against the agent user's known_hosts (ssh's default).
-fn ssh_command(key: &Path) -> String {
-    let key = key.to_string_lossy().replace('\'', r"'\''");
-    format!("ssh -i '{key}' -o IdentitiesOnly=yes -o BatchMode=yes")
+/// The `core.sshCommand` that makes `ssh` use exactly the agent's key, check host keys against
+/// the agent's `known_hosts` (the file its deploys use) and never prompt; `None` when neither is
+/// configured (ssh's defaults then).
+fn ssh_command(key: Option<&Path>, known_hosts: Option<&Path>, accept_new: bool) -> Option<String> {
+    if key.is_none() && known_hosts.is_none() {
+        return None;
+    }
+    let quote = |p: &Path| format!("'{}'", p.to_string_lossy().replace('\'', r"'\''"));
+    let mut command = String::from("ssh");
+    if let Some(key) = key {
+        command += &format!(" -i {} -o IdentitiesOnly=yes", quote(key));
+    }
+    if let Some(file) = known_hosts {
+        let checking = if accept_new { "accept-new" } else { "yes" };
+        command += &format!(
+            " -o UserKnownHostsFile={} -o StrictHostKeyChecking={checking}",
+            quote(file)
+        );
+    }
+    command += " -o BatchMode=yes";
+    Some(command)
 }
 
 fn open_or_init(dir: &Path) -> Result<(gix::Repository, bool), String> {
@@ -251,10 +275,27 @@ mod tests {
     }
 
     #[test]
-    fn ssh_command_quotes_the_key_path() {
+    fn ssh_command_quotes_the_paths_and_never_prompts() {
         assert_eq!(
-            ssh_command(Path::new("/keys/it's key")),
-            r"ssh -i '/keys/it'\''s key' -o IdentitiesOnly=yes -o BatchMode=yes"
+            ssh_command(Some(Path::new("/keys/it's key")), None, false).as_deref(),
+            Some(r"ssh -i '/keys/it'\''s key' -o IdentitiesOnly=yes -o BatchMode=yes")
         );
+        assert_eq!(
+            ssh_command(
+                Some(Path::new("/k")),
+                Some(Path::new("/etc/ferry/known hosts")),
+                false
+            )
+            .as_deref(),
+            Some(
+                "ssh -i '/k' -o IdentitiesOnly=yes -o UserKnownHostsFile='/etc/ferry/known hosts' \
+                 -o StrictHostKeyChecking=yes -o BatchMode=yes"
+            )
+        );
+        assert_eq!(
+            ssh_command(None, Some(Path::new("/kh")), true).as_deref(),
+            Some("ssh -o UserKnownHostsFile='/kh' -o StrictHostKeyChecking=accept-new -o BatchMode=yes")
+        );
+        assert_eq!(ssh_command(None, None, false), None);
     }
 }

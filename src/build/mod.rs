@@ -59,6 +59,10 @@ pub struct BuildEnv {
     pub secrets: Vec<(String, String)>,
     /// Private key for `ssh://` and `user@host:path` clone URLs.
     pub ssh_key: Option<PathBuf>,
+    /// The agent's `known_hosts` (the deploys' one), checked for ssh clone URLs.
+    pub known_hosts: Option<PathBuf>,
+    /// `host_key_policy = "accept-new"`: unknown host keys are added, changed ones still fail.
+    pub accept_new_host_keys: bool,
 }
 
 /// Which stream a log line came from.
@@ -258,6 +262,8 @@ async fn run_in(
             sha: job.sha.to_string(),
             dest: src.clone(),
             ssh_key: env.ssh_key.clone(),
+            known_hosts: env.known_hosts.clone(),
+            accept_new_host_keys: env.accept_new_host_keys,
         };
         let interrupt = interrupt.clone();
         tokio::task::spawn_blocking(move || git::checkout(&req, &interrupt))

@@ -58,6 +58,8 @@ impl Repo {
             artifacts: ArtifactStore::from_url(&store).unwrap(),
             secrets: vec![],
             ssh_key: None,
+            known_hosts: None,
+            accept_new_host_keys: false,
         }
     }
 
@@ -177,6 +179,69 @@ async fn builds_lightweight_and_annotated_tags_from_git_daemon() {
     let url = format!("git://127.0.0.1:{}/repo", daemon.port);
     check_build(&repo, &env, &url, "v1.0.0", &repo.first, "version one\n").await;
     check_build(&repo, &env, &url, "v2.0.0", &repo.second, "version two\n").await;
+}
+
+#[tokio::test]
+async fn builds_tags_over_ssh_with_the_agents_key_checked_against_its_known_hosts() {
+    let repo = Repo::new();
+    let sshd = crate::sshd::Sshd::start();
+    let known = repo.dir.path().join("known_hosts");
+    crate::sshd::known_hosts(&known, &[&sshd]);
+    let env = BuildEnv {
+        ssh_key: Some(crate::sshd::client_key().private.clone()),
+        known_hosts: Some(known),
+        ..repo.env()
+    };
+    let url = format!(
+        "ssh://root@127.0.0.1:{}{}",
+        sshd.port(),
+        repo.path().display()
+    );
+    check_build(&repo, &env, &url, "v1.0.0", &repo.first, "version one\n").await;
+    check_build(&repo, &env, &url, "v2.0.0", &repo.second, "version two\n").await;
+}
+
+#[tokio::test]
+async fn an_unknown_ssh_host_key_fails_the_clone_unless_new_keys_are_accepted() {
+    let repo = Repo::new();
+    let sshd = crate::sshd::Sshd::start();
+    let known = repo.dir.path().join("known_hosts");
+    std::fs::write(&known, "").unwrap();
+    let strict = BuildEnv {
+        ssh_key: Some(crate::sshd::client_key().private.clone()),
+        known_hosts: Some(known.clone()),
+        ..repo.env()
+    };
+    let url = format!(
+        "ssh://root@127.0.0.1:{}{}",
+        sshd.port(),
+        repo.path().display()
+    );
+    let out = run(&strict, "v1.0.0", &repo.first, 1, &spec(&url)).await;
+    let err = out
+        .result
+        .expect_err("an unknown host key must fail the clone");
+    assert!(matches!(err, Error::Fetch { .. }), "{err:?}");
+    assert_eq!(std::fs::read_to_string(&known).unwrap(), "");
+
+    let accept_new = BuildEnv {
+        accept_new_host_keys: true,
+        ..strict
+    };
+    check_build(
+        &repo,
+        &accept_new,
+        &url,
+        "v1.0.0",
+        &repo.first,
+        "version one\n",
+    )
+    .await;
+    let pinned = std::fs::read_to_string(&known).unwrap();
+    assert!(
+        pinned.contains(&sshd.host_key()),
+        "the new key is pinned in the agent's known_hosts: {pinned:?}"
+    );
 }
 
 #[tokio::test]
