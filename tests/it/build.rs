@@ -1,5 +1,7 @@
 //! The build step executor against real git repositories (made here with the `git` CLI), served
-//! over `file://` and by a `git daemon` started on a free port.
+//! over `file://`, by a `git daemon`, over smart HTTP (`git http-backend`) and over ssh (a real
+//! sshd), each started on a free port; artifacts published to a local directory or to a real
+//! S3-compatible server.
 
 use crate::harness::{git, S3Server, GUARD};
 use ferry::build::{self, ArtifactStore, BuildEnv, BuildJob, Error, LogLine, Stream};
@@ -177,6 +179,16 @@ async fn builds_lightweight_and_annotated_tags_from_git_daemon() {
     let daemon = GitDaemon::start(repo.dir.path());
     let env = repo.env();
     let url = format!("git://127.0.0.1:{}/repo", daemon.port);
+    check_build(&repo, &env, &url, "v1.0.0", &repo.first, "version one\n").await;
+    check_build(&repo, &env, &url, "v2.0.0", &repo.second, "version two\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_lightweight_and_annotated_tags_over_smart_http() {
+    let repo = Repo::new();
+    let server = GitHttp::start(repo.dir.path()).await;
+    let env = repo.env();
+    let url = format!("http://127.0.0.1:{}/repo", server.port);
     check_build(&repo, &env, &url, "v1.0.0", &repo.first, "version one\n").await;
     check_build(&repo, &env, &url, "v2.0.0", &repo.second, "version two\n").await;
 }
@@ -716,5 +728,92 @@ impl Drop for GitDaemon {
     fn drop(&mut self) {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
+    }
+}
+
+/// A smart-HTTP git server: `git http-backend` run as a CGI program per request, behind an axum
+/// router on a free loopback port, serving the repositories under `base`.
+struct GitHttp {
+    port: u16,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl GitHttp {
+    async fn start(base: &Path) -> GitHttp {
+        use axum::body::{Body, Bytes};
+        use axum::http::{Method, Request, Response, StatusCode};
+        let base = base.to_path_buf();
+        let handler = move |req: Request<Body>| {
+            let base = base.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let body: Bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+                let header = |name: &str| {
+                    parts
+                        .headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let (content_type, protocol) = (header("content-type"), header("git-protocol"));
+                let output = tokio::task::spawn_blocking(move || {
+                    use std::io::Write;
+                    let mut child = Command::new("git")
+                        .arg("http-backend")
+                        .env("GIT_PROJECT_ROOT", &base)
+                        .env("GIT_HTTP_EXPORT_ALL", "1")
+                        .env("REQUEST_METHOD", parts.method.as_str())
+                        .env("PATH_INFO", parts.uri.path())
+                        .env("QUERY_STRING", parts.uri.query().unwrap_or(""))
+                        .env("CONTENT_TYPE", content_type)
+                        .env("CONTENT_LENGTH", body.len().to_string())
+                        .env("GIT_PROTOCOL", protocol)
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("spawn git http-backend");
+                    if parts.method == Method::POST {
+                        child.stdin.take().unwrap().write_all(&body).unwrap();
+                    }
+                    drop(child.stdin.take());
+                    child.wait_with_output().unwrap().stdout
+                })
+                .await
+                .unwrap();
+                // CGI: headers, a blank line, the body.
+                let split = output
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map(|i| (i, 4))
+                    .or_else(|| output.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)))
+                    .expect("CGI headers");
+                let head = String::from_utf8_lossy(&output[..split.0]).to_string();
+                let mut response = Response::builder().status(StatusCode::OK);
+                for line in head.lines() {
+                    let Some((name, value)) = line.split_once(':') else {
+                        continue;
+                    };
+                    let value = value.trim();
+                    if name.eq_ignore_ascii_case("status") {
+                        let code: u16 = value[..3].parse().unwrap();
+                        response = response.status(code);
+                    } else {
+                        response = response.header(name, value);
+                    }
+                }
+                response
+                    .body(Body::from(output[split.0 + split.1..].to_vec()))
+                    .unwrap()
+            }
+        };
+        let app = axum::Router::new().fallback(handler);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        GitHttp { port, _task: task }
     }
 }
