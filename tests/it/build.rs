@@ -3,14 +3,14 @@
 //! sshd), each started on a free port; artifacts published to a local directory or to a real
 //! S3-compatible server.
 
-use crate::harness::{git, S3Server, GUARD};
+use crate::harness::{git, serve_on_free_port, S3Server};
 use ferry::build::{self, ArtifactStore, BuildEnv, BuildJob, Error, LogLine, Stream};
 use ferry_proto::{BuildSpec, JobId};
 use object_store::ObjectStoreExt;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -693,34 +693,16 @@ struct GitDaemon {
 
 impl GitDaemon {
     fn start(base: &Path) -> GitDaemon {
-        for _ in 0..10 {
-            let port = free_port();
-            let mut child = Command::new("sh")
-                .arg("-c")
-                .arg(GUARD)
-                .args(["git-daemon-guard", "git", "daemon"])
+        let (port, child) = serve_on_free_port("git-daemon", |port| {
+            let mut cmd = Command::new("git");
+            cmd.arg("daemon")
                 .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1"])
                 .arg(format!("--port={port}"))
                 .arg(format!("--base-path={}", base.display()))
-                .arg(base)
-                .stdin(Stdio::piped())
-                .stderr(Stdio::null()) // the guard's "Terminated" when it stops the watcher
-                .spawn()
-                .expect("spawn git daemon");
-            let end = Instant::now() + DEADLINE;
-            loop {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return GitDaemon { port, child };
-                }
-                if child.try_wait().unwrap().is_some() || Instant::now() > end {
-                    break; // the port was taken meanwhile: try another
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            drop(child.stdin.take());
-            let _ = child.wait();
-        }
-        panic!("git daemon did not start");
+                .arg(base);
+            cmd
+        });
+        GitDaemon { port, child }
     }
 }
 

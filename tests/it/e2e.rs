@@ -198,6 +198,16 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
         (state, events)
     }
 
+    /// Waits for `job` to end, checks that it succeeded, and returns its history.
+    async fn succeeded(&self, job: JobId) -> Vec<Event> {
+        wait_until(DEADLINE * 6, || async {
+            self.events(job).await.0.phase.is_terminal()
+        })
+        .await;
+        let (state, events) = self.events(job).await;
+        assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
+        events
+    }
     async fn pid(&self, attempt: u32) -> i32 {
         let path = self.marks().join(format!("pid-{attempt}"));
         wait_for(DEADLINE * 3, "the build to start", || async {
@@ -246,6 +256,14 @@ fn alive(pid: i32) -> bool {
     }
 }
 
+/// How many StepSucceeded of `step` the history holds.
+fn succeeded_steps(events: &[Event], step: &str) -> usize {
+    count(
+        events,
+        |e| matches!(e, Event::StepSucceeded(s) if s.step.as_str() == step),
+    )
+}
+
 fn count(events: &[Event], f: impl Fn(&Event) -> bool) -> usize {
     events.iter().filter(|e| f(e)).count()
 }
@@ -265,16 +283,8 @@ async fn an_agent_killed_mid_build_is_replaced_and_the_tag_is_built_and_deployed
     let second = w.pid(2).await;
     assert_ne!(first, second);
     w.open_gate();
-    wait_until(DEADLINE * 6, || async {
-        w.events(job).await.0.phase.is_terminal()
-    })
-    .await;
-    let (state, events) = w.events(job).await;
-    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
-    let build_succeeded = count(
-        &events,
-        |e| matches!(e, Event::StepSucceeded(s) if s.step.as_str() == "build"),
-    );
+    let events = w.succeeded(job).await;
+    let build_succeeded = succeeded_steps(&events, "build");
     assert_eq!(build_succeeded, 1, "{events:?}");
     assert_eq!(count(&events, |e| matches!(e, Event::LeaseExpired(_))), 1);
     assert_eq!(
@@ -302,16 +312,8 @@ async fn an_agent_killed_mid_deploy_takes_its_local_deploy_script_with_it() {
     let second = w.deploy_pid().await;
     assert_ne!(first, second);
     w.open("deploy-gate");
-    wait_until(DEADLINE * 6, || async {
-        w.events(job).await.0.phase.is_terminal()
-    })
-    .await;
-    let (state, events) = w.events(job).await;
-    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
-    let deployed = count(
-        &events,
-        |e| matches!(e, Event::StepSucceeded(s) if s.step.as_str() == "deploy:production"),
-    );
+    let events = w.succeeded(job).await;
+    let deployed = succeeded_steps(&events, "deploy:production");
     assert_eq!(deployed, 1, "{events:?}");
     w.assert_deployed();
 }
@@ -325,12 +327,7 @@ async fn a_tag_is_built_and_deployed_through_an_s3_artifact_store() {
     let _agent = w.spawn(&["agent"], "agent-1");
     let job = w.push_tag().await;
     w.open_gate();
-    wait_until(DEADLINE * 6, || async {
-        w.events(job).await.0.phase.is_terminal()
-    })
-    .await;
-    let (state, events) = w.events(job).await;
-    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
+    let events = w.succeeded(job).await;
     let key = events
         .iter()
         .find_map(|e| match e {
@@ -365,16 +362,8 @@ async fn an_agent_cut_off_from_the_store_kills_its_build_before_the_step_is_gran
         "attempt 1's build still ran when the step was granted again"
     );
     w.open_gate();
-    wait_until(DEADLINE * 6, || async {
-        w.events(job).await.0.phase.is_terminal()
-    })
-    .await;
-    let (state, events) = w.events(job).await;
-    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
-    let build_succeeded = count(
-        &events,
-        |e| matches!(e, Event::StepSucceeded(s) if s.step.as_str() == "build"),
-    );
+    let events = w.succeeded(job).await;
+    let build_succeeded = succeeded_steps(&events, "build");
     assert_eq!(build_succeeded, 1, "{events:?}");
     w.assert_deployed();
 }
@@ -396,12 +385,7 @@ async fn a_frozen_agent_is_fenced_out_and_kills_its_build_when_it_wakes() {
     // agent-1 wakes, finds its lease gone and kills its build before doing anything else.
     wait_until(DEADLINE, || async { !alive(first) }).await;
     w.open_gate();
-    wait_until(DEADLINE * 6, || async {
-        w.events(job).await.0.phase.is_terminal()
-    })
-    .await;
-    let (state, events) = w.events(job).await;
-    assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
+    let events = w.succeeded(job).await;
     // Nothing agent-1 wrote for attempt 1 came after its lease expired.
     let expired = events
         .iter()
@@ -421,10 +405,7 @@ async fn a_frozen_agent_is_fenced_out_and_kills_its_build_when_it_wakes() {
         late.is_empty(),
         "late events of the fenced-out attempt: {late:?}"
     );
-    let build_succeeded = count(
-        &events,
-        |e| matches!(e, Event::StepSucceeded(s) if s.step.as_str() == "build"),
-    );
+    let build_succeeded = succeeded_steps(&events, "build");
     assert_eq!(build_succeeded, 1, "{events:?}");
     w.assert_deployed();
 }

@@ -239,6 +239,41 @@ pub fn tag_push(id: u64, path: &str, tag: &str, sha: &str) -> serde_json::Value 
     body
 }
 
+/// Starts a server program under [`GUARD`] on a free loopback port and waits until the port
+/// accepts connections; tries another port when the server exits first (the port was taken in
+/// the meantime). `command(port)` is the program and its arguments. Returns the port and the
+/// guard (closing its stdin stops the server).
+pub fn serve_on_free_port(what: &str, command: impl Fn(u16) -> Command) -> (u16, Child) {
+    for _ in 0..10 {
+        let port = free_port();
+        let program = command(port);
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(GUARD)
+            .arg(format!("{what}-guard"))
+            .arg(program.get_program())
+            .args(program.get_args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()) // the guard's "Terminated" when it stops the watcher
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let end = Instant::now() + STARTUP;
+        loop {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (port, child);
+            }
+            if child.try_wait().unwrap().is_some() || Instant::now() > end {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
+    panic!("{what} did not start on a free port");
+}
+
 /// A real S3-compatible server (`s3s-fs`, which stores objects as files under its root) on a
 /// free loopback port, with one bucket. `scripts/test.sh` installs it into `target/tools`;
 /// `FERRY_TEST_S3S_FS` names another binary.
@@ -267,39 +302,19 @@ impl S3Server {
         );
         let root = tempfile::tempdir().expect("temporary directory for s3s-fs");
         std::fs::create_dir_all(root.path().join(Self::BUCKET)).unwrap();
-        for _ in 0..10 {
-            let port = free_port();
-            let mut child = Command::new("sh")
-                .arg("-c")
-                .arg(GUARD)
-                .arg("s3-guard")
-                .arg(&bin)
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        let (port, child) = serve_on_free_port("s3s-fs", |port| {
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
                 .args([
                     "--access-key",
                     Self::ACCESS_KEY,
                     "--secret-key",
                     Self::SECRET_KEY,
                 ])
-                .arg(root.path())
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("spawn s3s-fs");
-            let end = Instant::now() + STARTUP;
-            loop {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return S3Server { port, root, child };
-                }
-                if child.try_wait().unwrap().is_some() || Instant::now() > end {
-                    break; // the port was taken meanwhile: try another
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            drop(child.stdin.take());
-            let _ = child.wait();
-        }
-        panic!("s3s-fs did not start");
+                .arg(root.path());
+            cmd
+        });
+        S3Server { port, root, child }
     }
 
     pub fn endpoint(&self) -> String {

@@ -150,21 +150,21 @@ async fn a_due_delayed_member_with_a_malformed_item_is_dropped_and_the_others_pr
         .await
         .unwrap();
     assert_eq!(store.promote_due(10).await.unwrap(), 1);
-    let delayed: Vec<String> = redis::cmd("ZRANGE")
-        .arg(format!("{{{ns}}}:delayed"))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let members = |key: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let delayed = members(format!("{{{ns}}}:delayed")).await;
     assert!(delayed.is_empty(), "{delayed:?}");
-    let ready: Vec<String> = redis::cmd("ZRANGE")
-        .arg(format!("{{{ns}}}:ready:linux"))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let ready = members(format!("{{{ns}}}:ready:linux")).await;
     assert_eq!(ready, vec![format!("{good}/build")]);
     let queued = |job| {
         let store = &store;
