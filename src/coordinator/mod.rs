@@ -5,6 +5,7 @@
 
 pub mod decide;
 pub mod plan;
+mod remembered;
 mod service;
 
 pub use service::{run, Options};

@@ -2,12 +2,13 @@
 
 use super::decide::{deploy_gate, next, RetryPolicy, Verdict};
 use super::plan::{plan_job, ProjectPlan};
+use super::remembered::Remembered;
 use crate::domain::JobState;
 use crate::store::{
     self, environment_index, now_ms, Append, Error, LogPos, Store, Stored, StreamId, LIVE,
 };
 use ferry_proto::{Event, FencingToken, JobCancelled, JobId, JobSuperseded, StepSpec};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,7 +57,7 @@ pub async fn run(
     let coordinator = Coordinator {
         store: store.clone(),
         opts: Arc::new(opts),
-        known: Mutex::new(HashMap::new()),
+        known: Mutex::default(),
     };
     with_retry("create the consumer group", || {
         coordinator.store.ensure_group(GROUP)
@@ -83,7 +84,7 @@ struct Coordinator {
     opts: Arc<Options>,
     /// The last state this coordinator folded, produced or extended from the feed for recent
     /// jobs: each an exact fold of its stream's first `version` events (see `handle_job`).
-    known: Mutex<HashMap<JobId, JobState>>,
+    known: Mutex<Remembered>,
 }
 
 /// The entries of one job in a feed batch, in log order, and the positions of those that may
@@ -93,9 +94,6 @@ struct JobEntries {
     events: Vec<(Stored, Event)>,
     waking: Vec<LogPos>,
 }
-
-/// Jobs remembered in `Coordinator::known`; the map is emptied when it is full.
-const KNOWN_JOBS: usize = 16_384;
 
 impl Coordinator {
     /// Handles the feed until the future is dropped.
@@ -232,16 +230,18 @@ impl Coordinator {
         if frees {
             self.wake_environments(&state).await?;
         }
+        // The job's end has come through the feed and been handled: nothing waking is left to
+        // come for it, so its memory goes to jobs still running. (An end this coordinator
+        // appended just now is still remembered: its own feed entry is yet to come.)
+        if entries.events.iter().any(|(_, e)| ends_job(e)) {
+            self.known.lock().expect("known-state lock").forget(&job);
+        }
         Ok(())
     }
 
     /// Remembers `state`, an exact fold of its job's first `state.version` events.
     fn remember(&self, state: &JobState) {
-        let mut known = self.known.lock().expect("known-state lock");
-        if known.len() >= KNOWN_JOBS {
-            known.clear();
-        }
-        known.insert(state.id, state.clone());
+        self.known.lock().expect("known-state lock").put(state);
     }
 
     /// Creates the job a webhook asks for. The job id was chosen by the gateway, so a second
@@ -543,6 +543,17 @@ fn frees_environment(job: &JobState, event: &Event) -> bool {
     }
 }
 
+/// The terminal job events.
+fn ends_job(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::JobSucceeded(_)
+            | Event::JobFailed(_)
+            | Event::JobCancelled(_)
+            | Event::JobSuperseded(_)
+    )
+}
+
 /// Job events after which the coordinator may have something to decide.
 fn wakes_coordinator(event: &Event) -> bool {
     matches!(
@@ -552,11 +563,7 @@ fn wakes_coordinator(event: &Event) -> bool {
             | Event::StepFailed(_)
             | Event::LeaseExpired(_)
             | Event::StepReleased(_)
-            | Event::JobSucceeded(_)
-            | Event::JobFailed(_)
-            | Event::JobCancelled(_)
-            | Event::JobSuperseded(_)
-    )
+    ) || ends_job(event)
 }
 
 /// One coordinator at a time expires leases, promotes due retries and records agents whose
@@ -661,7 +668,7 @@ mod tests {
 
     /// The version of the state `coordinator` remembers for `job`.
     fn remembered(coordinator: &Coordinator, job: JobId) -> u64 {
-        coordinator.known.lock().unwrap()[&job].version
+        coordinator.known.lock().unwrap().get(&job).unwrap().version
     }
 
     fn queued(events: &[Stored], step: &str) -> usize {
@@ -685,7 +692,7 @@ mod tests {
         let coordinator = Coordinator {
             store: store.clone(),
             opts: Arc::new(Options::default()),
-            known: Mutex::new(HashMap::new()),
+            known: Mutex::default(),
         };
         let job = JobId::new();
         let stream = StreamId::Job(job);
@@ -732,7 +739,7 @@ mod tests {
         let other = Coordinator {
             store: store.clone(),
             opts: Arc::new(Options::default()),
-            known: Mutex::new(HashMap::new()),
+            known: Mutex::default(),
         };
         other.reconcile(job).await.unwrap();
         assert_eq!(
@@ -759,13 +766,77 @@ mod tests {
 
         // Waking entries after a gap (this coordinator remembers nothing of the job, and the
         // feed brings entries 5 and 6) mean a read; still nothing to decide.
-        coordinator.known.lock().unwrap().clear();
+        coordinator.known.lock().unwrap().forget(&job);
         coordinator
             .handle_job(job, &entries(&store, job, 4).await)
             .await
             .unwrap();
         assert_eq!(store.read_stream(&stream, 0).await.unwrap().len(), 6);
         assert_eq!(remembered(&coordinator, job), 6);
+    }
+
+    /// The memory goes to running jobs: a job this coordinator ends stays remembered until its
+    /// end comes back through the feed (that entry wakes the coordinator, and deciding from
+    /// memory needs no read), and is forgotten once that entry is handled.
+    #[tokio::test]
+    async fn an_ended_job_is_forgotten_once_its_end_comes_through_the_feed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("ferry.db")).unwrap());
+        let coordinator = Coordinator {
+            store: store.clone(),
+            opts: Arc::new(Options::default()),
+            known: Mutex::default(),
+        };
+        let job = JobId::new();
+        let stream = StreamId::Job(job);
+        let created: Event = noop_job(job, "v1", "linux", &["a"]).into();
+        store
+            .append(Append::new(stream.clone(), vec![created]).expect(0))
+            .await
+            .unwrap();
+        coordinator
+            .handle_job(job, &entries(&store, job, 0).await)
+            .await
+            .unwrap();
+        let claim = store
+            .claim(
+                &["linux".to_string()],
+                &"agent".into(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap()
+            .expect("step a is queued");
+        let ran: Vec<Event> = vec![StepSucceeded {
+            step: claim.step.clone(),
+            attempt: 1,
+        }
+        .into()];
+        store
+            .append(Append::new(stream.clone(), ran).fenced(claim.step.clone(), claim.token))
+            .await
+            .unwrap();
+
+        // StepClaimed and StepSucceeded arrive: the coordinator ends the job and remembers that.
+        coordinator
+            .handle_job(job, &entries(&store, job, 2).await)
+            .await
+            .unwrap();
+        let history = store.read_stream(&stream, 0).await.unwrap();
+        assert!(matches!(
+            history.last().unwrap().decode().unwrap(),
+            Event::JobSucceeded(_)
+        ));
+        assert_eq!(remembered(&coordinator, job), 5);
+
+        // Its own JobSucceeded comes through the feed: handled from memory, then forgotten.
+        coordinator
+            .handle_job(job, &entries(&store, job, 4).await)
+            .await
+            .unwrap();
+        assert!(coordinator.known.lock().unwrap().get(&job).is_none());
+        assert_eq!(store.read_stream(&stream, 0).await.unwrap().len(), 5);
     }
 
     /// A newer tag's deploy supersedes an older one that is still queued, but an agent may claim
@@ -781,7 +852,7 @@ mod tests {
         let coordinator = Coordinator {
             store: store.clone(),
             opts: Arc::new(Options::default()),
-            known: Mutex::new(HashMap::new()),
+            known: Mutex::default(),
         };
         let deploy = crate::coordinator::plan::deploy_step("prod");
         let deploy_job = |job: JobId, tag: &str| -> Event {
