@@ -357,13 +357,18 @@ pub fn coordinator_options(config: &Config) -> coordinator::Options {
     }
 }
 
-/// The agent's options from the configuration: its SSH key is loaded and its artifact store
-/// opened here, so a bad key or store fails at start.
+/// The agent's options from the configuration: its SSH key and git CA certificates are loaded
+/// and its artifact store opened here, so a bad key, CA file or store fails at start.
 pub fn agent_options(config: &Config) -> anyhow::Result<agent::Options> {
     let artifacts = crate::build::ArtifactStore::from_url(&config.artifacts.url)
         .map_err(|e| anyhow::anyhow!("artifacts.url {}: {e}", config.artifacts.url))?;
     let hosts = crate::deploy::transport::Hosts::from_config(&config.agent)
         .map_err(|e| anyhow::anyhow!("agent.ssh_key: {e}"))?;
+    let git_ca_certs = match &config.agent.git_ca_file {
+        Some(path) => crate::build::read_ca_certs(path)
+            .map_err(|e| anyhow::anyhow!("agent.git_ca_file {e}"))?,
+        None => Vec::new(),
+    };
     Ok(agent::Options {
         name: AgentId::new(config.agent.name.clone()),
         pools: config.agent.pools.clone(),
@@ -382,6 +387,7 @@ pub fn agent_options(config: &Config) -> anyhow::Result<agent::Options> {
                 known_hosts: Some(config.agent.known_hosts.clone()),
                 accept_new_host_keys: config.agent.host_key_policy
                     == crate::config::HostKeyPolicy::AcceptNew,
+                git_ca_certs,
             }),
             data_dir: config.data_dir.clone(),
         }),

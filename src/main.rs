@@ -62,9 +62,12 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
             }
         }
         Command::Agent(_) => {
+            // Options first: a bad key, CA file or artifact store fails before the store is
+            // contacted.
+            let options = app::agent_options(&config)?;
             let store = app::open_store(&config).await?;
             let stop = app::shutdown_signal();
-            ferry::agent::run(store, app::agent_options(&config)?, app::until(stop)).await?;
+            ferry::agent::run(store, options, app::until(stop)).await?;
         }
         Command::Gateway(_) => {
             let store = app::open_store(&config).await?;

@@ -32,6 +32,8 @@ pub(super) struct Checkout {
     pub known_hosts: Option<PathBuf>,
     /// Unknown host keys are added to `known_hosts` instead of failing (changed keys still fail).
     pub accept_new_host_keys: bool,
+    /// CA certificates trusted for `https://` clone URLs besides the system's roots.
+    pub ca_certs: Vec<reqwest_gix::Certificate>,
 }
 
 pub(super) struct CheckedOut {
@@ -91,12 +93,15 @@ pub(super) fn checkout(req: &Checkout, interrupt: &AtomicBool) -> Result<Checked
         .and_then(|r| r.with_refspecs(REFSPECS, Direction::Fetch))
         .map(|r| r.with_fetch_tags(gix::remote::fetch::Tags::None))
         .and_then(|remote| {
-            remote
-                .connect(Direction::Fetch)?
+            let mut connection = remote.connect(Direction::Fetch)?;
+            if let Some(options) = https_options(&repo, &req.url, &req.ca_certs)? {
+                connection = connection.with_transport_options(options);
+            }
+            connection
                 .prepare_fetch(gix::progress::Discard, Default::default())?
                 .receive(gix::progress::Discard, interrupt)
         })
-        .map_err(|e| fetch_err(e.to_string()))?;
+        .map_err(|e| fetch_err(with_causes(&e)))?;
     // The remote must still advertise the ref: a tag deleted upstream stays in the mirror.
     let advertised = outcome
         .ref_map
@@ -249,6 +254,62 @@ fn lock_exclusive(path: &Path) -> std::io::Result<File> {
             return Err(e);
         }
     }
+}
+
+/// `error` and its chain of causes, so that "Transport handshake failed" says why (an unknown
+/// certificate issuer, a refused connection).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The http transport's options for `url` (from the repository's git configuration, as gix
+/// would use them) with `certs` trusted besides the system's roots; `None` when there are no
+/// extra certificates or `url` is not http(s).
+fn https_options(
+    repo: &gix::Repository,
+    url: &str,
+    certs: &[reqwest_gix::Certificate],
+) -> Result<Option<Box<dyn std::any::Any>>, gix::Error> {
+    use gix::protocol::transport::client::blocking_io::http;
+    if certs.is_empty() {
+        return Ok(None);
+    }
+    let Some(options) = repo.transport_options(url, None)? else {
+        return Ok(None);
+    };
+    let Ok(mut options) = options.downcast::<http::Options>() else {
+        return Ok(None);
+    };
+    let certs = certs.to_vec();
+    let backend = http::reqwest::Options {
+        configure_client: Some(Box::new(move |client| {
+            Ok(client.tls_certs_merge(certs.clone()))
+        })),
+        configure_request: None,
+    };
+    options.backend = Some(std::sync::Arc::new(std::sync::Mutex::new(backend)));
+    Ok(Some(options))
+}
+
+/// Reads the PEM certificates of `path` (one or more), refusing a file that holds none.
+pub fn read_ca_certs(path: &Path) -> Result<Vec<reqwest_gix::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs = reqwest_gix::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
 }
 
 fn install_tls_provider() {

@@ -23,6 +23,7 @@ mod git;
 pub mod mask;
 
 pub use artifact::{Artifact, ArtifactStore};
+pub use git::read_ca_certs;
 
 use ferry_proto::{BuildSpec, JobId};
 use std::future::Future;
@@ -63,6 +64,9 @@ pub struct BuildEnv {
     pub known_hosts: Option<PathBuf>,
     /// `host_key_policy = "accept-new"`: unknown host keys are added, changed ones still fail.
     pub accept_new_host_keys: bool,
+    /// CA certificates trusted for `https://` clone URLs besides the system's roots
+    /// (`agent.git_ca_file`, read once at start with [`read_ca_certs`]).
+    pub git_ca_certs: Vec<reqwest_gix::Certificate>,
 }
 
 /// Which stream a log line came from.
@@ -264,6 +268,7 @@ async fn run_in(
             ssh_key: env.ssh_key.clone(),
             known_hosts: env.known_hosts.clone(),
             accept_new_host_keys: env.accept_new_host_keys,
+            ca_certs: env.git_ca_certs.clone(),
         };
         let interrupt = interrupt.clone();
         tokio::task::spawn_blocking(move || git::checkout(&req, &interrupt))

@@ -77,6 +77,8 @@ pub mod env {
     pub const AGENT_KNOWN_HOSTS: &str = "FERRY_AGENT_KNOWN_HOSTS";
     /// `agent.host_key_policy`
     pub const AGENT_HOST_KEY_POLICY: &str = "FERRY_AGENT_HOST_KEY_POLICY";
+    /// `agent.git_ca_file`
+    pub const AGENT_GIT_CA_FILE: &str = "FERRY_AGENT_GIT_CA_FILE";
     /// `artifacts.url`
     pub const ARTIFACTS_URL: &str = "FERRY_ARTIFACTS_URL";
     /// `gitlab.url`
@@ -235,6 +237,8 @@ pub struct Agent {
     /// OpenSSH `known_hosts` file; default `<data_dir>/known_hosts`.
     pub known_hosts: PathBuf,
     pub host_key_policy: HostKeyPolicy,
+    /// PEM CA certificates trusted for `https://` clone URLs besides the system's roots.
+    pub git_ca_file: Option<PathBuf>,
 }
 
 /// What to do with a host key that is not in `known_hosts`. There is no policy that ignores keys.
@@ -649,6 +653,7 @@ const ENV_SETTINGS: &[EnvSetting] = &[
     EnvSetting { key: "agent.ssh_key", var: env::AGENT_SSH_KEY, slot: |r| Slot::Text(&mut agent(r).ssh_key) },
     EnvSetting { key: "agent.known_hosts", var: env::AGENT_KNOWN_HOSTS, slot: |r| Slot::Text(&mut agent(r).known_hosts) },
     EnvSetting { key: "agent.host_key_policy", var: env::AGENT_HOST_KEY_POLICY, slot: |r| Slot::Text(&mut agent(r).host_key_policy) },
+    EnvSetting { key: "agent.git_ca_file", var: env::AGENT_GIT_CA_FILE, slot: |r| Slot::Text(&mut agent(r).git_ca_file) },
     EnvSetting { key: "artifacts.url", var: env::ARTIFACTS_URL, slot: |r| Slot::Text(&mut r.artifacts.get_or_insert_with(Default::default).url) },
     EnvSetting { key: "gitlab.url", var: env::GITLAB_URL, slot: |r| Slot::Text(&mut r.gitlab.get_or_insert_with(Default::default).url) },
 ];
@@ -1037,6 +1042,7 @@ fn build(
                 .map_err(|e: String| cx.err("agent.host_key_policy", e))?,
             None => HostKeyPolicy::Strict,
         },
+        git_ca_file: ag.git_ca_file.map(PathBuf::from),
     };
 
     let artifacts = Artifacts {

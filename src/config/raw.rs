@@ -84,6 +84,7 @@ raw_table! {
         ssh_key: String,
         known_hosts: String,
         host_key_policy: String,
+        git_ca_file: String,
     }
 }
 

@@ -293,6 +293,7 @@ fn every_env_setting_is_read() {
         (env::AGENT_SSH_KEY, "/k"),
         (env::AGENT_KNOWN_HOSTS, "/kh"),
         (env::AGENT_HOST_KEY_POLICY, "accept-new"),
+        (env::AGENT_GIT_CA_FILE, "/etc/ferry/git-ca.pem"),
         (env::ARTIFACTS_URL, "file:///a/"),
         (env::GITLAB_URL, "https://gitlab.test"),
         (env::GITLAB_TOKEN, "glpat"),
@@ -327,6 +328,10 @@ fn every_env_setting_is_read() {
     assert_eq!(c.agent.ssh_key, Some(PathBuf::from("/k")));
     assert_eq!(c.agent.known_hosts, PathBuf::from("/kh"));
     assert_eq!(c.agent.host_key_policy, HostKeyPolicy::AcceptNew);
+    assert_eq!(
+        c.agent.git_ca_file,
+        Some(PathBuf::from("/etc/ferry/git-ca.pem"))
+    );
     assert_eq!(c.artifacts.url.as_str(), "file:///a/");
     let gitlab = c.gitlab.unwrap();
     assert_eq!(

@@ -62,6 +62,7 @@ impl Repo {
             ssh_key: None,
             known_hosts: None,
             accept_new_host_keys: false,
+            git_ca_certs: Vec::new(),
         }
     }
 
@@ -186,11 +187,51 @@ async fn builds_lightweight_and_annotated_tags_from_git_daemon() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builds_lightweight_and_annotated_tags_over_smart_http() {
     let repo = Repo::new();
-    let server = GitHttp::start(repo.dir.path()).await;
+    let server = GitHttp::start(repo.dir.path(), None).await;
     let env = repo.env();
     let url = format!("http://127.0.0.1:{}/repo", server.port);
     check_build(&repo, &env, &url, "v1.0.0", &repo.first, "version one\n").await;
     check_build(&repo, &env, &url, "v2.0.0", &repo.second, "version two\n").await;
+}
+
+/// An https clone URL whose server certificate comes from a CA the system does not know: the
+/// clone fails naming the URL, and succeeds once the agent trusts the CA (`agent.git_ca_file`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_tags_over_https_when_the_agent_trusts_the_servers_ca() {
+    let repo = Repo::new();
+    let certs = tempfile::tempdir().unwrap();
+    crate::tls::certificates(certs.path());
+    let server = GitHttp::start(repo.dir.path(), Some(certs.path())).await;
+    let url = format!("https://127.0.0.1:{}/repo", server.port);
+
+    let out = run(&repo.env(), "v1.0.0", &repo.first, 1, &spec(&url)).await;
+    let err = out
+        .result
+        .expect_err("a certificate from an unknown CA must fail the clone");
+    assert!(
+        matches!(&err, Error::Fetch { url: u, .. } if *u == url),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("certificate"), "says why: {err}");
+
+    let env = BuildEnv {
+        git_ca_certs: ferry::build::read_ca_certs(&certs.path().join("ca.crt")).unwrap(),
+        ..repo.env()
+    };
+    check_build(&repo, &env, &url, "v1.0.0", &repo.first, "version one\n").await;
+    check_build(&repo, &env, &url, "v2.0.0", &repo.second, "version two\n").await;
+}
+
+#[test]
+fn a_git_ca_file_without_a_certificate_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let err = ferry::build::read_ca_certs(&missing).unwrap_err();
+    assert!(err.contains("missing.pem"), "{err}");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let err = ferry::build::read_ca_certs(&empty).unwrap_err();
+    assert!(err.contains("empty.pem"), "{err}");
 }
 
 #[tokio::test]
@@ -721,7 +762,8 @@ struct GitHttp {
 }
 
 impl GitHttp {
-    async fn start(base: &Path) -> GitHttp {
+    /// Plain HTTP, or HTTPS with the certificates in `tls` (see [`TlsListener`]).
+    async fn start(base: &Path, tls: Option<&Path>) -> GitHttp {
         use axum::body::{Body, Bytes};
         use axum::http::{Method, Request, Response, StatusCode};
         let base = base.to_path_buf();
@@ -793,9 +835,65 @@ impl GitHttp {
         let app = axum::Router::new().fallback(handler);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let task = match tls {
+            None => tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            }),
+            Some(dir) => {
+                let tls = TlsListener::new(listener, dir);
+                tokio::spawn(async move {
+                    axum::serve(tls, app).await.unwrap();
+                })
+            }
+        };
         GitHttp { port, _task: task }
+    }
+}
+
+/// Serves HTTPS with `srv.crt` / `srv.key` of a directory made by `tls::certificates`.
+/// Connections whose handshake fails (a client that does not trust the CA) are dropped.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl TlsListener {
+    fn new(tcp: tokio::net::TcpListener, dir: &Path) -> TlsListener {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        ferry::tls::install_provider();
+        let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(dir.join("srv.crt"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(dir.join("srv.key")).unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        TlsListener {
+            tcp,
+            acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+        }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
     }
 }

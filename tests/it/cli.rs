@@ -83,6 +83,21 @@ fn a_bad_config_fails_at_start_naming_the_key_and_the_file() {
 }
 
 #[test]
+fn an_agent_whose_git_ca_file_is_unreadable_fails_at_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("git-ca.pem");
+    let out = ferry("redis://127.0.0.1:1/", "x")
+        .env("FERRY_AGENT_GIT_CA_FILE", &missing)
+        .arg("agent")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let msg = text(&out);
+    assert!(msg.contains("agent.git_ca_file"), "{msg}");
+    assert!(msg.contains(&missing.display().to_string()), "{msg}");
+}
+
+#[test]
 fn role_flags_belong_to_their_subcommand() {
     let out = ferry("redis://127.0.0.1:1/", "x")
         .args(["coordinator", "--concurrency", "4"])

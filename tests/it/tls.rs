@@ -22,8 +22,9 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A CA, and a server certificate for 127.0.0.1 signed by it.
-fn certificates(dir: &Path) {
+/// A CA (`ca.crt`), and a server certificate for 127.0.0.1 signed by it (`srv.crt`, `srv.key`),
+/// written into `dir`.
+pub(crate) fn certificates(dir: &Path) {
     let ec = [
         "-newkey",
         "ec",
