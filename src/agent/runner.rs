@@ -145,6 +145,18 @@ impl<'a> StepRun<'a> {
         }
         .into()
     }
+
+    /// `host_key_pinned` for a key this step pinned under `accept-new`.
+    fn pinned_event(&self, key: &PinnedKey) -> Event {
+        HostKeyPinned {
+            step: self.claim.step.clone(),
+            attempt: self.claim.attempt,
+            host: key.host.clone(),
+            fingerprint: key.fingerprint.clone(),
+            key_type: key.key_type.clone(),
+        }
+        .into()
+    }
 }
 
 impl Runner {
@@ -180,8 +192,16 @@ impl Runner {
             spec,
         };
         let log = |l: build::LogLine| step.log(l.stream.as_str(), &l.line);
+        // Host keys the clone pinned are recorded with the outcome, in the same append.
+        let pins = std::sync::Mutex::new(Vec::<Event>::new());
+        let pinned = |key: PinnedKey| {
+            pins.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(step.pinned_event(&key))
+        };
         // Stopping the step drops this future, which kills the build's processes.
-        match build::run(job, &env, &log, std::future::pending::<()>()).await {
+        let outcome = match build::run(job, &env, &log, &pinned, std::future::pending::<()>()).await
+        {
             Ok(a) => vec![
                 ArtifactPublished {
                     step: step.claim.step.clone(),
@@ -195,7 +215,10 @@ impl Runner {
                 step.succeeded(),
             ],
             Err(e) => vec![step.failed(e.to_string(), e.retryable(), e.exit_code())],
-        }
+        };
+        let mut events = pins.into_inner().unwrap_or_else(|e| e.into_inner());
+        events.extend(outcome);
+        events
     }
 
     async fn deploy(&self, step: &StepRun<'_>, spec: &DeploySpec) -> Result<Vec<Event>, Error> {
@@ -356,14 +379,7 @@ impl Progress for StepRun<'_> {
                 key.host, key.key_type, key.fingerprint
             ),
         );
-        self.append(vec![HostKeyPinned {
-            step: self.claim.step.clone(),
-            attempt: self.claim.attempt,
-            host: key.host.clone(),
-            fingerprint: key.fingerprint.clone(),
-            key_type: key.key_type.clone(),
-        }
-        .into()])
+        self.append(vec![self.pinned_event(key)])
             .await
             .map_err(|e| e.to_string())
     }

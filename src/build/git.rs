@@ -208,7 +208,7 @@ fn ssh_command(key: Option<&Path>, known_hosts: Option<&Path>, accept_new: bool)
     if let Some(file) = known_hosts {
         let checking = if accept_new { "accept-new" } else { "yes" };
         command += &format!(
-            " -o UserKnownHostsFile={} -o StrictHostKeyChecking={checking}",
+            " -o UserKnownHostsFile={} -o StrictHostKeyChecking={checking} -o HashKnownHosts=no",
             quote(file)
         );
     }
@@ -350,12 +350,15 @@ mod tests {
             .as_deref(),
             Some(
                 "ssh -i '/k' -o IdentitiesOnly=yes -o UserKnownHostsFile='/etc/ferry/known hosts' \
-                 -o StrictHostKeyChecking=yes -o BatchMode=yes"
+                 -o StrictHostKeyChecking=yes -o HashKnownHosts=no -o BatchMode=yes"
             )
         );
         assert_eq!(
             ssh_command(None, Some(Path::new("/kh")), true).as_deref(),
-            Some("ssh -o UserKnownHostsFile='/kh' -o StrictHostKeyChecking=accept-new -o BatchMode=yes")
+            Some(
+                "ssh -o UserKnownHostsFile='/kh' -o StrictHostKeyChecking=accept-new \
+                 -o HashKnownHosts=no -o BatchMode=yes"
+            )
         );
         assert_eq!(ssh_command(None, None, false), None);
     }

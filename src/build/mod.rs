@@ -21,10 +21,12 @@ pub mod artifact;
 mod command;
 mod git;
 pub mod mask;
+mod pins;
 
 pub use artifact::{Artifact, ArtifactStore};
 pub use git::read_ca_certs;
 
+use crate::deploy::transport::PinnedKey;
 use ferry_proto::{BuildSpec, JobId};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -190,6 +192,7 @@ pub async fn run(
     job: BuildJob<'_>,
     env: &BuildEnv,
     log: &(dyn Fn(LogLine) + Send + Sync),
+    pinned: &(dyn Fn(PinnedKey) + Send + Sync),
     cancel: impl Future<Output = ()>,
 ) -> Result<Artifact, Error> {
     let work = env
@@ -198,7 +201,7 @@ pub async fn run(
         .join(format!("{}-{}", job.job_id, job.attempt));
     let _cleanup = RemoveOnDrop(work.clone());
     tokio::pin!(cancel);
-    let result = run_in(job, env, log, &work, cancel.as_mut()).await;
+    let result = run_in(job, env, log, pinned, &work, cancel.as_mut()).await;
     let removed = {
         let work = work.clone();
         tokio::task::spawn_blocking(move || remove_dir_if_exists(&work)).await
@@ -213,6 +216,7 @@ async fn run_in(
     job: BuildJob<'_>,
     env: &BuildEnv,
     log: &(dyn Fn(LogLine) + Send + Sync),
+    pinned: &(dyn Fn(PinnedKey) + Send + Sync),
     work: &Path,
     mut cancel: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Result<Artifact, Error> {
@@ -273,13 +277,27 @@ async fn run_in(
         let interrupt = interrupt.clone();
         tokio::task::spawn_blocking(move || git::checkout(&req, &interrupt))
     };
+    let watched = pins::before(
+        &spec.clone_url,
+        env.known_hosts.as_deref(),
+        env.accept_new_host_keys,
+    );
     let checked_out = tokio::select! {
-        r = checkout => r.map_err(join_error)??,
+        r = checkout => r.map_err(join_error),
         _ = cancel.as_mut() => {
             interrupt.store(true, Ordering::Relaxed);
             return Err(Error::Cancelled);
         }
     };
+    // Reported whatever the fetch's outcome: a pinned key stays in known_hosts either way.
+    for key in watched.iter().flat_map(pins::Before::pinned) {
+        ferry(format!(
+            "pinned host key {} {} of {} (host_key_policy = \"accept-new\")",
+            key.key_type, key.fingerprint, key.host
+        ));
+        pinned(key);
+    }
+    let checked_out = checked_out??;
     ferry(format!(
         "checked out {} at {} ({} files, mirror {})",
         job.tag,

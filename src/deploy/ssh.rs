@@ -231,12 +231,12 @@ fn preferred_for(host: &str, port: u16, known_hosts: &Path) -> russh::Preferred 
 }
 
 /// `SHA256:...` of a key.
-fn fingerprint(key: &PublicKey) -> String {
+pub(crate) fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
 }
 
 /// How `known_hosts` names `host:port`.
-fn known_hosts_name(host: &str, port: u16) -> String {
+pub(crate) fn known_hosts_name(host: &str, port: u16) -> String {
     if port == 22 {
         host.to_string()
     } else {

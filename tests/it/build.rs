@@ -5,6 +5,7 @@
 
 use crate::harness::{git, serve_on_free_port, S3Server};
 use ferry::build::{self, ArtifactStore, BuildEnv, BuildJob, Error, LogLine, Stream};
+use ferry::deploy::transport::PinnedKey;
 use ferry_proto::{BuildSpec, JobId};
 use object_store::ObjectStoreExt;
 use sha2::{Digest, Sha256};
@@ -98,6 +99,8 @@ fn spec(url: &str) -> BuildSpec {
 struct Outcome {
     result: Result<build::Artifact, Error>,
     lines: Vec<LogLine>,
+    /// Host keys the build reported pinning.
+    pins: Vec<PinnedKey>,
 }
 
 async fn run(env: &BuildEnv, tag: &str, sha: &str, attempt: u32, spec: &BuildSpec) -> Outcome {
@@ -114,9 +117,16 @@ async fn run(env: &BuildEnv, tag: &str, sha: &str, attempt: u32, spec: &BuildSpe
         spec,
     };
     let log = move |l: LogLine| sink.lock().unwrap().push(l);
-    let result = build::run(job, env, &log, std::future::pending()).await;
+    let pins = Mutex::new(Vec::new());
+    let pinned = |key: PinnedKey| pins.lock().unwrap().push(key);
+    let result = build::run(job, env, &log, &pinned, std::future::pending()).await;
     let lines = lines.lock().unwrap().clone();
-    Outcome { result, lines }
+    let pins = pins.into_inner().unwrap();
+    Outcome {
+        result,
+        lines,
+        pins,
+    }
 }
 
 /// The files of a tar.gz, by name.
@@ -134,7 +144,15 @@ fn untar(bytes: &[u8]) -> BTreeMap<String, String> {
 }
 
 /// Builds `tag` and checks the stored artifact: its name, key, checksum and content.
-async fn check_build(repo: &Repo, env: &BuildEnv, url: &str, tag: &str, sha: &str, app: &str) {
+/// Builds `tag` from `url` and checks the artifact; returns the host keys the build pinned.
+async fn check_build(
+    repo: &Repo,
+    env: &BuildEnv,
+    url: &str,
+    tag: &str,
+    sha: &str,
+    app: &str,
+) -> Vec<PinnedKey> {
     let out = run(env, tag, sha, 1, &spec(url)).await;
     let artifact = out
         .result
@@ -163,6 +181,7 @@ async fn check_build(repo: &Repo, env: &BuildEnv, url: &str, tag: &str, sha: &st
         "work directories left behind"
     );
     assert!(env.data_dir.join("mirrors/group_2fapp.git").is_dir());
+    out.pins
 }
 
 #[tokio::test]
@@ -276,12 +295,13 @@ async fn an_unknown_ssh_host_key_fails_the_clone_unless_new_keys_are_accepted() 
         .expect_err("an unknown host key must fail the clone");
     assert!(matches!(err, Error::Fetch { .. }), "{err:?}");
     assert_eq!(std::fs::read_to_string(&known).unwrap(), "");
+    assert!(out.pins.is_empty(), "{:?}", out.pins);
 
     let accept_new = BuildEnv {
         accept_new_host_keys: true,
         ..strict
     };
-    check_build(
+    let pins = check_build(
         &repo,
         &accept_new,
         &url,
@@ -290,11 +310,24 @@ async fn an_unknown_ssh_host_key_fails_the_clone_unless_new_keys_are_accepted() 
         "version one\n",
     )
     .await;
+    assert_eq!(
+        pins,
+        [PinnedKey {
+            host: format!("root@127.0.0.1:{}", sshd.port()),
+            fingerprint: sshd.fingerprint(),
+            key_type: "ssh-ed25519".into(),
+        }]
+    );
     let pinned = std::fs::read_to_string(&known).unwrap();
     assert!(
         pinned.contains(&sshd.host_key()),
         "the new key is pinned in the agent's known_hosts: {pinned:?}"
     );
+    // The pin was reported once, for the agent to record as host_key_pinned; the next clone
+    // finds the key known and reports nothing.
+    let again = run(&accept_new, "v2.0.0", &repo.second, 1, &spec(&url)).await;
+    again.result.expect("the second build");
+    assert!(again.pins.is_empty(), "{:?}", again.pins);
 }
 
 #[tokio::test]
@@ -483,7 +516,7 @@ async fn cancelling_a_build_kills_its_process_group() {
             }
         }
     };
-    let result = tokio::time::timeout(DEADLINE, build::run(job, &env, &|_| {}, cancel))
+    let result = tokio::time::timeout(DEADLINE, build::run(job, &env, &|_| {}, &|_| {}, cancel))
         .await
         .expect("the build stops when cancelled");
     let err = result.unwrap_err();
@@ -896,4 +929,118 @@ impl axum::serve::Listener for TlsListener {
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         self.tcp.local_addr()
     }
+}
+
+/// An agent building from an ssh URL under accept-new records the host key its clone pinned:
+/// `host_key_pinned`, fenced by the step's lease, before the step's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_records_the_host_key_its_ssh_clone_pinned() {
+    use ferry::agent;
+    use ferry::store::{Append, Store, StreamId};
+    use ferry_proto::{AgentId, Event, JobCreated, StepId, StepPlan, StepQueued, StepSpec};
+
+    let repo = Repo::new();
+    let sshd = crate::sshd::Sshd::start();
+    let known = repo.dir.path().join("known_hosts");
+    std::fs::write(&known, "").unwrap();
+    let env = BuildEnv {
+        ssh_key: Some(crate::sshd::client_key().private.clone()),
+        known_hosts: Some(known.clone()),
+        accept_new_host_keys: true,
+        ..repo.env()
+    };
+    let url = format!(
+        "ssh://root@127.0.0.1:{}{}",
+        sshd.port(),
+        repo.path().display()
+    );
+    let store: Arc<dyn Store> = Arc::new(crate::harness::redis_store().await);
+    let job = JobId::new();
+    let created = JobCreated {
+        artifact: None,
+        job,
+        project_id: 1,
+        project: "group/app".into(),
+        tag: "v1.0.0".into(),
+        git_ref: "refs/tags/v1.0.0".into(),
+        sha: repo.first.clone(),
+        priority: 0,
+        trigger: "test".into(),
+        steps: vec![StepPlan {
+            step: StepId::new("build"),
+            pool: "default".into(),
+            priority: 0,
+            spec: StepSpec::Build(spec(&url)),
+        }],
+    };
+    let queued = StepQueued {
+        step: StepId::new("build"),
+        attempt: 1,
+        pool: "default".into(),
+        priority: 0,
+    };
+    store
+        .append(Append::new(StreamId::Job(job), vec![created.into(), queued.into()]).expect(0))
+        .await
+        .unwrap();
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = agent::Options {
+        name: AgentId::new("builder"),
+        pools: vec!["default".into()],
+        labels: vec![],
+        concurrency: 1,
+        lease_ttl: Duration::from_secs(10),
+        shutdown_grace: Duration::from_secs(5),
+        runner: Arc::new(agent::Runner {
+            build: Some(env),
+            ..agent::Runner::local(repo.dir.path().join("data"))
+        }),
+    };
+    let agent = tokio::spawn(agent::run(store.clone(), options, async move {
+        let _ = stopped.await;
+    }));
+    let history = crate::harness::wait_for(DEADLINE * 2, "the build step's outcome", || {
+        let store = store.clone();
+        async move {
+            let history = store.read_stream(&StreamId::Job(job), 0).await.ok()?;
+            let ended = history.iter().any(|s| {
+                matches!(
+                    s.decode(),
+                    Ok(Event::StepSucceeded(_) | Event::StepFailed(_))
+                )
+            });
+            ended.then_some(history)
+        }
+    })
+    .await;
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+
+    let events: Vec<(Event, Option<u64>)> = history
+        .iter()
+        .map(|s| (s.decode().unwrap(), s.envelope.token))
+        .collect();
+    let claim_token = events
+        .iter()
+        .find_map(|(e, t)| matches!(e, Event::StepClaimed(_)).then_some(*t))
+        .flatten()
+        .expect("claimed under a token");
+    let pinned: Vec<usize> = (0..events.len())
+        .filter(|&i| matches!(&events[i].0, Event::HostKeyPinned(_)))
+        .collect();
+    assert_eq!(pinned.len(), 1, "{events:?}");
+    let (Event::HostKeyPinned(p), token) = &events[pinned[0]] else {
+        unreachable!()
+    };
+    assert_eq!(p.host, format!("root@127.0.0.1:{}", sshd.port()));
+    assert_eq!(p.fingerprint, sshd.fingerprint());
+    assert_eq!(p.key_type, "ssh-ed25519");
+    assert_eq!((p.step.as_str(), p.attempt), ("build", 1));
+    assert_eq!(*token, Some(claim_token), "appended under the step's lease");
+    let succeeded = events
+        .iter()
+        .position(|(e, _)| matches!(e, Event::StepSucceeded(_)))
+        .expect("the build succeeded");
+    assert!(pinned[0] < succeeded, "recorded before the outcome");
 }
