@@ -24,6 +24,10 @@ const EVENT_ENTRY: &str = "'s', 'job:01a24448-885b-7587-a27f-864cf655b407', 'k',
      't', '1764900000000', 'n', '3', 'f', '12345', 'p', \
      '0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef', 'l', '1764900000000-0'";
 
+/// The same entry with kind, schema version, time, place and token packed into one field `h`.
+const PACKED_ENTRY: &str = "'h', '4|1|1764900000000|3|12345', 'p', \
+     '0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef', 'l', '1764900000000-0'";
+
 struct Case {
     name: &'static str,
     /// Operations per script call; 0 for the baselines, reported per call.
@@ -68,6 +72,13 @@ fn cases() -> Vec<Case> {
             body: repeat(&format!("redis.call('XADD', 'events', '*', {EVENT_ENTRY})")),
         },
         Case {
+            name: "XADD, a packed event entry (3 fields)",
+            reps: 10,
+            body: repeat(&format!(
+                "redis.call('XADD', 'packed', '*', {PACKED_ENTRY})"
+            )),
+        },
+        Case {
             name: "XADD, a reference (2 fields)",
             reps: 10,
             body: repeat("redis.call('XADD', 'refs', '*', 'n', '3', 'l', '1764900000000-0')"),
@@ -88,6 +99,16 @@ fn cases() -> Vec<Case> {
             name: "XRANGE of a 2-entry job stream, read and returned",
             reps: 1,
             body: "return redis.call('XRANGE', 'job', '-', '+')".into(),
+        },
+        Case {
+            name: "XRANGE of the same, packed, read",
+            reps: 10,
+            body: repeat("redis.call('XRANGE', 'packedjob', '-', '+')"),
+        },
+        Case {
+            name: "XRANGE of the same, packed, read and returned",
+            reps: 1,
+            body: "return redis.call('XRANGE', 'packedjob', '-', '+')".into(),
         },
     ]
 }
@@ -110,23 +131,32 @@ fn main() {
         .expect("connect");
     // A job stream as the claim script reads it: JobCreated (a ~600-byte plan) and StepQueued.
     let plan = "x".repeat(600);
+    let stream = "job:01a24448-885b-7587-a27f-864cf655b407";
     for (kind, n, payload) in [("2", "1", plan.as_str()), ("3", "2", "queued-payload")] {
+        let fields = [
+            "s",
+            stream,
+            "k",
+            kind,
+            "v",
+            "1",
+            "t",
+            "1764900000000",
+            "n",
+            n,
+        ];
         let _: String = redis::cmd("XADD")
             .arg("job")
             .arg("*")
-            .arg(&[
-                "s",
-                "job:1",
-                "k",
-                kind,
-                "v",
-                "1",
-                "t",
-                "1764900000000",
-                "n",
-                n,
-            ])
+            .arg(&fields)
             .arg(&["p", payload, "l", "1764900000000-0"])
+            .query(&mut conn)
+            .expect("xadd");
+        let header = format!("{kind}|1|1764900000000|{n}|");
+        let _: String = redis::cmd("XADD")
+            .arg("packedjob")
+            .arg("*")
+            .arg(&["h", &header, "p", payload, "l", "1764900000000-0"])
             .query(&mut conn)
             .expect("xadd");
     }
@@ -162,7 +192,7 @@ fn main() {
             per_call[i].push(evalsha_usec_per_call(&info));
         }
         let _: () = redis::cmd("DEL")
-            .arg(&["events", "refs", "n", "lease"])
+            .arg(&["events", "packed", "refs", "n", "lease"])
             .query(&mut conn)
             .expect("del");
     }

@@ -12,9 +12,10 @@ set -euo pipefail
 out=${1:?output directory}; peer=${2:-/tmp/bullmq-peer}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-cargo bench --no-run --bench events --bench claim --bench ingest --bench dispatch
+cargo bench --no-run --bench events --bench claim --bench ingest --bench dispatch \
+  --bench script_costs
 { uptime; nproc; redis-server --version; node --version; } | tee "$out/machine.txt"
-for b in claim ingest dispatch; do
+for b in claim ingest dispatch script_costs; do
   cargo bench --bench "$b" 2>&1 | tee "$out/$b.txt"
 done
 (cd "$peer" && ./run-series.sh noaof "$out/bullmq.json" ${BULLMQ_ARGS:---runs 1} \
