@@ -400,7 +400,11 @@ async fn pickup(url: &str, samples: usize) -> (Samples, Samples) {
             };
             let now = Instant::now();
             for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
-                let kind: Option<String> = entry.get("k");
+                // The kind heads the packed header `h` (`k` in entries of the older layout).
+                let kind: Option<String> = entry
+                    .get::<String>("h")
+                    .and_then(|h| h.split('|').next().map(str::to_string))
+                    .or_else(|| entry.get("k"));
                 if kind.as_deref() == Some(started.as_str()) {
                     break 'watch now;
                 }

@@ -19,12 +19,13 @@ use support::{result, RedisServer};
 
 const PRELUDE: &str = include_str!("../src/store/redis/prelude.lua");
 
-/// One XADD of a job-stream entry as `emit` writes it (7 fields and the log id).
+/// A job-stream entry in the layout written until 2026-12-05 (7 fields and the log id).
 const EVENT_ENTRY: &str = "'s', 'job:01a24448-885b-7587-a27f-864cf655b407', 'k', '4', 'v', '1', \
      't', '1764900000000', 'n', '3', 'f', '12345', 'p', \
      '0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef', 'l', '1764900000000-0'";
 
-/// The same entry with kind, schema version, time, place and token packed into one field `h`.
+/// The same entry as `emit` writes it now: kind, schema version, time, place and token packed
+/// into one field `h`.
 const PACKED_ENTRY: &str = "'h', '4|1|1764900000000|3|12345', 'p', \
      '0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef', 'l', '1764900000000-0'";
 
@@ -67,12 +68,12 @@ fn cases() -> Vec<Case> {
             ),
         },
         Case {
-            name: "XADD, an event entry (8 fields)",
+            name: "XADD, an event entry, one field each (8 fields)",
             reps: 10,
             body: repeat(&format!("redis.call('XADD', 'events', '*', {EVENT_ENTRY})")),
         },
         Case {
-            name: "XADD, a packed event entry (3 fields)",
+            name: "XADD, the entry packed (3 fields)",
             reps: 10,
             body: repeat(&format!(
                 "redis.call('XADD', 'packed', '*', {PACKED_ENTRY})"

@@ -296,3 +296,118 @@ async fn blocking_reads_do_not_delay_other_commands() {
     assert!(read.await.unwrap().unwrap().is_empty());
     wait.await.unwrap().unwrap();
 }
+
+/// Entries stored before the packed layout (one field each: `s`, `k`, `v`, `t`, `n`, `f`, `p`,
+/// and `l` in streams) are still read, beside entries written now: in the job's stream, the
+/// log, the feed and a claim's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_of_the_older_one_field_each_layout_are_still_read() {
+    use ferry_proto::{AgentId, Envelope, StepClaimed};
+    let store = harness::redis_store().await;
+    let ns = store.namespace().to_string();
+    let job = JobId::new();
+    let stream = StreamId::Job(job).name();
+    let queued = |attempt| -> Event {
+        StepQueued {
+            step: "build".into(),
+            attempt,
+            pool: "linux".into(),
+            priority: 3,
+        }
+        .into()
+    };
+    // Attempt 1, written in the older layout (as an earlier ferry did), with a token.
+    let old = Envelope::new(&queued(1), stream.clone(), 1_764_900_000_000, Some(42));
+    let mut conn = raw().await;
+    let fields = |extra: Option<&str>| {
+        let mut f: Vec<(&str, Vec<u8>)> = vec![
+            ("s", stream.clone().into_bytes()),
+            ("k", old.kind.to_string().into_bytes()),
+            ("v", old.version.to_string().into_bytes()),
+            ("t", old.at_ms.to_string().into_bytes()),
+            ("n", b"1".to_vec()),
+            ("f", b"42".to_vec()),
+            ("p", old.payload.clone()),
+        ];
+        if let Some(l) = extra {
+            f.push(("l", l.as_bytes().to_vec()));
+        }
+        f
+    };
+    let log_id: String = redis::cmd("XADD")
+        .arg(format!("{{{ns}}}:log"))
+        .arg("*")
+        .arg(fields(None))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(format!("{{{ns}}}:s:{stream}"))
+        .arg("*")
+        .arg(fields(Some(&log_id)))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // Attempt 2 appended now, packed, at the version the old entry makes; then claimed.
+    store
+        .append(Append::new(StreamId::Job(job), vec![queued(2)]).expect(1))
+        .await
+        .unwrap();
+    let claim = store
+        .claim(
+            &["linux".to_string()],
+            &AgentId::new("a"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+        .expect("attempt 2 is queued");
+
+    let check = |read: &[ferry::store::Stored], what: &str| {
+        let read: Vec<_> = read
+            .iter()
+            .filter(|s| s.envelope.stream == stream)
+            .collect();
+        assert_eq!(read.len(), 3, "{what}: {read:?}");
+        let first = read[0];
+        assert_eq!(first.decode().unwrap(), queued(1), "{what}");
+        assert_eq!(
+            (first.seq, first.envelope.token, first.envelope.at_ms),
+            (Some(1), Some(42), 1_764_900_000_000),
+            "{what}"
+        );
+        assert_eq!(
+            first.pos.to_string(),
+            log_id,
+            "{what}: its place in the log"
+        );
+        assert_eq!(
+            (read[1].decode().unwrap(), read[1].seq),
+            (queued(2), Some(2))
+        );
+        assert!(
+            matches!(
+                read[2].decode().unwrap(),
+                Event::StepClaimed(StepClaimed { attempt: 2, .. })
+            ),
+            "{what}"
+        );
+        assert_eq!(
+            (read[2].seq, read[2].envelope.token),
+            (Some(3), Some(claim.token.0))
+        );
+    };
+    check(&claim.history, "the claim's history");
+    check(
+        &store.read_stream(&StreamId::Job(job), 0).await.unwrap(),
+        "the job's stream",
+    );
+    check(&store.read_log(None, 100).await.unwrap(), "the log");
+    store.ensure_group("readers").await.unwrap();
+    let fed = store
+        .read_new("readers", "r1", 100, Duration::ZERO)
+        .await
+        .unwrap();
+    check(&fed, "the feed");
+}

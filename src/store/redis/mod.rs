@@ -185,14 +185,16 @@ fn parse_claim(v: Value) -> Result<Claim> {
     let [job, step, attempt, pool, token, deadline, history] = <[Value; 7]>::try_from(parts)
         .map_err(|r| Error::Corrupt(format!("claim script answered {r:?}")))?;
     let text = |what: &str, v: Value| from_value::<String>(&format!("claim {what}"), v);
+    let job = parse_job(&text("job", job)?)?;
+    let stream = StreamId::Job(job).name();
     Ok(Claim {
-        job: parse_job(&text("job", job)?)?,
+        job,
         step: StepId(text("step", step)?),
         attempt: parse_num("attempt", &text("attempt", attempt)?)?,
         pool: text("pool", pool)?,
         token: FencingToken(parse_num("token", &text("token", token)?)?),
         deadline_ms: parse_num("deadline", &text("deadline", deadline)?)?,
-        history: parse::entries(history, Source::Stream)?,
+        history: parse::entries(history, Source::Stream(&stream))?,
     })
 }
 
@@ -246,7 +248,7 @@ impl EventLog for RedisStore {
                     .arg("+"),
             )
             .await?;
-        let all = parse::entries(v, Source::Stream)?;
+        let all = parse::entries(v, Source::Stream(&name))?;
         Ok(all
             .into_iter()
             .skip(usize::try_from(from).unwrap_or(usize::MAX))

@@ -46,17 +46,17 @@ fn corrupt(what: impl std::fmt::Display) -> Error {
     Error::Corrupt(what.to_string())
 }
 
-/// Where an entry was read from: the log (its id is its position) or a stream (its `l` field
-/// is its position).
+/// Where an entry was read from: the log (its id is its position, field `s` names its
+/// stream) or one stream (its `l` field is its position; the stream is the one read).
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
+pub(crate) enum Source<'a> {
     Log,
-    Stream,
+    Stream(&'a str),
 }
 
 /// A list of stream entries (`XRANGE`, or the entries part of `XREADGROUP`/`XAUTOCLAIM`).
 /// Entries whose fields are nil (deleted while pending) are skipped.
-pub(crate) fn entries(v: Value, source: Source) -> Result<Vec<Stored>> {
+pub(crate) fn entries(v: Value, source: Source<'_>) -> Result<Vec<Stored>> {
     let list = array(v).ok_or_else(|| corrupt("stream reply is not a list of entries"))?;
     let mut out = Vec::with_capacity(list.len());
     for entry in list {
@@ -75,13 +75,17 @@ pub(crate) fn entries(v: Value, source: Source) -> Result<Vec<Stored>> {
     Ok(out)
 }
 
-fn stored(id: String, fields: Value, source: Source) -> Result<Stored> {
+/// One entry. Two layouts are read: the packed one written since 2026-12-05 (`s` in the log
+/// only, `h` = `kind|version|at_ms|seq|token`, `p`, `l` in streams) and the one before it (one
+/// field each: `s`, `k`, `v`, `t`, `n`, `f`, `p`, `l`), which entries already stored keep.
+fn stored(id: String, fields: Value, source: Source<'_>) -> Result<Stored> {
     // The fields by name, without building a map: an entry has at most nine.
-    let (mut s, mut k, mut v, mut t, mut n, mut f, mut p, mut l) =
-        (None, None, None, None, None, None, None, None);
+    let (mut s, mut h, mut k, mut v, mut t, mut n, mut f, mut p, mut l) =
+        (None, None, None, None, None, None, None, None, None);
     for (key, value) in pairs(fields).ok_or_else(|| corrupt(format!("entry {id} has no fields")))? {
         let slot = match bytes(key).as_deref() {
             Some(b"s") => &mut s,
+            Some(b"h") => &mut h,
             Some(b"k") => &mut k,
             Some(b"v") => &mut v,
             Some(b"t") => &mut t,
@@ -92,6 +96,22 @@ fn stored(id: String, fields: Value, source: Source) -> Result<Stored> {
             _ => continue,
         };
         *slot = bytes(value);
+    }
+    if let Some(header) = h {
+        // `kind|version|at|seq|token`: the same values as the one-field layout, as text.
+        let mut parts = header.split(|b| *b == b'|').map(|b| b.to_vec());
+        (k, v, t, n, f) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next().filter(|b| !b.is_empty()),
+            parts.next().filter(|b| !b.is_empty()),
+        );
+        if parts.next().is_some() {
+            return Err(corrupt(format!(
+                "entry {id} has a header of more than 5 parts"
+            )));
+        }
     }
     let text = |field: &str, b: Option<Vec<u8>>| -> Result<String> {
         let b = b.ok_or_else(|| corrupt(format!("entry {id} has no field {field}")))?;
@@ -106,9 +126,14 @@ fn stored(id: String, fields: Value, source: Source) -> Result<Stored> {
         u16::try_from(num(field, b)?)
             .map_err(|_| corrupt(format!("entry {id} field {field} is out of range")))
     };
-    let pos = match source {
-        Source::Log => id.clone(),
-        Source::Stream => text("l", l)?,
+    let (pos, stream) = match source {
+        Source::Log => (id.clone(), text("s", s)?),
+        Source::Stream(name) => (
+            text("l", l)?,
+            s.map(|s| text("s", Some(s)))
+                .transpose()?
+                .unwrap_or_else(|| name.to_string()),
+        ),
     };
     let token = f.map(|f| num("f", Some(f))).transpose()?;
     let seq = n.map(|n| num("n", Some(n))).transpose()?;
@@ -116,7 +141,7 @@ fn stored(id: String, fields: Value, source: Source) -> Result<Stored> {
         kind: small("k", k)?,
         version: small("v", v)?,
         at_ms: num("t", t)?,
-        stream: text("s", s)?,
+        stream,
         token,
         payload: p.ok_or_else(|| corrupt(format!("entry {id} has no field p")))?,
     };

@@ -21,4 +21,5 @@ redis.call('ZREM', KEYS[2], member)
 forget_if_idle(prefix, job, member)
 local payload = cmsgpack.pack({step = step, attempt = tonumber(h[2]), agent = h[1],
   token = tonumber(token), reason = ARGV[5]})
-return emit(prefix, 'job:' .. job, '22', '1', int(now), token, payload)
+local id = emit(prefix, 'job:' .. job, '22', '1', int(now), token, payload)
+return id
