@@ -260,6 +260,12 @@ async fn run_in(
     ferry(format!("fetching {}", masker.mask(&spec.clone_url)));
     let interrupt = Arc::new(AtomicBool::new(false));
     let _interrupt_on_drop = SetOnDrop(interrupt.clone());
+    // Read before the fetch starts: ssh may add a key the moment it connects.
+    let watched = pins::before(
+        &spec.clone_url,
+        env.known_hosts.as_deref(),
+        env.accept_new_host_keys,
+    );
     let checkout = {
         let req = git::Checkout {
             mirrors: env.data_dir.join("mirrors"),
@@ -277,11 +283,6 @@ async fn run_in(
         let interrupt = interrupt.clone();
         tokio::task::spawn_blocking(move || git::checkout(&req, &interrupt))
     };
-    let watched = pins::before(
-        &spec.clone_url,
-        env.known_hosts.as_deref(),
-        env.accept_new_host_keys,
-    );
     let checked_out = tokio::select! {
         r = checkout => r.map_err(join_error),
         _ = cancel.as_mut() => {
