@@ -937,7 +937,7 @@ impl axum::serve::Listener for TlsListener {
 async fn an_agent_records_the_host_key_its_ssh_clone_pinned() {
     use ferry::agent;
     use ferry::store::{Append, Store, StreamId};
-    use ferry_proto::{AgentId, Event, JobCreated, StepId, StepPlan, StepQueued, StepSpec};
+    use ferry_proto::{AgentId, Event, StepId, StepQueued, StepSpec};
 
     let repo = Repo::new();
     let sshd = crate::sshd::Sshd::start();
@@ -956,23 +956,9 @@ async fn an_agent_records_the_host_key_its_ssh_clone_pinned() {
     );
     let store: Arc<dyn Store> = Arc::new(crate::harness::redis_store().await);
     let job = JobId::new();
-    let created = JobCreated {
-        artifact: None,
-        job,
-        project_id: 1,
-        project: "group/app".into(),
-        tag: "v1.0.0".into(),
-        git_ref: "refs/tags/v1.0.0".into(),
-        sha: repo.first.clone(),
-        priority: 0,
-        trigger: "test".into(),
-        steps: vec![StepPlan {
-            step: StepId::new("build"),
-            pool: "default".into(),
-            priority: 0,
-            spec: StepSpec::Build(spec(&url)),
-        }],
-    };
+    let mut created = ferry::store::conformance::noop_job(job, "v1.0.0", "default", &["build"]);
+    created.sha = repo.first.clone();
+    created.steps[0].spec = StepSpec::Build(spec(&url));
     let queued = StepQueued {
         step: StepId::new("build"),
         attempt: 1,
