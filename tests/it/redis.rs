@@ -411,3 +411,122 @@ async fn entries_of_the_older_one_field_each_layout_are_still_read() {
         .unwrap();
     check(&fed, "the feed");
 }
+
+/// While an installation is upgraded from builds that read only the one-field-each layout, the
+/// key `layout` = `fields` makes every script write that layout; without it they write the
+/// packed one. Both read back the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layout_key_chooses_how_entries_are_written() {
+    use ferry_proto::{AgentId, StepStarted};
+    let store = harness::redis_store().await;
+    let ns = store.namespace().to_string();
+    let mut conn = raw().await;
+    let layout_key = format!("{{{ns}}}:layout");
+    let _: () = redis::cmd("SET")
+        .arg(&layout_key)
+        .arg("fields")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let job = JobId::new();
+    let queued: Event = StepQueued {
+        step: "build".into(),
+        attempt: 1,
+        pool: "linux".into(),
+        priority: 0,
+    }
+    .into();
+    store
+        .append(Append::new(StreamId::Job(job), vec![queued.clone()]).expect(0))
+        .await
+        .unwrap();
+    let claim = store
+        .claim(
+            &["linux".to_string()],
+            &AgentId::new("a"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+        .expect("queued");
+    let _: () = redis::cmd("DEL")
+        .arg(&layout_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started: Event = StepStarted {
+        step: "build".into(),
+        attempt: 1,
+        agent: "a".into(),
+    }
+    .into();
+    store
+        .append(
+            Append::new(StreamId::Job(job), vec![started.clone()])
+                .fenced("build".into(), claim.token),
+        )
+        .await
+        .unwrap();
+
+    // Field names of each entry, as stored, in the job's stream and in the log.
+    let names = |reply: redis::streams::StreamRangeReply| -> Vec<Vec<String>> {
+        reply
+            .ids
+            .iter()
+            .map(|e| {
+                let mut keys: Vec<String> = e.map.keys().cloned().collect();
+                keys.sort();
+                keys
+            })
+            .collect()
+    };
+    let job_stream: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{{{ns}}}:s:job:{job}"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let one_each = |token: bool| {
+        let mut k: Vec<String> = ["k", "l", "n", "p", "s", "t", "v"]
+            .map(String::from)
+            .to_vec();
+        if token {
+            k.push("f".into());
+            k.sort();
+        }
+        k
+    };
+    let packed: Vec<String> = ["h", "l", "p"].map(String::from).to_vec();
+    assert_eq!(
+        names(job_stream),
+        [one_each(false), one_each(true), packed],
+        "queued and claimed one field each, started packed"
+    );
+    let log: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{{{ns}}}:log"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let log_names = names(log);
+    assert!(log_names[0].contains(&"k".to_string()), "{log_names:?}");
+    assert_eq!(log_names[2], ["h", "p", "s"], "{log_names:?}");
+
+    // The claim's own entry came back in the layout it was written in, and everything reads.
+    let claimed = claim.history.last().unwrap();
+    assert_eq!(
+        (claimed.seq, claimed.envelope.token),
+        (Some(2), Some(claim.token.0))
+    );
+    let events: Vec<Event> = store
+        .read_stream(&StreamId::Job(job), 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.decode().unwrap())
+        .collect();
+    assert_eq!(events.len(), 3);
+    assert_eq!((&events[0], &events[2]), (&queued, &started));
+}

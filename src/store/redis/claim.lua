@@ -81,8 +81,8 @@ for _ = 1, max do
   local history = redis.call('XRANGE', prefix .. 's:' .. stream, '-', '+')
   local seq = #history + 1
   local at, n = int(now), int(seq)
-  local log_id, entry_id, header = emit(prefix, stream, '4', '1', at, fence, payload, n)
-  history[seq] = {entry_id, {'h', header, 'p', payload, 'l', log_id}}
+  local log_id, entry_id = emit(prefix, stream, '4', '1', at, fence, payload, n)
+  history[seq] = {entry_id, entry_fields(stream, '4', '1', at, fence, payload, n, log_id)}
   claims[#claims + 1] = {job, step, attempt, item_pool, fence, deadline, history}
 end
 

@@ -27,21 +27,53 @@ local function int(n)
   return string.format('%d', n)
 end
 
--- Appends one event to the global log (`s` stream name, `h` header, `p` payload) and to its
--- stream (`h`, `p`, `l` = the log id); returns the log id, the stream entry's id and the
--- header. The header packs the envelope into one field, `kind|version|at|seq|token` (token
--- empty when there is none): every field costs a script a value to convert, so fewer fields
--- make every XADD and every read cheaper. `seq` is the event's place in its stream (the
--- stream's length after it) as a string; nil reads the stream's length first.
+-- The layout entries are written in: nil until the first `emit` of a script call reads the
+-- key `layout` ('fields' while an installation is being upgraded from builds that read only
+-- the one-field-each layout; absent = packed).
+local entry_layout
+
+-- Appends one event to the global log and to its stream; returns the log id and the stream
+-- entry's id. Packed layout: the log entry is `s` (stream name), `h` (header), `p` (payload),
+-- the stream entry `h`, `p`, `l` (the log id). The header packs the envelope into one field,
+-- `kind|version|at|seq|token` (token empty when there is none): every field costs a script a
+-- value to convert, so fewer fields make every XADD and every read cheaper. Under `layout` =
+-- 'fields' both entries have one field each (`s`, `k`, `v`, `t`, `n`, `f` only with a token,
+-- `p`; `l` in the stream). `seq` is the event's place in its stream (the stream's length after
+-- it) as a string; nil reads the stream's length first.
 local function emit(prefix, stream, kind, version, at, token, payload, seq)
   local key = prefix .. 's:' .. stream
   if seq == nil then
     seq = int(redis.call('XLEN', key) + 1)
   end
-  local h = kind .. '|' .. version .. '|' .. at .. '|' .. seq .. '|' .. (token or '')
-  local id = redis.call('XADD', prefix .. 'log', '*', 's', stream, 'h', h, 'p', payload)
-  local entry = redis.call('XADD', key, '*', 'h', h, 'p', payload, 'l', id)
-  return id, entry, h
+  if entry_layout == nil then
+    entry_layout = redis.call('GET', prefix .. 'layout') or 'packed'
+  end
+  if entry_layout ~= 'fields' then
+    local h = kind .. '|' .. version .. '|' .. at .. '|' .. seq .. '|' .. (token or '')
+    local id = redis.call('XADD', prefix .. 'log', '*', 's', stream, 'h', h, 'p', payload)
+    return id, redis.call('XADD', key, '*', 'h', h, 'p', payload, 'l', id)
+  end
+  local id
+  if token ~= nil and token ~= '' then
+    id = redis.call('XADD', prefix .. 'log', '*', 's', stream, 'k', kind, 'v', version, 't', at,
+      'n', seq, 'f', token, 'p', payload)
+    return id, redis.call('XADD', key, '*', 's', stream, 'k', kind, 'v', version, 't', at,
+      'n', seq, 'f', token, 'p', payload, 'l', id)
+  end
+  id = redis.call('XADD', prefix .. 'log', '*', 's', stream, 'k', kind, 'v', version, 't', at,
+    'n', seq, 'p', payload)
+  return id, redis.call('XADD', key, '*', 's', stream, 'k', kind, 'v', version, 't', at,
+    'n', seq, 'p', payload, 'l', id)
+end
+
+-- The fields of a stream entry `emit` wrote (with a token), as XRANGE returns them.
+local function entry_fields(stream, kind, version, at, token, payload, seq, log_id)
+  if entry_layout ~= 'fields' then
+    return {'h', kind .. '|' .. version .. '|' .. at .. '|' .. seq .. '|' .. token, 'p', payload,
+      'l', log_id}
+  end
+  return {'s', stream, 'k', kind, 'v', version, 't', at, 'n', seq, 'f', token, 'p', payload,
+    'l', log_id}
 end
 
 -- The queued item of `member`: attempt, priority, pool, as strings; nil when not queued.
