@@ -649,6 +649,15 @@ mod tests {
     use crate::store::sqlite::SqliteStore;
     use ferry_proto::{StepStarted, StepSucceeded};
 
+    /// A coordinator with default options and nothing remembered.
+    fn fresh_coordinator(store: &Arc<dyn Store>) -> Coordinator {
+        Coordinator {
+            store: store.clone(),
+            opts: Arc::new(Options::default()),
+            known: Mutex::default(),
+        }
+    }
+
     fn two_step_job(job: JobId) -> Event {
         noop_job(job, "v1", "linux", &["a", "b"]).into()
     }
@@ -689,11 +698,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.path().join("ferry.db")).unwrap());
-        let coordinator = Coordinator {
-            store: store.clone(),
-            opts: Arc::new(Options::default()),
-            known: Mutex::default(),
-        };
+        let coordinator = fresh_coordinator(&store);
         let job = JobId::new();
         let stream = StreamId::Job(job);
         store
@@ -736,11 +741,7 @@ mod tests {
             .append(Append::new(stream.clone(), ran).fenced(claim.step.clone(), claim.token))
             .await
             .unwrap();
-        let other = Coordinator {
-            store: store.clone(),
-            opts: Arc::new(Options::default()),
-            known: Mutex::default(),
-        };
+        let other = fresh_coordinator(&store);
         other.reconcile(job).await.unwrap();
         assert_eq!(
             queued(&store.read_stream(&stream, 0).await.unwrap(), "b"),
@@ -783,11 +784,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.path().join("ferry.db")).unwrap());
-        let coordinator = Coordinator {
-            store: store.clone(),
-            opts: Arc::new(Options::default()),
-            known: Mutex::default(),
-        };
+        let coordinator = fresh_coordinator(&store);
         let job = JobId::new();
         let stream = StreamId::Job(job);
         let created: Event = noop_job(job, "v1", "linux", &["a"]).into();
@@ -849,11 +846,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.path().join("ferry.db")).unwrap());
-        let coordinator = Coordinator {
-            store: store.clone(),
-            opts: Arc::new(Options::default()),
-            known: Mutex::default(),
-        };
+        let coordinator = fresh_coordinator(&store);
         let deploy = crate::coordinator::plan::deploy_step("prod");
         let deploy_job = |job: JobId, tag: &str| -> Event {
             noop_job(job, tag, "linux", &["deploy:prod"]).into()

@@ -6,7 +6,7 @@ use crate::harness::{self, wait_until, DEADLINE};
 use async_trait::async_trait;
 use ferry::agent::{self, ArtifactFetch, Runner};
 use ferry::coordinator;
-use ferry::domain::{JobPhase, JobState};
+use ferry::domain::JobPhase;
 use ferry::store::{Append, Store, StreamId};
 use ferry_proto::*;
 use std::path::{Path, PathBuf};
@@ -125,17 +125,6 @@ fn start(
     (stop, task)
 }
 
-async fn state(store: &dyn Store, job: JobId) -> (JobState, Vec<Event>) {
-    let mut s = JobState::new(job);
-    let mut events = Vec::new();
-    for e in store.read_stream(&StreamId::Job(job), 0).await.unwrap() {
-        let ev = e.decode().unwrap();
-        s.evolve(&ev, e.envelope.at_ms);
-        events.push(ev);
-    }
-    (s, events)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deploy_step_records_checkpoints_and_logs_under_its_lease() {
     let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
@@ -151,12 +140,12 @@ async fn a_deploy_step_records_checkpoints_and_logs_under_its_lease() {
         .await
         .unwrap();
     wait_until(DEADLINE * 2, || async {
-        state(&*store, job).await.0.phase == JobPhase::Succeeded
+        harness::job_events(&*store, job).await.0.phase == JobPhase::Succeeded
     })
     .await;
     let link = std::fs::read_link(target.join("current")).unwrap();
     assert_eq!(link, Path::new("releases/v1.0.0-0123456"));
-    let (s, events) = state(&*store, job).await;
+    let (s, events) = harness::job_events(&*store, job).await;
     let host = &s.steps[0].hosts["local"];
     assert_eq!((host.phase.as_str(), host.ok), ("finished", Some(true)));
     let phases: Vec<String> = events
@@ -210,7 +199,7 @@ async fn a_stopping_agent_hands_its_step_back_and_another_finishes_it() {
     // SIGTERM-equivalent: stop taking work, then hand the step back after the grace period.
     stop_a1.send(true).unwrap();
     a1.await.unwrap();
-    let (_, events) = state(&*store, job).await;
+    let (_, events) = harness::job_events(&*store, job).await;
     assert!(
         events
             .iter()
@@ -227,10 +216,10 @@ async fn a_stopping_agent_hands_its_step_back_and_another_finishes_it() {
     std::fs::write(&gate, "").unwrap();
     let _a2 = start(&store, "agent-2", dir.path(), Duration::from_secs(5));
     wait_until(DEADLINE * 2, || async {
-        state(&*store, job).await.0.phase == JobPhase::Succeeded
+        harness::job_events(&*store, job).await.0.phase == JobPhase::Succeeded
     })
     .await;
-    let (_, events) = state(&*store, job).await;
+    let (_, events) = harness::job_events(&*store, job).await;
     let claimed: Vec<(String, u32)> = events
         .iter()
         .filter_map(|e| match e {

@@ -5,9 +5,8 @@
 
 use crate::cli::Proc;
 use crate::harness::{self, git, wait_for, wait_until, S3Server, DEADLINE};
-use ferry::domain::{JobPhase, JobState};
 use ferry::store::redis::RedisStore;
-use ferry::store::{Store, StreamId};
+use ferry::store::Store;
 use ferry_proto::{Event, JobId};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -182,31 +181,9 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
         .await
     }
 
-    async fn events(&self, job: JobId) -> (JobState, Vec<Event>) {
-        let mut state = JobState::new(job);
-        let mut events = Vec::new();
-        for s in self
-            .store
-            .read_stream(&StreamId::Job(job), 0)
-            .await
-            .unwrap()
-        {
-            let e = s.decode().unwrap();
-            state.evolve(&e, s.envelope.at_ms);
-            events.push(e);
-        }
-        (state, events)
-    }
-
     /// Waits for `job` to end, checks that it succeeded, and returns its history.
     async fn succeeded(&self, job: JobId) -> Vec<Event> {
-        wait_until(DEADLINE * 6, || async {
-            self.events(job).await.0.phase.is_terminal()
-        })
-        .await;
-        let (state, events) = self.events(job).await;
-        assert_eq!(state.phase, JobPhase::Succeeded, "{events:?}");
-        events
+        harness::job_succeeded(&*self.store, job, DEADLINE * 6).await
     }
     async fn pid(&self, attempt: u32) -> i32 {
         let path = self.marks().join(format!("pid-{attempt}"));

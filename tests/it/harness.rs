@@ -14,6 +14,44 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use ferry::store::conformance::{wait_for, wait_until, DEADLINE};
 
+/// A job's state (the fold of its stream) and its events, in order.
+pub async fn job_events(
+    store: &dyn Store,
+    job: ferry_proto::JobId,
+) -> (ferry::domain::JobState, Vec<ferry_proto::Event>) {
+    let mut state = ferry::domain::JobState::new(job);
+    let mut events = Vec::new();
+    for s in store
+        .read_stream(&ferry::store::StreamId::Job(job), 0)
+        .await
+        .unwrap()
+    {
+        let e = s.decode().unwrap();
+        state.evolve(&e, s.envelope.at_ms);
+        events.push(e);
+    }
+    (state, events)
+}
+
+/// Waits up to `deadline` for `job` to end, asserts that it succeeded, and returns its events.
+pub async fn job_succeeded(
+    store: &dyn Store,
+    job: ferry_proto::JobId,
+    deadline: Duration,
+) -> Vec<ferry_proto::Event> {
+    wait_until(deadline, || async {
+        job_events(store, job).await.0.phase.is_terminal()
+    })
+    .await;
+    let (state, events) = job_events(store, job).await;
+    assert_eq!(
+        state.phase,
+        ferry::domain::JobPhase::Succeeded,
+        "{events:#?}"
+    );
+    events
+}
+
 /// How long a fresh server may take to answer PING.
 const STARTUP: Duration = Duration::from_secs(20);
 

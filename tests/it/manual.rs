@@ -4,9 +4,8 @@
 
 use crate::cli::Proc;
 use crate::harness::{self, git, wait_for, wait_until, DEADLINE};
-use ferry::domain::{JobPhase, JobState};
 use ferry::store::redis::RedisStore;
-use ferry::store::{Store, StreamId};
+use ferry::store::Store;
 use ferry_proto::{Event, JobId};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -163,31 +162,9 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
         self.store.jobs(None, 100).await.unwrap()
     }
 
-    async fn events(&self, job: JobId) -> (JobState, Vec<Event>) {
-        let mut state = JobState::new(job);
-        let mut events = Vec::new();
-        for s in self
-            .store
-            .read_stream(&StreamId::Job(job), 0)
-            .await
-            .unwrap()
-        {
-            let e = s.decode().unwrap();
-            state.evolve(&e, s.envelope.at_ms);
-            events.push(e);
-        }
-        (state, events)
-    }
-
     /// Waits for `job` to end and asserts it succeeded.
     async fn succeeded(&self, job: JobId) -> Vec<Event> {
-        wait_until(DEADLINE * 6, || async {
-            self.events(job).await.0.phase.is_terminal()
-        })
-        .await;
-        let (state, events) = self.events(job).await;
-        assert_eq!(state.phase, JobPhase::Succeeded, "{events:#?}");
-        events
+        harness::job_succeeded(&*self.store, job, DEADLINE * 6).await
     }
 
     fn current(&self) -> String {

@@ -3,7 +3,7 @@
 //! names, so each host's files can be checked on their own.
 
 use crate::cli::Proc;
-use crate::harness::{self, git, wait_for, wait_until, DEADLINE};
+use crate::harness::{self, git, job_events, wait_for, wait_until, DEADLINE};
 use crate::sshd::{client_key, Fleet, RefusedPort};
 use async_trait::async_trait;
 use ferry::agent::{self, ArtifactFetch, Runner};
@@ -345,17 +345,6 @@ fn sha_of(tag: &str) -> String {
 
 fn release_link(tag: &str) -> String {
     format!("releases/{}", release_name(tag, &sha_of(tag)))
-}
-
-async fn job_events(store: &dyn Store, job: JobId) -> (JobState, Vec<Event>) {
-    let mut state = JobState::new(job);
-    let mut events = Vec::new();
-    for s in store.read_stream(&StreamId::Job(job), 0).await.unwrap() {
-        let e = s.decode().unwrap();
-        state.evolve(&e, s.envelope.at_ms);
-        events.push(e);
-    }
-    (state, events)
 }
 
 /// Per host: `started`, `<phase>`, `finished` in the order they were recorded, with the attempt.
