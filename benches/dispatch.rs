@@ -22,6 +22,17 @@
 //!    StepClaimed, StepStarted, StepSucceeded, JobSucceeded), polled with `XLEN` every 5 ms.
 //!    Then a replay checks that every job succeeded. Redis CPU (`INFO cpu`) and commands
 //!    (`INFO commandstats`) are diffed over the same window and divided by the steps.
+//!    The same again on a **pre-filled** log, BullMQ's definition of its processing rate (a
+//!    pre-filled queue, workers started together): the fleet starts and sits idle, the
+//!    coordinators are stopped with SIGSTOP, the N jobs are appended, and the clock starts
+//!    when the coordinators get SIGCONT; the producer's work is outside the window. Results
+//!    are named `dispatch.prefilled.*`.
+//!    With `DISPATCH_SLOWLOG` set, Redis records every command during each throughput phase
+//!    (`slowlog-log-slower-than 0`) and the bench prints the time per step of each script,
+//!    named by its first key (`{ns}:log` = append, `{ns}:items` = claim, `{ns}:leases` =
+//!    sweep, `{ns}:delayed` = promote, `{ns}:agents` = heartbeat and agent expiry,
+//!    `{ns}:lock:*` = leader locks) and of each command; recording costs Redis time itself,
+//!    so the other figures of such a run are not comparable.
 //! 3. `redis-benchmark -n 100000 XADD s * f v` and `ZADD` (50 clients, the BullMQ peer's raw
 //!    figures) on the same server, so every figure is also a ratio to raw Redis.
 //!
@@ -139,88 +150,18 @@ fn main() {
         }
     }
 
-    // 2. Throughput.
-    for (coordinators, agents) in [(1usize, 1usize), (2, 2)] {
-        println!("\n== dispatch throughput: {n} no-op jobs, {coordinators} coordinator(s) + {agents} agent(s) (concurrency 50), own processes ==");
-        server.flush();
-        let mut procs = Vec::new();
-        for i in 0..coordinators {
-            procs.push(fleet.coordinator(i));
+    // 2. Throughput: producer included, then on a pre-filled log (BullMQ's definition).
+    for prefilled in [false, true] {
+        for (coordinators, agents) in [(1usize, 1usize), (2, 2)] {
+            rt.block_on(throughput(
+                &fleet,
+                &server,
+                n,
+                coordinators,
+                agents,
+                prefilled,
+            ));
         }
-        for i in 0..agents {
-            procs.push(fleet.agent(i, 50));
-        }
-        rt.block_on(fleet.ready(&mut procs, agents));
-        let base = xlen(&server);
-        let cpu0: Vec<Duration> = procs.iter().map(Guarded::cpu).collect();
-        let bench_cpu0 = support::process_cpu();
-        let before = server.info();
-        let t0 = Instant::now();
-        let (produced, polls) = rt.block_on(produce(&fleet.url, &server, n, base));
-        let elapsed = t0.elapsed().as_secs_f64();
-        let delta = before.delta(&server.info());
-        let bench_cpu = support::process_cpu() - bench_cpu0;
-        let cpu: Vec<Duration> = procs
-            .iter()
-            .zip(&cpu0)
-            .map(|(p, c0)| p.cpu() - *c0)
-            .collect();
-        for p in &mut procs {
-            assert!(p.alive(), "a role process died:\n{}", p.log_tail());
-        }
-        drop(procs);
-        let succeeded = rt.block_on(succeeded(&fleet.url));
-        let rate = succeeded as f64 / elapsed;
-        println!(
-            "ferry: {succeeded}/{produced} jobs succeeded in {elapsed:.2} s: {rate:.0} steps/s end to end (producer included)"
-        );
-        let exclude = ["info", "xlen"];
-        let tag = format!("c{coordinators}a{agents}");
-        let steps = succeeded.max(1) as f64;
-        // Every claim script reads its job's stream with an XRANGE inside the script, which
-        // commandstats cannot tell from a client's XRANGE: one per step comes off.
-        let round_trips = (delta.round_trips(&exclude) as f64 - steps).max(0.0) / steps;
-        println!(
-            "redis: {:.1} µs CPU per step; {round_trips:.1} round trips per step (client commands, not counting the bench's {polls} XLEN polls and INFO)",
-            delta.cpu_s * 1e6 / steps,
-        );
-        let per = |d: Duration| d.as_secs_f64() * 1e6 / steps;
-        let coord_cpu: Duration = cpu[..coordinators].iter().sum();
-        let agent_cpu: Duration = cpu[coordinators..].iter().sum();
-        println!(
-            "CPU µs per step: redis {:.1}, coordinators {:.1}, agents {:.1}, producer/observer (this process) {:.1}; cores busy: redis {:.2}, coordinators {:.2}, agents {:.2}, producer {:.2}",
-            delta.cpu_s * 1e6 / steps,
-            per(coord_cpu),
-            per(agent_cpu),
-            per(bench_cpu),
-            delta.cpu_s / elapsed,
-            coord_cpu.as_secs_f64() / elapsed,
-            agent_cpu.as_secs_f64() / elapsed,
-            bench_cpu.as_secs_f64() / elapsed,
-        );
-        result(
-            &format!("dispatch.{tag}.coordinator_cpu_us_per_step"),
-            per(coord_cpu),
-            "us",
-        );
-        result(
-            &format!("dispatch.{tag}.agent_cpu_us_per_step"),
-            per(agent_cpu),
-            "us",
-        );
-        delta.print_breakdown(steps, "step", &exclude);
-        result(&format!("dispatch.{tag}.steps_per_s"), rate, "steps/s");
-        result(
-            &format!("dispatch.{tag}.redis_cpu_us_per_step"),
-            delta.cpu_s * 1e6 / steps,
-            "us",
-        );
-        result(
-            &format!("dispatch.{tag}.round_trips_per_step"),
-            round_trips,
-            "",
-        );
-        assert_eq!(succeeded, n, "every job succeeded");
     }
 
     // 3. Raw Redis on the same server.
@@ -436,9 +377,8 @@ fn xlen(server: &RedisServer) -> u64 {
         .unwrap_or(0)
 }
 
-/// Appends `n` no-op jobs (64 in flight) and waits until the log holds their 6 events each.
-/// Returns the jobs appended and the XLEN polls made. Bounded to 150 s.
-async fn produce(url: &str, _server: &RedisServer, n: usize, base: u64) -> (usize, u64) {
+/// Appends `n` no-op jobs, 64 in flight; returns how many were appended.
+async fn append_jobs(url: &str, n: usize) -> usize {
     let store = Arc::new(RedisStore::connect(url, NS).await.expect("connect"));
     let inflight = 64;
     let mut tasks = Vec::new();
@@ -457,8 +397,17 @@ async fn produce(url: &str, _server: &RedisServer, n: usize, base: u64) -> (usiz
             count
         }));
     }
+    let mut appended = 0;
+    for t in tasks {
+        appended += t.await.expect("producer");
+    }
+    appended
+}
+
+/// Polls the global log's length every 5 ms until it reaches `target` (bounded to 150 s);
+/// returns the polls made.
+async fn wait_for_log(url: &str, target: u64) -> u64 {
     let mut conn = client(url).await;
-    let target = base + 6 * n as u64;
     let deadline = Instant::now() + Duration::from_secs(150);
     let mut polls = 0u64;
     loop {
@@ -469,15 +418,10 @@ async fn produce(url: &str, _server: &RedisServer, n: usize, base: u64) -> (usiz
             .expect("xlen");
         polls += 1;
         if len >= target || Instant::now() > deadline {
-            break;
+            return polls;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut produced = 0;
-    for t in tasks {
-        produced += t.await.expect("producer");
-    }
-    (produced, polls)
 }
 
 /// Jobs that reached `Succeeded`, by a replay of the log.
@@ -488,4 +432,210 @@ async fn succeeded(url: &str) -> usize {
         .values()
         .filter(|j| j.phase == JobPhase::Succeeded)
         .count()
+}
+
+/// One throughput phase: `n` no-op jobs through `coordinators` coordinators and `agents` agents
+/// (concurrency 50 each). With `prefilled`, the jobs are appended while the coordinators are
+/// stopped (SIGSTOP), and the clock starts when they are continued (SIGCONT): the producer's
+/// work is outside the window, as in BullMQ's processing figure (a pre-filled queue, workers
+/// started together). Otherwise this process appends them while the fleet runs.
+async fn throughput(
+    fleet: &Fleet,
+    server: &RedisServer,
+    n: usize,
+    coordinators: usize,
+    agents: usize,
+    prefilled: bool,
+) {
+    let how = if prefilled {
+        "pre-filled log, coordinators continued together"
+    } else {
+        "producer included"
+    };
+    println!("\n== dispatch throughput: {n} no-op jobs, {coordinators} coordinator(s) + {agents} agent(s) (concurrency 50), own processes, {how} ==");
+    server.flush();
+    let mut procs = Vec::new();
+    for i in 0..coordinators {
+        procs.push(fleet.coordinator(i));
+    }
+    for i in 0..agents {
+        procs.push(fleet.agent(i, 50));
+    }
+    fleet.ready(&mut procs, agents).await;
+    let base = xlen(server);
+    let target = base + 6 * n as u64;
+    let mut producer = None;
+    if prefilled {
+        for c in &procs[..coordinators] {
+            c.signal(libc::SIGSTOP);
+        }
+        let t = Instant::now();
+        let appended = append_jobs(&fleet.url, n).await;
+        assert_eq!(appended, n, "every job appended");
+        println!(
+            "pre-filled {n} jobs in {:.2} s ({:.0} appends/s), coordinators stopped",
+            t.elapsed().as_secs_f64(),
+            n as f64 / t.elapsed().as_secs_f64()
+        );
+    }
+    let slowlog = std::env::var_os("DISPATCH_SLOWLOG").is_some();
+    if slowlog {
+        let mut conn = client(&fleet.url).await;
+        let _: () = redis::cmd("CONFIG")
+            .arg(&[
+                "SET",
+                "slowlog-log-slower-than",
+                "0",
+                "slowlog-max-len",
+                "2000000",
+            ])
+            .query_async(&mut conn)
+            .await
+            .expect("slowlog on");
+        let _: () = redis::cmd("SLOWLOG")
+            .arg("RESET")
+            .query_async(&mut conn)
+            .await
+            .expect("reset");
+    }
+    let cpu0: Vec<Duration> = procs.iter().map(Guarded::cpu).collect();
+    let bench_cpu0 = support::process_cpu();
+    let before = server.info();
+    let t0 = Instant::now();
+    if prefilled {
+        for c in &procs[..coordinators] {
+            c.signal(libc::SIGCONT);
+        }
+    } else {
+        let url = fleet.url.clone();
+        producer = Some(tokio::spawn(async move { append_jobs(&url, n).await }));
+    }
+    let polls = wait_for_log(&fleet.url, target).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let delta = before.delta(&server.info());
+    let bench_cpu = support::process_cpu() - bench_cpu0;
+    let cpu: Vec<Duration> = procs
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c0)| p.cpu() - *c0)
+        .collect();
+    if slowlog {
+        per_script(&fleet.url, n).await;
+    }
+    if let Some(producer) = producer {
+        assert_eq!(producer.await.expect("producer"), n, "every job appended");
+    }
+    for p in &mut procs {
+        assert!(p.alive(), "a role process died:\n{}", p.log_tail());
+    }
+    drop(procs);
+    let succeeded = succeeded(&fleet.url).await;
+    let rate = succeeded as f64 / elapsed;
+    println!("ferry: {succeeded}/{n} jobs succeeded in {elapsed:.2} s: {rate:.0} steps/s end to end ({how})");
+    let exclude = ["info", "xlen"];
+    let tag = format!(
+        "{}c{coordinators}a{agents}",
+        if prefilled { "prefilled." } else { "" }
+    );
+    let steps = succeeded.max(1) as f64;
+    // Every claim script reads its job's stream with an XRANGE inside the script, which
+    // commandstats cannot tell from a client's XRANGE: one per step comes off.
+    let round_trips = (delta.round_trips(&exclude) as f64 - steps).max(0.0) / steps;
+    println!(
+        "redis: {:.1} µs CPU per step; {round_trips:.1} round trips per step (client commands, not counting the bench's {polls} XLEN polls and INFO)",
+        delta.cpu_s * 1e6 / steps,
+    );
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / steps;
+    let coord_cpu: Duration = cpu[..coordinators].iter().sum();
+    let agent_cpu: Duration = cpu[coordinators..].iter().sum();
+    println!(
+        "CPU µs per step: redis {:.1}, coordinators {:.1}, agents {:.1}, producer/observer (this process) {:.1}; cores busy: redis {:.2}, coordinators {:.2}, agents {:.2}, producer {:.2}",
+        delta.cpu_s * 1e6 / steps,
+        per(coord_cpu),
+        per(agent_cpu),
+        per(bench_cpu),
+        delta.cpu_s / elapsed,
+        coord_cpu.as_secs_f64() / elapsed,
+        agent_cpu.as_secs_f64() / elapsed,
+        bench_cpu.as_secs_f64() / elapsed,
+    );
+    result(
+        &format!("dispatch.{tag}.coordinator_cpu_us_per_step"),
+        per(coord_cpu),
+        "us",
+    );
+    result(
+        &format!("dispatch.{tag}.agent_cpu_us_per_step"),
+        per(agent_cpu),
+        "us",
+    );
+    delta.print_breakdown(steps, "step", &exclude);
+    result(&format!("dispatch.{tag}.steps_per_s"), rate, "steps/s");
+    result(
+        &format!("dispatch.{tag}.redis_cpu_us_per_step"),
+        delta.cpu_s * 1e6 / steps,
+        "us",
+    );
+    result(
+        &format!("dispatch.{tag}.round_trips_per_step"),
+        round_trips,
+        "",
+    );
+    assert_eq!(succeeded, n, "every job succeeded");
+}
+
+/// With `DISPATCH_SLOWLOG`: every command's time by script (the first key names it), from a
+/// slowlog that recorded everything.
+async fn per_script(url: &str, steps: usize) {
+    let mut conn = client(url).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "slowlog-log-slower-than", "10000"])
+        .query_async(&mut conn)
+        .await
+        .expect("slowlog off");
+    let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("slowlog");
+    let mut by: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
+    for e in entries {
+        let redis::Value::Array(f) = e else { continue };
+        let us: u64 = redis::from_redis_value(f[2].clone()).unwrap_or(0);
+        let args: Vec<Vec<u8>> = redis::from_redis_value(f[3].clone()).unwrap_or_default();
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let name = match args.first().map(|a| a.to_lowercase()) {
+            Some(c) if c == "evalsha" => {
+                format!("evalsha {}", args.get(3).cloned().unwrap_or_default())
+            }
+            Some(c) => c,
+            None => continue,
+        };
+        let nargs: u64 = args
+            .iter()
+            .find_map(|a| {
+                a.strip_prefix("... (")
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|x| x.parse().ok())
+            })
+            .map(|m: u64| m + 31)
+            .unwrap_or(args.len() as u64);
+        let slot = by.entry(name).or_default();
+        slot.0 += 1;
+        slot.1 += us;
+        slot.2 += nargs;
+    }
+    println!("    per script (slowlog, µs per step; calls per step; args per call):");
+    for (name, (calls, us, nargs)) in by {
+        println!(
+            "    {name:40} {:8.2} µs/step {:6.3} calls/step {:6.1} args/call",
+            us as f64 / steps as f64,
+            calls as f64 / steps as f64,
+            nargs as f64 / calls as f64
+        );
+    }
 }

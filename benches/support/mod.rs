@@ -424,10 +424,10 @@ impl Guarded {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
-    /// CPU time used so far by the guarded program (the guard shell's children).
-    pub fn cpu(&self) -> Duration {
+    /// The guarded program's pid(s): the guard shell's children that are not shells.
+    fn program_pids(&self) -> Vec<u32> {
         let Some(child) = &self.child else {
-            return Duration::ZERO;
+            return Vec::new();
         };
         let pid = child.id();
         let children =
@@ -439,8 +439,23 @@ impl Guarded {
                 std::fs::read_to_string(format!("/proc/{c}/comm"))
                     .is_ok_and(|comm| comm.trim() != "sh")
             })
-            .map(pid_cpu)
-            .sum()
+            .collect()
+    }
+
+    /// CPU time used so far by the guarded program (the guard shell's children).
+    pub fn cpu(&self) -> Duration {
+        self.program_pids().into_iter().map(pid_cpu).sum()
+    }
+
+    /// Sends `signal` (`libc::SIGSTOP`, `libc::SIGCONT`, …) to the guarded program.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pids = self.program_pids();
+        assert!(!pids.is_empty(), "no guarded program to signal");
+        for pid in pids {
+            // SAFETY: kill(2) has no memory effects; the pid is our own grandchild.
+            let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+            assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+        }
     }
 
     /// The tail of its stderr, for a failure message.
