@@ -352,6 +352,7 @@ pub fn coordinator_options(config: &Config) -> coordinator::Options {
             max: config.coordinator.retry_max,
         },
         sweep_interval: config.coordinator.sweep_interval,
+        keep_logs: config.coordinator.keep_logs,
         projects: project_plans(config),
         ..Default::default()
     }

@@ -344,6 +344,13 @@ fn render_job(v: &Value) -> String {
         s(&v["updated_at"]),
         s(&v["trigger"])
     );
+    if !v["logs_expired_at"].is_null() {
+        let _ = writeln!(
+            out,
+            "logs: removed {} (coordinator.keep_logs)",
+            s(&v["logs_expired_at"])
+        );
+    }
     let rows: Vec<Vec<String>> = v["steps"]
         .as_array()
         .into_iter()

@@ -102,6 +102,7 @@ events! {
     22 => StepReleased, "step_released", version 1;
     23 => HostKeyPinned, "host_key_pinned", version 1;
     24 => DeploymentReported, "deployment_reported", version 1;
+    25 => LogsExpired, "logs_expired", version 1;
 }
 
 /// A webhook delivery that the gateway authenticated and stored. Written to the `webhooks`
@@ -480,4 +481,13 @@ pub struct DeploymentReported {
     pub http_status: Option<u16>,
     #[serde(default)]
     pub error: Option<String>,
+}
+
+/// The job's output lines were removed: it had ended longer ago than the log retention
+/// (`coordinator.keep_logs`). Appended by the coordinator holding the sweep lock; the store
+/// deletes the job's log in the same atomic append. The job's events stay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsExpired {
+    /// The retention that applied, in milliseconds after the job's end.
+    pub kept_for_ms: u64,
 }

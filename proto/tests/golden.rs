@@ -231,6 +231,10 @@ fn sample(kind: u16) -> Event {
             error: None,
         }
         .into(),
+        25 => LogsExpired {
+            kept_for_ms: 30 * 24 * 3600 * 1000,
+        }
+        .into(),
         other => panic!("no sample for kind {other}: add one"),
     };
     assert_eq!(e.kind(), kind);

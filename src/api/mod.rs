@@ -115,6 +115,8 @@ pub enum ApiError {
     Unauthorized(String),
     NotFound(String),
     Conflict(String),
+    /// It existed and was removed on purpose (an ended job's logs after their retention).
+    Gone(String),
     /// The store could not be reached (or did not answer in time).
     Unavailable,
     /// The store answered something unreadable; logged, not shown.
@@ -133,6 +135,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
+            ApiError::Gone(m) => (StatusCode::GONE, m),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "event store unavailable".to_string(),
@@ -294,6 +297,7 @@ fn job_summary(job: &JobState) -> Value {
         "version": job.version,
         "created_at": time(job.created_at_ms),
         "updated_at": time(job.updated_at_ms),
+        "logs_expired_at": job.logs_expired_at_ms.map(time),
     })
 }
 
@@ -667,7 +671,14 @@ async fn job_logs(
             )))
         }
     };
-    load_job(state.store(), id).await?;
+    let job = load_job(state.store(), id).await?;
+    if let Some(at) = job.logs_expired_at_ms {
+        return Err(ApiError::Gone(format!(
+            "the logs of job {id} were removed at {} (kept for coordinator.keep_logs after the \
+             job ended); its events are still at /api/v1/jobs/{id}/events",
+            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(at))
+        )));
+    }
     if follow {
         return Ok(follow_logs(state, id, cursor).into_response());
     }

@@ -57,6 +57,8 @@ pub mod env {
     pub const COORDINATOR_MAX_ATTEMPTS: &str = "FERRY_COORDINATOR_MAX_ATTEMPTS";
     /// `coordinator.sweep_interval`
     pub const COORDINATOR_SWEEP_INTERVAL: &str = "FERRY_COORDINATOR_SWEEP_INTERVAL";
+    /// `coordinator.keep_logs`
+    pub const COORDINATOR_KEEP_LOGS: &str = "FERRY_COORDINATOR_KEEP_LOGS";
     /// `coordinator.retry_base`
     pub const COORDINATOR_RETRY_BASE: &str = "FERRY_COORDINATOR_RETRY_BASE";
     /// `coordinator.retry_max`
@@ -109,6 +111,8 @@ pub mod defaults {
     pub const MAX_ATTEMPTS: u64 = 3;
     /// `coordinator.sweep_interval`
     pub const SWEEP_INTERVAL: &str = "1s";
+    /// `coordinator.keep_logs`
+    pub const KEEP_LOGS: &str = "30d";
     /// `coordinator.retry_base`
     pub const RETRY_BASE: &str = "1s";
     /// `coordinator.retry_max`
@@ -218,6 +222,8 @@ pub struct Coordinator {
     pub retry_base: Duration,
     /// Cap on the retry delay.
     pub retry_max: Duration,
+    /// How long a job's output lines are kept after it ended; `None` ("forever"): always.
+    pub keep_logs: Option<Duration>,
 }
 
 /// `[agent]`: the worker that runs builds and deploys.
@@ -643,6 +649,7 @@ const ENV_SETTINGS: &[EnvSetting] = &[
     EnvSetting { key: "coordinator.lease_ttl", var: env::COORDINATOR_LEASE_TTL, slot: |r| Slot::Text(&mut coordinator(r).lease_ttl) },
     EnvSetting { key: "coordinator.max_attempts", var: env::COORDINATOR_MAX_ATTEMPTS, slot: |r| Slot::Count(&mut coordinator(r).max_attempts) },
     EnvSetting { key: "coordinator.sweep_interval", var: env::COORDINATOR_SWEEP_INTERVAL, slot: |r| Slot::Text(&mut coordinator(r).sweep_interval) },
+    EnvSetting { key: "coordinator.keep_logs", var: env::COORDINATOR_KEEP_LOGS, slot: |r| Slot::Text(&mut coordinator(r).keep_logs) },
     EnvSetting { key: "coordinator.retry_base", var: env::COORDINATOR_RETRY_BASE, slot: |r| Slot::Text(&mut coordinator(r).retry_base) },
     EnvSetting { key: "coordinator.retry_max", var: env::COORDINATOR_RETRY_MAX, slot: |r| Slot::Text(&mut coordinator(r).retry_max) },
     EnvSetting { key: "agent.name", var: env::AGENT_NAME, slot: |r| Slot::Text(&mut agent(r).name) },
@@ -983,6 +990,26 @@ fn build(
             co.retry_max,
             defaults::RETRY_MAX,
         )?,
+        keep_logs: {
+            let value = co
+                .keep_logs
+                .as_deref()
+                .unwrap_or(defaults::KEEP_LOGS)
+                .trim();
+            match humantime::parse_duration(value) {
+                _ if value == "forever" => None,
+                Ok(d) if !d.is_zero() => Some(d),
+                _ => {
+                    return Err(cx.err(
+                        "coordinator.keep_logs",
+                        format!(
+                            "invalid value {value:?}: expected a duration longer than zero \
+                             (like \"30d\") or \"forever\""
+                        ),
+                    ))
+                }
+            }
+        },
     };
     if coordinator.retry_base > coordinator.retry_max {
         return Err(cx.err(

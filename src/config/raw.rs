@@ -70,6 +70,7 @@ raw_table! {
         sweep_interval: String,
         retry_base: String,
         retry_max: String,
+        keep_logs: String,
     }
 }
 

@@ -73,6 +73,12 @@ fn defaults_without_a_file() {
     assert_eq!(config.coordinator.sweep_interval, Duration::from_secs(1));
     assert_eq!(config.coordinator.retry_base, Duration::from_secs(1));
     assert_eq!(config.coordinator.retry_max, Duration::from_secs(300));
+    assert_eq!(
+        config.coordinator.keep_logs,
+        Some(Duration::from_secs(30 * 86400))
+    );
+    let forever = ok("[coordinator]\nkeep_logs = \"forever\"", &[], &no_flags());
+    assert_eq!(forever.coordinator.keep_logs, None);
     assert_eq!(config.agent.pools, ["default"]);
     assert!(config
         .agent
@@ -285,6 +291,7 @@ fn every_env_setting_is_read() {
         (env::COORDINATOR_SWEEP_INTERVAL, "2s"),
         (env::COORDINATOR_RETRY_BASE, "3s"),
         (env::COORDINATOR_RETRY_MAX, "1m"),
+        (env::COORDINATOR_KEEP_LOGS, "12h"),
         (env::AGENT_NAME, "a-1"),
         (env::AGENT_POOLS, "x,y"),
         (env::AGENT_LABELS, "arm64,gpu"),
@@ -321,6 +328,10 @@ fn every_env_setting_is_read() {
     assert_eq!(c.coordinator.sweep_interval, Duration::from_secs(2));
     assert_eq!(c.coordinator.retry_base, Duration::from_secs(3));
     assert_eq!(c.coordinator.retry_max, Duration::from_secs(60));
+    assert_eq!(
+        c.coordinator.keep_logs,
+        Some(Duration::from_secs(12 * 3600))
+    );
     assert_eq!(c.agent.name, "a-1");
     assert_eq!(c.agent.pools, ["x", "y"]);
     assert_eq!(c.agent.labels, ["arm64", "gpu"]);
@@ -372,6 +383,8 @@ fn errors_name_the_key_and_the_source() {
         ("[coordinator]\nlease_ttl = \"15 parsecs\"".into(), vec![], f(), "/etc/ferry.toml: coordinator.lease_ttl: invalid duration \"15 parsecs\": "),
         ("".into(), vec![(env::COORDINATOR_LEASE_TTL, "soon")], f(), "environment FERRY_COORDINATOR_LEASE_TTL: invalid duration \"soon\": "),
         ("[coordinator]\nlease_ttl = \"0s\"".into(), vec![], f(), "/etc/ferry.toml: coordinator.lease_ttl: must be longer than zero"),
+        ("[coordinator]\nkeep_logs = \"0s\"".into(), vec![], f(), "/etc/ferry.toml: coordinator.keep_logs: invalid value \"0s\": expected a duration longer than zero (like \"30d\") or \"forever\""),
+        ("".into(), vec![(env::COORDINATOR_KEEP_LOGS, "always")], f(), "environment FERRY_COORDINATOR_KEEP_LOGS: invalid value \"always\": expected a duration longer than zero (like \"30d\") or \"forever\""),
         ("[coordinator]\nretry_base = \"10m\"".into(), vec![], f(), "/etc/ferry.toml: coordinator.retry_base: 10m is longer than coordinator.retry_max (5m)"),
         (BASE.replace("commands = [\"make\"]", "commands = [\"make\"]\ntimeout = \"forever\""), vec![], f(), "/etc/ferry.toml: projects[0].build.timeout: invalid duration \"forever\""),
         // Integers.

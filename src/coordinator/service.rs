@@ -33,6 +33,9 @@ pub struct Options {
     pub projects: Vec<ProjectPlan>,
     /// Feed entries read per round trip.
     pub batch: usize,
+    /// How long an ended job's output lines are kept (`None`: forever); the sweep duty
+    /// expires older ones.
+    pub keep_logs: Option<Duration>,
 }
 
 impl Default for Options {
@@ -44,6 +47,7 @@ impl Default for Options {
             takeover_after: Duration::from_secs(5),
             projects: Vec::new(),
             batch: 256,
+            keep_logs: Some(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -69,6 +73,7 @@ pub async fn run(
         store.clone(),
         coordinator.opts.consumer.clone(),
         coordinator.opts.sweep_interval,
+        coordinator.opts.keep_logs,
     ));
     tokio::select! {
         _ = shutdown => {}
@@ -566,10 +571,16 @@ fn wakes_coordinator(event: &Event) -> bool {
     ) || ends_job(event)
 }
 
-/// One coordinator at a time expires leases, promotes due retries and records agents whose
-/// heartbeat lapsed as lost. The scripts are atomic
-/// and idempotent, so a second sweeper during a lock handover costs work, never correctness.
-async fn sweep_duty(store: Arc<dyn Store>, holder: String, every: Duration) {
+/// One coordinator at a time expires leases, promotes due retries, records agents whose
+/// heartbeat lapsed as lost and expires the logs of jobs that ended longer than `keep_logs`
+/// ago. The scripts are atomic and idempotent, so a second sweeper during a lock handover
+/// costs work, never correctness.
+async fn sweep_duty(
+    store: Arc<dyn Store>,
+    holder: String,
+    every: Duration,
+    keep_logs: Option<Duration>,
+) {
     let ttl = every * 3;
     let mut token: Option<FencingToken> = None;
     let mut tick = tokio::time::interval(every);
@@ -622,7 +633,37 @@ async fn sweep_duty(store: Arc<dyn Store>, holder: String, every: Duration) {
             }
             Err(e) => warn!(error = %e, "agent sweep failed"),
         }
+        if let Some(keep) = keep_logs {
+            if let Err(e) = expire_logs(&*store, keep, 256).await {
+                warn!(error = %e, "expiring old job logs failed");
+            }
+        }
     }
+}
+
+/// Records `LogsExpired` for up to `max` jobs that ended more than `keep` ago and still have
+/// their logs; each append deletes that job's log with it. Returns how many were expired.
+pub async fn expire_logs(store: &dyn Store, keep: Duration, max: usize) -> Result<usize, Error> {
+    let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+    let before = now_ms().saturating_sub(keep_ms);
+    let due = store.logs_to_expire(before, max).await?;
+    for (job, ended_ms) in &due {
+        let expired = ferry_proto::LogsExpired {
+            kept_for_ms: keep_ms,
+        };
+        store
+            .append(Append::new(StreamId::Job(*job), vec![expired.into()]))
+            .await?;
+        debug!(%job, ended_ms, "job logs expired");
+    }
+    if !due.is_empty() {
+        info!(
+            jobs = due.len(),
+            "expired the logs of jobs that ended over {} ago",
+            humantime::format_duration(keep)
+        );
+    }
+    Ok(due.len())
 }
 
 fn jitter() -> f64 {

@@ -141,6 +141,9 @@ pub struct JobState {
     pub reason: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// When the job's output lines were removed (`LogsExpired`), if they were.
+    #[serde(default)]
+    pub logs_expired_at_ms: Option<u64>,
 }
 
 impl JobState {
@@ -154,6 +157,7 @@ impl JobState {
             reason: None,
             created_at_ms: 0,
             updated_at_ms: 0,
+            logs_expired_at_ms: None,
         }
     }
 
@@ -194,6 +198,11 @@ impl JobState {
     /// stored event that no longer fits (a step the plan lacks) changes nothing but the version.
     pub fn evolve(&mut self, event: &Event, at_ms: u64) {
         self.version += 1;
+        if let Event::LogsExpired(_) = event {
+            // Housekeeping after the end: not an update of the job itself.
+            self.logs_expired_at_ms = Some(at_ms);
+            return;
+        }
         self.updated_at_ms = at_ms;
         if self.phase.is_terminal() {
             // An ended job is frozen: nothing of it may wait or run again. The store mirrors
@@ -327,7 +336,8 @@ impl JobState {
             | Event::AgentJoined(_)
             | Event::AgentLost(_)
             | Event::CommitStatusReported(_)
-            | Event::DeploymentReported(_) => {}
+            | Event::DeploymentReported(_)
+            | Event::LogsExpired(_) => {}
         }
     }
 

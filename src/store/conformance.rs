@@ -121,6 +121,7 @@ macro_rules! store_conformance {
             an_ended_job_is_never_queued_again,
             job_created_indexes_the_job_by_tag_and_environment,
             logs_are_fenced_ordered_and_followable,
+            logs_of_ended_jobs_are_listed_until_logs_expired_drops_them,
             feed_group_reads_new_entries_and_acks,
             feed_read_new_blocks_until_an_entry_arrives,
             restarted_consumer_reads_its_pending_first,
@@ -1303,6 +1304,90 @@ pub async fn logs_are_fenced_ordered_and_followable(fx: &Fixture) {
     let next = follower.await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].1, line(3));
+}
+
+/// Log retention: a job joins the list of ended jobs whose logs are kept with its first
+/// terminal event (at that event's time), and `LogsExpired` deletes its log and takes it off
+/// the list in the same append. A running job is never listed; a later terminal event does not
+/// list a job again.
+pub async fn logs_of_ended_jobs_are_listed_until_logs_expired_drops_them(fx: &Fixture) {
+    use super::Fence;
+    use ferry_proto::{JobSucceeded, LogsExpired, StepLog};
+    let s = &**fx;
+    let (done, running) = (JobId::new(), JobId::new());
+    for job in [done, running] {
+        enqueue(s, job, "build", "linux", 0).await;
+        let c = s
+            .claim(&pools(&["linux"]), &"a".into(), LONG)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.job, job);
+        let fence = Fence {
+            step: c.step.clone(),
+            token: c.token,
+        };
+        let line = StepLog {
+            step: "build".into(),
+            attempt: c.attempt,
+            stream: "stdout".into(),
+            line: format!("output of {job}"),
+        };
+        s.append_logs(job, &fence, &[line]).await.unwrap();
+    }
+    assert!(s.logs_to_expire(u64::MAX, 10).await.unwrap().is_empty());
+
+    let end = Append::new(StreamId::Job(done), vec![JobSucceeded {}.into()]);
+    let ended_at = end.at_ms;
+    append(s, end).await;
+    let cancelled = || {
+        Event::JobCancelled(JobCancelled {
+            reason: "again".into(),
+            by: "api".into(),
+        })
+    };
+    // A second terminal event keeps the first end's time.
+    let mut again = Append::new(StreamId::Job(done), vec![cancelled()]);
+    again.at_ms = ended_at + 5_000;
+    append(s, again).await;
+    assert_eq!(
+        s.logs_to_expire(u64::MAX, 10).await.unwrap(),
+        [(done, ended_at)]
+    );
+    assert!(s.logs_to_expire(ended_at, 10).await.unwrap().is_empty());
+    assert_eq!(
+        s.logs_to_expire(ended_at + 1, 10).await.unwrap(),
+        [(done, ended_at)]
+    );
+    assert!(s.logs_to_expire(u64::MAX, 0).await.unwrap().is_empty());
+
+    let expired = LogsExpired { kept_for_ms: 1 };
+    append(
+        s,
+        Append::new(StreamId::Job(done), vec![expired.clone().into()]),
+    )
+    .await;
+    assert!(s
+        .read_logs(done, None, 10, Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s.logs_to_expire(u64::MAX, 10).await.unwrap().is_empty());
+    assert_eq!(
+        events(s, done).await.last(),
+        Some(&Event::LogsExpired(expired))
+    );
+    // The running job's output is untouched.
+    assert_eq!(
+        s.read_logs(running, None, 10, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Ending again after the logs expired lists nothing.
+    append(s, Append::new(StreamId::Job(done), vec![cancelled()])).await;
+    assert!(s.logs_to_expire(u64::MAX, 10).await.unwrap().is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -23,8 +23,12 @@ pub enum Effect {
     },
     /// The step's attempt is over: drop its lease and any queue entry.
     Finish { step: StepId },
-    /// The job is over: drop every queue entry and lease it has.
+    /// The job is over: drop every queue entry and lease it has, and (the first time it ends)
+    /// record it, with the time of this append, among the ended jobs whose logs are kept
+    /// (see [`crate::store::Logs::logs_to_expire`]).
     ClearJob,
+    /// The job's log goes (its output lines), and it leaves the ended jobs whose logs are kept.
+    DropLogs,
     /// Record the job under these index keys (see [`index_keys`]).
     Index { keys: Vec<String> },
 }
@@ -97,6 +101,7 @@ pub fn effects_of(event: &Event) -> Option<Effect> {
         | Event::JobFailed(_)
         | Event::JobCancelled(_)
         | Event::JobSuperseded(_) => Effect::ClearJob,
+        Event::LogsExpired(_) => Effect::DropLogs,
         Event::JobCreated(plan) => Effect::Index {
             keys: index_keys(plan),
         },

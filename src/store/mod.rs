@@ -434,6 +434,13 @@ pub trait Logs: Send + Sync {
         count: usize,
         block: Duration,
     ) -> Result<Vec<(LogPos, StepLog)>>;
+    /// Up to `max` jobs that ended before `ended_before_ms` and whose logs are still kept,
+    /// oldest end first, each with its end time (the `at_ms` of its first terminal event).
+    /// A job joins this list atomically with its first terminal event and leaves it with
+    /// `LogsExpired`, which deletes its log in the same append (effects `ClearJob` and
+    /// `DropLogs`). Jobs that ended before the store recorded ends (Redis installations of
+    /// builds before `LogsExpired` existed) are not listed: their logs stay.
+    async fn logs_to_expire(&self, ended_before_ms: u64, max: usize) -> Result<Vec<(JobId, u64)>>;
 }
 
 /// Lines kept per job log (approximately: trimming is lazy).

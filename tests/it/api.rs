@@ -155,6 +155,17 @@ struct Roles {
 
 impl Roles {
     fn start(store: &Arc<dyn Store>, coordinators: usize, agents: &[(&str, &str)]) -> Roles {
+        Roles::start_with(store, coordinators, agents, coordinator::Options::default())
+    }
+
+    /// As `start`, the coordinators with `base`'s options but for their names, retry policy
+    /// and a 100 ms sweep.
+    fn start_with(
+        store: &Arc<dyn Store>,
+        coordinators: usize,
+        agents: &[(&str, &str)],
+        base: coordinator::Options,
+    ) -> Roles {
         let (stop, rx) = watch::channel(false);
         let mut roles = Roles {
             stop,
@@ -165,7 +176,7 @@ impl Roles {
                 consumer: format!("c{i}"),
                 policy: RetryPolicy::default(),
                 sweep_interval: Duration::from_millis(100),
-                ..Default::default()
+                ..base.clone()
             };
             let (store, mut rx) = (store.clone(), rx.clone());
             roles.tasks.push(tokio::spawn(async move {
@@ -671,6 +682,103 @@ async fn retry_of_a_failed_job_runs_a_new_job_with_the_same_plan() {
     assert_eq!(shown["steps"][0]["attempt"], 1);
     let (_, old_shown) = api.get(&format!("/api/v1/jobs/{old}")).await;
     assert_eq!(old_shown["state"], "failed");
+}
+
+/// Log retention: once a job has been over for `keep_logs`, the coordinator holding the sweep
+/// lock records `logs_expired` and its lines are gone; the API answers 410 Gone naming when,
+/// the job and its events stay, and a running job's lines are untouched. The CLI says so too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_jobs_logs_expire_after_keep_logs_and_the_api_says_so() {
+    use ferry::store::Fence;
+    let api = Api::start(&[TOKEN]).await;
+    let pool = "retention-pool";
+    let (done, running) = (
+        api.queued_job_with("g/app", pool, StepSpec::Noop).await,
+        api.queued_job_with("g/app", pool, StepSpec::Noop).await,
+    );
+    for job in [done, running] {
+        let claim = api
+            .store
+            .claim(&[pool.to_string()], &AgentId::new("by-hand"), DEADLINE * 6)
+            .await
+            .unwrap()
+            .expect("a queued step");
+        assert_eq!(claim.job, job);
+        let fence = Fence {
+            step: claim.step.clone(),
+            token: claim.token,
+        };
+        let line = StepLog {
+            step: claim.step.clone(),
+            attempt: claim.attempt,
+            stream: "stdout".into(),
+            line: format!("output of {job}"),
+        };
+        api.store.append_logs(job, &fence, &[line]).await.unwrap();
+    }
+    api.end(done, JobSucceeded {}.into()).await;
+    let logs = |job: JobId| format!("/api/v1/jobs/{job}/logs");
+    let (status, body) = api.get(&logs(done)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["items"][0]["line"], format!("output of {done}"));
+
+    let roles = Roles::start_with(
+        &api.store,
+        1,
+        &[],
+        coordinator::Options {
+            keep_logs: Some(Duration::from_millis(300)),
+            ..Default::default()
+        },
+    );
+    let body = wait_for(DEADLINE, "the ended job's logs to expire", || async {
+        let (status, body) = api.get(&logs(done)).await;
+        (status == StatusCode::GONE).then_some(body)
+    })
+    .await;
+    let message = error_of(&body);
+    assert!(
+        message.contains(&format!("the logs of job {done} were removed at")),
+        "{message}"
+    );
+    let (_, shown) = api.get(&format!("/api/v1/jobs/{done}")).await;
+    assert_eq!(shown["state"], "succeeded");
+    assert!(shown["logs_expired_at"].is_string(), "{shown}");
+    let (_, follow) = api.get(&format!("{}?follow=true", logs(done))).await;
+    assert!(error_of(&follow).contains("were removed"), "{follow}");
+    let (_, events) = api.get(&format!("/api/v1/jobs/{done}/events")).await;
+    let names: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(names.last(), Some(&"logs_expired"), "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| **n == "logs_expired").count(),
+        1,
+        "{names:?}"
+    );
+
+    // The job still running keeps its lines, however old.
+    let (status, body) = api.get(&logs(running)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["items"][0]["line"], format!("output of {running}"));
+
+    let base = api.base.clone();
+    let id = done.to_string();
+    let flags = ["--api", base.as_str(), "--token", TOKEN];
+    let out = ferry(&[&["jobs", "logs", id.as_str()][..], &flags].concat()).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("were removed at") && stderr(&out).contains("http 410"),
+        "{}",
+        stderr(&out)
+    );
+    let out = ferry(&[&["jobs", "show", id.as_str()][..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("logs: removed "), "{}", stdout(&out));
+    roles.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@
 -- KEYS[2]  {ns}:jobs             job index (zset)
 -- ARGV[1]  prefix `{ns}:` (derived keys: s:<stream>, dedupe:<key>, ready:<pool>, delayed,
 --          items, jobitems:<job>, ended:<job>, lease:<member>, leases, wake:<pool>,
---          idx:<key>, jobidx:<job>)
+--          idx:<key>, jobidx:<job>, kept_logs, logs:<job>)
 -- ARGV[2]  M, the number of appends; then M appends, each:
 --          stream name (`job:<uuid>`, `webhooks`, `agents`), job id or '' when the stream is
 --          not a job's, expected version or -1 for any, fence step or '' for no fence, fence
@@ -15,10 +15,12 @@
 --          D, then D dedupe keys (without the `{ns}:dedupe:` prefix),
 --          N, then N tuples of 9: kind, schema version, payload, effect, step, attempt, pool,
 --          priority, due_ms; effect is '' | 'enqueue' | 'schedule' | 'finish' | 'clear' |
---          'index' (unused tuple fields are ''); for 'index' the step field holds the index
---          keys separated by newlines, and the job is added to each set `{ns}:idx:<key>`; keys
---          starting with `live:` are also remembered in `{ns}:jobidx:<job>`, and 'clear'
---          removes the job from those again.
+--          'index' | 'drop_logs' (unused tuple fields are ''); for 'index' the step field
+--          holds the index keys separated by newlines, and the job is added to each set
+--          `{ns}:idx:<key>`; keys starting with `live:` are also remembered in
+--          `{ns}:jobidx:<job>`, and 'clear' removes the job from those again. The first
+--          'clear' of a job also adds it to `{ns}:kept_logs` scored by the envelope at_ms;
+--          'drop_logs' deletes `{ns}:logs:<job>` and takes the job out of `kept_logs`.
 -- Returns  M replies, in order, each one of
 --          {'ok', new_version, log_id...} (one log id per event, in order);
 --          {'dup', original_log_id} when a dedupe key exists (nothing written);
@@ -122,13 +124,20 @@ for _ = 1, m do
             drop_lease(prefix, mem)
           end
           if #members > 0 then redis.call('DEL', set) end
-          redis.call('SET', prefix .. 'ended:' .. job, '1')
+          -- The first end of the job starts its log's retention (scored by this append's
+          -- envelope time, the terminal event's at_ms).
+          if redis.call('SET', prefix .. 'ended:' .. job, '1', 'NX') then
+            redis.call('ZADD', prefix .. 'kept_logs', at, job)
+          end
           local idx = prefix .. 'jobidx:' .. job
           local keys = redis.call('SMEMBERS', idx)
           for _, key in ipairs(keys) do
             redis.call('SREM', prefix .. 'idx:' .. key, job)
           end
           if #keys > 0 then redis.call('DEL', idx) end
+        elseif effect == 'drop_logs' then
+          redis.call('DEL', prefix .. 'logs:' .. job)
+          redis.call('ZREM', prefix .. 'kept_logs', job)
         end
       end
     end

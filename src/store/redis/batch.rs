@@ -118,6 +118,7 @@ pub(super) fn prepare(a: &Append) -> Result<Prepared> {
                 ("finish", step.0, none(), none(), none(), none())
             }
             Some(Effect::ClearJob) => ("clear", none(), none(), none(), none(), none()),
+            Some(Effect::DropLogs) => ("drop_logs", none(), none(), none(), none(), none()),
         };
         args.push(event.kind().to_string().into_bytes());
         args.push(event.version().to_string().into_bytes());

@@ -77,6 +77,9 @@ impl Keys {
     pub(crate) fn logs(&self, job: &str) -> String {
         self.key(&format!("logs:{job}"))
     }
+    pub(crate) fn kept_logs(&self) -> String {
+        self.key("kept_logs")
+    }
     pub(crate) fn index(&self, key: &str) -> String {
         self.key(&format!("idx:{key}"))
     }

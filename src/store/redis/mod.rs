@@ -858,6 +858,29 @@ impl Logs for RedisStore {
         };
         parse::log_lines(v)
     }
+
+    async fn logs_to_expire(&self, ended_before_ms: u64, max: usize) -> Result<Vec<(JobId, u64)>> {
+        if max == 0 || ended_before_ms == 0 {
+            return Ok(Vec::new());
+        }
+        let pairs: Vec<(String, u64)> = self
+            .query(
+                "list ended jobs whose logs are kept",
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.keys().kept_logs())
+                    .arg("-inf")
+                    .arg(format!("({ended_before_ms}"))
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(max),
+            )
+            .await?;
+        pairs
+            .into_iter()
+            .map(|(job, at)| Ok((parse_job(&job)?, at)))
+            .collect()
+    }
 }
 
 #[async_trait]

@@ -246,21 +246,45 @@ impl Tx<'_> {
 
     /// The job is over: its queue entries and leases go, queueing it again becomes a no-op,
     /// and it leaves every `live:` index.
-    pub fn clear_job(&self, job: &str) -> TxResult<()> {
+    ///
+    /// The first end also records the job, with `at_ms` (the terminal event's envelope
+    /// time), among the ended jobs whose logs are kept.
+    pub fn clear_job(&self, job: &str, at_ms: u64) -> TxResult<()> {
         self.tx
             .prepare_cached("DELETE FROM queue WHERE job = ?1")?
             .execute([job])?;
         self.tx
             .prepare_cached("DELETE FROM leases WHERE job = ?1")?
             .execute([job])?;
-        self.tx
+        let first_end = self
+            .tx
             .prepare_cached("INSERT OR IGNORE INTO ended (job) VALUES (?1)")?
-            .execute([job])?;
+            .execute([job])?
+            == 1;
+        if first_end {
+            self.tx
+                .prepare_cached("INSERT OR REPLACE INTO kept_logs (job, ended_ms) VALUES (?1, ?2)")?
+                .execute(params![job, sql_ms(at_ms)])?;
+        }
         self.tx
             .prepare_cached(
                 "DELETE FROM job_index WHERE job = ?1 AND substr(name, 1, length(?2)) = ?2",
             )?
             .execute([job, LIVE])?;
+        Ok(())
+    }
+
+    /// The job's output lines go, and it leaves the ended jobs whose logs are kept.
+    pub fn drop_logs(&self, job: &str) -> TxResult<()> {
+        self.tx
+            .prepare_cached("DELETE FROM logs WHERE job = ?1")?
+            .execute([job])?;
+        self.tx
+            .prepare_cached("DELETE FROM log_lines WHERE job = ?1")?
+            .execute([job])?;
+        self.tx
+            .prepare_cached("DELETE FROM kept_logs WHERE job = ?1")?
+            .execute([job])?;
         Ok(())
     }
 

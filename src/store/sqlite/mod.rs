@@ -429,6 +429,7 @@ enum Planned {
         step: String,
     },
     Clear,
+    DropLogs,
     Index {
         keys: Vec<String>,
     },
@@ -484,6 +485,7 @@ fn plan(event: &Event, name: &str, job: Option<&str>) -> Result<Planned> {
             Planned::Finish { step: step.0 }
         }
         Effect::ClearJob => Planned::Clear,
+        Effect::DropLogs => Planned::DropLogs,
         Effect::Index { keys } => {
             for key in &keys {
                 check_nonempty("index key", key)?;
@@ -586,7 +588,8 @@ impl EventLog for SqliteStore {
                         tx.drop_lease(job, &step)?;
                         tx.unqueue(job, &step)?;
                     }
-                    Planned::Clear => tx.clear_job(job)?,
+                    Planned::Clear => tx.clear_job(job, at_ms)?,
+                    Planned::DropLogs => tx.drop_logs(job)?,
                     Planned::Index { keys } => tx.index(job, &keys)?,
                 }
             }
@@ -1313,6 +1316,35 @@ impl Logs for SqliteStore {
                 return Ok(got);
             }
         }
+    }
+
+    async fn logs_to_expire(&self, ended_before_ms: u64, max: usize) -> Result<Vec<(JobId, u64)>> {
+        if max == 0 || ended_before_ms == 0 {
+            return Ok(Vec::new());
+        }
+        let before = sql_ms(ended_before_ms);
+        self.read(
+            "list ended jobs whose logs are kept".to_string(),
+            move |tx| {
+                let rows: Vec<(String, i64)> = tx
+                    .tx
+                    .prepare_cached(
+                        "SELECT job, ended_ms FROM kept_logs WHERE ended_ms < ?1 \
+                     ORDER BY ended_ms, job LIMIT ?2",
+                    )?
+                    .query_map(params![before, limit(max)], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                rows.into_iter()
+                    .map(|(job, at)| {
+                        let job = job.parse().map_err(|_| {
+                            Fail::Store(Error::Corrupt(format!("kept_logs holds job id {job:?}")))
+                        })?;
+                        Ok((job, at.max(0) as u64))
+                    })
+                    .collect()
+            },
+        )
+        .await
     }
 }
 

@@ -12,6 +12,7 @@
 //! | `dedupe` | one per dedupe key | `name`, `pos` (the original event's position), `expires_ms` |
 //! | `job_index` | one per (index key, job) | `name` (`live:tag:…`, `env:…`, `live:env:…`), `job`; `live:` rows go when the job ends |
 //! | `ended` | one per ended job | `job`: queueing effects on it are no-ops |
+//! | `kept_logs` | one per ended job whose log is kept | `job`, `ended_ms` (its first terminal event's `at_ms`); the row goes with `logs_expired` (since schema version 2) |
 //! | `logs` | one per output line | `id` (INTEGER PRIMARY KEY AUTOINCREMENT), `job`, `payload` (rmp named `StepLog`) |
 //! | `log_lines` | one per job with output | `job`, `kept`: lines kept, for lazy trimming |
 //! | `snapshots` | one per name | `name`, `bytes` |
@@ -20,7 +21,8 @@
 //! | `feed_pending` | one per delivered, unacknowledged entry | `grp`, `pos`, `consumer`, `delivered_ms`, `deliveries` |
 //!
 //! The file carries `PRAGMA application_id` = [`APPLICATION_ID`] and `PRAGMA user_version` =
-//! [`SCHEMA_VERSION`], both written in the transaction that creates the tables.
+//! [`SCHEMA_VERSION`], both written in the transaction that creates the tables. A file of an
+//! earlier version is upgraded when it is opened, in one transaction ([`UPGRADES`]).
 
 use crate::store::{Error, Result};
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
@@ -31,7 +33,22 @@ use std::time::Duration;
 pub const APPLICATION_ID: i32 = 0x4652_5259;
 
 /// `PRAGMA user_version` of the layout this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
+
+/// `UPGRADES[v - 1]` turns a version `v` file into version `v + 1`.
+const UPGRADES: &[&str] = &[
+    // 1 → 2: the ended jobs whose logs are kept, for log retention; every job that ended
+    // before the upgrade joins it with the time of its first terminal event.
+    "CREATE TABLE kept_logs (
+    job TEXT PRIMARY KEY,
+    ended_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX kept_logs_by_end ON kept_logs (ended_ms);
+INSERT INTO kept_logs (job, ended_ms)
+    SELECT e.job, COALESCE((SELECT l.at_ms FROM log l WHERE l.stream = 'job:' || e.job
+        AND l.kind IN (11, 12, 13, 14) ORDER BY l.seq LIMIT 1), 0)
+    FROM ended e;",
+];
 
 /// How long a statement waits for another process's write lock before the store reports
 /// itself unavailable.
@@ -50,6 +67,7 @@ const TABLES: &[&str] = &[
     "fence",
     "job_index",
     "jobs",
+    "kept_logs",
     "leases",
     "locks",
     "log",
@@ -126,6 +144,11 @@ CREATE INDEX job_index_by_job ON job_index (job);
 CREATE TABLE ended (
     job TEXT PRIMARY KEY
 ) WITHOUT ROWID;
+CREATE TABLE kept_logs (
+    job TEXT PRIMARY KEY,
+    ended_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX kept_logs_by_end ON kept_logs (ended_ms);
 CREATE TABLE logs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job TEXT NOT NULL,
@@ -212,7 +235,7 @@ pub(super) fn open(path: &Path) -> Result<Connection> {
     // Identify the file before writing anything to it (not even the journal mode).
     let found = inspect(&conn).map_err(|e| opening(path, "cannot read the database header", e))?;
     match found {
-        Found::Fresh | Found::Ferry(SCHEMA_VERSION) => {}
+        Found::Fresh | Found::Ferry(1..=SCHEMA_VERSION) => {}
         Found::Ferry(v) if v > SCHEMA_VERSION => {
             return Err(Error::Invalid(format!(
                 "sqlite store {shown} has ferry schema version {v}, newer than the version \
@@ -256,6 +279,8 @@ pub(super) fn open(path: &Path) -> Result<Connection> {
 
     if found == Found::Fresh {
         create_if_fresh(&conn).map_err(|e| opening(path, "cannot create the schema", e))?;
+    } else if found != Found::Ferry(SCHEMA_VERSION) {
+        upgrade(&conn).map_err(|e| opening(path, "cannot upgrade the schema", e))?;
     }
     check_tables(&conn, path)?;
     Ok(conn)
@@ -283,6 +308,20 @@ fn create_if_fresh(conn: &Connection) -> rusqlite::Result<()> {
         tx.execute_batch(SCHEMA)?;
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()
+}
+
+/// Brings a ferry file of an earlier schema version to [`SCHEMA_VERSION`], one version at a
+/// time, in one transaction (another process may have upgraded it since [`inspect`]).
+fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    if let Found::Ferry(mut v) = inspect(&tx)? {
+        while (1..SCHEMA_VERSION).contains(&v) {
+            tx.execute_batch(UPGRADES[(v - 1) as usize])?;
+            v += 1;
+        }
+        tx.pragma_update(None, "user_version", v)?;
     }
     tx.commit()
 }
@@ -358,6 +397,45 @@ mod tests {
                 "{id} {version}"
             );
         }
+    }
+
+    #[test]
+    fn a_version_1_file_is_upgraded_on_open_and_its_ended_jobs_keep_their_logs_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        // A version 1 file: today's schema without what version 2 added.
+        let conn = open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TABLE kept_logs;
+             INSERT INTO log (stream, seq, kind, version, at_ms, payload)
+                 VALUES ('job:j1', 1, 2, 1, 100, x''), ('job:j1', 2, 11, 1, 250, x''),
+                        ('job:j1', 3, 13, 1, 900, x''), ('job:j2', 1, 2, 1, 300, x'');
+             INSERT INTO ended (job) VALUES ('j1');",
+        )
+        .unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        drop(conn);
+
+        let conn = open(&path).unwrap();
+        let version: i32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let kept: Vec<(String, i64)> = conn
+            .prepare("SELECT job, ended_ms FROM kept_logs")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(kept, [("j1".to_string(), 250)]);
+        drop(conn);
+        // Opening again changes nothing.
+        let conn = open(&path).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM kept_logs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]
