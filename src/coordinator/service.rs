@@ -651,8 +651,13 @@ pub async fn expire_logs(store: &dyn Store, keep: Duration, max: usize) -> Resul
         let expired = ferry_proto::LogsExpired {
             kept_for_ms: keep_ms,
         };
+        // Two sweepers during a lock handover record it once.
+        let once = vec![format!("logs-expired:{job}")];
         store
-            .append(Append::new(StreamId::Job(*job), vec![expired.into()]))
+            .append(
+                Append::new(StreamId::Job(*job), vec![expired.into()])
+                    .dedupe(once, Duration::from_secs(3600)),
+            )
             .await?;
         debug!(%job, ended_ms, "job logs expired");
     }
