@@ -111,6 +111,7 @@ macro_rules! store_conformance {
             claim_many_takes_the_best_in_order,
             concurrent_claimers_take_each_step_once,
             step_claimed_event_decodes,
+            a_claim_carries_the_whole_history_of_a_long_job_stream,
             renew_and_release_need_the_holder,
             expire_due_appends_lease_expired,
             a_lease_that_ran_out_is_dead_before_the_sweep,
@@ -761,6 +762,36 @@ pub async fn concurrent_claimers_take_each_step_once(fx: &Fixture) {
     let tokens: HashSet<_> = all.iter().map(|(_, _, t)| *t).collect();
     assert_eq!(tokens.len(), JOBS * STEPS, "every claim has its own token");
     assert_eq!(s.leases().await.unwrap().len(), JOBS * STEPS);
+}
+
+/// A job with a long history (a deploy to many hosts records several events per host): the
+/// claim still carries all of it, in order, its StepClaimed last, and `read_stream` returns
+/// all of it. (In Redis the claim script reads at most 256 entries itself, and the adapter
+/// reads the rest, and whole streams, in pages of 1024.)
+pub async fn a_claim_carries_the_whole_history_of_a_long_job_stream(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    for _ in 0..5 {
+        let many = (0..250).map(|_| started("build")).collect();
+        append(s, Append::new(StreamId::Job(job), many)).await;
+    }
+    enqueue(s, job, "deploy", "long", 0).await;
+    let c = s
+        .claim(&pools(&["long"]), &"agent-9".into(), LONG)
+        .await
+        .unwrap()
+        .expect("a claim");
+    let stream = s.read_stream(&StreamId::Job(job), 0).await.unwrap();
+    assert_eq!(stream.len(), 1252, "read_stream reads every page");
+    assert_eq!(c.history.len(), 1252);
+    assert_eq!(c.history, stream, "the claim carries the whole stream");
+    match c.history.last().unwrap().decode().unwrap() {
+        Event::StepClaimed(x) => assert_eq!(x.token, c.token),
+        other => panic!("expected StepClaimed last, got {other:?}"),
+    }
+    let places: Vec<Option<Version>> = c.history.iter().map(|e| e.seq).collect();
+    let expected: Vec<Option<Version>> = (1..=1252).map(Some).collect();
+    assert_eq!(places, expected);
 }
 
 pub async fn step_claimed_event_decodes(fx: &Fixture) {

@@ -210,7 +210,9 @@ pub struct Claim {
     /// Store-clock ms at which the lease runs out unless renewed.
     pub deadline_ms: u64,
     /// The job's stream as of the claim, its `StepClaimed` last: what `read_stream(job, 0)`
-    /// would return, read in the same atomic operation (the agent finds the plan here).
+    /// would return, read in the same atomic operation (the agent finds the plan here). A
+    /// backend may read the part of a long stream beyond its first entries after the claim,
+    /// up to the `StepClaimed` entry: the same entries, since streams only grow.
     pub history: Vec<Stored>,
 }
 

@@ -180,14 +180,24 @@ impl RedisStore {
 }
 
 /// One claim of the claim script's reply.
-fn parse_claim(v: Value) -> Result<Claim> {
+/// One claim of the claim script, and where its history stops short of its StepClaimed entry
+/// (a long stream): `Some((last entry read, StepClaimed's id))`.
+fn parse_claim(v: Value) -> Result<(Claim, Option<(String, String)>)> {
     let parts: Vec<Value> = from_value("claim", v)?;
-    let [job, step, attempt, pool, token, deadline, history] = <[Value; 7]>::try_from(parts)
-        .map_err(|r| Error::Corrupt(format!("claim script answered {r:?}")))?;
+    let [job, step, attempt, pool, token, deadline, history, claimed] =
+        <[Value; 8]>::try_from(parts)
+            .map_err(|r| Error::Corrupt(format!("claim script answered {r:?}")))?;
     let text = |what: &str, v: Value| from_value::<String>(&format!("claim {what}"), v);
     let job = parse_job(&text("job", job)?)?;
     let stream = StreamId::Job(job).name();
-    Ok(Claim {
+    let claimed = text("entry id", claimed)?;
+    let last = parse::last_id(&history);
+    let rest = match last {
+        Some(last) if last != claimed => Some((last, claimed)),
+        Some(_) => None,
+        None => return Err(Error::Corrupt(format!("claim of {job} without a history"))),
+    };
+    let claim = Claim {
         job,
         step: StepId(text("step", step)?),
         attempt: parse_num("attempt", &text("attempt", attempt)?)?,
@@ -195,7 +205,8 @@ fn parse_claim(v: Value) -> Result<Claim> {
         token: FencingToken(parse_num("token", &text("token", token)?)?),
         deadline_ms: parse_num("deadline", &text("deadline", deadline)?)?,
         history: parse::entries(history, Source::Stream(&stream))?,
-    })
+    };
+    Ok((claim, rest))
 }
 
 /// A failed command: missing consumer groups are the caller's mistake, wrong key types mean the
@@ -230,6 +241,47 @@ fn from_value<T: FromRedisValue>(what: &str, v: Value) -> Result<T> {
     T::from_redis_value(v).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
 }
 
+/// Entries per `XRANGE` when a long stream is read in pages.
+const STREAM_PAGE: usize = 1024;
+
+impl RedisStore {
+    /// The entries of stream `name` after the entry `after` (from the first when `None`) up to
+    /// and including `until` (`+`: the last), in pages of [`STREAM_PAGE`], so that reading a
+    /// long stream (a deploy to many hosts) never holds the server for long: other clients
+    /// are served between the pages.
+    async fn stream_pages(
+        &self,
+        name: &str,
+        mut after: Option<String>,
+        until: &str,
+    ) -> Result<Vec<Stored>> {
+        let key = self.keys().stream(name);
+        let mut out = Vec::new();
+        loop {
+            let start = after.map_or("-".to_string(), |a| format!("({a}"));
+            let v: Value = self
+                .query(
+                    &format!("read {name}"),
+                    redis::cmd("XRANGE")
+                        .arg(&key)
+                        .arg(start)
+                        .arg(until)
+                        .arg("COUNT")
+                        .arg(STREAM_PAGE),
+                )
+                .await?;
+            let last = parse::last_id(&v);
+            let page = parse::entries(v, Source::Stream(name))?;
+            let full = page.len() == STREAM_PAGE;
+            out.extend(page);
+            match last {
+                Some(last) if full && last != until => after = Some(last),
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl EventLog for RedisStore {
     async fn append(&self, a: Append) -> Result<Appended> {
@@ -239,16 +291,7 @@ impl EventLog for RedisStore {
 
     async fn read_stream(&self, stream: &StreamId, from: Version) -> Result<Vec<Stored>> {
         let name = stream.name();
-        let v: Value = self
-            .query(
-                &format!("read {name}"),
-                redis::cmd("XRANGE")
-                    .arg(self.keys().stream(&name))
-                    .arg("-")
-                    .arg("+"),
-            )
-            .await?;
-        let all = parse::entries(v, Source::Stream(&name))?;
+        let all = self.stream_pages(&name, None, "+").await?;
         Ok(all
             .into_iter()
             .skip(usize::try_from(from).unwrap_or(usize::MAX))
@@ -484,7 +527,17 @@ impl WorkQueue for RedisStore {
                     Some(("FERRY_CORRUPT", why)) => Error::Corrupt(why.to_string()),
                     _ => command_error("claim", e),
                 })?;
-        reply.into_iter().map(parse_claim).collect()
+        let mut claims = Vec::with_capacity(reply.len());
+        for v in reply {
+            let (mut claim, rest) = parse_claim(v)?;
+            if let Some((after, claimed)) = rest {
+                let name = StreamId::Job(claim.job).name();
+                let more = self.stream_pages(&name, Some(after), &claimed).await?;
+                claim.history.extend(more);
+            }
+            claims.push(claim);
+        }
+        Ok(claims)
     }
 
     async fn promote_due(&self, max: usize) -> Result<usize> {

@@ -54,6 +54,15 @@ pub(crate) enum Source<'a> {
     Stream(&'a str),
 }
 
+/// The id of the last entry of a list of stream entries (as `entries` reads them).
+pub(crate) fn last_id(v: &Value) -> Option<String> {
+    let Value::Array(list) = v else { return None };
+    let Value::Array(entry) = list.last()? else {
+        return None;
+    };
+    string(entry.first()?.clone())
+}
+
 /// A list of stream entries (`XRANGE`, or the entries part of `XREADGROUP`/`XAUTOCLAIM`).
 /// Entries whose fields are nil (deleted while pending) are skipped.
 pub(crate) fn entries(v: Value, source: Source<'_>) -> Result<Vec<Stored>> {
