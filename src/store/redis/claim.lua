@@ -13,7 +13,7 @@
 --          {job, step, attempt, pool, token, deadline_ms, history, claimed_id}: strings, then
 --          the job's stream after the claim (XRANGE entries, StepClaimed last), so that the
 --          agent needs no second round trip to read the plan, then the StepClaimed entry's id.
---          A stream longer than 256 entries before the claim comes back as its first 256
+--          A stream longer than 64 entries before the claim comes back as its first 64
 --          entries only (StepClaimed not among them): the caller reads the entries after them
 --          up to `claimed_id` (the same entries: streams only grow).
 -- The StepClaimed payload is cmsgpack {step, attempt, agent, token, lease_ttl_ms}; the
@@ -22,7 +22,7 @@
 --          written); a later one ends the list early and fails the next call.
 
 -- Entries of a job's stream a claim reads itself (see below).
-local HISTORY_MAX = 256
+local HISTORY_MAX = 64
 
 local prefix = ARGV[1]
 local agent = ARGV[2]
