@@ -14,6 +14,7 @@ pub mod domain;
 pub mod feed;
 pub mod gateway;
 pub mod gitlab;
+pub mod metrics;
 pub mod migrate;
 pub(crate) mod process;
 pub mod replay;

@@ -46,6 +46,9 @@ fn main() -> ExitCode {
 async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Coordinator => {
+            if let Some(listen) = config.coordinator.metrics_listen {
+                ferry::metrics::serve("coordinator.metrics_listen", listen).await?;
+            }
             let store = app::open_store(&config).await?;
             let stop = app::shutdown_signal();
             let reporter = app::gitlab_reporter_options(&config).map(|o| {
@@ -65,6 +68,9 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
             // Options first: a bad key, CA file or artifact store fails before the store is
             // contacted.
             let options = app::agent_options(&config)?;
+            if let Some(listen) = config.agent.metrics_listen {
+                ferry::metrics::serve("agent.metrics_listen", listen).await?;
+            }
             let store = app::open_store(&config).await?;
             let stop = app::shutdown_signal();
             ferry::agent::run(store, options, app::until(stop)).await?;

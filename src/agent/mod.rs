@@ -18,6 +18,8 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tracing::{info, warn};
 
+use crate::metrics::AGENT as METRICS;
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub name: AgentId,
@@ -82,6 +84,7 @@ pub async fn run(
         ))
         .await?;
     info!(agent = %opts.name, pools = ?opts.pools, "agent started");
+    let _ = &*METRICS;
     let heartbeat = tokio::spawn(keep_alive(store.clone(), opts.name.clone(), opts.lease_ttl));
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let (hand_back, hand_back_rx) = watch::channel(false);
@@ -107,6 +110,7 @@ pub async fn run(
         };
         match claims {
             Ok(claims) if !claims.is_empty() => {
+                METRICS.claims.inc_by(claims.len() as u64);
                 for (claim, permit) in claims.into_iter().zip(permits.drain(..)) {
                     let store = store.clone();
                     let opts = opts.clone();
@@ -179,6 +183,8 @@ async fn run_step(
         asked,
         lost_tx,
     ));
+    let kind = step_kind(&claim);
+    METRICS.running.inc();
     let work = execute(&store, &opts, &claim);
     // Dropping `work` stops the step: executors kill their process groups on drop.
     let outcome = tokio::select! {
@@ -190,23 +196,50 @@ async fn run_step(
                 Ok(()) => info!(job = %claim.job, step = %claim.step, "step handed back"),
                 Err(e) => warn!(job = %claim.job, step = %claim.step, error = %e, "could not hand the step back; its lease will expire"),
             }
+            METRICS.running.dec();
+            METRICS.ended(kind, "released", asked.elapsed());
             return;
         }
     };
     renewer.abort();
-    match outcome {
+    let label = match outcome {
         None => {
-            warn!(job = %claim.job, step = %claim.step, token = %claim.token, "lease lost; step abandoned")
+            warn!(job = %claim.job, step = %claim.step, token = %claim.token, "lease lost; step abandoned");
+            "abandoned"
         }
-        Some(Ok(())) => {}
+        Some(Ok(recorded)) => recorded,
         Some(Err(e)) => {
-            warn!(job = %claim.job, step = %claim.step, error = %e, "step result not recorded")
+            warn!(job = %claim.job, step = %claim.step, error = %e, "step result not recorded");
+            "error"
         }
+    };
+    METRICS.running.dec();
+    METRICS.ended(kind, label, asked.elapsed());
+}
+
+/// The claimed step's kind (`build`, `deploy`, `noop`; `other` when the plan lacks it), from
+/// the plan in the claim's history.
+fn step_kind(claim: &Claim) -> &'static str {
+    let plan = claim.history.iter().find_map(|s| match s.decode() {
+        Ok(ferry_proto::Event::JobCreated(plan)) => Some(plan),
+        _ => None,
+    });
+    let spec = plan.and_then(|p| p.steps.into_iter().find(|s| s.step == claim.step));
+    match spec.map(|s| s.spec) {
+        Some(ferry_proto::StepSpec::Build(_)) => "build",
+        Some(ferry_proto::StepSpec::Deploy(_)) => "deploy",
+        Some(ferry_proto::StepSpec::Noop) => "noop",
+        None => "other",
     }
 }
 
-/// Runs the claimed step and records its outcome under the lease's token.
-async fn execute(store: &Arc<dyn Store>, opts: &Options, claim: &Claim) -> Result<(), Error> {
+/// Runs the claimed step and records its outcome under the lease's token: `succeeded` or
+/// `failed`, as recorded.
+async fn execute(
+    store: &Arc<dyn Store>,
+    opts: &Options,
+    claim: &Claim,
+) -> Result<&'static str, Error> {
     let stream = StreamId::Job(claim.job);
     let mut job = JobState::new(claim.job);
     for stored in &claim.history {
@@ -237,10 +270,13 @@ async fn execute(store: &Arc<dyn Store>, opts: &Options, claim: &Claim) -> Resul
         .into()],
     };
     step.flush_logs().await;
+    let succeeded = outcome
+        .iter()
+        .any(|e| matches!(e, ferry_proto::Event::StepSucceeded(_)));
     store
         .append(Append::new(stream, outcome).fenced(claim.step.clone(), claim.token))
         .await?;
-    Ok(())
+    Ok(if succeeded { "succeeded" } else { "failed" })
 }
 
 /// Resolves once the flag is set (the guard `wait_for` returns is dropped here, not held

@@ -81,6 +81,10 @@ pub mod env {
     pub const AGENT_HOST_KEY_POLICY: &str = "FERRY_AGENT_HOST_KEY_POLICY";
     /// `agent.git_ca_file`
     pub const AGENT_GIT_CA_FILE: &str = "FERRY_AGENT_GIT_CA_FILE";
+    /// `agent.metrics_listen`
+    pub const AGENT_METRICS_LISTEN: &str = "FERRY_AGENT_METRICS_LISTEN";
+    /// `coordinator.metrics_listen`
+    pub const COORDINATOR_METRICS_LISTEN: &str = "FERRY_COORDINATOR_METRICS_LISTEN";
     /// `artifacts.url`
     pub const ARTIFACTS_URL: &str = "FERRY_ARTIFACTS_URL";
     /// `gitlab.url`
@@ -224,6 +228,8 @@ pub struct Coordinator {
     pub retry_max: Duration,
     /// How long a job's output lines are kept after it ended; `None` ("forever"): always.
     pub keep_logs: Option<Duration>,
+    /// Where `ferry coordinator` serves `/metrics` and `/healthz`; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `[agent]`: the worker that runs builds and deploys.
@@ -245,6 +251,8 @@ pub struct Agent {
     pub host_key_policy: HostKeyPolicy,
     /// PEM CA certificates trusted for `https://` clone URLs besides the system's roots.
     pub git_ca_file: Option<PathBuf>,
+    /// Where `ferry agent` serves `/metrics` and `/healthz`; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What to do with a host key that is not in `known_hosts`. There is no policy that ignores keys.
@@ -661,6 +669,8 @@ const ENV_SETTINGS: &[EnvSetting] = &[
     EnvSetting { key: "agent.known_hosts", var: env::AGENT_KNOWN_HOSTS, slot: |r| Slot::Text(&mut agent(r).known_hosts) },
     EnvSetting { key: "agent.host_key_policy", var: env::AGENT_HOST_KEY_POLICY, slot: |r| Slot::Text(&mut agent(r).host_key_policy) },
     EnvSetting { key: "agent.git_ca_file", var: env::AGENT_GIT_CA_FILE, slot: |r| Slot::Text(&mut agent(r).git_ca_file) },
+    EnvSetting { key: "agent.metrics_listen", var: env::AGENT_METRICS_LISTEN, slot: |r| Slot::Text(&mut agent(r).metrics_listen) },
+    EnvSetting { key: "coordinator.metrics_listen", var: env::COORDINATOR_METRICS_LISTEN, slot: |r| Slot::Text(&mut coordinator(r).metrics_listen) },
     EnvSetting { key: "artifacts.url", var: env::ARTIFACTS_URL, slot: |r| Slot::Text(&mut r.artifacts.get_or_insert_with(Default::default).url) },
     EnvSetting { key: "gitlab.url", var: env::GITLAB_URL, slot: |r| Slot::Text(&mut r.gitlab.get_or_insert_with(Default::default).url) },
 ];
@@ -769,6 +779,20 @@ impl Ctx<'_> {
         let value = value.unwrap_or_else(|| default.to_owned());
         humantime::parse_duration(value.trim())
             .map_err(|e| self.err(key, format!("invalid duration {value:?}: {e}")))
+    }
+
+    /// An optional `ip:port` setting.
+    fn optional_addr(&self, key: &str, value: Option<String>) -> Result<Option<SocketAddr>> {
+        value
+            .map(|v| {
+                v.trim().parse().map_err(|e| {
+                    self.err(
+                        key,
+                        format!("invalid address {v:?}: {e} (expected ip:port, e.g. 0.0.0.0:9101)"),
+                    )
+                })
+            })
+            .transpose()
     }
 
     fn positive_duration(
@@ -1010,6 +1034,7 @@ fn build(
                 }
             }
         },
+        metrics_listen: cx.optional_addr("coordinator.metrics_listen", co.metrics_listen)?,
     };
     if coordinator.retry_base > coordinator.retry_max {
         return Err(cx.err(
@@ -1070,6 +1095,7 @@ fn build(
             None => HostKeyPolicy::Strict,
         },
         git_ca_file: ag.git_ca_file.map(PathBuf::from),
+        metrics_listen: cx.optional_addr("agent.metrics_listen", ag.metrics_listen)?,
     };
 
     let artifacts = Artifacts {

@@ -71,6 +71,7 @@ raw_table! {
         retry_base: String,
         retry_max: String,
         keep_logs: String,
+        metrics_listen: String,
     }
 }
 
@@ -86,6 +87,7 @@ raw_table! {
         known_hosts: String,
         host_key_policy: String,
         git_ca_file: String,
+        metrics_listen: String,
     }
 }
 

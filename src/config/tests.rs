@@ -77,6 +77,8 @@ fn defaults_without_a_file() {
         config.coordinator.keep_logs,
         Some(Duration::from_secs(30 * 86400))
     );
+    assert_eq!(config.coordinator.metrics_listen, None);
+    assert_eq!(config.agent.metrics_listen, None);
     let forever = ok("[coordinator]\nkeep_logs = \"forever\"", &[], &no_flags());
     assert_eq!(forever.coordinator.keep_logs, None);
     assert_eq!(config.agent.pools, ["default"]);
@@ -292,6 +294,8 @@ fn every_env_setting_is_read() {
         (env::COORDINATOR_RETRY_BASE, "3s"),
         (env::COORDINATOR_RETRY_MAX, "1m"),
         (env::COORDINATOR_KEEP_LOGS, "12h"),
+        (env::COORDINATOR_METRICS_LISTEN, "0.0.0.0:9101"),
+        (env::AGENT_METRICS_LISTEN, "127.0.0.1:9102"),
         (env::AGENT_NAME, "a-1"),
         (env::AGENT_POOLS, "x,y"),
         (env::AGENT_LABELS, "arm64,gpu"),
@@ -383,6 +387,7 @@ fn errors_name_the_key_and_the_source() {
         ("[coordinator]\nlease_ttl = \"15 parsecs\"".into(), vec![], f(), "/etc/ferry.toml: coordinator.lease_ttl: invalid duration \"15 parsecs\": "),
         ("".into(), vec![(env::COORDINATOR_LEASE_TTL, "soon")], f(), "environment FERRY_COORDINATOR_LEASE_TTL: invalid duration \"soon\": "),
         ("[coordinator]\nlease_ttl = \"0s\"".into(), vec![], f(), "/etc/ferry.toml: coordinator.lease_ttl: must be longer than zero"),
+        ("[agent]\nmetrics_listen = \"9102\"".into(), vec![], f(), "/etc/ferry.toml: agent.metrics_listen: invalid address \"9102\""),
         ("[coordinator]\nkeep_logs = \"0s\"".into(), vec![], f(), "/etc/ferry.toml: coordinator.keep_logs: invalid value \"0s\": expected a duration longer than zero (like \"30d\") or \"forever\""),
         ("".into(), vec![(env::COORDINATOR_KEEP_LOGS, "always")], f(), "environment FERRY_COORDINATOR_KEEP_LOGS: invalid value \"always\": expected a duration longer than zero (like \"30d\") or \"forever\""),
         ("[coordinator]\nretry_base = \"10m\"".into(), vec![], f(), "/etc/ferry.toml: coordinator.retry_base: 10m is longer than coordinator.retry_max (5m)"),

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
+use crate::metrics::COORDINATOR as METRICS;
+
 /// The consumer group every coordinator joins.
 pub const GROUP: &str = "coordinators";
 /// The leader lock that guards the sweep duty.
@@ -68,6 +70,7 @@ pub async fn run(
     })
     .await;
     info!(consumer = %coordinator.opts.consumer, "coordinator started");
+    let _ = &*METRICS;
 
     let duty = tokio::spawn(sweep_duty(
         store.clone(),
@@ -119,6 +122,7 @@ impl Coordinator {
     /// reconcile of that job, and different jobs are reconciled concurrently: a burst costs
     /// round trips per job, not per event, and not one after another.
     async fn handle_batch(&self, batch: Vec<Stored>) {
+        let started = std::time::Instant::now();
         let mut done: Vec<LogPos> = Vec::with_capacity(batch.len());
         let mut jobs: BTreeMap<JobId, JobEntries> = BTreeMap::new();
         for stored in batch {
@@ -175,10 +179,16 @@ impl Coordinator {
             }
         }
         if !done.is_empty() {
-            if let Err(e) = self.store.ack(GROUP, &done).await {
-                warn!(error = %e, "could not acknowledge feed entries; they will be handled again");
+            match self.store.ack(GROUP, &done).await {
+                Ok(()) => METRICS.feed_entries.inc_by(done.len() as u64),
+                Err(e) => {
+                    warn!(error = %e, "could not acknowledge feed entries; they will be handled again")
+                }
             }
         }
+        METRICS
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Handles the feed entries of one job in a batch.
@@ -283,6 +293,7 @@ impl Coordinator {
         let at_ms = append.at_ms;
         match self.store.append(append).await {
             Ok(store::Appended::Written { .. }) => {
+                decided(&events);
                 let mut state = JobState::new(job);
                 for e in &events {
                     state.evolve(e, at_ms);
@@ -292,7 +303,10 @@ impl Coordinator {
                 Ok(())
             }
             Ok(store::Appended::Duplicate { .. }) => Ok(()),
-            Err(Error::Conflict { .. }) => self.reconcile(job).await.map(|_| ()),
+            Err(Error::Conflict { .. }) => {
+                METRICS.conflicts.inc();
+                self.reconcile(job).await.map(|_| ())
+            }
             Err(e) => Err(e),
         }
     }
@@ -353,12 +367,16 @@ impl Coordinator {
                         state.evolve(e, at_ms);
                     }
                     if let store::Appended::Written { .. } = appended {
+                        decided(&events);
                         self.remember(&state);
                     }
                     debug!(%job, events = ?events.iter().map(Event::name).collect::<Vec<_>>(), "decided");
                     return Ok(state);
                 }
-                Err(Error::Conflict { .. }) => continue,
+                Err(Error::Conflict { .. }) => {
+                    METRICS.conflicts.inc();
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -439,10 +457,17 @@ impl Coordinator {
                 .await
             {
                 Ok(_) => {
+                    METRICS
+                        .decisions
+                        .with_label_values(&["job_superseded"])
+                        .inc();
                     info!(job = %older, %by, %environment, "superseded by a newer deploy");
                     return Ok(true);
                 }
-                Err(Error::Conflict { .. }) => continue,
+                Err(Error::Conflict { .. }) => {
+                    METRICS.conflicts.inc();
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -503,10 +528,17 @@ impl Coordinator {
                     .await
                 {
                     Ok(_) => {
+                        METRICS
+                            .decisions
+                            .with_label_values(&["job_cancelled"])
+                            .inc();
                         info!(%job, %tag, "cancelled: its tag was deleted");
                         break;
                     }
-                    Err(Error::Conflict { .. }) => continue,
+                    Err(Error::Conflict { .. }) => {
+                        METRICS.conflicts.inc();
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -611,33 +643,63 @@ async fn sweep_duty(
                 }
             },
         };
+        METRICS.sweep_leader.set(i64::from(token.is_some()));
         if token.is_none() {
             continue;
         }
         match store.expire_due(256).await {
             Ok(expired) => {
+                METRICS.leases_expired.inc_by(expired.len() as u64);
                 for l in &expired {
                     warn!(job = %l.job, step = %l.step, agent = %l.agent, token = %l.token, "lease expired");
                 }
             }
-            Err(e) => warn!(error = %e, "lease sweep failed"),
+            Err(e) => {
+                METRICS.sweep_failures.inc();
+                warn!(error = %e, "lease sweep failed")
+            }
         }
-        if let Err(e) = store.promote_due(256).await {
-            warn!(error = %e, "promoting due retries failed");
+        match store.promote_due(256).await {
+            Ok(n) => METRICS.retries_promoted.inc_by(n as u64),
+            Err(e) => {
+                METRICS.sweep_failures.inc();
+                warn!(error = %e, "promoting due retries failed");
+            }
         }
         match store.expire_agents(256).await {
             Ok(lost) => {
+                METRICS.agents_lost.inc_by(lost.len() as u64);
                 for agent in &lost {
                     warn!(%agent, "agent lost: heartbeat expired");
                 }
             }
-            Err(e) => warn!(error = %e, "agent sweep failed"),
-        }
-        if let Some(keep) = keep_logs {
-            if let Err(e) = expire_logs(&*store, keep, 256).await {
-                warn!(error = %e, "expiring old job logs failed");
+            Err(e) => {
+                METRICS.sweep_failures.inc();
+                warn!(error = %e, "agent sweep failed")
             }
         }
+        if let Some(keep) = keep_logs {
+            match expire_logs(&*store, keep, 256).await {
+                Ok(n) => METRICS.logs_expired.inc_by(n as u64),
+                Err(e) => {
+                    METRICS.sweep_failures.inc();
+                    warn!(error = %e, "expiring old job logs failed");
+                }
+            }
+        }
+    }
+}
+
+/// Counts decisions the coordinator appended, by event.
+fn decided(events: &[Event]) {
+    for e in events {
+        let name = e.name();
+        let label = if crate::metrics::DECISIONS.contains(&name) {
+            name
+        } else {
+            "other"
+        };
+        METRICS.decisions.with_label_values(&[label]).inc();
     }
 }
 

@@ -474,19 +474,9 @@ async fn readyz(State(state): State<GatewayState>) -> Response {
 }
 
 async fn render_metrics(State(state): State<GatewayState>) -> Response {
-    let encoder = prometheus::TextEncoder::new();
-    match encoder.encode_to_string(&state.inner.registry.gather()) {
-        Ok(text) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-            text,
-        )
-            .into_response(),
-        Err(e) => {
-            error!(error = %e, "cannot encode metrics");
-            error_response(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics")
-        }
-    }
+    // The gateway's own registry, after the process-wide one (the coordinator's and agent's
+    // metrics when they run in this process, as under `ferry up`).
+    crate::metrics::render(Some(&state.inner.registry))
 }
 
 async fn not_found() -> Response {

@@ -5,7 +5,7 @@ use crate::harness::{self, wait_until, DEADLINE};
 use ferry::domain::JobPhase;
 use ferry::replay;
 use ferry::store::redis::RedisStore;
-use ferry::store::{Append, Store, StreamId};
+use ferry::store::{Append, EventLog, Store, StreamId};
 use ferry_proto::*;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -240,4 +240,171 @@ async fn a_coordinator_killed_mid_burst_loses_nothing() {
             "{events:?}"
         );
     }
+}
+
+/// `ferry <role>` with its metrics on a free loopback port (`env_key` names the setting's
+/// variable), started once `/healthz` answers. Retries on another port if the one picked was
+/// taken in between.
+async fn with_metrics(
+    url: &str,
+    ns: &str,
+    data_dir: &str,
+    env_key: &str,
+    args: &[&str],
+) -> (Proc, String) {
+    let http = reqwest::Client::new();
+    for _ in 0..5 {
+        let port = harness::free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let mut child = Proc(
+            ferry(url, ns)
+                .env("FERRY_DATA_DIR", data_dir)
+                .env(env_key, format!("127.0.0.1:{port}"))
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let end = std::time::Instant::now() + DEADLINE;
+        while std::time::Instant::now() < end {
+            if let Ok(r) = http.get(format!("{base}/healthz")).send().await {
+                if r.status().is_success() {
+                    return (child, base);
+                }
+            }
+            if child.0.try_wait().unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let mut err = String::new();
+        if let Some(mut e) = child.0.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        assert!(
+            err.contains("cannot listen"),
+            "{args:?} did not start: {err}"
+        );
+    }
+    panic!("{args:?}: no free port for its metrics");
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed) in a text exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `ferry coordinator` and `ferry agent` each serve their own metrics: series exist at zero
+/// before any work, and a job's run moves them (claims, steps by kind and outcome, decisions by
+/// event, feed entries, the sweep lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_and_the_agent_serve_their_metrics() {
+    let (url, ns) = (harness::shared().url(), harness::namespace());
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().display().to_string();
+    let (_c, coordinator) = with_metrics(
+        &url,
+        &ns,
+        &data_dir,
+        "FERRY_COORDINATOR_METRICS_LISTEN",
+        &["coordinator"],
+    )
+    .await;
+    let (_a, agent) = with_metrics(
+        &url,
+        &ns,
+        &data_dir,
+        "FERRY_AGENT_METRICS_LISTEN",
+        &["agent", "--name", "metrics-agent", "--pools", "metrics"],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let get = |base: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+            assert!(r.status().is_success());
+            r.text().await.unwrap()
+        }
+    };
+    let a = get(agent.clone()).await;
+    assert_eq!(
+        sample(
+            &a,
+            r#"ferry_agent_steps_total{kind="noop",outcome="succeeded"}"#
+        ),
+        Some(0.0),
+        "{a}"
+    );
+    assert!(!a.contains("ferry_coordinator_"), "each role its own: {a}");
+    let c = get(coordinator.clone()).await;
+    assert_eq!(
+        sample(
+            &c,
+            r#"ferry_coordinator_decisions_total{event="step_queued"}"#
+        ),
+        Some(0.0),
+        "{c}"
+    );
+
+    let store = RedisStore::connect(&url, &ns).await.unwrap();
+    let job = JobId::new();
+    let created = ferry::store::conformance::noop_job(job, "v1", "metrics", &["build"]);
+    store
+        .append(Append::new(StreamId::Job(job), vec![created.into()]).expect(0))
+        .await
+        .unwrap();
+    harness::job_succeeded(&store, job, DEADLINE).await;
+
+    let a = harness::wait_for(DEADLINE, "the agent's metrics to count the step", || {
+        let get = get(agent.clone());
+        async move {
+            let a = get.await;
+            (sample(
+                &a,
+                r#"ferry_agent_steps_total{kind="noop",outcome="succeeded"}"#,
+            ) == Some(1.0))
+            .then_some(a)
+        }
+    })
+    .await;
+    assert_eq!(sample(&a, "ferry_agent_claims_total"), Some(1.0), "{a}");
+    assert_eq!(sample(&a, "ferry_agent_steps_running"), Some(0.0), "{a}");
+    assert_eq!(
+        sample(&a, r#"ferry_agent_step_seconds_count{kind="noop"}"#),
+        Some(1.0),
+        "{a}"
+    );
+    let c = harness::wait_for(
+        DEADLINE,
+        "the coordinator's metrics to count its decisions",
+        || {
+            let get = get(coordinator.clone());
+            async move {
+                let c = get.await;
+                (sample(
+                    &c,
+                    r#"ferry_coordinator_decisions_total{event="job_succeeded"}"#,
+                ) == Some(1.0))
+                .then_some(c)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &c,
+            r#"ferry_coordinator_decisions_total{event="step_queued"}"#
+        ),
+        Some(1.0),
+        "{c}"
+    );
+    assert!(
+        sample(&c, "ferry_coordinator_feed_entries_total").unwrap_or(0.0) >= 5.0,
+        "{c}"
+    );
+    assert_eq!(sample(&c, "ferry_sweep_leader"), Some(1.0), "{c}");
 }

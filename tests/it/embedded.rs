@@ -347,6 +347,32 @@ env = {{ MARKS = "{marks}" }}
             .count(),
         1
     );
+    // One port shows every role's metrics under `ferry up`.
+    let metrics = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for family in [
+        "ferry_webhooks_received_total",
+        "ferry_coordinator_decisions_total",
+        "ferry_agent_steps_total",
+        "ferry_logs_expired_total",
+    ] {
+        assert!(metrics.contains(family), "{family} missing:\n{metrics}");
+    }
+    assert!(
+        metrics
+            .lines()
+            .filter_map(
+                |l| l.strip_prefix(r#"ferry_agent_steps_total{kind="build",outcome="succeeded"} "#)
+            )
+            .any(|v| v.parse::<f64>().is_ok_and(|v| v >= 1.0)),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

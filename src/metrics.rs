@@ -1,0 +1,252 @@
+//! Prometheus metrics of the coordinator and agent roles, and the small HTTP server through
+//! which `ferry coordinator` and `ferry agent` expose them (`/metrics`, `/healthz`) on
+//! `coordinator.metrics_listen` / `agent.metrics_listen`. The gateway's `/metrics` renders
+//! them too, so `ferry up` shows every role's metrics on one port.
+//!
+//! They live in the process's default registry: a role registers its set the first time it
+//! starts, with every label value it will use at zero, so that `rate()` and alert rules see a
+//! series before its first increment. Label values are small closed sets.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+};
+use std::net::SocketAddr;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+/// Step kinds, the `kind` label of the agent's step metrics (`other`: a step its job's plan
+/// lacks, which fails at once).
+pub const STEP_KINDS: [&str; 4] = ["build", "deploy", "noop", "other"];
+
+/// How an agent's run of a step ended, the `outcome` label: its result recorded as
+/// `StepSucceeded` or `StepFailed`, given up because its lease was lost (`abandoned`), handed
+/// back on shutdown (`released`), or ended without a recorded result (`error`: the store
+/// refused or could not take the outcome).
+pub const STEP_OUTCOMES: [&str; 5] = ["succeeded", "failed", "abandoned", "released", "error"];
+
+/// Events a coordinator appends as decisions, the `event` label.
+pub const DECISIONS: [&str; 8] = [
+    "job_created",
+    "step_queued",
+    "step_retry_scheduled",
+    "job_succeeded",
+    "job_failed",
+    "job_cancelled",
+    "job_superseded",
+    "other",
+];
+
+/// The coordinator's metrics.
+pub struct CoordinatorMetrics {
+    /// `ferry_coordinator_feed_entries_total`: feed entries handled (and acknowledged).
+    pub feed_entries: IntCounter,
+    /// `ferry_coordinator_decisions_total{event}`: events appended as decisions.
+    pub decisions: IntCounterVec,
+    /// `ferry_coordinator_conflicts_total`: decisions lost to a concurrent append (re-decided).
+    pub conflicts: IntCounter,
+    /// `ferry_coordinator_batch_seconds`: time to handle one feed batch.
+    pub batch_seconds: Histogram,
+    /// `ferry_sweep_leader`: 1 while this coordinator holds the sweep lock.
+    pub sweep_leader: IntGauge,
+    /// `ferry_leases_expired_total`: leases the sweep expired (their steps requeued).
+    pub leases_expired: IntCounter,
+    /// `ferry_retries_promoted_total`: delayed retries moved to their ready queue.
+    pub retries_promoted: IntCounter,
+    /// `ferry_agents_lost_total`: agents recorded lost (heartbeat expired).
+    pub agents_lost: IntCounter,
+    /// `ferry_logs_expired_total`: jobs whose output lines the retention removed.
+    pub logs_expired: IntCounter,
+    /// `ferry_sweep_failures_total`: sweep duties that failed (store unreachable, say).
+    pub sweep_failures: IntCounter,
+}
+
+/// The agent's metrics.
+pub struct AgentMetrics {
+    /// `ferry_agent_steps_running`: steps this agent runs now.
+    pub running: IntGauge,
+    /// `ferry_agent_claims_total`: steps claimed.
+    pub claims: IntCounter,
+    /// `ferry_agent_steps_total{kind,outcome}`: steps whose run ended, by how.
+    pub steps: IntCounterVec,
+    /// `ferry_agent_step_seconds{kind}`: from claim to the end of the run.
+    pub step_seconds: HistogramVec,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(metric: T) -> T {
+    // Each set is built once per process (a LazyLock), so a name is never registered twice.
+    prometheus::default_registry()
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    register(IntCounter::new(name, help).expect("valid metric"))
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    register(IntGauge::new(name, help).expect("valid metric"))
+}
+
+/// Durations from a millisecond to an hour.
+fn buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0,
+    ]
+}
+
+/// The coordinator's metrics, registered at first use.
+pub static COORDINATOR: LazyLock<CoordinatorMetrics> = LazyLock::new(|| {
+    let decisions = register(
+        IntCounterVec::new(
+            Opts::new(
+                "ferry_coordinator_decisions_total",
+                "Events a coordinator appended as decisions, by event.",
+            ),
+            &["event"],
+        )
+        .expect("valid metric"),
+    );
+    for event in DECISIONS {
+        decisions.with_label_values(&[event]);
+    }
+    CoordinatorMetrics {
+        feed_entries: counter(
+            "ferry_coordinator_feed_entries_total",
+            "Feed entries a coordinator handled.",
+        ),
+        decisions,
+        conflicts: counter(
+            "ferry_coordinator_conflicts_total",
+            "Decisions that lost a race with a concurrent append and were taken again.",
+        ),
+        batch_seconds: register(
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "ferry_coordinator_batch_seconds",
+                    "Time a coordinator took to handle one feed batch.",
+                )
+                .buckets(buckets()),
+            )
+            .expect("valid metric"),
+        ),
+        sweep_leader: gauge(
+            "ferry_sweep_leader",
+            "1 while this coordinator holds the sweep lock (expires leases, promotes retries).",
+        ),
+        leases_expired: counter(
+            "ferry_leases_expired_total",
+            "Step leases the sweep expired because their holder stopped renewing.",
+        ),
+        retries_promoted: counter(
+            "ferry_retries_promoted_total",
+            "Delayed retries the sweep moved to their ready queue.",
+        ),
+        agents_lost: counter(
+            "ferry_agents_lost_total",
+            "Agents the sweep recorded as lost (heartbeat expired).",
+        ),
+        logs_expired: counter(
+            "ferry_logs_expired_total",
+            "Ended jobs whose output lines were removed (coordinator.keep_logs).",
+        ),
+        sweep_failures: counter(
+            "ferry_sweep_failures_total",
+            "Sweep duties that failed (the store was unreachable, for instance).",
+        ),
+    }
+});
+
+/// The agent's metrics, registered at first use.
+pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| {
+    let steps = register(
+        IntCounterVec::new(
+            Opts::new(
+                "ferry_agent_steps_total",
+                "Steps whose run on this agent ended, by kind and outcome.",
+            ),
+            &["kind", "outcome"],
+        )
+        .expect("valid metric"),
+    );
+    let step_seconds = register(
+        HistogramVec::new(
+            HistogramOpts::new(
+                "ferry_agent_step_seconds",
+                "Time from a step's claim to the end of its run on this agent, by kind.",
+            )
+            .buckets(buckets()),
+            &["kind"],
+        )
+        .expect("valid metric"),
+    );
+    for kind in STEP_KINDS {
+        step_seconds.with_label_values(&[kind]);
+        for outcome in STEP_OUTCOMES {
+            steps.with_label_values(&[kind, outcome]);
+        }
+    }
+    AgentMetrics {
+        running: gauge(
+            "ferry_agent_steps_running",
+            "Steps this agent is running now.",
+        ),
+        claims: counter("ferry_agent_claims_total", "Steps this agent claimed."),
+        steps,
+        step_seconds,
+    }
+});
+
+impl AgentMetrics {
+    /// Records the end of a run of a `kind` step claimed `took` ago.
+    pub fn ended(&self, kind: &str, outcome: &str, took: Duration) {
+        self.steps.with_label_values(&[kind, outcome]).inc();
+        self.step_seconds
+            .with_label_values(&[kind])
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// The text exposition of the default registry (the coordinator's and agent's metrics) followed
+/// by `extra`'s (the gateway's own registry), for a `/metrics` answer.
+pub fn render(extra: Option<&prometheus::Registry>) -> Response {
+    let mut families = prometheus::default_registry().gather();
+    if let Some(r) = extra {
+        families.extend(r.gather());
+    }
+    match prometheus::TextEncoder::new().encode_to_string(&families) {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics").into_response()
+        }
+    }
+}
+
+/// Binds `listen` and serves `/metrics` and `/healthz` there until the process ends. Fails
+/// (naming `key`, the setting) when the address cannot be bound.
+pub async fn serve(key: &str, listen: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("{key}: cannot listen on {listen}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let router = Router::new()
+        .route("/metrics", get(|| async { render(None) }))
+        .route("/healthz", get(|| async { "ok\n" }));
+    tracing::info!(listen = %bound, "metrics listening");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    });
+    Ok(bound)
+}
