@@ -68,6 +68,8 @@ pub struct CoordinatorMetrics {
 pub struct AgentMetrics {
     /// `ferry_agent_steps_running`: steps this agent runs now.
     pub running: IntGauge,
+    /// `ferry_agent_slots`: steps this agent runs at most at once (`agent.concurrency`).
+    pub slots: IntGauge,
     /// `ferry_agent_claims_total`: steps claimed.
     pub claims: IntCounter,
     /// `ferry_agent_steps_total{kind,outcome}`: steps whose run ended, by how.
@@ -195,6 +197,10 @@ pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| {
             "ferry_agent_steps_running",
             "Steps this agent is running now.",
         ),
+        slots: gauge(
+            "ferry_agent_slots",
+            "Steps this agent runs at most at once (agent.concurrency).",
+        ),
         claims: counter("ferry_agent_claims_total", "Steps this agent claimed."),
         steps,
         step_seconds,
@@ -249,4 +255,95 @@ pub async fn serve(key: &str, listen: SocketAddr) -> anyhow::Result<SocketAddr> 
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Every metric family a ferry process can expose.
+    fn families() -> BTreeSet<String> {
+        let _ = (&*COORDINATOR, &*AGENT);
+        let gateway = prometheus::Registry::new();
+        crate::gateway::Metrics::register(&gateway).unwrap();
+        prometheus::default_registry()
+            .gather()
+            .into_iter()
+            .chain(gateway.gather())
+            .map(|f| f.name().to_string())
+            .collect()
+    }
+
+    /// The `ferry_…` metric names a text mentions.
+    fn named(text: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("ferry_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            out.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    /// The alert rules and the dashboard name only metrics ferry registers (a renamed metric
+    /// would otherwise silently disable an alert), and the dashboard is valid JSON.
+    #[test]
+    fn the_ops_alerts_and_dashboard_name_only_metrics_that_exist() {
+        let ops = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ops");
+        let known = families();
+        for file in ["prometheus/alerts.yml", "grafana/ferry-dashboard.json"] {
+            let text = std::fs::read_to_string(ops.join(file)).unwrap();
+            let names = named(&text);
+            assert!(!names.is_empty(), "{file} names no metric");
+            for name in names {
+                let family = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| known.contains(*f)))
+                    .unwrap_or(&name);
+                assert!(
+                    known.contains(family),
+                    "{file} names {name}, which ferry does not register"
+                );
+            }
+        }
+        let dashboard = std::fs::read_to_string(ops.join("grafana/ferry-dashboard.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+        assert!(json["panels"].as_array().is_some_and(|p| !p.is_empty()));
+        let alerts = std::fs::read_to_string(ops.join("prometheus/alerts.yml")).unwrap();
+        assert!(!alerts.contains('\t'), "YAML does not allow tabs");
+    }
+
+    /// Every label value a role uses exists at zero from the start.
+    #[test]
+    fn label_values_start_at_zero() {
+        for kind in STEP_KINDS {
+            for outcome in STEP_OUTCOMES {
+                assert!(AGENT
+                    .steps
+                    .get_metric_with_label_values(&[kind, outcome])
+                    .is_ok());
+            }
+        }
+        let exposed = prometheus::TextEncoder::new()
+            .encode_to_string(&prometheus::default_registry().gather())
+            .unwrap();
+        assert!(exposed.contains(r#"ferry_agent_steps_total{kind="deploy",outcome="abandoned"}"#));
+        let _ = &*COORDINATOR;
+        let exposed = prometheus::TextEncoder::new()
+            .encode_to_string(&prometheus::default_registry().gather())
+            .unwrap();
+        for event in DECISIONS {
+            assert!(
+                exposed.contains(&format!(
+                    r#"ferry_coordinator_decisions_total{{event="{event}"}}"#
+                )),
+                "{event}"
+            );
+        }
+    }
 }

@@ -84,7 +84,7 @@ pub async fn run(
         ))
         .await?;
     info!(agent = %opts.name, pools = ?opts.pools, "agent started");
-    let _ = &*METRICS;
+    METRICS.slots.set(opts.concurrency.max(1) as i64);
     let heartbeat = tokio::spawn(keep_alive(store.clone(), opts.name.clone(), opts.lease_ttl));
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let (hand_back, hand_back_rx) = watch::channel(false);
