@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
 };
 use std::net::SocketAddr;
 use std::sync::LazyLock;
@@ -62,6 +62,9 @@ pub struct CoordinatorMetrics {
     pub logs_expired: IntCounter,
     /// `ferry_sweep_failures_total`: sweep duties that failed (store unreachable, say).
     pub sweep_failures: IntCounter,
+    /// `ferry_steps_ready{pool}`: steps waiting in each configured pool's ready queue, set by
+    /// the sweep leader only (the others expose none).
+    pub steps_ready: IntGaugeVec,
 }
 
 /// The agent's metrics.
@@ -70,8 +73,8 @@ pub struct AgentMetrics {
     pub running: IntGauge,
     /// `ferry_agent_slots`: steps this agent runs at most at once (`agent.concurrency`).
     pub slots: IntGauge,
-    /// `ferry_agent_claims_total`: steps claimed.
-    pub claims: IntCounter,
+    /// `ferry_agent_claims_total{pool}`: steps claimed, by pool.
+    pub claims: IntCounterVec,
     /// `ferry_agent_steps_total{kind,outcome}`: steps whose run ended, by how.
     pub steps: IntCounterVec,
     /// `ferry_agent_step_seconds{kind}`: from claim to the end of the run.
@@ -160,6 +163,16 @@ pub static COORDINATOR: LazyLock<CoordinatorMetrics> = LazyLock::new(|| {
             "ferry_sweep_failures_total",
             "Sweep duties that failed (the store was unreachable, for instance).",
         ),
+        steps_ready: register(
+            IntGaugeVec::new(
+                Opts::new(
+                    "ferry_steps_ready",
+                    "Steps waiting in a pool's ready queue (from the coordinator holding the sweep lock).",
+                ),
+                &["pool"],
+            )
+            .expect("valid metric"),
+        ),
     }
 });
 
@@ -201,7 +214,16 @@ pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| {
             "ferry_agent_slots",
             "Steps this agent runs at most at once (agent.concurrency).",
         ),
-        claims: counter("ferry_agent_claims_total", "Steps this agent claimed."),
+        claims: register(
+            IntCounterVec::new(
+                Opts::new(
+                    "ferry_agent_claims_total",
+                    "Steps this agent claimed, by pool.",
+                ),
+                &["pool"],
+            )
+            .expect("valid metric"),
+        ),
         steps,
         step_seconds,
     }
@@ -264,7 +286,10 @@ mod tests {
 
     /// Every metric family a ferry process can expose.
     fn families() -> BTreeSet<String> {
-        let _ = (&*COORDINATOR, &*AGENT);
+        // Families of labelled gauges and counters whose label values come from the
+        // configuration show once they have a child.
+        COORDINATOR.steps_ready.with_label_values(&["any"]);
+        AGENT.claims.with_label_values(&["any"]);
         let gateway = prometheus::Registry::new();
         crate::gateway::Metrics::register(&gateway).unwrap();
         prometheus::default_registry()

@@ -85,6 +85,9 @@ pub async fn run(
         .await?;
     info!(agent = %opts.name, pools = ?opts.pools, "agent started");
     METRICS.slots.set(opts.concurrency.max(1) as i64);
+    for pool in &opts.pools {
+        METRICS.claims.with_label_values(&[pool.as_str()]);
+    }
     let heartbeat = tokio::spawn(keep_alive(store.clone(), opts.name.clone(), opts.lease_ttl));
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let (hand_back, hand_back_rx) = watch::channel(false);
@@ -110,7 +113,9 @@ pub async fn run(
         };
         match claims {
             Ok(claims) if !claims.is_empty() => {
-                METRICS.claims.inc_by(claims.len() as u64);
+                for c in &claims {
+                    METRICS.claims.with_label_values(&[c.pool.as_str()]).inc();
+                }
                 for (claim, permit) in claims.into_iter().zip(permits.drain(..)) {
                     let store = store.clone();
                     let opts = opts.clone();

@@ -36,7 +36,8 @@ pub struct Options {
     /// Feed entries read per round trip.
     pub batch: usize,
     /// How long an ended job's output lines are kept (`None`: forever); the sweep duty
-    /// expires older ones.
+    /// expires older ones. (The sweep leader also reports the ready steps of the projects'
+    /// pools as `ferry_steps_ready`.)
     pub keep_logs: Option<Duration>,
 }
 
@@ -72,11 +73,23 @@ pub async fn run(
     info!(consumer = %coordinator.opts.consumer, "coordinator started");
     let _ = &*METRICS;
 
+    let mut pools: Vec<String> = coordinator
+        .opts
+        .projects
+        .iter()
+        .flat_map(|p| {
+            std::iter::once(&p.build_pool).chain(p.environments.iter().map(|(pool, _)| pool))
+        })
+        .cloned()
+        .collect();
+    pools.sort();
+    pools.dedup();
     let duty = tokio::spawn(sweep_duty(
         store.clone(),
         coordinator.opts.consumer.clone(),
         coordinator.opts.sweep_interval,
         coordinator.opts.keep_logs,
+        pools,
     ));
     tokio::select! {
         _ = shutdown => {}
@@ -612,6 +625,7 @@ async fn sweep_duty(
     holder: String,
     every: Duration,
     keep_logs: Option<Duration>,
+    pools: Vec<String>,
 ) {
     let ttl = every * 3;
     let mut token: Option<FencingToken> = None;
@@ -645,7 +659,22 @@ async fn sweep_duty(
         };
         METRICS.sweep_leader.set(i64::from(token.is_some()));
         if token.is_none() {
+            // Only the leader reports queue depths, so that they are not counted twice.
+            METRICS.steps_ready.reset();
             continue;
+        }
+        if !pools.is_empty() {
+            match store.ready_counts(&pools).await {
+                Ok(counts) => {
+                    for (pool, n) in pools.iter().zip(counts) {
+                        METRICS
+                            .steps_ready
+                            .with_label_values(&[pool.as_str()])
+                            .set(n as i64);
+                    }
+                }
+                Err(e) => warn!(error = %e, "counting ready steps failed"),
+            }
         }
         match store.expire_due(256).await {
             Ok(expired) => {

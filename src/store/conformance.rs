@@ -116,6 +116,7 @@ macro_rules! store_conformance {
             expire_due_appends_lease_expired,
             a_lease_that_ran_out_is_dead_before_the_sweep,
             scheduled_steps_are_promoted_only_when_due,
+            ready_counts_count_each_pools_ready_steps,
             clear_job_removes_queue_entries_and_leases,
             finish_drops_the_lease,
             requeueing_a_leased_step_fences_out_its_holder,
@@ -989,6 +990,42 @@ pub async fn a_lease_that_ran_out_is_dead_before_the_sweep(fx: &Fixture) {
         1,
         "the sweep still ends it"
     );
+}
+
+/// `ready_counts`: ready steps per pool, in the order asked; delayed and claimed steps are not
+/// counted; no pools is a caller's mistake.
+pub async fn ready_counts_count_each_pools_ready_steps(fx: &Fixture) {
+    let s = &**fx;
+    let job = JobId::new();
+    let later = Event::StepRetryScheduled(StepRetryScheduled {
+        step: "d".into(),
+        attempt: 2,
+        pool: "p1".into(),
+        priority: 0,
+        due_ms: super::now_ms() + 3_600_000,
+        reason: "flaky".into(),
+    });
+    append(
+        s,
+        Append::new(
+            StreamId::Job(job),
+            vec![
+                queued("a", "p1", 0, 1),
+                queued("b", "p1", 0, 1),
+                queued("c", "p2", 0, 1),
+                later,
+            ],
+        ),
+    )
+    .await;
+    let all = pools(&["p2", "p1", "p3"]);
+    assert_eq!(s.ready_counts(&all).await.unwrap(), [1, 2, 0]);
+    s.claim(&pools(&["p1"]), &"a".into(), LONG)
+        .await
+        .unwrap()
+        .expect("a claim");
+    assert_eq!(s.ready_counts(&all).await.unwrap(), [1, 1, 0]);
+    assert!(matches!(s.ready_counts(&[]).await, Err(Error::Invalid(_))));
 }
 
 pub async fn scheduled_steps_are_promoted_only_when_due(fx: &Fixture) {

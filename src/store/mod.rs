@@ -358,6 +358,9 @@ pub trait WorkQueue: Send + Sync {
     async fn wait_for_work(&self, pools: &[String], timeout: Duration) -> Result<()>;
     /// Everything waiting, ready and delayed, in no particular order.
     async fn queued(&self) -> Result<Vec<Queued>>;
+    /// How many steps are ready in each of `pools`, in that order (delayed ones not counted).
+    /// Cheap whatever the queues' length: for gauges read every few seconds.
+    async fn ready_counts(&self, pools: &[String]) -> Result<Vec<u64>>;
 }
 
 /// **Leases** on claimed steps. Deadlines use the store's clock, never the caller's.

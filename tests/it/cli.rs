@@ -305,12 +305,21 @@ async fn the_coordinator_and_the_agent_serve_their_metrics() {
     let (url, ns) = (harness::shared().url(), harness::namespace());
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().display().to_string();
+    // A project whose builds go to a pool no agent serves: the sweep leader reports its depth.
+    let config = data.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        "[[projects]]\npath = \"g/idle\"\nallow_unauthenticated = true\n\
+         [projects.build]\npool = \"idle\"\ncommands = [\"true\"]\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
     let (_c, coordinator) = with_metrics(
         &url,
         &ns,
         &data_dir,
         "FERRY_COORDINATOR_METRICS_LISTEN",
-        &["coordinator"],
+        &["--config", &config, "coordinator"],
     )
     .await;
     let (_a, agent) = with_metrics(
@@ -358,6 +367,11 @@ async fn the_coordinator_and_the_agent_serve_their_metrics() {
         .await
         .unwrap();
     harness::job_succeeded(&store, job, DEADLINE).await;
+    let idle = ferry::store::conformance::noop_job(JobId::new(), "v1", "idle", &["build"]);
+    store
+        .append(Append::new(StreamId::Job(idle.job), vec![idle.into()]).expect(0))
+        .await
+        .unwrap();
 
     let a = harness::wait_for(DEADLINE, "the agent's metrics to count the step", || {
         let get = get(agent.clone());
@@ -371,7 +385,12 @@ async fn the_coordinator_and_the_agent_serve_their_metrics() {
         }
     })
     .await;
-    assert_eq!(sample(&a, "ferry_agent_claims_total"), Some(1.0), "{a}");
+    assert_eq!(
+        sample(&a, r#"ferry_agent_claims_total{pool="metrics"}"#),
+        Some(1.0),
+        "{a}"
+    );
+    assert_eq!(sample(&a, "ferry_agent_slots"), Some(2.0), "{a}");
     assert_eq!(sample(&a, "ferry_agent_steps_running"), Some(0.0), "{a}");
     assert_eq!(
         sample(&a, r#"ferry_agent_step_seconds_count{kind="noop"}"#),
@@ -394,12 +413,14 @@ async fn the_coordinator_and_the_agent_serve_their_metrics() {
         },
     )
     .await;
-    assert_eq!(
+    // (the idle pool's job may be queued already)
+    assert!(
         sample(
             &c,
             r#"ferry_coordinator_decisions_total{event="step_queued"}"#
-        ),
-        Some(1.0),
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
         "{c}"
     );
     assert!(
@@ -407,4 +428,11 @@ async fn the_coordinator_and_the_agent_serve_their_metrics() {
         "{c}"
     );
     assert_eq!(sample(&c, "ferry_sweep_leader"), Some(1.0), "{c}");
+    harness::wait_for(DEADLINE, "the idle pool's depth", || {
+        let get = get(coordinator.clone());
+        async move {
+            (sample(&get.await, r#"ferry_steps_ready{pool="idle"}"#) == Some(1.0)).then_some(())
+        }
+    })
+    .await;
 }

@@ -570,6 +570,20 @@ impl WorkQueue for RedisStore {
         Ok(())
     }
 
+    async fn ready_counts(&self, pools: &[String]) -> Result<Vec<u64>> {
+        check_pools(pools)?;
+        if pools.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for p in pools {
+            pipe.cmd("ZCARD").arg(self.keys().ready(p));
+        }
+        pipe.query_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error("count ready steps", e))
+    }
+
     async fn queued(&self) -> Result<Vec<Queued>> {
         let k = self.keys();
         // The pools come from the items (every queued member has one, naming its pool): read

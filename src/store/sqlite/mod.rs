@@ -983,6 +983,23 @@ impl WorkQueue for SqliteStore {
         Ok(())
     }
 
+    async fn ready_counts(&self, pools: &[String]) -> Result<Vec<u64>> {
+        check_pools(pools)?;
+        let pools = pools.to_vec();
+        self.read("count ready steps".into(), move |tx| {
+            let mut stmt = tx.tx.prepare_cached(
+                "SELECT count(*) FROM queue WHERE pool = ?1 AND score IS NOT NULL",
+            )?;
+            let mut counts = Vec::with_capacity(pools.len());
+            for p in &pools {
+                let n: i64 = stmt.query_row([p], |r| r.get(0))?;
+                counts.push(n.max(0) as u64);
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
     async fn queued(&self) -> Result<Vec<Queued>> {
         self.read("list queues".into(), |tx| {
             let rows: Vec<(String, String, u32, String, i32, Option<i64>)> = tx
