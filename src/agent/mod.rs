@@ -9,7 +9,7 @@ pub mod runner;
 
 use crate::domain::JobState;
 use crate::store::{Append, Claim, Error, Store, StreamId};
-use ferry_proto::{AgentId, AgentJoined, StepStarted};
+use ferry_proto::{AgentId, AgentJoined, StepSpec, StepStarted};
 use runner::StepRun;
 pub use runner::{ArtifactFetch, Runner};
 use std::future::Future;
@@ -188,9 +188,21 @@ async fn run_step(
         asked,
         lost_tx,
     ));
-    let kind = step_kind(&claim);
+    // The job as of the claim: the plan says what to run.
+    let mut job = JobState::new(claim.job);
+    let mut history = Ok(());
+    for stored in &claim.history {
+        match stored.decode() {
+            Ok(event) => job.evolve(&event, stored.envelope.at_ms),
+            Err(e) => history = Err(e),
+        }
+    }
+    let (spec, kind) = step_spec(&job, &claim.step);
     METRICS.running.inc();
-    let work = execute(&store, &opts, &claim);
+    let work = async {
+        history?;
+        execute(&store, &opts, &claim, &job, spec).await
+    };
     // Dropping `work` stops the step: executors kill their process groups on drop.
     let outcome = tokio::select! {
         r = work => Some(r),
@@ -222,20 +234,21 @@ async fn run_step(
     METRICS.ended(kind, label, asked.elapsed());
 }
 
-/// The claimed step's kind (`build`, `deploy`, `noop`; `other` when the plan lacks it), from
-/// the plan in the claim's history.
-fn step_kind(claim: &Claim) -> &'static str {
-    let plan = claim.history.iter().find_map(|s| match s.decode() {
-        Ok(ferry_proto::Event::JobCreated(plan)) => Some(plan),
-        _ => None,
-    });
-    let spec = plan.and_then(|p| p.steps.into_iter().find(|s| s.step == claim.step));
-    match spec.map(|s| s.spec) {
-        Some(ferry_proto::StepSpec::Build(_)) => "build",
-        Some(ferry_proto::StepSpec::Deploy(_)) => "deploy",
-        Some(ferry_proto::StepSpec::Noop) => "noop",
+/// The claimed step's spec in its job's plan, and its kind (`build`, `deploy`, `noop`;
+/// `other` when the plan lacks the step).
+fn step_spec(job: &JobState, step: &ferry_proto::StepId) -> (Option<StepSpec>, &'static str) {
+    let spec = job
+        .plan
+        .as_ref()
+        .and_then(|p| p.steps.iter().find(|s| &s.step == step))
+        .map(|s| s.spec.clone());
+    let kind = match &spec {
+        Some(StepSpec::Build(_)) => "build",
+        Some(StepSpec::Deploy(_)) => "deploy",
+        Some(StepSpec::Noop) => "noop",
         None => "other",
-    }
+    };
+    (spec, kind)
 }
 
 /// Runs the claimed step and records its outcome under the lease's token: `succeeded` or
@@ -244,18 +257,11 @@ async fn execute(
     store: &Arc<dyn Store>,
     opts: &Options,
     claim: &Claim,
+    job: &JobState,
+    spec: Option<StepSpec>,
 ) -> Result<&'static str, Error> {
     let stream = StreamId::Job(claim.job);
-    let mut job = JobState::new(claim.job);
-    for stored in &claim.history {
-        job.evolve(&stored.decode()?, stored.envelope.at_ms);
-    }
-    let spec = job
-        .plan
-        .as_ref()
-        .and_then(|p| p.steps.iter().find(|s| s.step == claim.step))
-        .map(|s| s.spec.clone());
-    let step = StepRun::new(store, claim, &job, &opts.name);
+    let step = StepRun::new(store, claim, job, &opts.name);
     step.append(vec![StepStarted {
         step: claim.step.clone(),
         attempt: claim.attempt,

@@ -36,8 +36,7 @@ pub struct Options {
     /// Feed entries read per round trip.
     pub batch: usize,
     /// How long an ended job's output lines are kept (`None`: forever); the sweep duty
-    /// expires older ones. (The sweep leader also reports the ready steps of the projects'
-    /// pools as `ferry_steps_ready`.)
+    /// expires older ones.
     pub keep_logs: Option<Duration>,
 }
 
@@ -617,8 +616,8 @@ fn wakes_coordinator(event: &Event) -> bool {
 }
 
 /// One coordinator at a time expires leases, promotes due retries, records agents whose
-/// heartbeat lapsed as lost and expires the logs of jobs that ended longer than `keep_logs`
-/// ago. The scripts are atomic and idempotent, so a second sweeper during a lock handover
+/// heartbeat lapsed as lost, expires the logs of jobs that ended longer than `keep_logs` ago
+/// and reports the ready steps of `pools` (the projects' pools) as `ferry_steps_ready`. The scripts are atomic and idempotent, so a second sweeper during a lock handover
 /// costs work, never correctness.
 async fn sweep_duty(
     store: Arc<dyn Store>,
