@@ -535,8 +535,8 @@ pub async fn migrate(config: &Config, args: &crate::cli::MigrateArgs) -> anyhow:
             .await
             .with_context(|| format!("migrating {from} to {to}"))?;
     println!(
-        "migrated {} events from {from} to {to}: {} written, {} already there",
-        report.read, report.written, report.skipped
+        "migrated {} events from {from} to {to}: {} written, {} already there; {} output lines copied",
+        report.read, report.written, report.skipped, report.log_lines
     );
     for (job, step) in &report.interrupted {
         println!("  job {job} step {step} was running: its lease did not move; it will run again");

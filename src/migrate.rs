@@ -9,6 +9,9 @@
 //!
 //! - **Webhook dedupe keys** (`gateway::dedupe_keys`), so a delivery GitLab repeats after the
 //!   move is still a duplicate; their window (the gateway's) starts again at the move.
+//! - **Output lines** (each job's log, not events) are copied after the events, job by job in
+//!   order; run again, a job's lines the target already has are skipped (an interrupted copy
+//!   leaves a prefix).
 //! - **Leases** cannot move: a step that was running in the source (claimed, with no outcome)
 //!   gets a `lease_expired` in the target, and a coordinator runs it again (steps are
 //!   idempotent). Stop the agents before migrating and there are none.
@@ -43,6 +46,8 @@ pub struct Report {
     pub skipped: u64,
     /// Steps that were running in the source and will run again.
     pub interrupted: Vec<(JobId, String)>,
+    /// Output lines copied (jobs' logs), after the events.
+    pub log_lines: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,5 +184,51 @@ pub async fn migrate(
                 .await?;
         }
     }
+    // Output lines, job by job (they are not events: each job's log is copied in order). A
+    // run again (`force`) skips the lines the target's log already has: an interrupted copy
+    // left a prefix of it.
+    for job in jobs.keys() {
+        let have = if force {
+            count_lines(to, *job).await?
+        } else {
+            0
+        };
+        let mut skip = have;
+        let mut cursor = None;
+        loop {
+            let page = from
+                .read_logs(*job, cursor.as_ref(), BATCH, Duration::ZERO)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            cursor = Some(last.clone());
+            let full = page.len() == BATCH;
+            let lines: Vec<ferry_proto::StepLog> = page
+                .into_iter()
+                .skip(skip.min(BATCH as u64) as usize)
+                .map(|(_, l)| l)
+                .collect();
+            skip = skip.saturating_sub(BATCH as u64);
+            to.import_logs(*job, &lines).await?;
+            report.log_lines += lines.len() as u64;
+            if !full {
+                break;
+            }
+        }
+    }
     Ok(report)
+}
+
+/// How many output lines `job`'s log holds in `store`.
+async fn count_lines(store: &dyn Store, job: JobId) -> Result<u64, MigrateError> {
+    let (mut n, mut cursor) = (0u64, None);
+    loop {
+        let page = store
+            .read_logs(job, cursor.as_ref(), BATCH, Duration::ZERO)
+            .await?;
+        n += page.len() as u64;
+        match page.last() {
+            Some((last, _)) if page.len() == BATCH => cursor = Some(last.clone()),
+            _ => return Ok(n),
+        }
+    }
 }

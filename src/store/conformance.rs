@@ -124,6 +124,7 @@ macro_rules! store_conformance {
             job_created_indexes_the_job_by_tag_and_environment,
             logs_are_fenced_ordered_and_followable,
             logs_of_ended_jobs_are_listed_until_logs_expired_drops_them,
+            imported_logs_need_no_lease_and_read_back_in_order,
             feed_group_reads_new_entries_and_acks,
             feed_read_new_blocks_until_an_entry_arrives,
             restarted_consumer_reads_its_pending_first,
@@ -1372,6 +1373,27 @@ pub async fn logs_are_fenced_ordered_and_followable(fx: &Fixture) {
     let next = follower.await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].1, line(3));
+}
+
+/// `import_logs` (for migrations) appends without a lease, after what the log holds.
+pub async fn imported_logs_need_no_lease_and_read_back_in_order(fx: &Fixture) {
+    use ferry_proto::StepLog;
+    let s = &**fx;
+    let job = JobId::new();
+    let line = |n: u32| StepLog {
+        step: "build".into(),
+        attempt: 1,
+        stream: "stdout".into(),
+        line: format!("line {n}"),
+    };
+    s.import_logs(job, &[line(1), line(2)]).await.unwrap();
+    s.import_logs(job, &[]).await.unwrap();
+    s.import_logs(job, &[line(3)]).await.unwrap();
+    let got = s.read_logs(job, None, 10, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        got.into_iter().map(|(_, l)| l).collect::<Vec<_>>(),
+        [line(1), line(2), line(3)]
+    );
 }
 
 /// Log retention: a job joins the list of ended jobs whose logs are kept with its first

@@ -439,6 +439,10 @@ pub trait Logs: Send + Sync {
         count: usize,
         block: Duration,
     ) -> Result<Vec<(LogPos, StepLog)>>;
+    /// Appends `lines` to `job`'s log without a lease, trimmed like `append_logs`. Only for
+    /// `ferry migrate`, which copies a job's output from another store (the lines were fenced
+    /// when they were first written).
+    async fn import_logs(&self, job: JobId, lines: &[StepLog]) -> Result<()>;
     /// Up to `max` jobs that ended before `ended_before_ms` and whose logs are still kept,
     /// oldest end first, each with its end time (the `at_ms` of its first terminal event).
     /// A job joins this list atomically with its first terminal event and leaves it with

@@ -162,6 +162,20 @@ async fn populate(source: &Arc<dyn Store>) -> (Vec<JobId>, JobId, JobId) {
         .unwrap()
         .expect("the held step");
     assert_eq!(claim.job, running);
+    // Its output so far: the log moves with the events.
+    let fence = ferry::store::Fence {
+        step: claim.step.clone(),
+        token: claim.token,
+    };
+    let lines: Vec<StepLog> = (1..=3)
+        .map(|n| StepLog {
+            step: claim.step.clone(),
+            attempt: claim.attempt,
+            stream: "stdout".into(),
+            line: format!("line {n}"),
+        })
+        .collect();
+    source.append_logs(running, &fence, &lines).await.unwrap();
     assert!(matches!(
         deliver(&**source, &webhook("d-1")).await,
         Appended::Written { .. }
@@ -185,6 +199,17 @@ pub async fn migrates(source: Arc<dyn Store>, target: Arc<dyn Store>) {
     assert_eq!(report.read, before.events);
     assert_eq!(report.written, before.events);
     assert_eq!(report.skipped, 0);
+    assert_eq!(report.log_lines, 3);
+    let output = |store: Arc<dyn Store>| async move {
+        store
+            .read_logs(running, None, 100, Duration::ZERO)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, l)| l.line)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(output(target.clone()).await, ["line 1", "line 2", "line 3"]);
     assert_eq!(
         report.interrupted,
         vec![(running, "build".to_string())],
@@ -225,6 +250,11 @@ pub async fn migrates(source: Arc<dyn Store>, target: Arc<dyn Store>) {
     ));
     let again = migrate(&*source, &*target, true, WINDOW).await.unwrap();
     assert_eq!(again.written, 0, "{again:?}");
+    assert_eq!(
+        again.log_lines, 0,
+        "the lines already there are not copied twice"
+    );
+    assert_eq!(output(target.clone()).await.len(), 3);
     assert_eq!(again.skipped, before.events);
     assert!(again.interrupted.is_empty());
     same_fold(&replay::rebuild(&*target).await.unwrap(), &after);

@@ -926,6 +926,30 @@ impl Logs for RedisStore {
         parse::log_lines(v)
     }
 
+    async fn import_logs(&self, job: JobId, lines: &[StepLog]) -> Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let key = self.keys().logs(&job.to_string());
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for l in lines {
+            let payload = rmp_serde::to_vec_named(l).expect("a log line always encodes");
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(LOG_MAX_LINES)
+                .arg("*")
+                .arg("p")
+                .arg(payload)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| command_error(&format!("import logs of job {job}"), e))
+    }
+
     async fn logs_to_expire(&self, ended_before_ms: u64, max: usize) -> Result<Vec<(JobId, u64)>> {
         if max == 0 || ended_before_ms == 0 {
             return Ok(Vec::new());

@@ -1277,35 +1277,21 @@ impl Logs for SqliteStore {
             if let Err(reason) = tx.check_lease(&j, fence.step.as_str(), fence.token.0)? {
                 return Err(stale(&fence.step, fence.token, reason));
             }
-            {
-                let mut insert = tx
-                    .tx
-                    .prepare_cached("INSERT INTO logs (job, payload) VALUES (?1, ?2)")?;
-                for p in &payloads {
-                    insert.execute(params![j, p])?;
-                }
-            }
-            let kept: i64 = tx
-                .tx
-                .prepare_cached(
-                    "INSERT INTO log_lines (job, kept) VALUES (?1, ?2) \
-                     ON CONFLICT (job) DO UPDATE SET kept = kept + ?2 RETURNING kept",
-                )?
-                .query_row(params![j, payloads.len() as i64], |r| r.get(0))?;
-            let max = LOG_MAX_LINES as i64;
-            if kept > max + LOG_TRIM_SLACK {
-                tx.tx
-                    .prepare_cached(
-                        "DELETE FROM logs WHERE job = ?1 AND id IN \
-                         (SELECT id FROM logs WHERE job = ?1 ORDER BY id LIMIT ?2)",
-                    )?
-                    .execute(params![j, kept - max])?;
-                tx.tx
-                    .prepare_cached("UPDATE log_lines SET kept = ?2 WHERE job = ?1")?
-                    .execute(params![j, max])?;
-            }
-            tx.wake.lines.insert(job);
-            Ok(())
+            insert_log_lines(tx, job, &payloads)
+        })
+        .await
+    }
+
+    async fn import_logs(&self, job: JobId, lines: &[StepLog]) -> Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let payloads: Vec<Vec<u8>> = lines
+            .iter()
+            .map(|l| rmp_serde::to_vec_named(l).expect("a log line always encodes"))
+            .collect();
+        self.write(format!("import logs of {job}"), move |tx| {
+            insert_log_lines(tx, job, &payloads)
         })
         .await
     }
@@ -1363,6 +1349,41 @@ impl Logs for SqliteStore {
         )
         .await
     }
+}
+
+/// Adds output lines to `job`'s log, trimming it lazily to about [`LOG_MAX_LINES`], and wakes
+/// its followers.
+fn insert_log_lines(tx: &mut Tx<'_>, job: JobId, payloads: &[Vec<u8>]) -> TxResult<()> {
+    let j = job.to_string();
+    {
+        let mut insert = tx
+            .tx
+            .prepare_cached("INSERT INTO logs (job, payload) VALUES (?1, ?2)")?;
+        for p in payloads {
+            insert.execute(params![j, p])?;
+        }
+    }
+    let kept: i64 = tx
+        .tx
+        .prepare_cached(
+            "INSERT INTO log_lines (job, kept) VALUES (?1, ?2) \
+             ON CONFLICT (job) DO UPDATE SET kept = kept + ?2 RETURNING kept",
+        )?
+        .query_row(params![j, payloads.len() as i64], |r| r.get(0))?;
+    let max = LOG_MAX_LINES as i64;
+    if kept > max + LOG_TRIM_SLACK {
+        tx.tx
+            .prepare_cached(
+                "DELETE FROM logs WHERE job = ?1 AND id IN \
+                 (SELECT id FROM logs WHERE job = ?1 ORDER BY id LIMIT ?2)",
+            )?
+            .execute(params![j, kept - max])?;
+        tx.tx
+            .prepare_cached("UPDATE log_lines SET kept = ?2 WHERE job = ?1")?
+            .execute(params![j, max])?;
+    }
+    tx.wake.lines.insert(job);
+    Ok(())
 }
 
 impl SqliteStore {
