@@ -468,6 +468,12 @@ impl Guarded {
 
 impl Drop for Guarded {
     fn drop(&mut self) {
+        // A program stopped with SIGSTOP (the pre-filled dispatch phase) would never act on
+        // the SIGTERM below, and a panic may have left it stopped: continue it first.
+        for pid in self.program_pids() {
+            // SAFETY: kill(2) has no memory effects; the pid is our own grandchild.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+        }
         if let Some(mut child) = self.child.take() {
             drop(child.stdin.take()); // the guard sends SIGTERM
             let _ = child.wait();
