@@ -184,22 +184,7 @@ async fn long_claim(url: &str, history: usize) -> (f64, f64, f64) {
         .get_multiplexed_async_connection()
         .await
         .expect("connect");
-    let _: () = redis::cmd("CONFIG")
-        .arg(&[
-            "SET",
-            "slowlog-log-slower-than",
-            "0",
-            "slowlog-max-len",
-            "100000",
-        ])
-        .query_async(&mut conn)
-        .await
-        .expect("slowlog on");
-    let _: () = redis::cmd("SLOWLOG")
-        .arg("RESET")
-        .query_async(&mut conn)
-        .await
-        .expect("reset");
+    support::slowlog_start(&mut conn, 100_000).await;
     let t0 = Instant::now();
     let claim = store
         .claim(
@@ -212,26 +197,9 @@ async fn long_claim(url: &str, history: usize) -> (f64, f64, f64) {
         .expect("a step");
     let wall = t0.elapsed().as_secs_f64() * 1e3;
     assert_eq!(claim.history.len(), history + 2, "the whole history");
-    let _: () = redis::cmd("CONFIG")
-        .arg(&["SET", "slowlog-log-slower-than", "10000"])
-        .query_async(&mut conn)
-        .await
-        .expect("slowlog off");
-    let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
-        .arg("GET")
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .expect("slowlog");
     let (mut script, mut page) = (0f64, 0f64);
-    for e in entries {
-        let redis::Value::Array(f) = e else { continue };
-        let us: u64 = redis::from_redis_value(f[2].clone()).unwrap_or(0);
-        let args: Vec<Vec<u8>> = redis::from_redis_value(f[3].clone()).unwrap_or_default();
-        let arg = |i: usize| {
-            args.get(i)
-                .map(|a| String::from_utf8_lossy(a).to_lowercase())
-        };
+    for (us, args) in support::slowlog_take(&mut conn).await {
+        let arg = |i: usize| args.get(i).map(|a| a.to_lowercase());
         match arg(0).as_deref() {
             Some("evalsha") => script = script.max(us as f64),
             // the adapter's reads start after an entry id: `(<id>`

@@ -480,23 +480,7 @@ async fn throughput(
     }
     let slowlog = std::env::var_os("DISPATCH_SLOWLOG").is_some();
     if slowlog {
-        let mut conn = client(&fleet.url).await;
-        let _: () = redis::cmd("CONFIG")
-            .arg(&[
-                "SET",
-                "slowlog-log-slower-than",
-                "0",
-                "slowlog-max-len",
-                "2000000",
-            ])
-            .query_async(&mut conn)
-            .await
-            .expect("slowlog on");
-        let _: () = redis::cmd("SLOWLOG")
-            .arg("RESET")
-            .query_async(&mut conn)
-            .await
-            .expect("reset");
+        support::slowlog_start(&mut client(&fleet.url).await, 2_000_000).await;
     }
     let cpu0: Vec<Duration> = procs.iter().map(Guarded::cpu).collect();
     let bench_cpu0 = support::process_cpu();
@@ -587,27 +571,8 @@ async fn throughput(
 /// With `DISPATCH_SLOWLOG`: every command's time by script (the first key names it), from a
 /// slowlog that recorded everything.
 async fn per_script(url: &str, steps: usize) {
-    let mut conn = client(url).await;
-    let _: () = redis::cmd("CONFIG")
-        .arg(&["SET", "slowlog-log-slower-than", "10000"])
-        .query_async(&mut conn)
-        .await
-        .expect("slowlog off");
-    let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
-        .arg("GET")
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .expect("slowlog");
     let mut by: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
-    for e in entries {
-        let redis::Value::Array(f) = e else { continue };
-        let us: u64 = redis::from_redis_value(f[2].clone()).unwrap_or(0);
-        let args: Vec<Vec<u8>> = redis::from_redis_value(f[3].clone()).unwrap_or_default();
-        let args: Vec<String> = args
-            .iter()
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+    for (us, args) in support::slowlog_take(&mut client(url).await).await {
         let name = match args.first().map(|a| a.to_lowercase()) {
             Some(c) if c == "evalsha" => {
                 format!("evalsha {}", args.get(3).cloned().unwrap_or_default())

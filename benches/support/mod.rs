@@ -536,3 +536,56 @@ pub fn threads_cpu(prefix: &str) -> Duration {
         })
         .sum()
 }
+
+/// Makes the server record every command in its slowlog (up to `max_len` entries), from empty.
+pub async fn slowlog_start(conn: &mut redis::aio::MultiplexedConnection, max_len: usize) {
+    let max_len = max_len.to_string();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&[
+            "SET",
+            "slowlog-log-slower-than",
+            "0",
+            "slowlog-max-len",
+            &max_len,
+        ])
+        .query_async(conn)
+        .await
+        .expect("slowlog on");
+    let _: () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query_async(conn)
+        .await
+        .expect("slowlog reset");
+}
+
+/// Stops recording (back to commands over 10 ms) and returns what was recorded: each command's
+/// µs and arguments (lossy UTF-8; the slowlog keeps at most 32, the last one then reads
+/// `... (N more arguments)`).
+pub async fn slowlog_take(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(u64, Vec<String>)> {
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "slowlog-log-slower-than", "10000"])
+        .query_async(conn)
+        .await
+        .expect("slowlog off");
+    let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(-1)
+        .query_async(conn)
+        .await
+        .expect("slowlog");
+    entries
+        .into_iter()
+        .filter_map(|e| {
+            let redis::Value::Array(f) = e else {
+                return None;
+            };
+            let us: u64 = redis::from_redis_value(f.get(2)?.clone()).unwrap_or(0);
+            let args: Vec<Vec<u8>> = redis::from_redis_value(f.get(3)?.clone()).unwrap_or_default();
+            let args = args
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            Some((us, args))
+        })
+        .collect()
+}

@@ -1267,10 +1267,7 @@ impl Logs for SqliteStore {
         if lines.is_empty() {
             return Ok(());
         }
-        let payloads: Vec<Vec<u8>> = lines
-            .iter()
-            .map(|l| rmp_serde::to_vec_named(l).expect("a log line always encodes"))
-            .collect();
+        let payloads = encode_lines(lines);
         let fence = fence.clone();
         self.write(format!("append logs of {job}/{}", fence.step), move |tx| {
             let j = job.to_string();
@@ -1286,10 +1283,7 @@ impl Logs for SqliteStore {
         if lines.is_empty() {
             return Ok(());
         }
-        let payloads: Vec<Vec<u8>> = lines
-            .iter()
-            .map(|l| rmp_serde::to_vec_named(l).expect("a log line always encodes"))
-            .collect();
+        let payloads = encode_lines(lines);
         self.write(format!("import logs of {job}"), move |tx| {
             insert_log_lines(tx, job, &payloads)
         })
@@ -1349,6 +1343,14 @@ impl Logs for SqliteStore {
         )
         .await
     }
+}
+
+/// Output lines as stored: rmp named `StepLog`.
+fn encode_lines(lines: &[StepLog]) -> Vec<Vec<u8>> {
+    lines
+        .iter()
+        .map(|l| rmp_serde::to_vec_named(l).expect("a log line always encodes"))
+        .collect()
 }
 
 /// Adds output lines to `job`'s log, trimming it lazily to about [`LOG_MAX_LINES`], and wakes
