@@ -25,11 +25,15 @@ pub enum StoreLocation {
 }
 
 impl StoreLocation {
-    /// `redis://HOST:PORT/DB` (`rediss://` for TLS), `sqlite://PATH` (`sqlite:///abs/path` or `sqlite://rel/path`), or
-    /// a bare file path for the embedded store.
+    /// `redis://HOST:PORT/DB` (`rediss://` for TLS), the master Redis Sentinels name
+    /// (`redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB]`), `sqlite://PATH`
+    /// (`sqlite:///abs/path` or `sqlite://rel/path`), or a bare file path for the embedded store.
     pub fn parse(text: &str) -> anyhow::Result<StoreLocation> {
         let text = text.trim();
-        if text.starts_with("redis://") || text.starts_with("rediss://") {
+        if text.starts_with("redis://")
+            || text.starts_with("rediss://")
+            || text.starts_with(crate::store::redis::link::SENTINEL_SCHEME)
+        {
             return Ok(StoreLocation::Redis(text.to_string()));
         }
         if let Some(path) = text.strip_prefix("sqlite://") {
@@ -40,7 +44,7 @@ impl StoreLocation {
         }
         if !crate::config::is_store_file(text) {
             bail!(
-                "store {text:?}: expected redis://HOST:PORT/DB, rediss://…, sqlite://PATH or the path of an embedded store file (*.db)"
+                "store {text:?}: expected redis://HOST:PORT/DB, rediss://…, redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB], sqlite://PATH or the path of an embedded store file (*.db)"
             );
         }
         Ok(StoreLocation::Embedded(PathBuf::from(text)))
@@ -104,8 +108,37 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         .await
 }
 
-/// A store URL without its password, for messages.
+/// A store URL without its passwords, for messages.
 fn redact(url: &str) -> String {
+    if let Some(rest) = url.strip_prefix(crate::store::redis::link::SENTINEL_SCHEME) {
+        // user:password@hosts/… and ?sentinel_password=…
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let authority = match authority.rsplit_once('@') {
+            Some((info, hosts)) => match info.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{hosts}"),
+                None => authority.to_string(),
+            },
+            None => authority.to_string(),
+        };
+        let query: Vec<String> = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.ends_with("password") => format!("{k}=***"),
+                _ => p.to_string(),
+            })
+            .collect();
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", query.join("&"))
+        };
+        return format!(
+            "{}{authority}/{path}{query}",
+            crate::store::redis::link::SENTINEL_SCHEME
+        );
+    }
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
@@ -543,4 +576,31 @@ pub async fn migrate(config: &Config, args: &crate::cli::MigrateArgs) -> anyhow:
     }
     println!("check it with: ferry --store {to} replay --verify");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_name_their_kind_and_print_without_passwords() {
+        let sentinel = "redis+sentinel://ferry:secret@s1:26379,s2/main/1?sentinel_password=hush";
+        assert_eq!(
+            StoreLocation::parse(sentinel).unwrap(),
+            StoreLocation::Redis(sentinel.into())
+        );
+        assert_eq!(
+            redact(sentinel),
+            "redis+sentinel://ferry:***@s1:26379,s2/main/1?sentinel_password=***"
+        );
+        assert_eq!(
+            redact("redis+sentinel://s1/main"),
+            "redis+sentinel://s1/main"
+        );
+        assert_eq!(redact("redis://:secret@h:6379/0"), "redis://:***@h:6379/0");
+        let e = StoreLocation::parse("memcached://h")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("redis+sentinel://"), "{e}");
+    }
 }

@@ -891,12 +891,22 @@ fn build(
     let store = match raw.store {
         // A bare path names an embedded store's file (`*.db`, `*.sqlite`, `*.sqlite3`).
         Some(store) if is_store_file(store.trim()) => Some(store),
+        // Sentinel URLs list several hosts, which a URL's authority cannot hold.
+        Some(store)
+            if store
+                .trim()
+                .starts_with(crate::store::redis::link::SENTINEL_SCHEME) =>
+        {
+            crate::store::redis::link::SentinelUrl::parse(store.trim())
+                .map_err(|e| cx.err("store", format!("invalid Sentinel store url: {e}")))?;
+            Some(store)
+        }
         Some(store) => {
             let url = cx.url("store", &store, false)?;
             if !matches!(url.scheme(), "redis" | "rediss" | "sqlite") {
                 return Err(cx.err(
                     "store",
-                    format!("unsupported store {store:?}: expected redis://HOST:PORT/DB, rediss://…, sqlite://PATH or a *.db file path (omit it for the embedded store in <data_dir>/ferry.db)"),
+                    format!("unsupported store {store:?}: expected redis://HOST:PORT/DB, rediss://…, redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB], sqlite://PATH or a *.db file path (omit it for the embedded store in <data_dir>/ferry.db)"),
                 ));
             }
             Some(store)

@@ -17,6 +17,7 @@ mod manual;
 mod migrate;
 mod ordering;
 mod redis;
+mod sentinel;
 mod sqlite;
 mod ssh;
 mod ssh_fleet;

@@ -16,11 +16,11 @@
 //! [`Error::Unavailable`]: as for any command, the store may or may not have applied them.
 
 use super::keys::Keys;
+use super::link::Link;
 use super::{command_error, parse_num, scripts};
 use crate::store::validate::{check_append, check_name, check_nonempty};
 use crate::store::Version;
 use crate::store::{effects_of, Append, Appended, Effect, Error, Expected, Fence, LogPos, Result};
-use redis::aio::ConnectionManager;
 use redis::Value;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -145,7 +145,7 @@ pub(super) struct Batcher {
 
 impl Batcher {
     /// Starts the writer task on the current tokio runtime.
-    pub(super) fn start(conn: ConnectionManager, keys: Keys) -> Batcher {
+    pub(super) fn start(conn: Link, keys: Keys) -> Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(conn, Arc::new(keys), rx));
         Batcher { tx }
@@ -162,7 +162,7 @@ impl Batcher {
 }
 
 async fn write_loop(
-    conn: ConnectionManager,
+    conn: Link,
     keys: Arc<Keys>,
     mut rx: mpsc::UnboundedReceiver<(Prepared, Waiter)>,
 ) {
@@ -188,7 +188,7 @@ async fn write_loop(
 }
 
 /// One script call for `batch`; every waiter gets its own answer.
-async fn send(conn: ConnectionManager, keys: &Keys, batch: Vec<(Prepared, Waiter)>) {
+async fn send(conn: Link, keys: &Keys, batch: Vec<(Prepared, Waiter)>) {
     let (prepared, waiters): (Vec<Prepared>, Vec<Waiter>) = batch.into_iter().unzip();
     for (answer, waiter) in call(conn, keys, &prepared).await.into_iter().zip(waiters) {
         let _ = waiter.send(answer);
@@ -196,11 +196,7 @@ async fn send(conn: ConnectionManager, keys: &Keys, batch: Vec<(Prepared, Waiter
 }
 
 /// One call of the append script for `appends`: one answer per append, in order.
-async fn call(
-    mut conn: ConnectionManager,
-    keys: &Keys,
-    appends: &[Prepared],
-) -> Vec<Result<Appended>> {
+async fn call(mut conn: Link, keys: &Keys, appends: &[Prepared]) -> Vec<Result<Appended>> {
     let mut inv = scripts::APPEND.prepare_invoke();
     inv.key(keys.log()).key(keys.jobs());
     inv.arg(keys.prefix()).arg(appends.len());

@@ -7,8 +7,9 @@
 //! comments are their contracts, and [`keys`] for the layout). Scripts read the store's clock
 //! with `redis.call('TIME')`, so node clocks never matter.
 //!
-//! Normal commands go through a [`ConnectionManager`] (reconnects with backoff, bounded response
-//! time). Blocking commands (`XREADGROUP ... BLOCK`, `BLPOP`) use dedicated connections from a
+//! Normal commands go through a [`Link`]: a [`redis::aio::ConnectionManager`] (reconnects with
+//! backoff, bounded response time) to one server, or to the master a set of Sentinels names,
+//! followed across failovers (see [`link`]). Blocking commands (`XREADGROUP ... BLOCK`, `BLPOP`) use dedicated connections from a
 //! small pool, so they never delay other commands, and are bounded by the block time plus a
 //! margin.
 //!
@@ -17,6 +18,7 @@
 
 mod batch;
 mod keys;
+pub mod link;
 mod parse;
 mod scripts;
 
@@ -30,8 +32,9 @@ use crate::store::{
 use async_trait::async_trait;
 use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
 use keys::{member, split_member, Keys};
+use link::{Link, Target};
 use parse::Source;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, FromRedisValue, RedisError, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -52,8 +55,7 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: redis::Client,
-    conn: ConnectionManager,
+    link: Link,
     keys: Keys,
     namespace: String,
     blocking: Mutex<Vec<MultiplexedConnection>>,
@@ -70,8 +72,9 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to the Redis at `url` (`redis://host:port/db`) and uses the keys of
-    /// `namespace` (no whitespace or braces). Fails with [`Error::Unavailable`] if the server
+    /// Connects to the Redis at `url` (`redis://host:port/db`, or the master Sentinels name:
+    /// `redis+sentinel://host:port[,host:port...]/master[/db]`, see [`link`]) and uses the keys
+    /// of `namespace` (no whitespace or braces). Fails with [`Error::Unavailable`] if the server
     /// does not answer.
     pub async fn connect(url: &str, namespace: &str) -> Result<RedisStore> {
         RedisStore::connect_tls(url, namespace, None).await
@@ -88,30 +91,27 @@ impl RedisStore {
         if url.starts_with("rediss://") {
             crate::tls::install_provider();
         }
-        let client = match ca {
-            Some(root) => redis::Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root),
-                },
-            ),
-            None => redis::Client::open(url),
+        let sentinel = url.starts_with(link::SENTINEL_SCHEME);
+        if sentinel && ca.is_some() {
+            return Err(Error::Invalid(
+                "a certificate authority file applies to rediss:// stores; redis+sentinel:// stores are reached without TLS".into(),
+            ));
         }
-        .map_err(|e| Error::Invalid(format!("redis store url is invalid: {e}")))?;
+        let target = if sentinel {
+            Target::sentinel(url)?
+        } else {
+            Target::Server(client_for(url, ca)?)
+        };
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_number_of_retries(3)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(|e| command_error("connect", e))?;
-        let batcher = batch::Batcher::start(conn.clone(), keys.clone());
+        let link = Link::open(target, config).await?;
+        let batcher = batch::Batcher::start(link.clone(), keys.clone());
         let store = RedisStore {
             inner: Arc::new(Inner {
-                client,
-                conn,
+                link,
                 keys,
                 batcher,
                 namespace: namespace.to_string(),
@@ -131,8 +131,8 @@ impl RedisStore {
         &self.inner.keys
     }
 
-    fn conn(&self) -> ConnectionManager {
-        self.inner.conn.clone()
+    fn conn(&self) -> Link {
+        self.inner.link.clone()
     }
 
     async fn query<T: FromRedisValue>(&self, what: &str, cmd: &redis::Cmd) -> Result<T> {
@@ -155,11 +155,19 @@ impl RedisStore {
                 let config = AsyncConnectionConfig::new()
                     .set_response_timeout(None)
                     .set_connection_timeout(Some(CONNECT_TIMEOUT));
-                self.inner
-                    .client
+                match self
+                    .inner
+                    .link
+                    .client()
                     .get_multiplexed_async_connection_with_config(&config)
                     .await
-                    .map_err(|e| command_error(what, e))?
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.inner.link.failed(&e);
+                        return Err(command_error(what, e));
+                    }
+                }
             }
         };
         match tokio::time::timeout(wait + BLOCK_MARGIN, cmd.query_async::<T>(&mut conn)).await {
@@ -170,7 +178,10 @@ impl RedisStore {
                 }
                 Ok(v)
             }
-            Ok(Err(e)) => Err(command_error(what, e)),
+            Ok(Err(e)) => {
+                self.inner.link.failed(&e);
+                Err(command_error(what, e))
+            }
             Err(_) => Err(Error::Unavailable(format!(
                 "{what}: no answer within {:?}",
                 wait + BLOCK_MARGIN
@@ -212,6 +223,22 @@ fn parse_claim(v: Value) -> Result<(Claim, Option<(String, String)>)> {
 /// A failed command: missing consumer groups are the caller's mistake, wrong key types mean the
 /// data is corrupt, everything else (I/O, timeouts, a lost connection, a server that cannot
 /// serve) means the store is unavailable and the command may or may not have taken effect.
+/// A client for the one server at `url`, whose certificate (`rediss://`) must chain to `ca`
+/// when given.
+fn client_for(url: &str, ca: Option<Vec<u8>>) -> Result<redis::Client> {
+    match ca {
+        Some(root) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root),
+            },
+        ),
+        None => redis::Client::open(url),
+    }
+    .map_err(|e| Error::Invalid(format!("redis store url is invalid: {e}")))
+}
+
 fn command_error(what: &str, e: RedisError) -> Error {
     match e.code() {
         Some("NOGROUP") => Error::Invalid(format!("{what}: {e}")),

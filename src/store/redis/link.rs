@@ -1,0 +1,452 @@
+//! The connection every normal command goes through, and where it points.
+//!
+//! A store is either one server (`redis://`, `rediss://`) or the master that a set of Redis
+//! Sentinels names (`redis+sentinel://`). For one server, a [`ConnectionManager`] reconnects to
+//! the same address after a restart. Behind Sentinels the master can move: after a failover the
+//! old address refuses connections, or answers as a replica that refuses every write
+//! (`READONLY`). Such an error makes the link ask the Sentinels for the master again, in the
+//! background, and switch every later command to it. The failing command itself returns its
+//! error at once: callers already treat [`Error::Unavailable`](crate::store::Error) as
+//! "retry with backoff", and a command is never sent twice by the link (an append that might
+//! have landed is the caller's to re-check, as with any lost connection).
+//!
+//! URL: `redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/MASTER[/DB]`, with
+//! `?sentinel_password=...` (and `sentinel_username`) when the Sentinels require their own
+//! credentials. The user and password before `@` are the data nodes' (master and replicas).
+//! The port defaults to 26379, Sentinel's.
+
+use crate::store::{Error, Result};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{Client, Cmd, ConnectionAddr, Pipeline, RedisError, RedisFuture, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// The scheme of a store given by its Sentinels.
+pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
+
+/// How long one attempt to learn the master from the Sentinels may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between attempts while no Sentinel names a reachable master (a failover in progress).
+const RESOLVE_PAUSE: Duration = Duration::from_millis(200);
+/// Attempts of one background resolution before it gives up (the next failing command starts
+/// another).
+const RESOLVE_ATTEMPTS: u32 = 150;
+
+/// A parsed `redis+sentinel://` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentinelUrl {
+    pub sentinels: Vec<(String, u16)>,
+    pub master: String,
+    pub db: i64,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub sentinel_username: Option<String>,
+    pub sentinel_password: Option<String>,
+}
+
+impl SentinelUrl {
+    /// Parses `url`; errors name what is wrong with it.
+    pub fn parse(url: &str) -> std::result::Result<SentinelUrl, String> {
+        let rest = url
+            .strip_prefix(SENTINEL_SCHEME)
+            .ok_or_else(|| format!("a Sentinel store url starts with {SENTINEL_SCHEME}"))?;
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let decode = |what: &str, s: &str| -> std::result::Result<String, String> {
+            percent_decode(s).ok_or_else(|| format!("the {what} is not valid percent-encoding"))
+        };
+        let (mut username, mut password) = (None, None);
+        if let Some(info) = userinfo {
+            let (user, pass) = match info.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (info, None),
+            };
+            if !user.is_empty() {
+                username = Some(decode("user name", user)?);
+            }
+            if let Some(p) = pass {
+                password = Some(decode("password", p)?);
+            }
+        }
+        let mut sentinels = Vec::new();
+        for host in hosts.split(',') {
+            sentinels.push(parse_host(host)?);
+        }
+        let mut parts = path.split('/');
+        let master = parts.next().unwrap_or("");
+        if master.is_empty() {
+            return Err(format!(
+                "name the master the Sentinels monitor: {SENTINEL_SCHEME}HOST:PORT[,HOST:PORT...]/MASTER[/DB]"
+            ));
+        }
+        let master = decode("master name", master)?;
+        let db = match parts.next() {
+            None | Some("") => 0,
+            Some(db) => db
+                .parse::<i64>()
+                .ok()
+                .filter(|d| *d >= 0)
+                .ok_or_else(|| format!("database {db:?} is not a number"))?,
+        };
+        if let Some(extra) = parts.find(|p| !p.is_empty()) {
+            return Err(format!(
+                "unexpected {extra:?} after the master name and database"
+            ));
+        }
+        let (mut sentinel_username, mut sentinel_password) = (None, None);
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "sentinel_username" => sentinel_username = Some(decode(key, value)?),
+                "sentinel_password" => sentinel_password = Some(decode(key, value)?),
+                _ => {
+                    return Err(format!(
+                        "unknown parameter {key:?} (known: sentinel_username, sentinel_password)"
+                    ))
+                }
+            }
+        }
+        Ok(SentinelUrl {
+            sentinels,
+            master,
+            db,
+            username,
+            password,
+            sentinel_username,
+            sentinel_password,
+        })
+    }
+
+    fn client(&self) -> std::result::Result<SentinelClient, RedisError> {
+        let addrs = self
+            .sentinels
+            .iter()
+            .map(|(host, port)| ConnectionAddr::Tcp(host.clone(), *port));
+        let mut b = SentinelClientBuilder::new(addrs, &self.master, SentinelServerType::Master)?
+            .set_client_to_redis_db(self.db);
+        if let Some(u) = &self.username {
+            b = b.set_client_to_redis_username(u);
+        }
+        if let Some(p) = &self.password {
+            b = b.set_client_to_redis_password(p);
+        }
+        if let Some(u) = &self.sentinel_username {
+            b = b.set_client_to_sentinel_username(u);
+        }
+        if let Some(p) = &self.sentinel_password {
+            b = b.set_client_to_sentinel_password(p);
+        }
+        b.build()
+    }
+}
+
+/// `host[:port]` or `[v6]:port`.
+fn parse_host(text: &str) -> std::result::Result<(String, u16), String> {
+    let bad = || format!("sentinel address {text:?} is not HOST[:PORT]");
+    if text.is_empty() {
+        return Err("a sentinel address is empty (check the commas)".into());
+    }
+    let (host, port) = if let Some(v6) = text.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match text.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (text, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    let port = match port {
+        None => 26379,
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad)?,
+    };
+    Ok((host.to_string(), port))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Where the store's server is.
+pub(super) enum Target {
+    Server(Client),
+    Sentinel {
+        url: SentinelUrl,
+        sentinels: Box<tokio::sync::Mutex<SentinelClient>>,
+    },
+}
+
+impl Target {
+    /// The target of `url`: Sentinels for `redis+sentinel://`, else one server (`client`).
+    pub(super) fn sentinel(url: &str) -> Result<Target> {
+        let parsed = SentinelUrl::parse(url)
+            .map_err(|e| Error::Invalid(format!("redis store url is invalid: {e}")))?;
+        let sentinels = parsed
+            .client()
+            .map_err(|e| Error::Invalid(format!("redis store url is invalid: {e}")))?;
+        Ok(Target::Sentinel {
+            url: parsed,
+            sentinels: Box::new(tokio::sync::Mutex::new(sentinels)),
+        })
+    }
+}
+
+struct Current {
+    client: Client,
+    conn: ConnectionManager,
+    generation: u64,
+}
+
+/// The link to the store's server (see the module doc). Cheap to clone.
+#[derive(Clone)]
+pub(super) struct Link {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    target: Target,
+    config: ConnectionManagerConfig,
+    current: RwLock<Current>,
+    resolving: AtomicBool,
+}
+
+impl Link {
+    /// Connects to the target's server (asking the Sentinels which one is the master).
+    pub(super) async fn open(target: Target, config: ConnectionManagerConfig) -> Result<Link> {
+        let client = match &target {
+            Target::Server(client) => client.clone(),
+            Target::Sentinel { url, sentinels } => {
+                master(url, &mut *sentinels.lock().await).await?
+            }
+        };
+        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
+            .await
+            .map_err(|e| super::command_error("connect", e))?;
+        Ok(Link {
+            inner: Arc::new(Inner {
+                target,
+                config,
+                current: RwLock::new(Current {
+                    client,
+                    conn,
+                    generation: 0,
+                }),
+                resolving: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// A client for the current server (for dedicated, blocking connections).
+    pub(super) fn client(&self) -> Client {
+        self.inner.current.read().expect("link lock").client.clone()
+    }
+
+    fn current(&self) -> (ConnectionManager, u64) {
+        let c = self.inner.current.read().expect("link lock");
+        (c.conn.clone(), c.generation)
+    }
+
+    /// Tells the link a command failed with `e`: behind Sentinels, an error that says the
+    /// server is gone or no longer the master starts a background search for the master.
+    pub(super) fn failed(&self, e: &RedisError) {
+        if !matches!(self.inner.target, Target::Sentinel { .. }) || !moved_master(e) {
+            return;
+        }
+        if self.inner.resolving.swap(true, Ordering::AcqRel) {
+            return; // a search is already running
+        }
+        let link = self.clone();
+        let generation = self.current().1;
+        tokio::spawn(async move {
+            link.follow_master(generation).await;
+            link.inner.resolving.store(false, Ordering::Release);
+        });
+    }
+
+    /// Asks the Sentinels for the master until one names a master that answers as one, then
+    /// switches to it if it is not the server already in use.
+    async fn follow_master(&self, generation: u64) {
+        let Target::Sentinel { url, sentinels } = &self.inner.target else {
+            return;
+        };
+        for _ in 0..RESOLVE_ATTEMPTS {
+            let found = {
+                let mut sentinels = sentinels.lock().await;
+                tokio::time::timeout(RESOLVE_TIMEOUT, master(url, &mut sentinels)).await
+            };
+            let client = match found {
+                Ok(Ok(client)) => client,
+                Ok(Err(e)) => {
+                    warn!(master = %url.master, error = %e, "no master from the Sentinels yet");
+                    tokio::time::sleep(RESOLVE_PAUSE).await;
+                    continue;
+                }
+                Err(_) => {
+                    warn!(master = %url.master, "the Sentinels did not answer in time");
+                    continue;
+                }
+            };
+            let addr = client.get_connection_info().addr().to_string();
+            let same = {
+                let c = self.inner.current.read().expect("link lock");
+                c.generation != generation
+                    || c.client.get_connection_info().addr().to_string() == addr
+            };
+            if same {
+                // The master did not move (or another search switched already): the
+                // connection manager reconnects to it by itself.
+                return;
+            }
+            match ConnectionManager::new_with_config(client.clone(), self.inner.config.clone())
+                .await
+            {
+                Ok(conn) => {
+                    let mut c = self.inner.current.write().expect("link lock");
+                    c.generation += 1;
+                    c.client = client;
+                    c.conn = conn;
+                    info!(master = %url.master, %addr, "following the master the Sentinels name");
+                    return;
+                }
+                Err(e) => {
+                    warn!(master = %url.master, %addr, error = %e, "cannot connect to the new master yet");
+                    tokio::time::sleep(RESOLVE_PAUSE).await;
+                }
+            }
+        }
+        warn!(master = %url.master, "gave up looking for the master; the next failing command looks again");
+    }
+}
+
+/// The master the Sentinels name, checked to answer as the master.
+async fn master(url: &SentinelUrl, sentinels: &mut SentinelClient) -> Result<Client> {
+    sentinels.async_get_client().await.map_err(|e| {
+        Error::Unavailable(format!(
+            "no Sentinel of {:?} names a reachable master {:?}: {e}",
+            url.sentinels
+                .iter()
+                .map(|(h, p)| format!("{h}:{p}"))
+                .collect::<Vec<_>>(),
+            url.master
+        ))
+    })
+}
+
+/// Whether `e` says the server is unreachable or is not the master any more.
+fn moved_master(e: &RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+        )
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let (mut conn, _) = self.current();
+            let r = conn.req_packed_command(cmd).await;
+            if let Err(e) = &r {
+                self.failed(e);
+            }
+            r
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let (mut conn, _) = self.current();
+            let r = conn.req_packed_commands(pipeline, offset, count).await;
+            if let Err(e) = &r {
+                self.failed(e);
+            }
+            r
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.current().0.get_db()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sentinel_url_names_its_sentinels_master_database_and_credentials() {
+        let u = SentinelUrl::parse(
+            "redis+sentinel://ferry:p%40ss@10.0.0.1:26380,sentinel-b,[::1]:5000/ferry-main/2?sentinel_password=s3",
+        )
+        .unwrap();
+        assert_eq!(
+            u.sentinels,
+            [
+                ("10.0.0.1".to_string(), 26380),
+                ("sentinel-b".to_string(), 26379),
+                ("::1".to_string(), 5000)
+            ]
+        );
+        assert_eq!(u.master, "ferry-main");
+        assert_eq!(u.db, 2);
+        assert_eq!(u.username.as_deref(), Some("ferry"));
+        assert_eq!(u.password.as_deref(), Some("p@ss"));
+        assert_eq!(u.sentinel_password.as_deref(), Some("s3"));
+        assert_eq!(u.sentinel_username, None);
+        let plain = SentinelUrl::parse("redis+sentinel://h/m").unwrap();
+        assert_eq!((plain.db, plain.password), (0, None));
+    }
+
+    #[test]
+    fn a_bad_sentinel_url_says_what_is_wrong() {
+        for (url, says) in [
+            ("redis+sentinel://h:26379", "name the master"),
+            ("redis+sentinel://h:26379/", "name the master"),
+            ("redis+sentinel://h:x/m", "is not HOST[:PORT]"),
+            ("redis+sentinel://h:0/m", "is not HOST[:PORT]"),
+            ("redis+sentinel://a,,b/m", "empty"),
+            ("redis+sentinel:///m", "empty"),
+            ("redis+sentinel://h/m/x", "not a number"),
+            ("redis+sentinel://h/m/1/z", "unexpected"),
+            ("redis+sentinel://h/m?password=x", "unknown parameter"),
+            ("redis+sentinel://:%zz@h/m", "percent-encoding"),
+        ] {
+            let e = SentinelUrl::parse(url).unwrap_err();
+            assert!(e.contains(says), "{url}: {e}");
+        }
+    }
+}
