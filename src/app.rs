@@ -26,13 +26,14 @@ pub enum StoreLocation {
 
 impl StoreLocation {
     /// `redis://HOST:PORT/DB` (`rediss://` for TLS), the master Redis Sentinels name
-    /// (`redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB]`), `sqlite://PATH`
+    /// (`redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB]`), a Redis Cluster
+    /// (`redis+cluster://HOST:PORT[,HOST:PORT...]`), `sqlite://PATH`
     /// (`sqlite:///abs/path` or `sqlite://rel/path`), or a bare file path for the embedded store.
     pub fn parse(text: &str) -> anyhow::Result<StoreLocation> {
         let text = text.trim();
         if text.starts_with("redis://")
             || text.starts_with("rediss://")
-            || text.starts_with(crate::store::redis::link::SENTINEL_SCHEME)
+            || crate::store::redis::link::check_multi_node(text).is_some()
         {
             return Ok(StoreLocation::Redis(text.to_string()));
         }
@@ -44,7 +45,7 @@ impl StoreLocation {
         }
         if !crate::config::is_store_file(text) {
             bail!(
-                "store {text:?}: expected redis://HOST:PORT/DB, rediss://…, redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB], sqlite://PATH or the path of an embedded store file (*.db)"
+                "store {text:?}: expected redis://HOST:PORT/DB, rediss://…, redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB], redis+cluster://HOST:PORT[,HOST:PORT…], sqlite://PATH or the path of an embedded store file (*.db)"
             );
         }
         Ok(StoreLocation::Embedded(PathBuf::from(text)))
@@ -110,42 +111,53 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 
 /// A store URL without its passwords, for messages.
 fn redact(url: &str) -> String {
-    if let Some(rest) = url.strip_prefix(crate::store::redis::link::SENTINEL_SCHEME) {
-        // user:password@hosts/… and ?sentinel_password=…
-        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let authority = match authority.rsplit_once('@') {
-            Some((info, hosts)) => match info.split_once(':') {
-                Some((user, _)) => format!("{user}:***@{hosts}"),
-                None => authority.to_string(),
-            },
-            None => authority.to_string(),
+    use crate::store::redis::link::{CLUSTER_SCHEME, SENTINEL_SCHEME};
+    let Some(scheme) = [SENTINEL_SCHEME, CLUSTER_SCHEME]
+        .into_iter()
+        .find(|s| url.starts_with(s))
+    else {
+        return match url::Url::parse(url) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("***"));
+                u.to_string()
+            }
+            _ => url.to_string(),
         };
-        let query: Vec<String> = query
+    };
+    // SCHEME[user:password@]hosts[/path][?query], with `*_password=` parameters
+    let rest = &url[scheme.len()..];
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match rest.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (rest, None),
+    };
+    let mut out = scheme.to_string();
+    match authority.rsplit_once('@') {
+        Some((info, hosts)) if info.contains(':') => {
+            let user = info.split_once(':').map_or("", |(u, _)| u);
+            out.push_str(&format!("{user}:***@{hosts}"));
+        }
+        _ => out.push_str(authority),
+    }
+    if let Some(path) = path {
+        out.push('/');
+        out.push_str(path);
+    }
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
             .split('&')
-            .filter(|p| !p.is_empty())
             .map(|p| match p.split_once('=') {
                 Some((k, _)) if k.ends_with("password") => format!("{k}=***"),
                 _ => p.to_string(),
             })
             .collect();
-        let query = if query.is_empty() {
-            String::new()
-        } else {
-            format!("?{}", query.join("&"))
-        };
-        return format!(
-            "{}{authority}/{path}{query}",
-            crate::store::redis::link::SENTINEL_SCHEME
-        );
+        out.push('?');
+        out.push_str(&pairs.join("&"));
     }
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
-    }
+    out
 }
 
 /// Resolves when SIGINT or SIGTERM arrives (or `stop` is set), for graceful shutdown.

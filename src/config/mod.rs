@@ -891,14 +891,11 @@ fn build(
     let store = match raw.store {
         // A bare path names an embedded store's file (`*.db`, `*.sqlite`, `*.sqlite3`).
         Some(store) if is_store_file(store.trim()) => Some(store),
-        // Sentinel URLs list several hosts, which a URL's authority cannot hold.
-        Some(store)
-            if store
-                .trim()
-                .starts_with(crate::store::redis::link::SENTINEL_SCHEME) =>
-        {
-            crate::store::redis::link::SentinelUrl::parse(store.trim())
-                .map_err(|e| cx.err("store", format!("invalid Sentinel store url: {e}")))?;
+        // Sentinel and cluster URLs list several hosts, which a URL's authority cannot hold.
+        Some(store) if crate::store::redis::link::check_multi_node(store.trim()).is_some() => {
+            if let Some(Err(e)) = crate::store::redis::link::check_multi_node(store.trim()) {
+                return Err(cx.err("store", format!("invalid store url: {e}")));
+            }
             Some(store)
         }
         Some(store) => {
@@ -906,7 +903,7 @@ fn build(
             if !matches!(url.scheme(), "redis" | "rediss" | "sqlite") {
                 return Err(cx.err(
                     "store",
-                    format!("unsupported store {store:?}: expected redis://HOST:PORT/DB, rediss://…, redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB], sqlite://PATH or a *.db file path (omit it for the embedded store in <data_dir>/ferry.db)"),
+                    format!("unsupported store {store:?}: expected redis://HOST:PORT/DB, rediss://…, redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB], redis+cluster://HOST:PORT[,HOST:PORT…], sqlite://PATH or a *.db file path (omit it for the embedded store in <data_dir>/ferry.db)"),
                 ));
             }
             Some(store)

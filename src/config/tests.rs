@@ -404,8 +404,9 @@ fn errors_name_the_key_and_the_source() {
         ("[gitlab]\nurl = \"gitlab.example.com\"".into(), vec![], f(), "/etc/ferry.toml: gitlab.url: invalid url \"gitlab.example.com\""),
         ("store = \"http://x:6379\"".into(), vec![], f(), "/etc/ferry.toml: store: unsupported store \"http://x:6379\""),
         ("store = \"redis://[::1\"".into(), vec![], f(), "/etc/ferry.toml: store: invalid url"),
-        ("store = \"redis+sentinel://s1:26379,s2:26379\"".into(), vec![], f(), "/etc/ferry.toml: store: invalid Sentinel store url: name the master the Sentinels monitor"),
-        ("".into(), vec![], Overrides { store: Some("redis+sentinel://s1:x/main".into()), ..f() }, "flag --store: invalid Sentinel store url: sentinel address \"s1:x\" is not HOST[:PORT]"),
+        ("store = \"redis+sentinel://s1:26379,s2:26379\"".into(), vec![], f(), "/etc/ferry.toml: store: invalid store url: name the master the Sentinels monitor"),
+        ("store = \"redis+cluster://n1:7000,n2:7000/0\"".into(), vec![], f(), "/etc/ferry.toml: store: invalid store url: a cluster has no databases or names"),
+        ("".into(), vec![], Overrides { store: Some("redis+sentinel://s1:x/main".into()), ..f() }, "flag --store: invalid store url: sentinel address \"s1:x\" is not HOST[:PORT]"),
         ("".into(), vec![], Overrides { store: Some("mysql://db/ferry".into()), ..f() }, "flag --store: unsupported store \"mysql://db/ferry\""),
         ("".into(), vec![], Overrides { store: Some("localhost:6379".into()), ..f() }, "flag --store: unsupported store \"localhost:6379\""),
         // Host key policy: there is no way to ignore host keys.

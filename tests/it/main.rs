@@ -4,6 +4,7 @@ mod agent;
 mod api;
 mod build;
 mod cli;
+mod cluster;
 mod conformance;
 mod deploy;
 mod e2e;

@@ -1,7 +1,10 @@
 //! The connection every normal command goes through, and where it points.
 //!
-//! A store is either one server (`redis://`, `rediss://`) or the master that a set of Redis
-//! Sentinels names (`redis+sentinel://`). For one server, a [`ConnectionManager`] reconnects to
+//! A store is one server (`redis://`, `rediss://`), the master that a set of Redis Sentinels
+//! names (`redis+sentinel://`), or a Redis Cluster (`redis+cluster://HOST:PORT[,HOST:PORT...]`,
+//! some of its nodes; the cluster client learns the rest, follows the slot map and retries
+//! through a failover by itself; every key of a namespace is in one slot, so all of a store's
+//! traffic goes to the one shard that holds it). For one server, a [`ConnectionManager`] reconnects to
 //! the same address after a restart. Behind Sentinels the master can move: after a failover the
 //! old address refuses connections, or answers as a replica that refuses every write
 //! (`READONLY`). Such an error makes the link ask the Sentinels for the master again, in the
@@ -15,10 +18,17 @@
 //! credentials. The user and password before `@` are the data nodes' (master and replicas).
 //! The port defaults to 26379, Sentinel's.
 
+use super::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
 use crate::store::{Error, Result};
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
-use redis::{Client, Cmd, ConnectionAddr, Pipeline, RedisError, RedisFuture, Value};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, Pipeline, RedisError, RedisFuture, Value,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -26,6 +36,20 @@ use tracing::{info, warn};
 
 /// The scheme of a store given by its Sentinels.
 pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
+/// The scheme of a store on a Redis Cluster.
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// Whether `url` names a store by several nodes (Sentinels or cluster nodes), whose authority a
+/// URL parser cannot hold; `Some(Err(why))` when such a url is invalid.
+pub fn check_multi_node(url: &str) -> Option<std::result::Result<(), String>> {
+    if url.starts_with(SENTINEL_SCHEME) {
+        return Some(SentinelUrl::parse(url).map(|_| ()));
+    }
+    if url.starts_with(CLUSTER_SCHEME) {
+        return Some(ClusterUrl::parse(url).map(|_| ()));
+    }
+    None
+}
 
 /// How long one attempt to learn the master from the Sentinels may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,47 +74,16 @@ pub struct SentinelUrl {
 impl SentinelUrl {
     /// Parses `url`; errors name what is wrong with it.
     pub fn parse(url: &str) -> std::result::Result<SentinelUrl, String> {
-        let rest = url
-            .strip_prefix(SENTINEL_SCHEME)
-            .ok_or_else(|| format!("a Sentinel store url starts with {SENTINEL_SCHEME}"))?;
-        let (rest, query) = match rest.split_once('?') {
-            Some((r, q)) => (r, Some(q)),
-            None => (rest, None),
-        };
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let decode = |what: &str, s: &str| -> std::result::Result<String, String> {
-            percent_decode(s).ok_or_else(|| format!("the {what} is not valid percent-encoding"))
-        };
-        let (mut username, mut password) = (None, None);
-        if let Some(info) = userinfo {
-            let (user, pass) = match info.split_once(':') {
-                Some((u, p)) => (u, Some(p)),
-                None => (info, None),
-            };
-            if !user.is_empty() {
-                username = Some(decode("user name", user)?);
-            }
-            if let Some(p) = pass {
-                password = Some(decode("password", p)?);
-            }
-        }
-        let mut sentinels = Vec::new();
-        for host in hosts.split(',') {
-            sentinels.push(parse_host(host)?);
-        }
-        let mut parts = path.split('/');
-        let master = parts.next().unwrap_or("");
+        let parts = Parts::split(url, SENTINEL_SCHEME, "sentinel", 26379)?;
+        let mut path = parts.path.split('/');
+        let master = path.next().unwrap_or("");
         if master.is_empty() {
             return Err(format!(
                 "name the master the Sentinels monitor: {SENTINEL_SCHEME}HOST:PORT[,HOST:PORT...]/MASTER[/DB]"
             ));
         }
         let master = decode("master name", master)?;
-        let db = match parts.next() {
+        let db = match path.next() {
             None | Some("") => 0,
             Some(db) => db
                 .parse::<i64>()
@@ -98,13 +91,13 @@ impl SentinelUrl {
                 .filter(|d| *d >= 0)
                 .ok_or_else(|| format!("database {db:?} is not a number"))?,
         };
-        if let Some(extra) = parts.find(|p| !p.is_empty()) {
+        if let Some(extra) = path.find(|p| !p.is_empty()) {
             return Err(format!(
                 "unexpected {extra:?} after the master name and database"
             ));
         }
         let (mut sentinel_username, mut sentinel_password) = (None, None);
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        for pair in parts.query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             match key {
                 "sentinel_username" => sentinel_username = Some(decode(key, value)?),
@@ -117,11 +110,11 @@ impl SentinelUrl {
             }
         }
         Ok(SentinelUrl {
-            sentinels,
+            sentinels: parts.nodes,
             master,
             db,
-            username,
-            password,
+            username: parts.username,
+            password: parts.password,
             sentinel_username,
             sentinel_password,
         })
@@ -150,11 +143,121 @@ impl SentinelUrl {
     }
 }
 
+/// A parsed `redis+cluster://` URL: some of the cluster's nodes (the client learns the rest).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterUrl {
+    pub nodes: Vec<(String, u16)>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl ClusterUrl {
+    /// Parses `url`; errors name what is wrong with it.
+    pub fn parse(url: &str) -> std::result::Result<ClusterUrl, String> {
+        let parts = Parts::split(url, CLUSTER_SCHEME, "cluster node", 6379)?;
+        if !parts.path.is_empty() {
+            return Err(format!(
+                "a cluster has no databases or names: {CLUSTER_SCHEME}HOST:PORT[,HOST:PORT...], got path {:?}",
+                parts.path
+            ));
+        }
+        if !parts.query.is_empty() {
+            return Err(format!("unknown parameters {:?}", parts.query));
+        }
+        Ok(ClusterUrl {
+            nodes: parts.nodes,
+            username: parts.username,
+            password: parts.password,
+        })
+    }
+
+    fn clients(&self) -> std::result::Result<(ClusterClient, ClusterClient), RedisError> {
+        let builder = || {
+            let nodes = self
+                .nodes
+                .iter()
+                .map(|(host, port)| format!("redis://{host}:{port}/"));
+            let mut b = ClusterClient::builder(nodes).connection_timeout(CONNECT_TIMEOUT);
+            if let Some(u) = &self.username {
+                b = b.username(u);
+            }
+            if let Some(p) = &self.password {
+                b = b.password(p);
+            }
+            b
+        };
+        // Normal commands are bounded like a single server's (a failover inside the cluster
+        // is retried within the overall bound); blocking ones by their caller.
+        let normal = builder()
+            .response_timeout(RESPONSE_TIMEOUT)
+            .overall_response_timeout(Some(RESPONSE_TIMEOUT * 2))
+            .build()?;
+        Ok((normal, builder().build()?))
+    }
+}
+
+/// What the multi-node URLs share: `SCHEME[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]`, then
+/// an optional path after `/` and query after `?`.
+struct Parts<'a> {
+    nodes: Vec<(String, u16)>,
+    username: Option<String>,
+    password: Option<String>,
+    path: &'a str,
+    query: &'a str,
+}
+
+impl<'a> Parts<'a> {
+    fn split(
+        url: &'a str,
+        scheme: &str,
+        node: &str,
+        default_port: u16,
+    ) -> std::result::Result<Parts<'a>, String> {
+        let rest = url
+            .strip_prefix(scheme)
+            .ok_or_else(|| format!("the url does not start with {scheme}"))?;
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (mut username, mut password) = (None, None);
+        if let Some(info) = userinfo {
+            let (user, pass) = match info.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (info, None),
+            };
+            if !user.is_empty() {
+                username = Some(decode("user name", user)?);
+            }
+            if let Some(p) = pass {
+                password = Some(decode("password", p)?);
+            }
+        }
+        let mut nodes = Vec::new();
+        for host in hosts.split(',') {
+            nodes.push(parse_host(host, node, default_port)?);
+        }
+        Ok(Parts {
+            nodes,
+            username,
+            password,
+            path,
+            query,
+        })
+    }
+}
+
 /// `host[:port]` or `[v6]:port`.
-fn parse_host(text: &str) -> std::result::Result<(String, u16), String> {
-    let bad = || format!("sentinel address {text:?} is not HOST[:PORT]");
+fn parse_host(
+    text: &str,
+    node: &str,
+    default_port: u16,
+) -> std::result::Result<(String, u16), String> {
+    let bad = || format!("{node} address {text:?} is not HOST[:PORT]");
     if text.is_empty() {
-        return Err("a sentinel address is empty (check the commas)".into());
+        return Err(format!("a {node} address is empty (check the commas)"));
     }
     let (host, port) = if let Some(v6) = text.strip_prefix('[') {
         let (host, after) = v6.split_once(']').ok_or_else(bad)?;
@@ -169,10 +272,14 @@ fn parse_host(text: &str) -> std::result::Result<(String, u16), String> {
         return Err(bad());
     }
     let port = match port {
-        None => 26379,
+        None => default_port,
         Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad)?,
     };
     Ok((host.to_string(), port))
+}
+
+fn decode(what: &str, s: &str) -> std::result::Result<String, String> {
+    percent_decode(s).ok_or_else(|| format!("the {what} is not valid percent-encoding"))
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -199,26 +306,56 @@ pub(super) enum Target {
         url: SentinelUrl,
         sentinels: Box<tokio::sync::Mutex<SentinelClient>>,
     },
+    /// A Redis Cluster: the client follows slots and failovers itself. One client for normal
+    /// commands, one without a response timeout for blocking ones.
+    Cluster {
+        normal: Box<ClusterClient>,
+        blocking: Box<ClusterClient>,
+    },
 }
 
 impl Target {
-    /// The target of `url`: Sentinels for `redis+sentinel://`, else one server (`client`).
-    pub(super) fn sentinel(url: &str) -> Result<Target> {
-        let parsed = SentinelUrl::parse(url)
-            .map_err(|e| Error::Invalid(format!("redis store url is invalid: {e}")))?;
-        let sentinels = parsed
-            .client()
-            .map_err(|e| Error::Invalid(format!("redis store url is invalid: {e}")))?;
-        Ok(Target::Sentinel {
-            url: parsed,
-            sentinels: Box::new(tokio::sync::Mutex::new(sentinels)),
-        })
+    /// The target of a store `url`: Sentinels for `redis+sentinel://`, a cluster for
+    /// `redis+cluster://`, else the one server `client` names.
+    pub(super) fn of(url: &str, server: impl FnOnce() -> Result<Client>) -> Result<Target> {
+        let invalid = |e: String| Error::Invalid(format!("redis store url is invalid: {e}"));
+        if url.starts_with(SENTINEL_SCHEME) {
+            let parsed = SentinelUrl::parse(url).map_err(invalid)?;
+            let sentinels = parsed.client().map_err(|e| invalid(e.to_string()))?;
+            return Ok(Target::Sentinel {
+                url: parsed,
+                sentinels: Box::new(tokio::sync::Mutex::new(sentinels)),
+            });
+        }
+        if url.starts_with(CLUSTER_SCHEME) {
+            let parsed = ClusterUrl::parse(url).map_err(invalid)?;
+            let (normal, blocking) = parsed.clients().map_err(|e| invalid(e.to_string()))?;
+            return Ok(Target::Cluster {
+                normal: Box::new(normal),
+                blocking: Box::new(blocking),
+            });
+        }
+        Ok(Target::Server(server()?))
     }
 }
 
+/// A connection for normal commands.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A dedicated connection for blocking commands (see `RedisStore::blocking`).
+pub(super) enum Blocking {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
 struct Current {
-    client: Client,
-    conn: ConnectionManager,
+    /// The server's client (`None` for a cluster).
+    client: Option<Client>,
+    conn: Conn,
     generation: u64,
 }
 
@@ -238,15 +375,22 @@ struct Inner {
 impl Link {
     /// Connects to the target's server (asking the Sentinels which one is the master).
     pub(super) async fn open(target: Target, config: ConnectionManagerConfig) -> Result<Link> {
-        let client = match &target {
-            Target::Server(client) => client.clone(),
+        let connect = |e| super::command_error("connect", e);
+        let (client, conn) = match &target {
+            Target::Cluster { normal, .. } => (
+                None,
+                Conn::Cluster(normal.get_async_connection().await.map_err(connect)?),
+            ),
+            Target::Server(client) => (
+                Some(client.clone()),
+                Conn::Single(manager(client, &config).await?),
+            ),
             Target::Sentinel { url, sentinels } => {
-                master(url, &mut *sentinels.lock().await).await?
+                let client = master(url, &mut *sentinels.lock().await).await?;
+                let conn = Conn::Single(manager(&client, &config).await?);
+                (Some(client), conn)
             }
         };
-        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
-            .await
-            .map_err(|e| super::command_error("connect", e))?;
         Ok(Link {
             inner: Arc::new(Inner {
                 target,
@@ -261,12 +405,28 @@ impl Link {
         })
     }
 
-    /// A client for the current server (for dedicated, blocking connections).
-    pub(super) fn client(&self) -> Client {
-        self.inner.current.read().expect("link lock").client.clone()
+    /// A new connection for blocking commands, to the current server.
+    pub(super) async fn blocking(&self) -> std::result::Result<Blocking, RedisError> {
+        let client = match &self.inner.target {
+            Target::Cluster { blocking, .. } => {
+                return blocking.get_async_connection().await.map(Blocking::Cluster);
+            }
+            _ => self.inner.current.read().expect("link lock").client.clone(),
+        };
+        let client = client.expect("a server or Sentinel link has a client");
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(None)
+            .set_connection_timeout(Some(CONNECT_TIMEOUT));
+        let r = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await;
+        if let Err(e) = &r {
+            self.failed(e);
+        }
+        r.map(Blocking::Single)
     }
 
-    fn current(&self) -> (ConnectionManager, u64) {
+    fn current(&self) -> (Conn, u64) {
         let c = self.inner.current.read().expect("link lock");
         (c.conn.clone(), c.generation)
     }
@@ -315,21 +475,21 @@ impl Link {
             let same = {
                 let c = self.inner.current.read().expect("link lock");
                 c.generation != generation
-                    || c.client.get_connection_info().addr().to_string() == addr
+                    || c.client
+                        .as_ref()
+                        .is_some_and(|c| c.get_connection_info().addr().to_string() == addr)
             };
             if same {
                 // The master did not move (or another search switched already): the
                 // connection manager reconnects to it by itself.
                 return;
             }
-            match ConnectionManager::new_with_config(client.clone(), self.inner.config.clone())
-                .await
-            {
+            match manager(&client, &self.inner.config).await {
                 Ok(conn) => {
                     let mut c = self.inner.current.write().expect("link lock");
                     c.generation += 1;
-                    c.client = client;
-                    c.conn = conn;
+                    c.client = Some(client);
+                    c.conn = Conn::Single(conn);
                     info!(master = %url.master, %addr, "following the master the Sentinels name");
                     return;
                 }
@@ -341,6 +501,12 @@ impl Link {
         }
         warn!(master = %url.master, "gave up looking for the master; the next failing command looks again");
     }
+}
+
+async fn manager(client: &Client, config: &ConnectionManagerConfig) -> Result<ConnectionManager> {
+    ConnectionManager::new_with_config(client.clone(), config.clone())
+        .await
+        .map_err(|e| super::command_error("connect", e))
 }
 
 /// The master the Sentinels name, checked to answer as the master.
@@ -373,8 +539,10 @@ fn moved_master(e: &RedisError) -> bool {
 impl ConnectionLike for Link {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let (mut conn, _) = self.current();
-            let r = conn.req_packed_command(cmd).await;
+            let r = match self.current().0 {
+                Conn::Single(mut c) => c.req_packed_command(cmd).await,
+                Conn::Cluster(mut c) => c.req_packed_command(cmd).await,
+            };
             if let Err(e) = &r {
                 self.failed(e);
             }
@@ -389,8 +557,10 @@ impl ConnectionLike for Link {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let (mut conn, _) = self.current();
-            let r = conn.req_packed_commands(pipeline, offset, count).await;
+            let r = match self.current().0 {
+                Conn::Single(mut c) => c.req_packed_commands(pipeline, offset, count).await,
+                Conn::Cluster(mut c) => c.req_packed_commands(pipeline, offset, count).await,
+            };
             if let Err(e) = &r {
                 self.failed(e);
             }
@@ -399,7 +569,38 @@ impl ConnectionLike for Link {
     }
 
     fn get_db(&self) -> i64 {
-        self.current().0.get_db()
+        match self.current().0 {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl ConnectionLike for Blocking {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Blocking::Single(c) => c.req_packed_command(cmd),
+            Blocking::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Blocking::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Blocking::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Blocking::Single(c) => c.get_db(),
+            Blocking::Cluster(c) => c.get_db(),
+        }
     }
 }
 
@@ -429,6 +630,34 @@ mod tests {
         assert_eq!(u.sentinel_username, None);
         let plain = SentinelUrl::parse("redis+sentinel://h/m").unwrap();
         assert_eq!((plain.db, plain.password), (0, None));
+    }
+
+    #[test]
+    fn a_cluster_url_names_some_nodes_and_the_credentials() {
+        let u = ClusterUrl::parse("redis+cluster://app:pw@n1:7000,n2,[::1]:7002/").unwrap();
+        assert_eq!(
+            u.nodes,
+            [
+                ("n1".to_string(), 7000),
+                ("n2".to_string(), 6379),
+                ("::1".to_string(), 7002)
+            ]
+        );
+        assert_eq!(
+            (u.username.as_deref(), u.password.as_deref()),
+            (Some("app"), Some("pw"))
+        );
+        for (url, says) in [
+            ("redis+cluster://n1:7000/0", "no databases"),
+            ("redis+cluster://n1:7000?x=1", "unknown parameters"),
+            ("redis+cluster://n1:7000,", "empty"),
+            ("redis+cluster://n1:99999", "is not HOST[:PORT]"),
+        ] {
+            let e = ClusterUrl::parse(url).unwrap_err();
+            assert!(e.contains(says), "{url}: {e}");
+        }
+        assert!(check_multi_node("redis://h:6379/0").is_none());
+        assert_eq!(check_multi_node("redis+cluster://n1"), Some(Ok(())));
     }
 
     #[test]

@@ -34,8 +34,8 @@ use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
 use keys::{member, split_member, Keys};
 use link::{Link, Target};
 use parse::Source;
-use redis::aio::{ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, FromRedisValue, RedisError, Value};
+use redis::aio::ConnectionManagerConfig;
+use redis::{FromRedisValue, RedisError, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,7 +58,7 @@ struct Inner {
     link: Link,
     keys: Keys,
     namespace: String,
-    blocking: Mutex<Vec<MultiplexedConnection>>,
+    blocking: Mutex<Vec<link::Blocking>>,
     /// Every append goes through it (group commit).
     batcher: batch::Batcher,
 }
@@ -91,17 +91,12 @@ impl RedisStore {
         if url.starts_with("rediss://") {
             crate::tls::install_provider();
         }
-        let sentinel = url.starts_with(link::SENTINEL_SCHEME);
-        if sentinel && ca.is_some() {
+        if ca.is_some() && !url.starts_with("rediss://") {
             return Err(Error::Invalid(
-                "a certificate authority file applies to rediss:// stores; redis+sentinel:// stores are reached without TLS".into(),
+                "a certificate authority file applies to rediss:// stores only".into(),
             ));
         }
-        let target = if sentinel {
-            Target::sentinel(url)?
-        } else {
-            Target::Server(client_for(url, ca)?)
-        };
+        let target = Target::of(url, || client_for(url, ca))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -151,24 +146,12 @@ impl RedisStore {
         let idle = self.inner.blocking.lock().expect("pool lock").pop();
         let mut conn = match idle {
             Some(c) => c,
-            None => {
-                let config = AsyncConnectionConfig::new()
-                    .set_response_timeout(None)
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT));
-                match self
-                    .inner
-                    .link
-                    .client()
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        self.inner.link.failed(&e);
-                        return Err(command_error(what, e));
-                    }
-                }
-            }
+            None => self
+                .inner
+                .link
+                .blocking()
+                .await
+                .map_err(|e| command_error(what, e))?,
         };
         match tokio::time::timeout(wait + BLOCK_MARGIN, cmd.query_async::<T>(&mut conn)).await {
             Ok(Ok(v)) => {

@@ -1,0 +1,222 @@
+//! A store on a Redis Cluster (three masters, each with a replica): the real `ferry`
+//! coordinator and agent, given `redis+cluster://`, run jobs, and carry on without a restart
+//! when the master holding the namespace's slot is killed with SIGKILL and its replica takes
+//! over.
+
+use crate::cli::{ferry, Proc};
+use crate::harness::{self, serve_on_free_port, wait_until, DEADLINE};
+use ferry::domain::{JobPhase, JobState};
+use ferry::store::redis::RedisStore;
+use ferry::store::{Append, Error, Store, StreamId};
+use ferry_proto::{Event, JobId};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Six cluster-enabled servers on free loopback ports, joined as three masters with one
+/// replica each; stopped when dropped.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<(u16, Child)>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for i in 0..6 {
+            let data = dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&data).unwrap();
+            nodes.push(serve_on_free_port("redis-cluster-node", |port| {
+                let mut cmd = Command::new("redis-server");
+                cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .arg("--dir")
+                    .arg(&data)
+                    .args(["--save", "", "--appendonly", "no"])
+                    .args(["--cluster-enabled", "yes"])
+                    .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                    .args(["--cluster-node-timeout", "1000"]);
+                cmd
+            }));
+        }
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|(p, _)| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Cluster { _dir: dir, nodes }
+    }
+
+    fn url(&self) -> String {
+        format!("redis+cluster://127.0.0.1:{}", self.nodes[0].0)
+    }
+
+    fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.nodes.iter().map(|(p, _)| *p)
+    }
+
+    /// Waits until every node sees a healthy cluster with all six nodes.
+    async fn wait_ok(&self, skip: Option<u16>) {
+        wait_until(DEADLINE * 4, || async {
+            self.ports().filter(|p| Some(*p) != skip).all(|p| {
+                query::<String>(p, redis::cmd("CLUSTER").arg("INFO"))
+                    .is_ok_and(|info| info.contains("cluster_state:ok"))
+            })
+        })
+        .await;
+    }
+
+    /// The nodes serving `key`'s slot now, as ports: its master first, then its replicas
+    /// (those that have joined).
+    fn nodes_of(&self, key: &str) -> Option<Vec<u16>> {
+        let any = self
+            .ports()
+            .find(|p| query::<String>(*p, &redis::cmd("PING")).is_ok())?;
+        let slot: i64 = query(any, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).ok()?;
+        // CLUSTER SLOTS: [[start, end, [ip, port, id, ...], [ip, port, id, ...]...], ...]
+        let slots: Vec<Vec<redis::Value>> = query(any, redis::cmd("CLUSTER").arg("SLOTS")).ok()?;
+        let range = slots.into_iter().find(|r| {
+            let n = |i: usize| {
+                r.get(i)
+                    .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
+            };
+            n(0).is_some_and(|start| start <= slot) && n(1).is_some_and(|end| slot <= end)
+        })?;
+        range[2..]
+            .iter()
+            .map(|node| {
+                let node: Vec<redis::Value> = redis::from_redis_value(node.clone()).ok()?;
+                let port: i64 = redis::from_redis_value(node.get(1)?.clone()).ok()?;
+                Some(port as u16)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            drop(child.stdin.take()); // the guard stops its server
+            let _ = child.wait();
+        }
+    }
+}
+
+fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+    cmd.query(&mut conn)
+}
+
+fn kill9(port: u16) {
+    let info: String = query(port, redis::cmd("INFO").arg("server")).unwrap();
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .expect("INFO server names the process id")
+        .trim()
+        .to_string();
+    assert!(Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// The job's phase, or `None` while the store cannot be read (a failover in progress).
+async fn phase(store: &dyn Store, job: JobId) -> Option<JobPhase> {
+    let mut state = JobState::new(job);
+    for s in store.read_stream(&StreamId::Job(job), 0).await.ok()? {
+        state.evolve(&s.decode().unwrap(), s.envelope.at_ms);
+    }
+    Some(state.phase)
+}
+
+/// Appends a one-step no-op job, retrying while the store is unavailable; a conflict means an
+/// earlier attempt landed.
+async fn submit(store: &dyn Store) -> JobId {
+    let job = JobId::new();
+    let created: Event =
+        ferry::store::conformance::noop_job(job, "v1", "default", &["build"]).into();
+    wait_until(DEADLINE * 4, || async {
+        match store
+            .append(Append::new(StreamId::Job(job), vec![created.clone()]).expect(0))
+            .await
+        {
+            Ok(_) | Err(Error::Conflict { .. }) => true,
+            Err(_) => false,
+        }
+    })
+    .await;
+    job
+}
+
+fn succeeded_once(events: &[Event]) {
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::StepSucceeded(_)))
+            .count(),
+        1,
+        "{events:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_and_agent_run_on_a_cluster_and_survive_its_failover() {
+    let cluster = Cluster::start();
+    cluster.wait_ok(None).await;
+    let (url, ns) = (cluster.url(), harness::namespace());
+    let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &ns).await.unwrap());
+    let _coordinator = Proc(
+        ferry(&url, &ns)
+            .env("FERRY_COORDINATOR_SWEEP_INTERVAL", "200ms")
+            .arg("coordinator")
+            .spawn()
+            .unwrap(),
+    );
+    let _agent = Proc(
+        ferry(&url, &ns)
+            .env("FERRY_AGENT_NAME", "a1")
+            .arg("agent")
+            .spawn()
+            .unwrap(),
+    );
+
+    let before = submit(&*store).await;
+    succeeded_once(&harness::job_succeeded(&*store, before, DEADLINE).await);
+
+    // The namespace is one slot: kill the master serving it, once its replica has everything.
+    let slot = format!("{{{ns}}}");
+    wait_until(DEADLINE * 4, || async {
+        cluster.nodes_of(&slot).is_some_and(|n| n.len() == 2)
+    })
+    .await;
+    let nodes = cluster.nodes_of(&slot).unwrap();
+    let (master, replica) = (nodes[0], nodes[1]);
+    let synced: i64 = query(master, redis::cmd("WAIT").arg(1).arg(5000)).unwrap();
+    assert_eq!(synced, 1, "the replica acknowledged every write");
+    kill9(master);
+    wait_until(DEADLINE * 4, || async {
+        cluster.nodes_of(&slot).and_then(|n| n.first().copied()) == Some(replica)
+    })
+    .await;
+    cluster.wait_ok(Some(master)).await;
+
+    // Neither process was restarted.
+    let after = submit(&*store).await;
+    wait_until(DEADLINE * 4, || async {
+        phase(&*store, after).await.is_some_and(|p| p.is_terminal())
+    })
+    .await;
+    succeeded_once(&harness::job_succeeded(&*store, after, DEADLINE).await);
+    succeeded_once(&harness::job_succeeded(&*store, before, DEADLINE).await);
+}
