@@ -111,11 +111,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 
 /// A store URL without its passwords, for messages.
 fn redact(url: &str) -> String {
-    use crate::store::redis::link::{CLUSTER_SCHEME, SENTINEL_SCHEME};
-    let Some(scheme) = [SENTINEL_SCHEME, CLUSTER_SCHEME]
-        .into_iter()
-        .find(|s| url.starts_with(s))
-    else {
+    let Some(scheme) = crate::store::redis::link::multi_node_scheme(url) else {
         return match url::Url::parse(url) {
             Ok(mut u) if u.password().is_some() => {
                 let _ = u.set_password(Some("***"));

@@ -177,7 +177,8 @@ pub struct Config {
     pub file: Option<PathBuf>,
     /// The event store URL; `None` selects the embedded store.
     pub store: Option<String>,
-    /// PEM file of the certificate authorities a `rediss://` store's certificate must chain to;
+    /// PEM file of the certificate authorities a TLS store's certificates (`rediss://`,
+    /// `rediss+sentinel://`, `rediss+cluster://`) must chain to;
     /// `None`: the system's trust store.
     pub store_ca_file: Option<PathBuf>,
     /// Prefix (and Redis Cluster hash tag) of every key: several ferry installations can share

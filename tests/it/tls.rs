@@ -1,8 +1,9 @@
 //! `rediss://`: a real redis-server speaking only TLS, with a certificate from a test CA made by
 //! `openssl`. ferry connects when told the CA (`store_ca_file`), and refuses a server whose
-//! certificate it cannot verify.
+//! certificate it cannot verify. The same for a master behind a TLS Sentinel
+//! (`rediss+sentinel://`) and for a TLS Redis Cluster (`rediss+cluster://`).
 
-use crate::harness::{free_port, wait_for, DEADLINE, GUARD};
+use crate::harness::{free_port, serve_on_free_port, wait_for, DEADLINE, GUARD};
 use ferry::store::redis::RedisStore;
 use ferry::store::{Append, EventLog, StreamId};
 use ferry_proto::{Event, WebhookReceived};
@@ -162,4 +163,141 @@ async fn a_rediss_store_works_with_its_ca_and_is_refused_without_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("webhooks: ignored 1"));
+}
+
+/// `redis-server` speaking only TLS on `port`, with the test certificates in `dir`.
+fn tls_server(dir: &Path, port: u16) -> Command {
+    // (absolute paths: the guard that runs it does not take a working directory along)
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .arg("--tls-cert-file")
+        .arg(dir.join("srv.crt"))
+        .arg("--tls-key-file")
+        .arg(dir.join("srv.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(dir.join("ca.crt"))
+        .args([
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir);
+    cmd
+}
+
+/// Appends a webhook event through a store at `url` (trusting `ca`) once it answers, and
+/// reads it back; then checks that without the CA the store cannot be opened.
+async fn round_trip(url: &str, ca: Vec<u8>) {
+    let event = Event::WebhookReceived(WebhookReceived {
+        event: "Tag Push Hook".into(),
+        action: "ignored".into(),
+        ..Default::default()
+    });
+    let store = wait_for(DEADLINE * 4, "the TLS store to take an append", || {
+        let (url, ca, event) = (url.to_string(), ca.clone(), event.clone());
+        async move {
+            let store = RedisStore::connect_tls(&url, "tls", Some(ca)).await.ok()?;
+            store
+                .append(Append::new(StreamId::Webhooks, vec![event]))
+                .await
+                .ok()?;
+            Some(store)
+        }
+    })
+    .await;
+    let read = store.read_stream(&StreamId::Webhooks, 0).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].decode().unwrap(), event);
+    let refused = RedisStore::connect(url, "tls").await;
+    assert!(
+        refused.is_err(),
+        "{url}: connected to a server it cannot verify"
+    );
+}
+
+struct Guarded(Vec<Child>);
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            drop(child.stdin.take()); // the guard stops its server
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_sentinel_store_reaches_its_master_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let (master, master_guard) =
+        serve_on_free_port("tls-master", |port| tls_server(dir.path(), port));
+    let mut guards = Guarded(vec![master_guard]);
+    let (sentinel, sentinel_guard) = serve_on_free_port("tls-sentinel", |port| {
+        let conf = dir.path().join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port 0\ntls-port {port}\nbind 127.0.0.1\ndir {d}\n\
+                 tls-cert-file {d}/srv.crt\ntls-key-file {d}/srv.key\n\
+                 tls-ca-cert-file {d}/ca.crt\ntls-auth-clients no\ntls-replication yes\n\
+                 sentinel monitor tls-main 127.0.0.1 {master} 1\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("redis-server");
+        cmd.arg(&conf).arg("--sentinel");
+        cmd
+    });
+    guards.0.push(sentinel_guard);
+    let ca = std::fs::read(dir.path().join("ca.crt")).unwrap();
+    round_trip(
+        &format!("rediss+sentinel://127.0.0.1:{sentinel}/tls-main"),
+        ca,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_cluster_store_works_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let mut guards = Guarded(Vec::new());
+    let mut ports = Vec::new();
+    for i in 0..3 {
+        let data = dir.path().join(format!("node{i}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let (port, guard) = serve_on_free_port("tls-cluster-node", |port| {
+            let mut cmd = tls_server(dir.path(), port);
+            cmd.arg("--dir")
+                .arg(&data)
+                .args(["--cluster-enabled", "yes", "--tls-cluster", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")]);
+            cmd
+        });
+        guards.0.push(guard);
+        ports.push(port);
+    }
+    let out = Command::new("redis-cli")
+        .args(["--tls", "--cacert"])
+        .arg(dir.path().join("ca.crt"))
+        .args(["--cluster", "create"])
+        .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("run redis-cli --cluster create");
+    assert!(
+        out.status.success(),
+        "redis-cli --cluster create: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ca = std::fs::read(dir.path().join("ca.crt")).unwrap();
+    round_trip(&format!("rediss+cluster://127.0.0.1:{}", ports[0]), ca).await;
 }

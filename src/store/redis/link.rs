@@ -27,28 +27,45 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, Pipeline, RedisError, RedisFuture, Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, Pipeline, RedisError, RedisFuture,
+    TlsCertificates, TlsMode, Value,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tracing::{info, warn};
 
-/// The scheme of a store given by its Sentinels.
-pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
-/// The scheme of a store on a Redis Cluster.
-pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+/// The schemes of a store given by its Sentinels: plain, and TLS to the Sentinels and the
+/// data nodes.
+pub const SENTINEL_SCHEMES: [&str; 2] = ["redis+sentinel://", "rediss+sentinel://"];
+/// The schemes of a store on a Redis Cluster: plain, and TLS.
+pub const CLUSTER_SCHEMES: [&str; 2] = ["redis+cluster://", "rediss+cluster://"];
+
+/// The multi-node scheme `url` starts with, if any.
+pub fn multi_node_scheme(url: &str) -> Option<&'static str> {
+    SENTINEL_SCHEMES
+        .into_iter()
+        .chain(CLUSTER_SCHEMES)
+        .find(|s| url.starts_with(s))
+}
 
 /// Whether `url` names a store by several nodes (Sentinels or cluster nodes), whose authority a
 /// URL parser cannot hold; `Some(Err(why))` when such a url is invalid.
 pub fn check_multi_node(url: &str) -> Option<std::result::Result<(), String>> {
-    if url.starts_with(SENTINEL_SCHEME) {
-        return Some(SentinelUrl::parse(url).map(|_| ()));
+    let scheme = multi_node_scheme(url)?;
+    Some(if SENTINEL_SCHEMES.contains(&scheme) {
+        SentinelUrl::parse(url).map(|_| ())
+    } else {
+        ClusterUrl::parse(url).map(|_| ())
+    })
+}
+
+/// Trust for a TLS store: the PEM certificates `ca` when given, else the system's roots.
+fn certificates(ca: &[u8]) -> TlsCertificates {
+    TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca.to_vec()),
     }
-    if url.starts_with(CLUSTER_SCHEME) {
-        return Some(ClusterUrl::parse(url).map(|_| ()));
-    }
-    None
 }
 
 /// How long one attempt to learn the master from the Sentinels may take.
@@ -62,6 +79,8 @@ const RESOLVE_ATTEMPTS: u32 = 150;
 /// A parsed `redis+sentinel://` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SentinelUrl {
+    /// TLS to the Sentinels and to the data nodes (`rediss+sentinel://`).
+    pub tls: bool,
     pub sentinels: Vec<(String, u16)>,
     pub master: String,
     pub db: i64,
@@ -74,12 +93,13 @@ pub struct SentinelUrl {
 impl SentinelUrl {
     /// Parses `url`; errors name what is wrong with it.
     pub fn parse(url: &str) -> std::result::Result<SentinelUrl, String> {
-        let parts = Parts::split(url, SENTINEL_SCHEME, "sentinel", 26379)?;
+        let parts = Parts::split(url, SENTINEL_SCHEMES, "sentinel", 26379)?;
         let mut path = parts.path.split('/');
         let master = path.next().unwrap_or("");
         if master.is_empty() {
             return Err(format!(
-                "name the master the Sentinels monitor: {SENTINEL_SCHEME}HOST:PORT[,HOST:PORT...]/MASTER[/DB]"
+                "name the master the Sentinels monitor: {}HOST:PORT[,HOST:PORT...]/MASTER[/DB]",
+                SENTINEL_SCHEMES[0]
             ));
         }
         let master = decode("master name", master)?;
@@ -110,6 +130,7 @@ impl SentinelUrl {
             }
         }
         Ok(SentinelUrl {
+            tls: parts.tls,
             sentinels: parts.nodes,
             master,
             db,
@@ -120,13 +141,28 @@ impl SentinelUrl {
         })
     }
 
-    fn client(&self) -> std::result::Result<SentinelClient, RedisError> {
-        let addrs = self
-            .sentinels
-            .iter()
-            .map(|(host, port)| ConnectionAddr::Tcp(host.clone(), *port));
+    fn client(&self, ca: Option<&[u8]>) -> std::result::Result<SentinelClient, RedisError> {
+        let addrs = self.sentinels.iter().map(|(host, port)| match self.tls {
+            true => ConnectionAddr::TcpTls {
+                host: host.clone(),
+                port: *port,
+                insecure: false,
+                tls_params: None,
+            },
+            false => ConnectionAddr::Tcp(host.clone(), *port),
+        });
         let mut b = SentinelClientBuilder::new(addrs, &self.master, SentinelServerType::Master)?
             .set_client_to_redis_db(self.db);
+        if self.tls {
+            b = b
+                .set_client_to_sentinel_tls_mode(TlsMode::Secure)
+                .set_client_to_redis_tls_mode(TlsMode::Secure);
+            if let Some(ca) = ca {
+                b = b
+                    .set_client_to_sentinel_certificates(certificates(ca))
+                    .set_client_to_redis_certificates(certificates(ca));
+            }
+        }
         if let Some(u) = &self.username {
             b = b.set_client_to_redis_username(u);
         }
@@ -146,6 +182,8 @@ impl SentinelUrl {
 /// A parsed `redis+cluster://` URL: some of the cluster's nodes (the client learns the rest).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterUrl {
+    /// TLS to every node (`rediss+cluster://`).
+    pub tls: bool,
     pub nodes: Vec<(String, u16)>,
     pub username: Option<String>,
     pub password: Option<String>,
@@ -154,30 +192,41 @@ pub struct ClusterUrl {
 impl ClusterUrl {
     /// Parses `url`; errors name what is wrong with it.
     pub fn parse(url: &str) -> std::result::Result<ClusterUrl, String> {
-        let parts = Parts::split(url, CLUSTER_SCHEME, "cluster node", 6379)?;
+        let parts = Parts::split(url, CLUSTER_SCHEMES, "cluster node", 6379)?;
         if !parts.path.is_empty() {
             return Err(format!(
-                "a cluster has no databases or names: {CLUSTER_SCHEME}HOST:PORT[,HOST:PORT...], got path {:?}",
-                parts.path
+                "a cluster has no databases or names: {}HOST:PORT[,HOST:PORT...], got path {:?}",
+                CLUSTER_SCHEMES[0], parts.path
             ));
         }
         if !parts.query.is_empty() {
             return Err(format!("unknown parameters {:?}", parts.query));
         }
         Ok(ClusterUrl {
+            tls: parts.tls,
             nodes: parts.nodes,
             username: parts.username,
             password: parts.password,
         })
     }
 
-    fn clients(&self) -> std::result::Result<(ClusterClient, ClusterClient), RedisError> {
+    fn clients(
+        &self,
+        ca: Option<&[u8]>,
+    ) -> std::result::Result<(ClusterClient, ClusterClient), RedisError> {
+        let scheme = if self.tls { "rediss" } else { "redis" };
         let builder = || {
             let nodes = self
                 .nodes
                 .iter()
-                .map(|(host, port)| format!("redis://{host}:{port}/"));
+                .map(|(host, port)| format!("{scheme}://{host}:{port}/"));
             let mut b = ClusterClient::builder(nodes).connection_timeout(CONNECT_TIMEOUT);
+            if self.tls {
+                b = b.tls(TlsMode::Secure);
+                if let Some(ca) = ca {
+                    b = b.certs(certificates(ca));
+                }
+            }
             if let Some(u) = &self.username {
                 b = b.username(u);
             }
@@ -199,6 +248,7 @@ impl ClusterUrl {
 /// What the multi-node URLs share: `SCHEME[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]`, then
 /// an optional path after `/` and query after `?`.
 struct Parts<'a> {
+    tls: bool,
     nodes: Vec<(String, u16)>,
     username: Option<String>,
     password: Option<String>,
@@ -207,15 +257,23 @@ struct Parts<'a> {
 }
 
 impl<'a> Parts<'a> {
+    /// `schemes`: the plain one, then the TLS one.
     fn split(
         url: &'a str,
-        scheme: &str,
+        schemes: [&str; 2],
         node: &str,
         default_port: u16,
     ) -> std::result::Result<Parts<'a>, String> {
-        let rest = url
-            .strip_prefix(scheme)
-            .ok_or_else(|| format!("the url does not start with {scheme}"))?;
+        let (tls, rest) = match (url.strip_prefix(schemes[0]), url.strip_prefix(schemes[1])) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => {
+                return Err(format!(
+                    "the url does not start with {}",
+                    schemes.join(" or ")
+                ))
+            }
+        };
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (userinfo, hosts) = match authority.rsplit_once('@') {
@@ -240,6 +298,7 @@ impl<'a> Parts<'a> {
             nodes.push(parse_host(host, node, default_port)?);
         }
         Ok(Parts {
+            tls,
             nodes,
             username,
             password,
@@ -316,26 +375,31 @@ pub(super) enum Target {
 
 impl Target {
     /// The target of a store `url`: Sentinels for `redis+sentinel://`, a cluster for
-    /// `redis+cluster://`, else the one server `client` names.
-    pub(super) fn of(url: &str, server: impl FnOnce() -> Result<Client>) -> Result<Target> {
+    /// `redis+cluster://` (`rediss+…` for TLS, trusting `ca` when given), else the one server
+    /// `server` names.
+    pub(super) fn of(
+        url: &str,
+        ca: Option<&[u8]>,
+        server: impl FnOnce() -> Result<Client>,
+    ) -> Result<Target> {
         let invalid = |e: String| Error::Invalid(format!("redis store url is invalid: {e}"));
-        if url.starts_with(SENTINEL_SCHEME) {
+        let Some(scheme) = multi_node_scheme(url) else {
+            return Ok(Target::Server(server()?));
+        };
+        if SENTINEL_SCHEMES.contains(&scheme) {
             let parsed = SentinelUrl::parse(url).map_err(invalid)?;
-            let sentinels = parsed.client().map_err(|e| invalid(e.to_string()))?;
+            let sentinels = parsed.client(ca).map_err(|e| invalid(e.to_string()))?;
             return Ok(Target::Sentinel {
                 url: parsed,
                 sentinels: Box::new(tokio::sync::Mutex::new(sentinels)),
             });
         }
-        if url.starts_with(CLUSTER_SCHEME) {
-            let parsed = ClusterUrl::parse(url).map_err(invalid)?;
-            let (normal, blocking) = parsed.clients().map_err(|e| invalid(e.to_string()))?;
-            return Ok(Target::Cluster {
-                normal: Box::new(normal),
-                blocking: Box::new(blocking),
-            });
-        }
-        Ok(Target::Server(server()?))
+        let parsed = ClusterUrl::parse(url).map_err(invalid)?;
+        let (normal, blocking) = parsed.clients(ca).map_err(|e| invalid(e.to_string()))?;
+        Ok(Target::Cluster {
+            normal: Box::new(normal),
+            blocking: Box::new(blocking),
+        })
     }
 }
 
@@ -629,6 +693,8 @@ mod tests {
         assert_eq!(u.sentinel_password.as_deref(), Some("s3"));
         assert_eq!(u.sentinel_username, None);
         let plain = SentinelUrl::parse("redis+sentinel://h/m").unwrap();
+        assert!(!plain.tls);
+        assert!(SentinelUrl::parse("rediss+sentinel://h/m").unwrap().tls);
         assert_eq!((plain.db, plain.password), (0, None));
     }
 
@@ -656,6 +722,7 @@ mod tests {
             let e = ClusterUrl::parse(url).unwrap_err();
             assert!(e.contains(says), "{url}: {e}");
         }
+        assert!(!u.tls && ClusterUrl::parse("rediss+cluster://n1").unwrap().tls);
         assert!(check_multi_node("redis://h:6379/0").is_none());
         assert_eq!(check_multi_node("redis+cluster://n1"), Some(Ok(())));
     }

@@ -88,15 +88,14 @@ impl RedisStore {
         ca: Option<Vec<u8>>,
     ) -> Result<RedisStore> {
         let keys = Keys::new(namespace)?;
-        if url.starts_with("rediss://") {
+        if url.starts_with("rediss") {
             crate::tls::install_provider();
-        }
-        if ca.is_some() && !url.starts_with("rediss://") {
+        } else if ca.is_some() {
             return Err(Error::Invalid(
-                "a certificate authority file applies to rediss:// stores only".into(),
+                "a certificate authority file applies to TLS stores (rediss://…) only".into(),
             ));
         }
-        let target = Target::of(url, || client_for(url, ca))?;
+        let target = Target::of(url, ca.as_deref(), || client_for(url, ca.clone()))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
