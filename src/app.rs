@@ -75,11 +75,17 @@ impl StoreLocation {
                     })?),
                     None => None,
                 };
-                Arc::new(
-                    RedisStore::connect_tls(url, namespace, ca)
-                        .await
-                        .with_context(|| format!("cannot open store {}", redact(url)))?,
-                )
+                let store = RedisStore::connect_tls(url, namespace, ca)
+                    .await
+                    .with_context(|| format!("cannot open store {}", redact(url)))?;
+                let (warnings, notes) = store.configuration_risks().await;
+                for w in warnings {
+                    tracing::warn!(store = %redact(url), "{w}");
+                }
+                for n in notes {
+                    tracing::info!(store = %redact(url), "{n}");
+                }
+                Arc::new(store)
             }
             StoreLocation::Embedded(path) => {
                 let path = path.clone();

@@ -436,3 +436,36 @@ async fn the_coordinator_and_the_agent_serve_their_metrics() {
     })
     .await;
 }
+
+/// Like Sidekiq and BullMQ, ferry warns at start when Redis may evict its keys.
+#[test]
+fn a_redis_that_may_evict_keys_is_warned_about_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, mut guard) = harness::serve_on_free_port("redis-lru", |port| {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"]);
+        cmd
+    });
+    let replay = |url: &str| {
+        let out = ferry(url, &harness::namespace())
+            .arg("replay")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    let evicting = replay(&format!("redis://127.0.0.1:{port}/"));
+    assert!(
+        evicting.contains("maxmemory-policy is allkeys-lru")
+            && evicting.contains("set maxmemory-policy noeviction"),
+        "{evicting}"
+    );
+    let fine = replay(&harness::shared().url());
+    assert!(!fine.contains("maxmemory-policy"), "{fine}");
+    drop(guard.stdin.take());
+    let _ = guard.wait();
+}

@@ -116,6 +116,36 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// What in the server's configuration puts ferry's data at risk: `(warnings, notes)`.
+    /// Warnings: a `maxmemory-policy` other than `noeviction` (under memory pressure Redis
+    /// would silently drop events, queued steps and leases). Notes: persistence off
+    /// (`appendonly no`: a restart loses what the last snapshot lacks). Both empty when the
+    /// server does not let clients read its configuration (managed services often block
+    /// `CONFIG`).
+    pub async fn configuration_risks(&self) -> (Vec<String>, Vec<String>) {
+        let get = |name: &'static str| async move {
+            let pair: Vec<String> = self
+                .query("config get", redis::cmd("CONFIG").arg("GET").arg(name))
+                .await
+                .ok()?;
+            pair.get(1).cloned()
+        };
+        let (mut warnings, mut notes) = (Vec::new(), Vec::new());
+        if let Some(policy) = get("maxmemory-policy").await {
+            if policy != "noeviction" {
+                warnings.push(format!(
+                    "Redis may evict ferry's keys (maxmemory-policy is {policy}): under memory pressure it would silently drop events, queued steps and leases; set maxmemory-policy noeviction"
+                ));
+            }
+        }
+        if get("appendonly").await.as_deref() == Some("no") {
+            notes.push(
+                "Redis persistence is off (appendonly no): a Redis restart loses the events acknowledged since its last snapshot; set appendonly yes for a fleet".into(),
+            );
+        }
+        (warnings, notes)
+    }
+
     /// The namespace this store's keys live in.
     pub fn namespace(&self) -> &str {
         &self.inner.namespace
