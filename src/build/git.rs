@@ -1,6 +1,7 @@
 //! Checkout with gix (blocking API: call from `spawn_blocking`). One bare mirror per project,
 //! fetched incrementally with explicit refspecs, then the tag's tree exported into a plain
-//! directory after checking that the tag still points at the commit the job was planned for.
+//! directory after checking that the tag still points at the commit the job was planned for;
+//! past [`MAX_PACKS`] packs the mirror is collected with `git gc`.
 //!
 //! Transports: `file://` and plain paths (gix runs `git upload-pack`, so `git` must be on `PATH`),
 //! `git://` and `http(s)://` (pure Rust; TLS through rustls with the ring provider), and ssh
@@ -16,6 +17,12 @@ use std::sync::atomic::AtomicBool;
 /// (A bare clone saves no fetch refspec; passing them on each fetch keeps the mirror's config
 /// irrelevant and lets a project's clone URL change.)
 const REFSPECS: [&str; 2] = ["+refs/tags/*:refs/tags/*", "+refs/heads/*:refs/heads/*"];
+
+/// Every fetch that brings objects leaves one more pack in the mirror, and gix, unlike `git
+/// fetch`, never collects them: past this many packs (git's own `gc.autoPackLimit`) the checkout
+/// runs `git gc` on the mirror, so that a project with years of tags does not slow every object
+/// lookup, or run out of file descriptors, over thousands of packs.
+pub(super) const MAX_PACKS: usize = 50;
 
 pub(super) struct Checkout {
     /// `<data_dir>/mirrors`.
@@ -39,6 +46,9 @@ pub(super) struct Checkout {
 pub(super) struct CheckedOut {
     pub files: usize,
     pub mirror_created: bool,
+    /// The mirror was collected after the checkout: its packs before and after, or why `git
+    /// gc` failed (the checkout itself succeeded either way).
+    pub collected: Option<Result<(usize, usize), String>>,
 }
 
 pub(super) fn checkout(req: &Checkout, interrupt: &AtomicBool) -> Result<CheckedOut, Error> {
@@ -170,10 +180,50 @@ pub(super) fn checkout(req: &Checkout, interrupt: &AtomicBool) -> Result<Checked
             first.error
         )));
     }
+    // Collected last, after every read from the mirror (gc replaces the packs gix has open).
+    drop(commit);
+    drop(reference);
+    drop(repo);
+    let collected = match packs(&dir) {
+        Ok(before) if before > MAX_PACKS => Some(collect(&dir).map(|after| (before, after))),
+        Ok(_) => None,
+        Err(e) => Some(Err(format!("counting packs: {e}"))),
+    };
     Ok(CheckedOut {
         files: done.files_updated,
         mirror_created,
+        collected,
     })
+}
+
+/// The number of packs in the bare repository at `dir`.
+pub(super) fn packs(dir: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir.join("objects/pack"))? {
+        if entry?.path().extension().is_some_and(|e| e == "pack") {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// `git gc` on the mirror (caller holds its lock); the packs left.
+fn collect(dir: &Path) -> Result<usize, String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["gc", "--quiet"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running git gc: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "git gc failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    packs(dir).map_err(|e| format!("counting packs: {e}"))
 }
 
 /// The mirror's directory name for a project path: injective (`group/app` and `group_app` get

@@ -310,6 +310,14 @@ async fn run_in(
             "updated"
         }
     ));
+    match &checked_out.collected {
+        Some(Ok((before, after))) => ferry(format!(
+            "mirror collected: {before} packs into {after} (more than {} after fetches)",
+            git::MAX_PACKS
+        )),
+        Some(Err(e)) => ferry(format!("mirror not collected (the build goes on): {e}")),
+        None => {}
+    }
 
     let mut vars: Vec<(String, String)> = Vec::new();
     vars.push((

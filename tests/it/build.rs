@@ -1030,3 +1030,65 @@ async fn an_agent_records_the_host_key_its_ssh_clone_pinned() {
         .expect("the build succeeded");
     assert!(pinned[0] < succeeded, "recorded before the outcome");
 }
+
+#[tokio::test]
+async fn a_mirror_with_too_many_packs_is_collected_after_the_checkout() {
+    let repo = Repo::new();
+    let env = repo.env();
+    let spec = spec(&repo.file_url());
+    run(&env, "v2.0.0", &repo.second, 1, &spec)
+        .await
+        .result
+        .unwrap();
+    // As years of fetches would leave it: one pack per fetch that brought something.
+    let mirror = env.data_dir.join("mirrors/group_2fapp.git");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(
+            r#"for i in $(seq 1 55); do
+                 echo "filler $i" | git hash-object -w --stdin | git pack-objects -q objects/pack/pack >/dev/null || exit 1
+               done"#,
+        )
+        .current_dir(&mirror)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let packs = || {
+        std::fs::read_dir(mirror.join("objects/pack"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "pack")
+            })
+            .count()
+    };
+    assert!(packs() > 55, "{} packs", packs());
+
+    let again = run(&env, "v2.0.0", &repo.second, 2, &spec).await;
+    again.result.unwrap();
+    assert!(
+        ferry_said(&again.lines, "mirror collected:"),
+        "{:?}",
+        again.lines
+    );
+    assert!(packs() <= 2, "{} packs after gc", packs());
+    // The mirror still serves the tags, and the next build is an ordinary update.
+    assert_eq!(
+        git(&mirror, &["rev-parse", "refs/tags/v2.0.0^{commit}"]),
+        repo.second
+    );
+    let third = run(&env, "v2.0.0", &repo.second, 3, &spec).await;
+    third.result.unwrap();
+    assert!(
+        !ferry_said(&third.lines, "mirror collected"),
+        "{:?}",
+        third.lines
+    );
+}
