@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts,
 };
 use std::net::SocketAddr;
 use std::sync::LazyLock;
@@ -65,6 +66,13 @@ pub struct CoordinatorMetrics {
     /// `ferry_steps_ready{pool}`: steps waiting in each configured pool's ready queue, set by
     /// the sweep leader only (the others expose none).
     pub steps_ready: IntGaugeVec,
+    /// `ferry_steps_ready_wait_seconds{pool}`: how long the step at the head of each
+    /// configured pool's ready queue (the next to be claimed) has waited; 0 when the queue is
+    /// empty. Sweep leader only.
+    pub ready_wait: GaugeVec,
+    /// `ferry_steps_delayed`: retries waiting for their due time (all pools). Sweep leader
+    /// only.
+    pub steps_delayed: IntGauge,
 }
 
 /// The agent's metrics.
@@ -170,6 +178,23 @@ pub static COORDINATOR: LazyLock<CoordinatorMetrics> = LazyLock::new(|| {
                     "Steps waiting in a pool's ready queue (from the coordinator holding the sweep lock).",
                 ),
                 &["pool"],
+            )
+            .expect("valid metric"),
+        ),
+        ready_wait: register(
+            GaugeVec::new(
+                Opts::new(
+                    "ferry_steps_ready_wait_seconds",
+                    "How long the next step of a pool's ready queue has waited, 0 when empty (from the coordinator holding the sweep lock).",
+                ),
+                &["pool"],
+            )
+            .expect("valid metric"),
+        ),
+        steps_delayed: register(
+            IntGauge::new(
+                "ferry_steps_delayed",
+                "Retries waiting for their due time (from the coordinator holding the sweep lock).",
             )
             .expect("valid metric"),
         ),
@@ -289,6 +314,7 @@ mod tests {
         // Families of labelled gauges and counters whose label values come from the
         // configuration show once they have a child.
         COORDINATOR.steps_ready.with_label_values(&["any"]);
+        COORDINATOR.ready_wait.with_label_values(&["any"]);
         AGENT.claims.with_label_values(&["any"]);
         let gateway = prometheus::Registry::new();
         crate::gateway::Metrics::register(&gateway).unwrap();

@@ -616,9 +616,10 @@ fn wakes_coordinator(event: &Event) -> bool {
 }
 
 /// One coordinator at a time expires leases, promotes due retries, records agents whose
-/// heartbeat lapsed as lost, expires the logs of jobs that ended longer than `keep_logs` ago
-/// and reports the ready steps of `pools` (the projects' pools) as `ferry_steps_ready`. The scripts are atomic and idempotent, so a second sweeper during a lock handover
-/// costs work, never correctness.
+/// heartbeat lapsed as lost, expires the logs of jobs that ended longer than `keep_logs` ago,
+/// and reports the queues: ready steps of `pools` (the projects' pools) and how long the head
+/// of each has waited, and the delayed retries. The scripts are atomic and idempotent, so a
+/// second sweeper during a lock handover costs work, never correctness.
 async fn sweep_duty(
     store: Arc<dyn Store>,
     holder: String,
@@ -660,20 +661,25 @@ async fn sweep_duty(
         if token.is_none() {
             // Only the leader reports queue depths, so that they are not counted twice.
             METRICS.steps_ready.reset();
+            METRICS.ready_wait.reset();
+            METRICS.steps_delayed.set(0);
             continue;
         }
-        if !pools.is_empty() {
-            match store.ready_counts(&pools).await {
-                Ok(counts) => {
-                    for (pool, n) in pools.iter().zip(counts) {
-                        METRICS
-                            .steps_ready
-                            .with_label_values(&[pool.as_str()])
-                            .set(n as i64);
-                    }
+        match store.queue_depths(&pools).await {
+            Ok(depths) => {
+                let now = now_ms();
+                for (pool, (n, head)) in pools.iter().zip(depths.ready) {
+                    let pool = pool.as_str();
+                    METRICS.steps_ready.with_label_values(&[pool]).set(n as i64);
+                    let waited = head.map_or(0, |at| now.saturating_sub(at));
+                    METRICS
+                        .ready_wait
+                        .with_label_values(&[pool])
+                        .set(waited as f64 / 1000.0);
                 }
-                Err(e) => warn!(error = %e, "counting ready steps failed"),
+                METRICS.steps_delayed.set(depths.delayed as i64);
             }
+            Err(e) => warn!(error = %e, "counting queued steps failed"),
         }
         match store.expire_due(256).await {
             Ok(expired) => {

@@ -116,7 +116,7 @@ macro_rules! store_conformance {
             expire_due_appends_lease_expired,
             a_lease_that_ran_out_is_dead_before_the_sweep,
             scheduled_steps_are_promoted_only_when_due,
-            ready_counts_count_each_pools_ready_steps,
+            queue_depths_count_ready_and_delayed_steps,
             clear_job_removes_queue_entries_and_leases,
             finish_drops_the_lease,
             requeueing_a_leased_step_fences_out_its_holder,
@@ -993,9 +993,9 @@ pub async fn a_lease_that_ran_out_is_dead_before_the_sweep(fx: &Fixture) {
     );
 }
 
-/// `ready_counts`: ready steps per pool, in the order asked; delayed and claimed steps are not
-/// counted; no pools is a caller's mistake.
-pub async fn ready_counts_count_each_pools_ready_steps(fx: &Fixture) {
+/// `queue_depths`: ready steps per pool, in the order asked, with when the head of each was
+/// queued; delayed steps counted apart; claimed steps not at all.
+pub async fn queue_depths_count_ready_and_delayed_steps(fx: &Fixture) {
     let s = &**fx;
     let job = JobId::new();
     let later = Event::StepRetryScheduled(StepRetryScheduled {
@@ -1006,6 +1006,7 @@ pub async fn ready_counts_count_each_pools_ready_steps(fx: &Fixture) {
         due_ms: super::now_ms() + 3_600_000,
         reason: "flaky".into(),
     });
+    let before = super::now_ms();
     append(
         s,
         Append::new(
@@ -1019,14 +1020,32 @@ pub async fn ready_counts_count_each_pools_ready_steps(fx: &Fixture) {
         ),
     )
     .await;
+    let after = super::now_ms();
     let all = pools(&["p2", "p1", "p3"]);
-    assert_eq!(s.ready_counts(&all).await.unwrap(), [1, 2, 0]);
+    let depths = s.queue_depths(&all).await.unwrap();
+    let counts: Vec<u64> = depths.ready.iter().map(|(n, _)| *n).collect();
+    assert_eq!(counts, [1, 2, 0]);
+    assert_eq!(depths.delayed, 1);
+    for (n, head) in &depths.ready {
+        match head {
+            // (the store's clock may run a little apart from this process's)
+            Some(at) => assert!(*at + 1_000 >= before && *at <= after + 1_000, "{at}"),
+            None => assert_eq!(*n, 0),
+        }
+    }
     s.claim(&pools(&["p1"]), &"a".into(), LONG)
         .await
         .unwrap()
         .expect("a claim");
-    assert_eq!(s.ready_counts(&all).await.unwrap(), [1, 1, 0]);
-    assert!(matches!(s.ready_counts(&[]).await, Err(Error::Invalid(_))));
+    let depths = s.queue_depths(&all).await.unwrap();
+    let counts: Vec<u64> = depths.ready.iter().map(|(n, _)| *n).collect();
+    assert_eq!(counts, [1, 1, 0]);
+    let only_delayed = s.queue_depths(&[]).await.unwrap();
+    assert_eq!((only_delayed.ready.len(), only_delayed.delayed), (0, 1));
+    assert!(matches!(
+        s.queue_depths(&pools(&["a b"])).await,
+        Err(Error::Invalid(_))
+    ));
 }
 
 pub async fn scheduled_steps_are_promoted_only_when_due(fx: &Fixture) {

@@ -120,9 +120,25 @@ pub fn queue_score(priority: i32, enqueued_ms: u64) -> f64 {
     (band * (1u64 << 43) + enqueued_ms.min((1u64 << 43) - 1)) as f64
 }
 
+/// When a step with ready-queue score `score` was queued (the inverse of [`queue_score`]'s
+/// time part).
+pub fn queued_at(score: f64) -> u64 {
+    (score as u64) % (1u64 << 43)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_score_gives_back_its_queue_time() {
+        for p in [-100, -3, 0, 7, 100] {
+            assert_eq!(
+                queued_at(queue_score(p, 1_800_000_000_123)),
+                1_800_000_000_123
+            );
+        }
+    }
 
     #[test]
     fn higher_priority_sorts_first_then_older() {

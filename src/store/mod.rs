@@ -17,7 +17,8 @@ pub mod sqlite;
 mod validate;
 
 pub use effects::{
-    effects_of, environment_index, index_keys, queue_score, tag_index, Effect, LIVE, PRIORITY_RANGE,
+    effects_of, environment_index, index_keys, queue_score, queued_at, tag_index, Effect, LIVE,
+    PRIORITY_RANGE,
 };
 
 use async_trait::async_trait;
@@ -216,6 +217,16 @@ pub struct Claim {
     pub history: Vec<Stored>,
 }
 
+/// What [`WorkQueue::queue_depths`] reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueDepths {
+    /// Per pool asked, in order: ready steps, and when the step at the head of the queue (the
+    /// next to be claimed) was queued, store-clock ms (`None` when the queue is empty).
+    pub ready: Vec<(u64, Option<u64>)>,
+    /// Steps in the delayed set.
+    pub delayed: u64,
+}
+
 /// A step waiting in a queue.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Queued {
@@ -358,9 +369,10 @@ pub trait WorkQueue: Send + Sync {
     async fn wait_for_work(&self, pools: &[String], timeout: Duration) -> Result<()>;
     /// Everything waiting, ready and delayed, in no particular order.
     async fn queued(&self) -> Result<Vec<Queued>>;
-    /// How many steps are ready in each of `pools`, in that order (delayed ones not counted).
-    /// Cheap whatever the queues' length: for gauges read every few seconds.
-    async fn ready_counts(&self, pools: &[String]) -> Result<Vec<u64>>;
+    /// The depth of each of `pools`' ready queue, in that order, and how many steps wait in
+    /// the delayed set (retries not due yet, all pools). Cheap whatever the queues' length: for
+    /// gauges read every few seconds.
+    async fn queue_depths(&self, pools: &[String]) -> Result<QueueDepths>;
 }
 
 /// **Leases** on claimed steps. Deadlines use the store's clock, never the caller's.

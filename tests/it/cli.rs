@@ -428,13 +428,24 @@ async fn the_coordinator_and_the_agent_serve_their_metrics() {
         "{c}"
     );
     assert_eq!(sample(&c, "ferry_sweep_leader"), Some(1.0), "{c}");
-    harness::wait_for(DEADLINE, "the idle pool's depth", || {
+    // The idle pool's step waits (nobody serves it): its depth shows, and how long it has
+    // waited grows from one sweep to the next.
+    let waited = |c: &str| sample(c, r#"ferry_steps_ready_wait_seconds{pool="idle"}"#);
+    let c = harness::wait_for(DEADLINE, "the idle pool's depth", || {
         let get = get(coordinator.clone());
         async move {
-            (sample(&get.await, r#"ferry_steps_ready{pool="idle"}"#) == Some(1.0)).then_some(())
+            let c = get.await;
+            (sample(&c, r#"ferry_steps_ready{pool="idle"}"#) == Some(1.0)).then_some(c)
         }
     })
     .await;
+    let first = waited(&c).expect("the idle pool's wait");
+    harness::wait_for(DEADLINE, "the idle pool's wait to grow", || {
+        let get = get(coordinator.clone());
+        async move { (waited(&get.await)? > first).then_some(()) }
+    })
+    .await;
+    assert_eq!(sample(&c, "ferry_steps_delayed"), Some(0.0), "{c}");
 }
 
 /// Like Sidekiq and BullMQ, ferry warns at start when Redis may evict its keys.

@@ -26,8 +26,9 @@ pub use scripts::queue_score_probe;
 
 use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positive_ms};
 use crate::store::{
-    Agents, Append, Appended, Claim, Error, EventLog, Feed, Fence, LeaderLock, Lease, Leases,
-    LogPos, Logs, Queued, Result, Snapshots, Stored, StreamId, Version, WorkQueue, LOG_MAX_LINES,
+    queued_at, Agents, Append, Appended, Claim, Error, EventLog, Feed, Fence, LeaderLock, Lease,
+    Leases, LogPos, Logs, QueueDepths, Queued, Result, Snapshots, Stored, StreamId, Version,
+    WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
@@ -609,18 +610,40 @@ impl WorkQueue for RedisStore {
         Ok(())
     }
 
-    async fn ready_counts(&self, pools: &[String]) -> Result<Vec<u64>> {
-        check_pools(pools)?;
-        if pools.is_empty() {
-            return Ok(Vec::new());
+    async fn queue_depths(&self, pools: &[String]) -> Result<QueueDepths> {
+        if !pools.is_empty() {
+            check_pools(pools)?;
         }
         let mut pipe = redis::pipe();
+        pipe.cmd("ZCARD").arg(self.keys().delayed());
         for p in pools {
             pipe.cmd("ZCARD").arg(self.keys().ready(p));
+            pipe.cmd("ZRANGE")
+                .arg(self.keys().ready(p))
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
         }
-        pipe.query_async(&mut self.conn())
+        let (delayed, ready): (u64, Vec<(u64, Vec<(String, f64)>)>) = pipe
+            .query_async::<Vec<Value>>(&mut self.conn())
             .await
-            .map_err(|e| command_error("count ready steps", e))
+            .and_then(|v| {
+                let mut v = v.into_iter();
+                let delayed = redis::from_redis_value(v.next().unwrap_or(Value::Nil))?;
+                let mut ready = Vec::new();
+                while let (Some(n), Some(head)) = (v.next(), v.next()) {
+                    ready.push((redis::from_redis_value(n)?, redis::from_redis_value(head)?));
+                }
+                Ok((delayed, ready))
+            })
+            .map_err(|e| command_error("count queued steps", e))?;
+        Ok(QueueDepths {
+            ready: ready
+                .into_iter()
+                .map(|(n, head)| (n, head.first().map(|(_, score)| queued_at(*score))))
+                .collect(),
+            delayed,
+        })
     }
 
     async fn queued(&self) -> Result<Vec<Queued>> {

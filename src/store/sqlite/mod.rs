@@ -60,9 +60,9 @@ use crate::store::validate::{
     check_append, check_name, check_nonempty, check_pools, ms, positive_ms,
 };
 use crate::store::{
-    effects_of, now_ms, Agents, Append, Appended, Claim, Effect, Error, EventLog, Expected, Feed,
-    Fence, LeaderLock, Lease, Leases, LogPos, Logs, Queued, Result, Snapshots, Stored, StreamId,
-    Version, WorkQueue, LOG_MAX_LINES,
+    effects_of, now_ms, queued_at, Agents, Append, Appended, Claim, Effect, Error, EventLog,
+    Expected, Feed, Fence, LeaderLock, Lease, Leases, LogPos, Logs, QueueDepths, Queued, Result,
+    Snapshots, Stored, StreamId, Version, WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{
@@ -983,19 +983,30 @@ impl WorkQueue for SqliteStore {
         Ok(())
     }
 
-    async fn ready_counts(&self, pools: &[String]) -> Result<Vec<u64>> {
-        check_pools(pools)?;
+    async fn queue_depths(&self, pools: &[String]) -> Result<QueueDepths> {
+        if !pools.is_empty() {
+            check_pools(pools)?;
+        }
         let pools = pools.to_vec();
-        self.read("count ready steps".into(), move |tx| {
+        self.read("count queued steps".into(), move |tx| {
             let mut stmt = tx.tx.prepare_cached(
-                "SELECT count(*) FROM queue WHERE pool = ?1 AND score IS NOT NULL",
+                "SELECT count(*), min(score) FROM queue WHERE pool = ?1 AND score IS NOT NULL",
             )?;
-            let mut counts = Vec::with_capacity(pools.len());
+            let mut ready = Vec::with_capacity(pools.len());
             for p in &pools {
-                let n: i64 = stmt.query_row([p], |r| r.get(0))?;
-                counts.push(n.max(0) as u64);
+                let (n, head): (i64, Option<i64>) =
+                    stmt.query_row([p], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                ready.push((n.max(0) as u64, head.map(|s| queued_at(s as f64))));
             }
-            Ok(counts)
+            let delayed: i64 = tx.tx.query_row(
+                "SELECT count(*) FROM queue WHERE due_ms IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(QueueDepths {
+                ready,
+                delayed: delayed.max(0) as u64,
+            })
         })
         .await
     }
