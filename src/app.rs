@@ -33,7 +33,7 @@ impl StoreLocation {
         let text = text.trim();
         if text.starts_with("redis://")
             || text.starts_with("rediss://")
-            || crate::store::redis::link::check_multi_node(text).is_some()
+            || crate::store::redis::urls::check_multi_node(text).is_some()
         {
             return Ok(StoreLocation::Redis(text.to_string()));
         }
@@ -117,7 +117,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 
 /// A store URL without its passwords, for messages.
 fn redact(url: &str) -> String {
-    let Some(scheme) = crate::store::redis::link::multi_node_scheme(url) else {
+    let Some(scheme) = crate::store::redis::urls::multi_node_scheme(url) else {
         return match url::Url::parse(url) {
             Ok(mut u) if u.password().is_some() => {
                 let _ = u.set_password(Some("***"));

@@ -893,8 +893,8 @@ fn build(
         // A bare path names an embedded store's file (`*.db`, `*.sqlite`, `*.sqlite3`).
         Some(store) if is_store_file(store.trim()) => Some(store),
         // Sentinel and cluster URLs list several hosts, which a URL's authority cannot hold.
-        Some(store) if crate::store::redis::link::check_multi_node(store.trim()).is_some() => {
-            if let Some(Err(e)) = crate::store::redis::link::check_multi_node(store.trim()) {
+        Some(store) if crate::store::redis::urls::check_multi_node(store.trim()).is_some() => {
+            if let Some(Err(e)) = crate::store::redis::urls::check_multi_node(store.trim()) {
                 return Err(cx.err("store", format!("invalid store url: {e}")));
             }
             Some(store)

@@ -7,11 +7,11 @@
 //! comments are their contracts, and [`keys`] for the layout). Scripts read the store's clock
 //! with `redis.call('TIME')`, so node clocks never matter.
 //!
-//! Normal commands go through a [`Link`]: a [`redis::aio::ConnectionManager`] (reconnects with
-//! backoff, bounded response time) to one server, or to the master a set of Sentinels names,
-//! followed across failovers (see [`link`]). Blocking commands (`XREADGROUP ... BLOCK`, `BLPOP`) use dedicated connections from a
-//! small pool, so they never delay other commands, and are bounded by the block time plus a
-//! margin.
+//! Normal commands go through a [`Link`] (see [`link`]): a [`redis::aio::ConnectionManager`]
+//! (reconnects with backoff, bounded response time) to one server or to the master a set of
+//! Sentinels names, followed across failovers, or a Redis Cluster client. Blocking commands
+//! (`XREADGROUP ... BLOCK`, `BLPOP`) use dedicated connections from a small pool, so they never
+//! delay other commands, and are bounded by the block time plus a margin.
 //!
 //! What Redis cannot promise: with asynchronous replication a failover can lose acknowledged
 //! writes; durability is what the server's `appendonly` / `appendfsync` settings make it.
@@ -21,6 +21,7 @@ mod keys;
 pub mod link;
 mod parse;
 mod scripts;
+pub mod urls;
 
 pub use scripts::queue_score_probe;
 
@@ -73,9 +74,9 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to the Redis at `url` (`redis://host:port/db`, or the master Sentinels name:
-    /// `redis+sentinel://host:port[,host:port...]/master[/db]`, see [`link`]) and uses the keys
-    /// of `namespace` (no whitespace or braces). Fails with [`Error::Unavailable`] if the server
+    /// Connects to the Redis at `url` (`redis://host:port/db`; the master Sentinels name,
+    /// `redis+sentinel://…`; a cluster, `redis+cluster://…`; see [`urls`]) and uses the keys of
+    /// `namespace` (no whitespace or braces). Fails with [`Error::Unavailable`] if the server
     /// does not answer.
     pub async fn connect(url: &str, namespace: &str) -> Result<RedisStore> {
         RedisStore::connect_tls(url, namespace, None).await
