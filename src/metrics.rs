@@ -201,6 +201,21 @@ pub static COORDINATOR: LazyLock<CoordinatorMetrics> = LazyLock::new(|| {
     }
 });
 
+/// Metrics of the store connection, for every role on a Redis store.
+pub struct StoreMetrics {
+    /// `ferry_store_master_switches_total`: times this process moved to another master that
+    /// the Redis Sentinels named (a failover or switchover).
+    pub master_switches: IntCounter,
+}
+
+/// The store connection's metrics, registered at first use (when a Sentinel store is opened).
+pub static STORE: LazyLock<StoreMetrics> = LazyLock::new(|| StoreMetrics {
+    master_switches: counter(
+        "ferry_store_master_switches_total",
+        "Times this process followed the Redis Sentinels to another master.",
+    ),
+});
+
 /// The agent's metrics, registered at first use.
 pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| {
     let steps = register(
@@ -315,6 +330,7 @@ mod tests {
         // configuration show once they have a child.
         COORDINATOR.steps_ready.with_label_values(&["any"]);
         COORDINATOR.ready_wait.with_label_values(&["any"]);
+        LazyLock::force(&STORE);
         AGENT.claims.with_label_values(&["any"]);
         let gateway = prometheus::Registry::new();
         crate::gateway::Metrics::register(&gateway).unwrap();

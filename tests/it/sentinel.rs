@@ -208,6 +208,10 @@ async fn coordinator_and_agent_follow_the_master_across_a_sentinel_failover() {
 
     // Neither process was restarted: both found the new master through the Sentinel.
     let after = submit(&*store).await;
+    assert!(
+        ferry::metrics::STORE.master_switches.get() >= 1,
+        "this process's store counted its switch"
+    );
     wait_until(DEADLINE * 4, || async {
         phase(&*store, after).await.is_some_and(|p| p.is_terminal())
     })

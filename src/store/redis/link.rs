@@ -27,7 +27,7 @@ use redis::{
     TlsCertificates, TlsMode, Value,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
@@ -218,6 +218,8 @@ impl Link {
                 Conn::Single(manager(client, &config).await?),
             ),
             Target::Sentinel { url, sentinels } => {
+                // (the switch counter shows at zero from the start, for rate() and alerts)
+                LazyLock::force(&crate::metrics::STORE);
                 let client = master(url, &mut *sentinels.lock().await).await?;
                 let conn = Conn::Single(manager(&client, &config).await?);
                 (Some(client), conn)
@@ -329,6 +331,7 @@ impl Link {
                     c.generation += 1;
                     c.client = Some(client);
                     c.conn = Conn::Single(conn);
+                    crate::metrics::STORE.master_switches.inc();
                     info!(master = %url.master, %addr, "following the master the Sentinels name");
                     return;
                 }
