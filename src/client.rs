@@ -392,9 +392,10 @@ fn render_agents(v: &Value) -> String {
             let state = if a["live"].as_bool() == Some(true) {
                 "live".to_string()
             } else {
-                match a["lost"].as_str() {
-                    Some(why) => format!("lost: {why}"),
-                    None => "not heartbeating".to_string(),
+                match (a["left"].as_str(), a["lost"].as_str()) {
+                    (Some(why), _) => format!("left: {why}"),
+                    (None, Some(why)) => format!("lost: {why}"),
+                    (None, None) => "not heartbeating".to_string(),
                 }
             };
             vec![

@@ -103,6 +103,7 @@ events! {
     23 => HostKeyPinned, "host_key_pinned", version 1;
     24 => DeploymentReported, "deployment_reported", version 1;
     25 => LogsExpired, "logs_expired", version 1;
+    26 => AgentLeft, "agent_left", version 1;
 }
 
 /// A webhook delivery that the gateway authenticated and stored. Written to the `webhooks`
@@ -437,6 +438,15 @@ pub struct AgentJoined {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentLost {
+    pub agent: AgentId,
+    pub reason: String,
+}
+
+/// An agent stopped on purpose (it was told to stop, and its running steps finished or were
+/// handed back). Written by the agent itself to the `agents` stream; the store removes it from
+/// the live agents in the same atomic append, so it is never reported lost for that stop.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentLeft {
     pub agent: AgentId,
     pub reason: String,
 }

@@ -235,6 +235,11 @@ fn sample(kind: u16) -> Event {
             kept_for_ms: 30 * 24 * 3600 * 1000,
         }
         .into(),
+        26 => AgentLeft {
+            agent,
+            reason: "shut down (SIGTERM)".into(),
+        }
+        .into(),
         other => panic!("no sample for kind {other}: add one"),
     };
     assert_eq!(e.kind(), kind);

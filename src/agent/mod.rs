@@ -9,7 +9,7 @@ pub mod runner;
 
 use crate::domain::JobState;
 use crate::store::{Append, Claim, Error, Store, StreamId};
-use ferry_proto::{AgentId, AgentJoined, StepSpec, StepStarted};
+use ferry_proto::{AgentId, AgentJoined, AgentLeft, StepSpec, StepStarted};
 use runner::StepRun;
 pub use runner::{ArtifactFetch, Runner};
 use std::future::Future;
@@ -147,6 +147,7 @@ pub async fn run(
     }
     info!(agent = %opts.name, grace = ?opts.shutdown_grace, "agent stopping; taking no new work");
     let all = opts.concurrency.max(1) as u32;
+    let mut reason = "shut down: running steps finished";
     if tokio::time::timeout(opts.shutdown_grace, slots.acquire_many(all))
         .await
         .is_err()
@@ -154,8 +155,24 @@ pub async fn run(
         info!(agent = %opts.name, "grace period over; handing running steps back");
         let _ = hand_back.send(true);
         let _ = slots.acquire_many(all).await;
+        reason = "shut down: running steps handed back after the grace period";
     }
     heartbeat.abort();
+    // Said, so that the coordinators do not report this stop as a lost agent later and the
+    // agent stops counting as live at once (its pools' waiting steps say so).
+    let left = AgentLeft {
+        agent: opts.name.clone(),
+        reason: reason.into(),
+    };
+    match store
+        .append(Append::new(StreamId::Agents, vec![left.into()]))
+        .await
+    {
+        Ok(_) => info!(agent = %opts.name, "agent left"),
+        Err(e) => {
+            warn!(agent = %opts.name, error = %e, "could not record that the agent left; it will be reported lost when its heartbeat lapses")
+        }
+    }
     Ok(())
 }
 

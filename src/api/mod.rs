@@ -786,6 +786,7 @@ async fn list_agents(State(state): State<ApiState>) -> Answer {
                 "live": deadline.is_some(),
                 // A lost agent that heartbeats again is live; its last loss stays on record.
                 "lost": known.and_then(|a| a.lost.clone()).filter(|_| deadline.is_none()),
+                "left": known.and_then(|a| a.left.clone()).filter(|_| deadline.is_none()),
             })
         })
         .collect();

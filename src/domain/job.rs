@@ -335,6 +335,7 @@ impl JobState {
             | Event::StepLog(_)
             | Event::AgentJoined(_)
             | Event::AgentLost(_)
+            | Event::AgentLeft(_)
             | Event::CommitStatusReported(_)
             | Event::DeploymentReported(_)
             | Event::LogsExpired(_) => {}

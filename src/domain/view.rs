@@ -16,6 +16,9 @@ pub struct AgentState {
     pub joined_at_ms: u64,
     /// Set when the agent was recorded as lost, with the reason.
     pub lost: Option<String>,
+    /// Set when the agent left on purpose (`AgentLeft`), with the reason.
+    #[serde(default)]
+    pub left: Option<String>,
 }
 
 /// A queued step as the log says it should be queued.
@@ -77,12 +80,18 @@ impl View {
                         capacity: a.capacity,
                         joined_at_ms: at_ms,
                         lost: None,
+                        left: None,
                     },
                 );
             }
             Event::AgentLost(a) => {
                 if let Some(agent) = self.agents.get_mut(&a.agent) {
                     agent.lost = Some(a.reason.clone());
+                }
+            }
+            Event::AgentLeft(a) => {
+                if let Some(agent) = self.agents.get_mut(&a.agent) {
+                    agent.left = Some(a.reason.clone());
                 }
             }
             _ => {}

@@ -137,6 +137,7 @@ macro_rules! store_conformance {
             bad_names_are_rejected,
             heartbeats_keep_agents_live,
             expire_agents_records_agent_lost_once,
+            an_agent_that_left_is_not_live_and_never_lost,
             an_agent_whose_heartbeat_ran_out_is_not_live_before_the_sweep,
         );
     };
@@ -1955,6 +1956,50 @@ pub async fn expire_agents_records_agent_lost_once(fx: &Fixture) {
     assert_eq!(again, vec![AgentId::new("gone-1")]);
     let stream = s.read_stream(&StreamId::Agents, 0).await.unwrap();
     assert_eq!(agent_lost(&stream).len(), 4);
+}
+
+/// `AgentLeft`, appended to the `agents` stream, takes the agent out of the live agents in the
+/// same append: it is not live at once, and its lapsing heartbeat is never reported as lost.
+/// The effect belongs in the agents stream only; queue effects do not belong there.
+pub async fn an_agent_that_left_is_not_live_and_never_lost(fx: &Fixture) {
+    let s = &**fx;
+    let short = Duration::from_millis(100);
+    s.heartbeat(&"leaving".into(), short).await.unwrap();
+    s.heartbeat(&"staying".into(), short).await.unwrap();
+    let left = Event::AgentLeft(ferry_proto::AgentLeft {
+        agent: "leaving".into(),
+        reason: "shut down".into(),
+    });
+    append(s, Append::new(StreamId::Agents, vec![left.clone()])).await;
+    let names: Vec<String> = live(s).await.into_iter().map(|(a, _)| a.0).collect();
+    assert_eq!(names, ["staying"]);
+    let lost = wait_for(DEADLINE, "the other heartbeat to lapse", || async {
+        let l = s.expire_agents(10).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    assert_eq!(
+        lost,
+        vec![AgentId::new("staying")],
+        "the one that left is not lost"
+    );
+    let stream = s.read_stream(&StreamId::Agents, 0).await.unwrap();
+    assert_eq!(agent_lost(&stream).len(), 1);
+
+    let job = JobId::new();
+    for (stream, event) in [
+        (StreamId::Job(job), left),
+        (StreamId::Agents, queued("a", "p1", 0, 1)),
+    ] {
+        let name = stream.name();
+        assert!(
+            matches!(
+                s.append(Append::new(stream, vec![event])).await,
+                Err(Error::Invalid(_))
+            ),
+            "{name}"
+        );
+    }
 }
 
 pub async fn an_agent_whose_heartbeat_ran_out_is_not_live_before_the_sweep(fx: &Fixture) {

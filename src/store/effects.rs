@@ -1,7 +1,8 @@
-//! What appending an event does to the live structures (queues and leases). Pure, and shared by
+//! What appending an event does to the live structures (queues, leases, live agents). Pure, and shared by
 //! every backend, so that "the queues are a projection of the log" holds by construction.
 
-use ferry_proto::{Event, JobCreated, StepId, StepSpec};
+use super::StreamId;
+use ferry_proto::{AgentId, Event, JobCreated, StepId, StepSpec};
 
 /// A change to the live structures that an appended event implies.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +32,26 @@ pub enum Effect {
     DropLogs,
     /// Record the job under these index keys (see [`index_keys`]).
     Index { keys: Vec<String> },
+    /// The agent leaves the registry of live agents (`AgentLeft`, in the `agents` stream).
+    Leave { agent: AgentId },
+}
+
+/// Why `effect` may not be appended to `stream`, if it may not: an agent's leave belongs in the
+/// `agents` stream, every other effect in a job's stream.
+pub fn misplaced(effect: &Effect, event: &Event, stream: &StreamId) -> Option<String> {
+    let name = stream.name();
+    match (effect, stream) {
+        (Effect::Leave { .. }, StreamId::Agents) => None,
+        (Effect::Leave { .. }, _) => Some(format!(
+            "{} belongs in the agents stream, not {name}",
+            event.name()
+        )),
+        (_, StreamId::Job(_)) => None,
+        _ => Some(format!(
+            "{} changes job queues but {name} is not a job stream",
+            event.name()
+        )),
+    }
 }
 
 /// The index keys a job is found under. Keys starting with [`LIVE`] hold only jobs that have not
@@ -102,6 +123,9 @@ pub fn effects_of(event: &Event) -> Option<Effect> {
         | Event::JobCancelled(_)
         | Event::JobSuperseded(_) => Effect::ClearJob,
         Event::LogsExpired(_) => Effect::DropLogs,
+        Event::AgentLeft(e) => Effect::Leave {
+            agent: e.agent.clone(),
+        },
         Event::JobCreated(plan) => Effect::Index {
             keys: index_keys(plan),
         },

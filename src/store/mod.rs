@@ -17,8 +17,8 @@ pub mod sqlite;
 mod validate;
 
 pub use effects::{
-    effects_of, environment_index, index_keys, queue_score, queued_at, tag_index, Effect, LIVE,
-    PRIORITY_RANGE,
+    effects_of, environment_index, index_keys, misplaced, queue_score, queued_at, tag_index,
+    Effect, LIVE, PRIORITY_RANGE,
 };
 
 use async_trait::async_trait;
@@ -480,7 +480,9 @@ pub const LOG_MAX_LINES: usize = 10_000;
 ///   call does not report it again unless it heartbeated and lapsed again in between.
 ///
 /// Registration facts (pools, labels, version, capacity) are events (`AgentJoined`) in the
-/// `agents` stream; the registry only keeps deadlines.
+/// `agents` stream; the registry only keeps deadlines. An agent that stops on purpose appends
+/// `AgentLeft` there, which takes it out of the registry in the same append (an effect, see
+/// [`effects_of`]): it is not live from then on and `expire_agents` never reports it.
 #[async_trait]
 pub trait Agents: Send + Sync {
     async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<()>;

@@ -206,6 +206,27 @@ async fn a_stopping_agent_hands_its_step_back_and_another_finishes_it() {
             .any(|e| matches!(e, Event::StepReleased(r) if r.agent.as_str() == "agent-1")),
         "{events:?}"
     );
+    // It said it left: no longer live at once, and never reported lost for this stop.
+    let said: Vec<String> = store
+        .read_stream(&StreamId::Agents, 0)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|s| match s.decode().unwrap() {
+            Event::AgentLeft(l) if l.agent.as_str() == "agent-1" => Some(l.reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        said,
+        ["shut down: running steps handed back after the grace period"]
+    );
+    assert!(!store
+        .live_agents()
+        .await
+        .unwrap()
+        .iter()
+        .any(|(a, _)| a.as_str() == "agent-1"));
     // Its processes are gone with it.
     wait_until(DEADLINE, || async {
         // SAFETY: signal 0 only checks whether the process exists.

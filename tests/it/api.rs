@@ -782,7 +782,7 @@ async fn an_ended_jobs_logs_expire_after_keep_logs_and_the_api_says_so() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_show_live_and_an_agent_that_stops_heartbeating_is_lost() {
+async fn agents_show_live_an_agent_that_stops_has_left_and_one_that_stops_heartbeating_is_lost() {
     let api = Api::start(&[TOKEN]).await;
     let roles = Roles::start(&api.store, 1, &[]);
     let (stop_agent, agent_rx) = watch::channel(false);
@@ -813,20 +813,50 @@ async fn agents_show_live_and_an_agent_that_stops_heartbeating_is_lost() {
         "no live agent serves pool nobody"
     );
 
+    // A stopped agent says it left: not live at once, not lost.
     let _ = stop_agent.send(true);
     agent.await.unwrap();
+    let (_, body) = api.get("/api/v1/agents").await;
+    let gone = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "worker-1")
+        .cloned()
+        .unwrap();
+    assert_eq!(gone["live"], false, "{gone}");
+    assert_eq!(gone["left"], "shut down: running steps finished", "{gone}");
+    assert!(gone["lost"].is_null(), "{gone}");
+
+    // One that just stops heartbeating (a crash, a cut network) is reported lost.
+    let joined = AgentJoined {
+        agent: "worker-2".into(),
+        pools: vec!["linux".into()],
+        labels: vec![],
+        version: "0".into(),
+        capacity: 1,
+    };
+    api.store
+        .append(Append::new(StreamId::Agents, vec![joined.into()]))
+        .await
+        .unwrap();
+    api.store
+        .heartbeat(&"worker-2".into(), Duration::from_millis(200))
+        .await
+        .unwrap();
     let lost = wait_for(DEADLINE, "the agent to be reported lost", || async {
         let (_, body) = api.get("/api/v1/agents").await;
         body["items"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|a| a["name"] == "worker-1" && a["live"] == false && a["lost"].is_string())
+            .find(|a| a["name"] == "worker-2" && a["live"] == false && a["lost"].is_string())
             .cloned()
     })
     .await;
     assert_eq!(lost["lost"], "heartbeat expired");
     assert!(lost["heartbeat_deadline"].is_null());
+    assert!(lost["left"].is_null());
     let recorded: Vec<AgentLost> = api
         .store
         .read_stream(&StreamId::Agents, 0)
@@ -839,7 +869,7 @@ async fn agents_show_live_and_an_agent_that_stops_heartbeating_is_lost() {
         })
         .collect();
     assert_eq!(recorded.len(), 1, "{recorded:?}");
-    assert_eq!(recorded[0].agent.as_str(), "worker-1");
+    assert_eq!(recorded[0].agent.as_str(), "worker-2");
     roles.stop().await;
 }
 

@@ -20,7 +20,9 @@ use super::link::Link;
 use super::{command_error, parse_num, scripts};
 use crate::store::validate::{check_append, check_name, check_nonempty};
 use crate::store::Version;
-use crate::store::{effects_of, Append, Appended, Effect, Error, Expected, Fence, LogPos, Result};
+use crate::store::{
+    effects_of, misplaced, Append, Appended, Effect, Error, Expected, Fence, LogPos, Result,
+};
 use redis::Value;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -70,11 +72,8 @@ pub(super) fn prepare(a: &Append) -> Result<Prepared> {
     text(a.events.len().to_string());
     for event in &a.events {
         let effect = effects_of(event);
-        if effect.is_some() && job.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{} changes job queues but {name} is not a job stream",
-                event.name()
-            )));
+        if let Some(why) = effect.as_ref().and_then(|e| misplaced(e, event, &a.stream)) {
+            return Err(Error::Invalid(why));
         }
         let none = String::new;
         let (what, step, attempt, pool, priority, due) = match effect {
@@ -119,6 +118,10 @@ pub(super) fn prepare(a: &Append) -> Result<Prepared> {
             }
             Some(Effect::ClearJob) => ("clear", none(), none(), none(), none(), none()),
             Some(Effect::DropLogs) => ("drop_logs", none(), none(), none(), none(), none()),
+            Some(Effect::Leave { agent }) => {
+                check_name("agent", agent.as_str())?;
+                ("leave", agent.0, none(), none(), none(), none())
+            }
         };
         args.push(event.kind().to_string().into_bytes());
         args.push(event.version().to_string().into_bytes());

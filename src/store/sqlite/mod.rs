@@ -60,9 +60,9 @@ use crate::store::validate::{
     check_append, check_name, check_nonempty, check_pools, ms, positive_ms,
 };
 use crate::store::{
-    effects_of, now_ms, queued_at, Agents, Append, Appended, Claim, Effect, Error, EventLog,
-    Expected, Feed, Fence, LeaderLock, Lease, Leases, LogPos, Logs, QueueDepths, Queued, Result,
-    Snapshots, Stored, StreamId, Version, WorkQueue, LOG_MAX_LINES,
+    effects_of, misplaced, now_ms, queued_at, Agents, Append, Appended, Claim, Effect, Error,
+    EventLog, Expected, Feed, Fence, LeaderLock, Lease, Leases, LogPos, Logs, QueueDepths, Queued,
+    Result, Snapshots, Stored, StreamId, Version, WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{
@@ -433,19 +433,19 @@ enum Planned {
     Index {
         keys: Vec<String>,
     },
+    Leave {
+        agent: String,
+    },
 }
 
 /// Checks an event's effect the way every backend must (names, index keys) and whether the
 /// stream may carry it.
-fn plan(event: &Event, name: &str, job: Option<&str>) -> Result<Planned> {
+fn plan(event: &Event, stream: &StreamId) -> Result<Planned> {
     let Some(effect) = effects_of(event) else {
         return Ok(Planned::None);
     };
-    if job.is_none() {
-        return Err(Error::Invalid(format!(
-            "{} changes job queues but {name} is not a job stream",
-            event.name()
-        )));
+    if let Some(why) = misplaced(&effect, event, stream) {
+        return Err(Error::Invalid(why));
     }
     Ok(match effect {
         Effect::Enqueue {
@@ -486,6 +486,10 @@ fn plan(event: &Event, name: &str, job: Option<&str>) -> Result<Planned> {
         }
         Effect::ClearJob => Planned::Clear,
         Effect::DropLogs => Planned::DropLogs,
+        Effect::Leave { agent } => {
+            check_name("agent", agent.as_str())?;
+            Planned::Leave { agent: agent.0 }
+        }
         Effect::Index { keys } => {
             for key in &keys {
                 check_nonempty("index key", key)?;
@@ -508,7 +512,7 @@ impl EventLog for SqliteStore {
         let job = a.stream.job().map(|j| j.to_string());
         let mut events = Vec::with_capacity(a.events.len());
         for event in &a.events {
-            let planned = plan(event, &name, job.as_deref())?;
+            let planned = plan(event, &a.stream)?;
             events.push((
                 event.kind(),
                 event.version(),
@@ -591,6 +595,11 @@ impl EventLog for SqliteStore {
                     Planned::Clear => tx.clear_job(job, at_ms)?,
                     Planned::DropLogs => tx.drop_logs(job)?,
                     Planned::Index { keys } => tx.index(job, &keys)?,
+                    Planned::Leave { agent } => {
+                        tx.tx
+                            .prepare_cached("DELETE FROM agents WHERE name = ?1")?
+                            .execute([agent])?;
+                    }
                 }
             }
 

@@ -16,7 +16,7 @@
 //! | `logs` | one per output line | `id` (INTEGER PRIMARY KEY AUTOINCREMENT), `job`, `payload` (rmp named `StepLog`) |
 //! | `log_lines` | one per job with output | `job`, `kept`: lines kept, for lazy trimming |
 //! | `snapshots` | one per name | `name`, `bytes` |
-//! | `agents` | one per registered agent | `name`, `deadline_ms` (heartbeat deadline, store clock) |
+//! | `agents` | one per registered agent | `name`, `deadline_ms` (heartbeat deadline, store clock); deleted with `agent_left` or `agent_lost` |
 //! | `feed_groups` | one per consumer group | `name`, `delivered`: the last log `pos` handed to the group |
 //! | `feed_pending` | one per delivered, unacknowledged entry | `grp`, `pos`, `consumer`, `delivered_ms`, `deliveries` |
 //!
