@@ -935,9 +935,33 @@ async fn cli_lists_and_shows_jobs_through_the_api() {
         "{text}"
     );
 
+    let joined = AgentJoined {
+        agent: "gone-agent".into(),
+        pools: vec!["lonely".into()],
+        labels: vec![],
+        version: "0".into(),
+        capacity: 1,
+    };
+    let left = AgentLeft {
+        agent: "gone-agent".into(),
+        reason: "shut down: running steps finished".into(),
+    };
+    api.store
+        .append(Append::new(
+            StreamId::Agents,
+            vec![joined.into(), left.into()],
+        ))
+        .await
+        .unwrap();
     let out = ferry(&[&["agents", "list"][..], &flags].concat()).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).starts_with("NAME"), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("gone-agent")
+            && l.ends_with("left: shut down: running steps finished")),
+        "{text}"
+    );
 
     // API errors come out as the API's message, with a non-zero exit
     let unknown = JobId::new().to_string();
