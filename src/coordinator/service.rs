@@ -49,7 +49,11 @@ impl Default for Options {
             takeover_after: Duration::from_secs(5),
             projects: Vec::new(),
             batch: 256,
-            keep_logs: Some(Duration::from_secs(30 * 86_400)),
+            // the configuration's default, written once there
+            keep_logs: Some(
+                humantime::parse_duration(crate::config::defaults::KEEP_LOGS)
+                    .expect("the default keep_logs is a duration"),
+            ),
         }
     }
 }
