@@ -1,5 +1,6 @@
-//! What appending an event does to the live structures (queues, leases, live agents). Pure, and shared by
-//! every backend, so that "the queues are a projection of the log" holds by construction.
+//! What appending an event does to the live structures (queues, leases, live agents). Pure,
+//! and shared by every backend, so that "the queues are a projection of the log" holds by
+//! construction.
 
 use super::StreamId;
 use ferry_proto::{AgentId, Event, JobCreated, StepId, StepSpec};
