@@ -220,8 +220,17 @@ pub struct AgentsArgs {
 /// `ferry agents <command>`
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum AgentsCommand {
-    /// List live and lost agents.
+    /// List live, stopped and lost agents.
     List,
+    /// Ask a live agent to stop as on SIGTERM: it takes no new work, lets its running steps
+    /// finish (handing them back after its grace period) and exits. It hears of it with its
+    /// next heartbeat.
+    Stop {
+        name: String,
+        /// Why, recorded in the agents' history.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
 }
 
 /// `ferry deploy PROJECT TAG --env ENV`

@@ -189,6 +189,20 @@ pub async fn agents(args: &AgentsArgs) -> anyhow::Result<()> {
             let v = client.call(Method::GET, "/agents", &[], None).await?;
             print(args.conn.json, &v, &render_agents(&v));
         }
+        AgentsCommand::Stop {
+            ref name,
+            ref reason,
+        } => {
+            let path = format!("/agents/{}/stop", segment(name));
+            let body = reason.as_ref().map(|r| serde_json::json!({ "reason": r }));
+            let v = client.call(Method::POST, &path, &[], body).await?;
+            let text = format!(
+                "agent {} asked to stop ({}); it stops taking work at its next heartbeat\n",
+                s(&v["name"]),
+                s(&v["stop_requested"])
+            );
+            print(args.conn.json, &v, &text);
+        }
     }
     Ok(())
 }
@@ -390,7 +404,10 @@ fn render_agents(v: &Value) -> String {
         .map(|a| {
             let pools: Vec<String> = a["pools"].as_array().into_iter().flatten().map(s).collect();
             let state = if a["live"].as_bool() == Some(true) {
-                "live".to_string()
+                match a["stop_requested"].as_str() {
+                    Some(why) => format!("live, stopping: {why}"),
+                    None => "live".to_string(),
+                }
             } else {
                 match (a["left"].as_str(), a["lost"].as_str()) {
                     (Some(why), _) => format!("left: {why}"),

@@ -104,6 +104,7 @@ events! {
     24 => DeploymentReported, "deployment_reported", version 1;
     25 => LogsExpired, "logs_expired", version 1;
     26 => AgentLeft, "agent_left", version 1;
+    27 => AgentStopRequested, "agent_stop_requested", version 1;
 }
 
 /// A webhook delivery that the gateway authenticated and stored. Written to the `webhooks`
@@ -447,6 +448,16 @@ pub struct AgentLost {
 /// the live agents in the same atomic append, so it is never reported lost for that stop.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentLeft {
+    pub agent: AgentId,
+    pub reason: String,
+}
+
+/// Someone asked a live agent to stop (`POST /api/v1/agents/{name}/stop`): it takes no new work,
+/// lets its running steps finish (handing them back after its grace period), records
+/// `AgentLeft` and exits, as on SIGTERM. The store keeps the request for the agent's next
+/// heartbeat; the agent's next `AgentJoined` (or `AgentLeft`) clears it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStopRequested {
     pub agent: AgentId,
     pub reason: String,
 }

@@ -240,6 +240,11 @@ fn sample(kind: u16) -> Event {
             reason: "shut down (SIGTERM)".into(),
         }
         .into(),
+        27 => AgentStopRequested {
+            agent,
+            reason: "kernel upgrade".into(),
+        }
+        .into(),
         other => panic!("no sample for kind {other}: add one"),
     };
     assert_eq!(e.kind(), kind);

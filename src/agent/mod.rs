@@ -63,7 +63,9 @@ impl std::fmt::Debug for Runner {
 /// Steps claimed in one call, at most.
 const MAX_CLAIM: usize = 32;
 
-/// Runs an agent until `shutdown` resolves; then takes no new work and waits for running steps.
+/// Runs an agent until `shutdown` resolves or a stop is requested of it (`AgentStopRequested`,
+/// brought back by a heartbeat); then takes no new work, waits for running steps (handing them
+/// back after `shutdown_grace`) and records `AgentLeft`.
 pub async fn run(
     store: Arc<dyn Store>,
     opts: Options,
@@ -88,13 +90,28 @@ pub async fn run(
     for pool in &opts.pools {
         METRICS.claims.with_label_values(&[pool.as_str()]);
     }
-    let heartbeat = tokio::spawn(keep_alive(store.clone(), opts.name.clone(), opts.lease_ttl));
+    let (stop_tx, mut stop_rx) = watch::channel(None);
+    let heartbeat = tokio::spawn(keep_alive(
+        store.clone(),
+        opts.name.clone(),
+        opts.lease_ttl,
+        stop_tx,
+    ));
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let (hand_back, hand_back_rx) = watch::channel(false);
-    tokio::pin!(shutdown);
+    // The agent stops when told to by its process (SIGTERM) or through the API (a stop request
+    // its heartbeat brings back, with the reason).
+    let stopping = async {
+        tokio::select! {
+            _ = shutdown => None,
+            r = stop_rx.wait_for(Option::is_some) => r.ok().and_then(|r| r.clone()),
+        }
+    };
+    tokio::pin!(stopping);
+    let requested: Option<String>;
     loop {
         let first = tokio::select! {
-            _ = &mut shutdown => break,
+            r = &mut stopping => { requested = r; break }
             p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
         // One claim call for every free slot: under load, steps are taken in batches.
@@ -108,7 +125,7 @@ pub async fn run(
         // A lease granted by this call runs out no earlier than TTL after it was sent.
         let asked = tokio::time::Instant::now();
         let claims = tokio::select! {
-            _ = &mut shutdown => break,
+            r = &mut stopping => { requested = r; break }
             c = store.claim_many(&opts.pools, &opts.name, opts.lease_ttl, permits.len()) => c,
         };
         match claims {
@@ -129,7 +146,7 @@ pub async fn run(
             Ok(_) => {
                 drop(permits);
                 tokio::select! {
-                    _ = &mut shutdown => break,
+                    r = &mut stopping => { requested = r; break }
                     r = store.wait_for_work(&opts.pools, Duration::from_secs(1)) => {
                         if let Err(e) = r {
                             warn!(error = %e, "waiting for work failed");
@@ -147,7 +164,7 @@ pub async fn run(
     }
     info!(agent = %opts.name, grace = ?opts.shutdown_grace, "agent stopping; taking no new work");
     let all = opts.concurrency.max(1) as u32;
-    let mut reason = "shut down: running steps finished";
+    let mut steps = "running steps finished";
     if tokio::time::timeout(opts.shutdown_grace, slots.acquire_many(all))
         .await
         .is_err()
@@ -155,14 +172,18 @@ pub async fn run(
         info!(agent = %opts.name, "grace period over; handing running steps back");
         let _ = hand_back.send(true);
         let _ = slots.acquire_many(all).await;
-        reason = "shut down: running steps handed back after the grace period";
+        steps = "running steps handed back after the grace period";
     }
+    let reason = match &requested {
+        Some(why) => format!("stopped on request ({why}): {steps}"),
+        None => format!("shut down: {steps}"),
+    };
     heartbeat.abort();
     // Said, so that the coordinators do not report this stop as a lost agent later and the
     // agent stops counting as live at once (its pools' waiting steps say so).
     let left = AgentLeft {
         agent: opts.name.clone(),
-        reason: reason.into(),
+        reason,
     };
     match store
         .append(Append::new(StreamId::Agents, vec![left.into()]))
@@ -177,15 +198,26 @@ pub async fn run(
 }
 
 /// Keeps the agent registered as live: a heartbeat at once, then every TTL/3, until aborted
-/// when the agent has stopped. An agent that stops heartbeating is recorded as lost by the
+/// when the agent has stopped; a stop requested through the API comes back with a heartbeat
+/// and is passed to `stop`. An agent that stops heartbeating is recorded as lost by the
 /// coordinators' sweep (`AgentLost`).
-async fn keep_alive(store: Arc<dyn Store>, agent: AgentId, ttl: Duration) {
+async fn keep_alive(
+    store: Arc<dyn Store>,
+    agent: AgentId,
+    ttl: Duration,
+    stop: watch::Sender<Option<String>>,
+) {
     let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = store.heartbeat(&agent, ttl).await {
-            warn!(%agent, error = %e, "heartbeat failed");
+        match store.heartbeat(&agent, ttl).await {
+            Ok(Some(why)) if stop.borrow().is_none() => {
+                info!(%agent, reason = %why, "stop requested; taking no new work");
+                stop.send_replace(Some(why));
+            }
+            Ok(_) => {}
+            Err(e) => warn!(%agent, error = %e, "heartbeat failed"),
         }
     }
 }

@@ -33,7 +33,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_proto::{kind_name, AgentId, Event, JobCancelled, JobCreated, JobId, StepSpec};
+use ferry_proto::{
+    kind_name, AgentId, AgentStopRequested, Event, JobCancelled, JobCreated, JobId, StepSpec,
+};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -100,6 +102,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/api/v1/jobs/{id}/retry", post(retry_job))
         .route("/api/v1/agents", get(list_agents))
+        .route("/api/v1/agents/{name}/stop", post(stop_agent))
         .route("/api/v1/deploys", post(releases::deploy))
         .route("/api/v1/rollbacks", post(releases::rollback))
         .route("/api/v1/releases", get(releases::releases))
@@ -787,6 +790,7 @@ async fn list_agents(State(state): State<ApiState>) -> Answer {
                 // A lost agent that heartbeats again is live; its last loss stays on record.
                 "lost": known.and_then(|a| a.lost.clone()).filter(|_| deadline.is_none()),
                 "left": known.and_then(|a| a.left.clone()).filter(|_| deadline.is_none()),
+                "stop_requested": known.and_then(|a| a.stop_requested.clone()).filter(|_| deadline.is_some()),
             })
         })
         .collect();
@@ -795,6 +799,51 @@ async fn list_agents(State(state): State<ApiState>) -> Answer {
 
 // ---------------------------------------------------------------------------------------------
 // writes
+
+/// `POST /api/v1/agents/{name}/stop` `{"reason"?}`: asks a live agent to stop as on SIGTERM (no
+/// new work, running steps finish or are handed back after its grace period, then it records
+/// `agent_left` and exits). The agent learns it with its next heartbeat (every lease TTL / 3).
+/// 202 with the agent; 404 for an agent never seen; 409 for one that is not live.
+async fn stop_agent(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Answer {
+    let body: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("malformed stop body: {e}")))?
+    };
+    let reason = body
+        .reason
+        .map(|r| r.chars().take(500).collect::<String>())
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| "requested through the api".into());
+    let registry = Registry::load(state.store()).await?;
+    let agent = AgentId::new(name.as_str());
+    if !registry.known.contains_key(&agent) && !registry.live.contains_key(&agent) {
+        return Err(ApiError::NotFound(format!("agent {name} not found")));
+    }
+    if !registry.live.contains_key(&agent) {
+        return Err(ApiError::Conflict(format!(
+            "agent {name} is not live: there is nothing to stop"
+        )));
+    }
+    let request = AgentStopRequested {
+        agent: agent.clone(),
+        reason: reason.clone(),
+    };
+    state
+        .store()
+        .append(Append::new(StreamId::Agents, vec![request.into()]))
+        .await?;
+    info!(%agent, %reason, "agent stop requested through the api");
+    answer(
+        StatusCode::ACCEPTED,
+        json!({ "name": agent, "stop_requested": reason }),
+    )
+}
 
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]

@@ -336,6 +336,7 @@ impl JobState {
             | Event::AgentJoined(_)
             | Event::AgentLost(_)
             | Event::AgentLeft(_)
+            | Event::AgentStopRequested(_)
             | Event::CommitStatusReported(_)
             | Event::DeploymentReported(_)
             | Event::LogsExpired(_) => {}

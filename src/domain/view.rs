@@ -19,6 +19,10 @@ pub struct AgentState {
     /// Set when the agent left on purpose (`AgentLeft`), with the reason.
     #[serde(default)]
     pub left: Option<String>,
+    /// Set while a stop requested of the agent (`AgentStopRequested`) is pending, with the
+    /// reason; cleared when it leaves or joins again.
+    #[serde(default)]
+    pub stop_requested: Option<String>,
 }
 
 /// A queued step as the log says it should be queued.
@@ -81,6 +85,7 @@ impl View {
                         joined_at_ms: at_ms,
                         lost: None,
                         left: None,
+                        stop_requested: None,
                     },
                 );
             }
@@ -92,6 +97,12 @@ impl View {
             Event::AgentLeft(a) => {
                 if let Some(agent) = self.agents.get_mut(&a.agent) {
                     agent.left = Some(a.reason.clone());
+                    agent.stop_requested = None;
+                }
+            }
+            Event::AgentStopRequested(a) => {
+                if let Some(agent) = self.agents.get_mut(&a.agent) {
+                    agent.stop_requested = Some(a.reason.clone());
                 }
             }
             _ => {}

@@ -138,6 +138,7 @@ macro_rules! store_conformance {
             heartbeats_keep_agents_live,
             expire_agents_records_agent_lost_once,
             an_agent_that_left_is_not_live_and_never_lost,
+            a_stop_request_comes_back_with_heartbeats_until_the_agent_joins_or_leaves,
             an_agent_whose_heartbeat_ran_out_is_not_live_before_the_sweep,
         );
     };
@@ -2000,6 +2001,61 @@ pub async fn an_agent_that_left_is_not_live_and_never_lost(fx: &Fixture) {
             "{name}"
         );
     }
+}
+
+/// `AgentStopRequested` is kept for the agent's heartbeats to return, until the agent joins
+/// again (a restarted agent is not stopped by an old request) or leaves.
+pub async fn a_stop_request_comes_back_with_heartbeats_until_the_agent_joins_or_leaves(
+    fx: &Fixture,
+) {
+    let s = &**fx;
+    let a: AgentId = "busy".into();
+    let beat = || s.heartbeat(&a, LONG);
+    assert_eq!(beat().await.unwrap(), None);
+    let request = |why: &str| {
+        Event::AgentStopRequested(ferry_proto::AgentStopRequested {
+            agent: "busy".into(),
+            reason: why.into(),
+        })
+    };
+    append(
+        s,
+        Append::new(StreamId::Agents, vec![request("kernel upgrade")]),
+    )
+    .await;
+    assert_eq!(beat().await.unwrap().as_deref(), Some("kernel upgrade"));
+    assert_eq!(
+        beat().await.unwrap().as_deref(),
+        Some("kernel upgrade"),
+        "every heartbeat says it until the agent acts"
+    );
+    assert_eq!(
+        s.heartbeat(&"other".into(), LONG).await.unwrap(),
+        None,
+        "only that agent"
+    );
+    let joined = Event::AgentJoined(ferry_proto::AgentJoined {
+        agent: "busy".into(),
+        pools: vec!["p1".into()],
+        labels: vec![],
+        version: "1".into(),
+        capacity: 1,
+    });
+    append(s, Append::new(StreamId::Agents, vec![joined])).await;
+    assert_eq!(beat().await.unwrap(), None, "joining again clears it");
+    append(s, Append::new(StreamId::Agents, vec![request("again")])).await;
+    assert_eq!(beat().await.unwrap().as_deref(), Some("again"));
+    let left = Event::AgentLeft(ferry_proto::AgentLeft {
+        agent: "busy".into(),
+        reason: "stopped on request".into(),
+    });
+    append(s, Append::new(StreamId::Agents, vec![left])).await;
+    assert_eq!(beat().await.unwrap(), None, "leaving clears it");
+    assert!(matches!(
+        s.append(Append::new(StreamId::Job(JobId::new()), vec![request("x")]))
+            .await,
+        Err(Error::Invalid(_))
+    ));
 }
 
 pub async fn an_agent_whose_heartbeat_ran_out_is_not_live_before_the_sweep(fx: &Fixture) {

@@ -33,22 +33,37 @@ pub enum Effect {
     DropLogs,
     /// Record the job under these index keys (see [`index_keys`]).
     Index { keys: Vec<String> },
-    /// The agent leaves the registry of live agents (`AgentLeft`, in the `agents` stream).
+    /// The agent leaves the registry of live agents, and any stop request for it goes
+    /// (`AgentLeft`, in the `agents` stream).
     Leave { agent: AgentId },
+    /// A stop is requested of the agent, for its next heartbeat to say (`AgentStopRequested`).
+    RequestStop { agent: AgentId, reason: String },
+    /// The agent (re)joined: an earlier stop request no longer applies (`AgentJoined`).
+    Join { agent: AgentId },
 }
 
-/// Why `effect` may not be appended to `stream`, if it may not: an agent's leave belongs in the
-/// `agents` stream, every other effect in a job's stream.
+impl Effect {
+    /// Whether the effect is on the agent registry (appended to the `agents` stream) rather
+    /// than on a job's queues.
+    fn on_agents(&self) -> bool {
+        matches!(
+            self,
+            Effect::Leave { .. } | Effect::RequestStop { .. } | Effect::Join { .. }
+        )
+    }
+}
+
+/// Why `effect` may not be appended to `stream`, if it may not: the agent registry's effects
+/// belong in the `agents` stream, every other effect in a job's stream.
 pub fn misplaced(effect: &Effect, event: &Event, stream: &StreamId) -> Option<String> {
     let name = stream.name();
-    match (effect, stream) {
-        (Effect::Leave { .. }, StreamId::Agents) => None,
-        (Effect::Leave { .. }, _) => Some(format!(
+    match (effect.on_agents(), stream) {
+        (true, StreamId::Agents) | (false, StreamId::Job(_)) => None,
+        (true, _) => Some(format!(
             "{} belongs in the agents stream, not {name}",
             event.name()
         )),
-        (_, StreamId::Job(_)) => None,
-        _ => Some(format!(
+        (false, _) => Some(format!(
             "{} changes job queues but {name} is not a job stream",
             event.name()
         )),
@@ -125,6 +140,13 @@ pub fn effects_of(event: &Event) -> Option<Effect> {
         | Event::JobSuperseded(_) => Effect::ClearJob,
         Event::LogsExpired(_) => Effect::DropLogs,
         Event::AgentLeft(e) => Effect::Leave {
+            agent: e.agent.clone(),
+        },
+        Event::AgentStopRequested(e) => Effect::RequestStop {
+            agent: e.agent.clone(),
+            reason: e.reason.clone(),
+        },
+        Event::AgentJoined(e) => Effect::Join {
             agent: e.agent.clone(),
         },
         Event::JobCreated(plan) => Effect::Index {

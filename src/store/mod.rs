@@ -470,7 +470,9 @@ pub const LOG_MAX_LINES: usize = 10_000;
 /// **Agent registry**: which agents are alive, by heartbeat. Deadlines use the store's clock.
 ///
 /// - `heartbeat` marks `agent` live until now + `ttl` (replacing any earlier deadline, also one
-///   that already passed: an agent that comes back is live again).
+///   that already passed: an agent that comes back is live again), and returns the reason of a
+///   pending stop request (`AgentStopRequested`, cleared by the agent's next `AgentJoined` or
+///   `AgentLeft`), if there is one.
 /// - `live_agents` lists the agents whose deadline has not passed, with their deadline (store
 ///   clock ms), in no particular order. An agent whose deadline passed is not live even before
 ///   `expire_agents` ran.
@@ -485,7 +487,7 @@ pub const LOG_MAX_LINES: usize = 10_000;
 /// [`effects_of`]): it is not live from then on and `expire_agents` never reports it.
 #[async_trait]
 pub trait Agents: Send + Sync {
-    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<()>;
+    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<Option<String>>;
     async fn live_agents(&self) -> Result<Vec<(AgentId, u64)>>;
     async fn expire_agents(&self, max: usize) -> Result<Vec<AgentId>>;
 }

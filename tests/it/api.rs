@@ -226,6 +226,55 @@ fn spawn_agent(
 
 // ---------------------------------------------------------------------------------------------
 
+/// `POST /api/v1/agents/{name}/stop`: the agent hears of it with a heartbeat, stops as on
+/// SIGTERM and records that it left, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_asked_to_stop_through_the_api_stops_and_says_why() {
+    let api = Api::start(&[TOKEN]).await;
+    let (_keep, never) = watch::channel(false);
+    let agent = spawn_agent(&api.store, "worker-s", "linux", never);
+    wait_until(DEADLINE, || async {
+        let (_, body) = api.get("/api/v1/agents").await;
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["name"] == "worker-s" && a["live"] == true)
+    })
+    .await;
+    let (status, body) = api.post("/api/v1/agents/nobody/stop", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let (status, body) = api
+        .post(
+            "/api/v1/agents/worker-s/stop",
+            Some(json!({ "reason": "kernel upgrade" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["stop_requested"], "kernel upgrade");
+    // Nothing else tells it to stop: the request does.
+    tokio::time::timeout(DEADLINE, agent)
+        .await
+        .expect("the agent stops by itself")
+        .unwrap();
+    let (_, body) = api.get("/api/v1/agents").await;
+    let gone = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "worker-s")
+        .cloned()
+        .unwrap();
+    assert_eq!(gone["live"], false, "{gone}");
+    assert_eq!(
+        gone["left"], "stopped on request (kernel upgrade): running steps finished",
+        "{gone}"
+    );
+    let (status, body) = api.post("/api/v1/agents/worker-s/stop", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_needs_a_configured_bearer_token() {
     let api = Api::start(&["other-token", TOKEN]).await;
@@ -962,6 +1011,54 @@ async fn cli_lists_and_shows_jobs_through_the_api() {
             && l.ends_with("left: shut down: running steps finished")),
         "{text}"
     );
+
+    // `ferry agents stop`: the live agent's next heartbeat hears it.
+    let joined = AgentJoined {
+        agent: "cli-agent".into(),
+        pools: vec!["lonely".into()],
+        labels: vec![],
+        version: "0".into(),
+        capacity: 1,
+    };
+    api.store
+        .append(Append::new(StreamId::Agents, vec![joined.into()]))
+        .await
+        .unwrap();
+    let cli_agent = AgentId::new("cli-agent");
+    let beat = Duration::from_secs(60);
+    assert_eq!(api.store.heartbeat(&cli_agent, beat).await.unwrap(), None);
+    let out = ferry(
+        &[
+            &["agents", "stop", "cli-agent", "--reason", "maintenance"][..],
+            &flags,
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("agent cli-agent asked to stop (maintenance)"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        api.store
+            .heartbeat(&cli_agent, beat)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("maintenance")
+    );
+    let out = ferry(&[&["agents", "list"][..], &flags].concat()).await;
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cli-agent") && l.ends_with("live, stopping: maintenance")),
+        "{text}"
+    );
+    let out = ferry(&[&["agents", "stop", "gone-agent"][..], &flags].concat()).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is not live"), "{}", stderr(&out));
 
     // API errors come out as the API's message, with a non-zero exit
     let unknown = JobId::new().to_string();

@@ -7,7 +7,7 @@
 -- KEYS[2]  {ns}:jobs             job index (zset)
 -- ARGV[1]  prefix `{ns}:` (derived keys: s:<stream>, dedupe:<key>, ready:<pool>, delayed,
 --          items, jobitems:<job>, ended:<job>, lease:<member>, leases, wake:<pool>,
---          idx:<key>, jobidx:<job>, kept_logs, logs:<job>, agents)
+--          idx:<key>, jobidx:<job>, kept_logs, logs:<job>, agents, stop:<agent>)
 -- ARGV[2]  M, the number of appends; then M appends, each:
 --          stream name (`job:<uuid>`, `webhooks`, `agents`), job id or '' when the stream is
 --          not a job's, expected version or -1 for any, fence step or '' for no fence, fence
@@ -15,14 +15,17 @@
 --          D, then D dedupe keys (without the `{ns}:dedupe:` prefix),
 --          N, then N tuples of 9: kind, schema version, payload, effect, step, attempt, pool,
 --          priority, due_ms; effect is '' | 'enqueue' | 'schedule' | 'finish' | 'clear' |
---          'index' | 'drop_logs' | 'leave' (unused tuple fields are ''); for 'index' the step field
+--          'index' | 'drop_logs' | 'leave' | 'join' | 'stop' (unused tuple fields are ''); for
+--          'index' the step field
 --          holds the index keys separated by newlines, and the job is added to each set
 --          `{ns}:idx:<key>`; keys starting with `live:` are also remembered in
 --          `{ns}:jobidx:<job>`, and 'clear' removes the job from those again. The first
 --          'clear' of a job also adds it to `{ns}:kept_logs` scored by the envelope at_ms;
 --          'drop_logs' deletes `{ns}:logs:<job>` and takes the job out of `kept_logs`;
---          'leave' (in the `agents` stream; the step field holds the agent's name) takes the
---          agent out of `{ns}:agents`, the live agents.
+--          the agent effects (in the `agents` stream; the step field holds the agent's name):
+--          'leave' takes the agent out of `{ns}:agents`, the live agents, and deletes
+--          `{ns}:stop:<agent>`; 'join' deletes `{ns}:stop:<agent>`; 'stop' sets it to the
+--          reason (in the pool field), for the agent's next heartbeat to return.
 -- Returns  M replies, in order, each one of
 --          {'ok', new_version, log_id...} (one log id per event, in order);
 --          {'dup', original_log_id} when a dedupe key exists (nothing written);
@@ -141,8 +144,14 @@ for _ = 1, m do
           redis.call('DEL', prefix .. 'logs:' .. job)
           redis.call('ZREM', prefix .. 'kept_logs', job)
         elseif effect == 'leave' then
-          -- (the step field holds the agent's name)
+          -- (for the agent effects the step field holds the agent's name)
           redis.call('ZREM', prefix .. 'agents', ARGV[base + 4])
+          redis.call('DEL', prefix .. 'stop:' .. ARGV[base + 4])
+        elseif effect == 'join' then
+          redis.call('DEL', prefix .. 'stop:' .. ARGV[base + 4])
+        elseif effect == 'stop' then
+          -- (the pool field holds the reason)
+          redis.call('SET', prefix .. 'stop:' .. ARGV[base + 4], ARGV[base + 6])
         end
       end
     end

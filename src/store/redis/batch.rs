@@ -122,6 +122,14 @@ pub(super) fn prepare(a: &Append) -> Result<Prepared> {
                 check_name("agent", agent.as_str())?;
                 ("leave", agent.0, none(), none(), none(), none())
             }
+            Some(Effect::Join { agent }) => {
+                check_name("agent", agent.as_str())?;
+                ("join", agent.0, none(), none(), none(), none())
+            }
+            Some(Effect::RequestStop { agent, reason }) => {
+                check_name("agent", agent.as_str())?;
+                ("stop", agent.0, none(), reason, none(), none())
+            }
         };
         args.push(event.kind().to_string().into_bytes());
         args.push(event.version().to_string().into_bytes());

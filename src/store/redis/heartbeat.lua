@@ -1,9 +1,12 @@
--- ferry heartbeat: marks an agent live until now + ttl (store clock).
+-- ferry heartbeat: marks an agent live until now + ttl (store clock), and says whether a stop
+-- was requested of it.
 --
 -- KEYS[1]  {ns}:agents (zset: agent name -> heartbeat deadline ms)
+-- KEYS[2]  {ns}:stop:<agent> (the reason of a pending stop request; set and deleted by the
+--          append script's agent effects)
 -- ARGV[1]  agent name;  ARGV[2] ttl ms
--- Returns  the new deadline ms = now + ttl.
+-- Returns  {new deadline ms = now + ttl, the stop request's reason or false}.
 
 local deadline = now_ms() + tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], int(deadline), ARGV[1])
-return deadline
+return {deadline, redis.call('GET', KEYS[2])}

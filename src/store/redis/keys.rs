@@ -113,6 +113,10 @@ impl Keys {
     pub(crate) fn agents(&self) -> String {
         self.key("agents")
     }
+
+    pub(crate) fn stop(&self, agent: &str) -> String {
+        self.key(&format!("stop:{agent}"))
+    }
 }
 
 /// The queue member of a job's step: `<job>/<step>`.

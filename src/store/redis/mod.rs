@@ -1039,17 +1039,18 @@ impl Logs for RedisStore {
 
 #[async_trait]
 impl Agents for RedisStore {
-    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<()> {
+    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<Option<String>> {
         check_nonempty("agent", agent.as_str())?;
         let ttl = positive_ms("heartbeat ttl", ttl)?;
-        let _: u64 = scripts::HEARTBEAT
+        let (_, stop): (u64, Option<String>) = scripts::HEARTBEAT
             .key(self.keys().agents())
+            .key(self.keys().stop(agent.as_str()))
             .arg(agent.as_str())
             .arg(ttl)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| command_error(&format!("heartbeat of agent {agent}"), e))?;
-        Ok(())
+        Ok(stop)
     }
 
     async fn live_agents(&self) -> Result<Vec<(AgentId, u64)>> {

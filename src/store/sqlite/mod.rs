@@ -436,6 +436,13 @@ enum Planned {
     Leave {
         agent: String,
     },
+    Join {
+        agent: String,
+    },
+    RequestStop {
+        agent: String,
+        reason: String,
+    },
 }
 
 /// Checks an event's effect the way every backend must (names, index keys) and whether the
@@ -489,6 +496,17 @@ fn plan(event: &Event, stream: &StreamId) -> Result<Planned> {
         Effect::Leave { agent } => {
             check_name("agent", agent.as_str())?;
             Planned::Leave { agent: agent.0 }
+        }
+        Effect::Join { agent } => {
+            check_name("agent", agent.as_str())?;
+            Planned::Join { agent: agent.0 }
+        }
+        Effect::RequestStop { agent, reason } => {
+            check_name("agent", agent.as_str())?;
+            Planned::RequestStop {
+                agent: agent.0,
+                reason,
+            }
         }
         Effect::Index { keys } => {
             for key in &keys {
@@ -598,7 +616,22 @@ impl EventLog for SqliteStore {
                     Planned::Leave { agent } => {
                         tx.tx
                             .prepare_cached("DELETE FROM agents WHERE name = ?1")?
+                            .execute([&agent])?;
+                        tx.tx
+                            .prepare_cached("DELETE FROM agent_stops WHERE name = ?1")?
+                            .execute([&agent])?;
+                    }
+                    Planned::Join { agent } => {
+                        tx.tx
+                            .prepare_cached("DELETE FROM agent_stops WHERE name = ?1")?
                             .execute([agent])?;
+                    }
+                    Planned::RequestStop { agent, reason } => {
+                        tx.tx
+                            .prepare_cached(
+                                "INSERT OR REPLACE INTO agent_stops (name, reason) VALUES (?1, ?2)",
+                            )?
+                            .execute([agent, reason])?;
                     }
                 }
             }
@@ -1439,7 +1472,7 @@ impl SqliteStore {
 
 #[async_trait]
 impl Agents for SqliteStore {
-    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<()> {
+    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<Option<String>> {
         check_nonempty("agent", agent.as_str())?;
         let ttl = positive_ms("heartbeat ttl", ttl)?;
         let agent = agent.clone();
@@ -1449,7 +1482,11 @@ impl Agents for SqliteStore {
                     "INSERT OR REPLACE INTO agents (name, deadline_ms) VALUES (?1, ?2)",
                 )?
                 .execute(params![agent.as_str(), tx.after(ttl)])?;
-            Ok(())
+            Ok(tx
+                .tx
+                .prepare_cached("SELECT reason FROM agent_stops WHERE name = ?1")?
+                .query_row([agent.as_str()], |r| r.get(0))
+                .optional()?)
         })
         .await
     }

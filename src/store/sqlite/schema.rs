@@ -17,6 +17,7 @@
 //! | `log_lines` | one per job with output | `job`, `kept`: lines kept, for lazy trimming |
 //! | `snapshots` | one per name | `name`, `bytes` |
 //! | `agents` | one per registered agent | `name`, `deadline_ms` (heartbeat deadline, store clock); deleted with `agent_left` or `agent_lost` |
+//! | `agent_stops` | one per pending stop request | `name`, `reason`: set by `agent_stop_requested`, deleted by the agent's `agent_joined` or `agent_left` (since schema version 3) |
 //! | `feed_groups` | one per consumer group | `name`, `delivered`: the last log `pos` handed to the group |
 //! | `feed_pending` | one per delivered, unacknowledged entry | `grp`, `pos`, `consumer`, `delivered_ms`, `deliveries` |
 //!
@@ -33,7 +34,7 @@ use std::time::Duration;
 pub const APPLICATION_ID: i32 = 0x4652_5259;
 
 /// `PRAGMA user_version` of the layout this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// `UPGRADES[v - 1]` turns a version `v` file into version `v + 1`.
 const UPGRADES: &[&str] = &[
@@ -48,6 +49,11 @@ INSERT INTO kept_logs (job, ended_ms)
     SELECT e.job, COALESCE((SELECT l.at_ms FROM log l WHERE l.stream = 'job:' || e.job
         AND l.kind IN (11, 12, 13, 14) ORDER BY l.seq LIMIT 1), 0)
     FROM ended e;",
+    // 2 → 3: pending stop requests of agents (`agent_stop_requested`).
+    "CREATE TABLE agent_stops (
+    name TEXT PRIMARY KEY,
+    reason TEXT NOT NULL
+) WITHOUT ROWID;",
 ];
 
 /// How long a statement waits for another process's write lock before the store reports
@@ -59,6 +65,7 @@ const STATEMENT_CACHE: usize = 128;
 
 /// Every table of the layout, for the check on open.
 const TABLES: &[&str] = &[
+    "agent_stops",
     "agents",
     "dedupe",
     "ended",
@@ -168,6 +175,10 @@ CREATE TABLE agents (
     deadline_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX agents_by_deadline ON agents (deadline_ms, name);
+CREATE TABLE agent_stops (
+    name TEXT PRIMARY KEY,
+    reason TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE feed_groups (
     name TEXT PRIMARY KEY,
     delivered INTEGER NOT NULL
@@ -403,10 +414,11 @@ mod tests {
     fn a_version_1_file_is_upgraded_on_open_and_its_ended_jobs_keep_their_logs_listed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v1.db");
-        // A version 1 file: today's schema without what version 2 added.
+        // A version 1 file: today's schema without what versions 2 and 3 added.
         let conn = open(&path).unwrap();
         conn.execute_batch(
             "DROP TABLE kept_logs;
+             DROP TABLE agent_stops;
              INSERT INTO log (stream, seq, kind, version, at_ms, payload)
                  VALUES ('job:j1', 1, 2, 1, 100, x''), ('job:j1', 2, 11, 1, 250, x''),
                         ('job:j1', 3, 13, 1, 900, x''), ('job:j2', 1, 2, 1, 300, x'');
