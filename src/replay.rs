@@ -236,11 +236,14 @@ pub fn summary(view: &View) -> String {
         view.queue().len(),
         view.leases().len()
     );
-    let live = view.agents.values().filter(|a| a.lost.is_none()).count();
+    let count = |f: fn(&crate::domain::view::AgentState) -> bool| {
+        view.agents.values().filter(|a| f(a)).count()
+    };
     s += &format!(
-        "agents: {} known, {} not lost\nwebhooks: {}\n",
+        "agents: {} known, {} left, {} lost\nwebhooks: {}\n",
         view.agents.len(),
-        live,
+        count(|a| a.left.is_some()),
+        count(|a| a.left.is_none() && a.lost.is_some()),
         view.webhooks
             .iter()
             .map(|(a, n)| format!("{a} {n}"))
