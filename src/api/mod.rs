@@ -809,17 +809,7 @@ async fn stop_agent(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Answer {
-    let body: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
-        CancelBody::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("malformed stop body: {e}")))?
-    };
-    let reason = body
-        .reason
-        .map(|r| r.chars().take(500).collect::<String>())
-        .filter(|r| !r.trim().is_empty())
-        .unwrap_or_else(|| "requested through the api".into());
+    let reason = reason_of(&body, "stop", "requested through the api")?;
     let registry = Registry::load(state.store()).await?;
     let agent = AgentId::new(name.as_str());
     if !registry.known.contains_key(&agent) && !registry.live.contains_key(&agent) {
@@ -845,26 +835,33 @@ async fn stop_agent(
     )
 }
 
+/// The body of a cancel or a stop: `{"reason"?}`, or nothing.
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct CancelBody {
+struct ReasonBody {
     #[serde(default)]
     reason: Option<String>,
 }
 
-async fn cancel_job(State(state): State<ApiState>, Path(id): Path<String>, body: Bytes) -> Answer {
-    let id = parse_job_id(&id)?;
-    let body: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
-        CancelBody::default()
+/// The reason a `what` request body gives (at most 500 characters), or `default` when it gives
+/// none; a malformed body is a bad request.
+fn reason_of(body: &Bytes, what: &str, default: &str) -> Result<String, ApiError> {
+    let body: ReasonBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ReasonBody::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("malformed cancel body: {e}")))?
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("malformed {what} body: {e}")))?
     };
-    let reason = body
+    Ok(body
         .reason
         .map(|r| r.chars().take(500).collect::<String>())
         .filter(|r| !r.trim().is_empty())
-        .unwrap_or_else(|| "cancelled through the api".into());
+        .unwrap_or_else(|| default.into()))
+}
+
+async fn cancel_job(State(state): State<ApiState>, Path(id): Path<String>, body: Bytes) -> Answer {
+    let id = parse_job_id(&id)?;
+    let reason = reason_of(&body, "cancel", "cancelled through the api")?;
     let store = state.store();
     for _ in 0..CONFLICT_RETRIES {
         let mut job = load_job(store, id).await?;

@@ -200,6 +200,18 @@ impl Roles {
     }
 }
 
+/// `AgentJoined` of a one-slot agent serving `pool`.
+fn joined(name: &str, pool: &str) -> Event {
+    AgentJoined {
+        agent: AgentId::new(name),
+        pools: vec![pool.into()],
+        labels: vec![],
+        version: "test".into(),
+        capacity: 1,
+    }
+    .into()
+}
+
 fn spawn_agent(
     store: &Arc<dyn Store>,
     name: &str,
@@ -484,20 +496,10 @@ async fn show_says_why_a_step_waits_until_an_agent_serves_its_pool() {
     );
 
     // an agent of another pool changes nothing; one of this pool that is not live neither
-    let join = |name: &str, pool: &str| -> Event {
-        AgentJoined {
-            agent: AgentId::new(name),
-            pools: vec![pool.into()],
-            labels: vec![],
-            version: "test".into(),
-            capacity: 1,
-        }
-        .into()
-    };
     api.store
         .append(Append::new(
             StreamId::Agents,
-            vec![join("busy", "elsewhere"), join("sleepy", "lonely")],
+            vec![joined("busy", "elsewhere"), joined("sleepy", "lonely")],
         ))
         .await
         .unwrap();
@@ -878,15 +880,11 @@ async fn agents_show_live_an_agent_that_stops_has_left_and_one_that_stops_heartb
     assert!(gone["lost"].is_null(), "{gone}");
 
     // One that just stops heartbeating (a crash, a cut network) is reported lost.
-    let joined = AgentJoined {
-        agent: "worker-2".into(),
-        pools: vec!["linux".into()],
-        labels: vec![],
-        version: "0".into(),
-        capacity: 1,
-    };
     api.store
-        .append(Append::new(StreamId::Agents, vec![joined.into()]))
+        .append(Append::new(
+            StreamId::Agents,
+            vec![joined("worker-2", "linux")],
+        ))
         .await
         .unwrap();
     api.store
@@ -984,13 +982,6 @@ async fn cli_lists_and_shows_jobs_through_the_api() {
         "{text}"
     );
 
-    let joined = AgentJoined {
-        agent: "gone-agent".into(),
-        pools: vec!["lonely".into()],
-        labels: vec![],
-        version: "0".into(),
-        capacity: 1,
-    };
     let left = AgentLeft {
         agent: "gone-agent".into(),
         reason: "shut down: running steps finished".into(),
@@ -998,7 +989,7 @@ async fn cli_lists_and_shows_jobs_through_the_api() {
     api.store
         .append(Append::new(
             StreamId::Agents,
-            vec![joined.into(), left.into()],
+            vec![joined("gone-agent", "lonely"), left.into()],
         ))
         .await
         .unwrap();
@@ -1013,15 +1004,11 @@ async fn cli_lists_and_shows_jobs_through_the_api() {
     );
 
     // `ferry agents stop`: the live agent's next heartbeat hears it.
-    let joined = AgentJoined {
-        agent: "cli-agent".into(),
-        pools: vec!["lonely".into()],
-        labels: vec![],
-        version: "0".into(),
-        capacity: 1,
-    };
     api.store
-        .append(Append::new(StreamId::Agents, vec![joined.into()]))
+        .append(Append::new(
+            StreamId::Agents,
+            vec![joined("cli-agent", "lonely")],
+        ))
         .await
         .unwrap();
     let cli_agent = AgentId::new("cli-agent");

@@ -4,14 +4,12 @@
 //! over.
 
 use crate::cli::{ferry, Proc};
+use crate::failover::{create_cluster, kill9, phase, query, submit, succeeded_once};
 use crate::harness::{self, serve_on_free_port, wait_until, DEADLINE};
-use ferry::domain::{JobPhase, JobState};
 use ferry::store::redis::RedisStore;
-use ferry::store::{Append, Error, Store, StreamId};
-use ferry_proto::{Event, JobId};
+use ferry::store::Store;
 use std::process::{Child, Command};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Six cluster-enabled servers on free loopback ports, joined as three masters with one
 /// replica each; stopped when dropped.
@@ -39,19 +37,8 @@ impl Cluster {
                 cmd
             }));
         }
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(nodes.iter().map(|(p, _)| format!("127.0.0.1:{p}")))
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .output()
-            .expect("run redis-cli --cluster create");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let ports: Vec<u16> = nodes.iter().map(|(p, _)| *p).collect();
+        create_cluster(&ports, 1, None);
         Cluster { _dir: dir, nodes }
     }
 
@@ -108,66 +95,6 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
     }
-}
-
-fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
-    let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
-    cmd.query(&mut conn)
-}
-
-fn kill9(port: u16) {
-    let info: String = query(port, redis::cmd("INFO").arg("server")).unwrap();
-    let pid = info
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .expect("INFO server names the process id")
-        .trim()
-        .to_string();
-    assert!(Command::new("kill")
-        .args(["-9", &pid])
-        .status()
-        .unwrap()
-        .success());
-}
-
-/// The job's phase, or `None` while the store cannot be read (a failover in progress).
-async fn phase(store: &dyn Store, job: JobId) -> Option<JobPhase> {
-    let mut state = JobState::new(job);
-    for s in store.read_stream(&StreamId::Job(job), 0).await.ok()? {
-        state.evolve(&s.decode().unwrap(), s.envelope.at_ms);
-    }
-    Some(state.phase)
-}
-
-/// Appends a one-step no-op job, retrying while the store is unavailable; a conflict means an
-/// earlier attempt landed.
-async fn submit(store: &dyn Store) -> JobId {
-    let job = JobId::new();
-    let created: Event =
-        ferry::store::conformance::noop_job(job, "v1", "default", &["build"]).into();
-    wait_until(DEADLINE * 4, || async {
-        match store
-            .append(Append::new(StreamId::Job(job), vec![created.clone()]).expect(0))
-            .await
-        {
-            Ok(_) | Err(Error::Conflict { .. }) => true,
-            Err(_) => false,
-        }
-    })
-    .await;
-    job
-}
-
-fn succeeded_once(events: &[Event]) {
-    assert_eq!(
-        events
-            .iter()
-            .filter(|e| matches!(e, Event::StepSucceeded(_)))
-            .count(),
-        1,
-        "{events:#?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

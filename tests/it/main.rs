@@ -9,6 +9,7 @@ mod conformance;
 mod deploy;
 mod e2e;
 mod embedded;
+mod failover;
 mod flow;
 mod gateway;
 mod gitlab;

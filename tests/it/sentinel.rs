@@ -3,14 +3,13 @@
 //! and Sentinel promotes its replica.
 
 use crate::cli::{ferry, Proc};
+use crate::failover::{kill9, phase, query, submit, succeeded_once};
 use crate::harness::{self, serve_on_free_port, wait_until, DEADLINE};
-use ferry::domain::{JobPhase, JobState};
+use ferry::domain::JobPhase;
 use ferry::store::redis::RedisStore;
-use ferry::store::{Append, Error, Store, StreamId};
-use ferry_proto::{Event, JobId};
+use ferry::store::Store;
 use std::process::{Child, Command};
 use std::sync::Arc;
-use std::time::Duration;
 
 const MASTER: &str = "ferry-main";
 
@@ -105,19 +104,6 @@ impl SentinelSet {
         query::<i64>(self.master.0, redis::cmd("WAIT").arg(1).arg(5000)).ok() == Some(1)
     }
 
-    /// SIGKILLs the master server (not its guard).
-    fn kill_master(&self) {
-        let info: String = query(self.master.0, redis::cmd("INFO").arg("server")).unwrap();
-        let pid = info
-            .lines()
-            .find_map(|l| l.strip_prefix("process_id:"))
-            .expect("INFO server names the process id")
-            .trim()
-            .to_string();
-        let status = Command::new("kill").args(["-9", &pid]).status().unwrap();
-        assert!(status.success(), "kill -9 {pid}");
-    }
-
     /// Whether the former replica now answers as the master.
     fn replica_promoted(&self) -> bool {
         role(self.replica.0).as_deref() == Some("master")
@@ -142,40 +128,6 @@ impl Drop for SentinelSet {
 fn role(port: u16) -> Option<String> {
     let role: Vec<redis::Value> = query(port, &redis::cmd("ROLE")).ok()?;
     redis::from_redis_value(role.first()?.clone()).ok()
-}
-
-fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
-    let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
-    cmd.query(&mut conn)
-}
-
-/// The job's phase, or `None` while the store cannot be read (a failover in progress).
-async fn phase(store: &dyn Store, job: JobId) -> Option<JobPhase> {
-    let mut state = JobState::new(job);
-    for s in store.read_stream(&StreamId::Job(job), 0).await.ok()? {
-        state.evolve(&s.decode().unwrap(), s.envelope.at_ms);
-    }
-    Some(state.phase)
-}
-
-/// Appends a one-step no-op job, retrying while the store is unavailable; a conflict means an
-/// earlier attempt landed.
-async fn submit(store: &dyn Store) -> JobId {
-    let job = JobId::new();
-    let created: Event =
-        ferry::store::conformance::noop_job(job, "v1", "default", &["build"]).into();
-    wait_until(DEADLINE * 4, || async {
-        match store
-            .append(Append::new(StreamId::Job(job), vec![created.clone()]).expect(0))
-            .await
-        {
-            Ok(_) | Err(Error::Conflict { .. }) => true,
-            Err(_) => false,
-        }
-    })
-    .await;
-    job
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +155,7 @@ async fn coordinator_and_agent_follow_the_master_across_a_sentinel_failover() {
     harness::job_succeeded(&*store, before, DEADLINE).await;
     set.wait_ready().await; // everything written so far is on the replica too
 
-    set.kill_master();
+    kill9(set.master.0);
     wait_until(DEADLINE * 4, || async { set.replica_promoted() }).await;
 
     // Neither process was restarted: both found the new master through the Sentinel.
@@ -216,25 +168,9 @@ async fn coordinator_and_agent_follow_the_master_across_a_sentinel_failover() {
         phase(&*store, after).await.is_some_and(|p| p.is_terminal())
     })
     .await;
-    let events = harness::job_succeeded(&*store, after, DEADLINE).await;
-    assert_eq!(
-        events
-            .iter()
-            .filter(|e| matches!(e, Event::StepSucceeded(_)))
-            .count(),
-        1,
-        "{events:#?}"
-    );
+    succeeded_once(&harness::job_succeeded(&*store, after, DEADLINE).await);
     // The history written before the failover is intact on the new master.
-    let events = harness::job_succeeded(&*store, before, DEADLINE).await;
-    assert_eq!(
-        events
-            .iter()
-            .filter(|e| matches!(e, Event::StepSucceeded(_)))
-            .count(),
-        1,
-        "{events:#?}"
-    );
+    succeeded_once(&harness::job_succeeded(&*store, before, DEADLINE).await);
 }
 
 /// A switchover (`SENTINEL FAILOVER`) leaves the old master running as a replica at the same

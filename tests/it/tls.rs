@@ -284,20 +284,7 @@ async fn a_rediss_cluster_store_works_over_tls() {
         guards.0.push(guard);
         ports.push(port);
     }
-    let out = Command::new("redis-cli")
-        .args(["--tls", "--cacert"])
-        .arg(dir.path().join("ca.crt"))
-        .args(["--cluster", "create"])
-        .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .output()
-        .expect("run redis-cli --cluster create");
-    assert!(
-        out.status.success(),
-        "redis-cli --cluster create: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::failover::create_cluster(&ports, 0, Some(&dir.path().join("ca.crt")));
     let ca = std::fs::read(dir.path().join("ca.crt")).unwrap();
     round_trip(&format!("rediss+cluster://127.0.0.1:{}", ports[0]), ca).await;
 }

@@ -26,6 +26,7 @@
 //! | `{ns}:jobidx:<job>` | set | the `live:` index keys of a job, for removing it when it ends |
 //! | `{ns}:ended:<job>` | string | set when the job ended: queueing effects on it are no-ops |
 //! | `{ns}:agents` | zset | agent name → heartbeat deadline ms (store clock) |
+//! | `{ns}:stop:<agent>` | string | the reason of a stop requested of the agent, returned by its heartbeats |
 //!
 //! Entry fields, identical in a stream and in the log: `s` stream name, `k` kind, `v` schema
 //! version, `t` at_ms, `n` the event's place in its stream (1-based; absent in entries written
@@ -142,6 +143,7 @@ mod tests {
             k.ready("linux"),
             k.lease("a/b"),
             k.agents(),
+            k.stop("a1"),
         ] {
             assert!(key.starts_with("{p3}:"), "{key}");
         }

@@ -254,10 +254,15 @@ impl Link {
         let r = client
             .get_multiplexed_async_connection_with_config(&config)
             .await;
+        self.seen(r).map(Blocking::Single)
+    }
+
+    /// Passes `r` through, telling the link when it is an error ([`Link::failed`]).
+    fn seen<T>(&self, r: std::result::Result<T, RedisError>) -> std::result::Result<T, RedisError> {
         if let Err(e) = &r {
             self.failed(e);
         }
-        r.map(Blocking::Single)
+        r
     }
 
     fn current(&self) -> (Conn, u64) {
@@ -385,10 +390,7 @@ impl ConnectionLike for Link {
                 Conn::Single(mut c) => c.req_packed_command(cmd).await,
                 Conn::Cluster(mut c) => c.req_packed_command(cmd).await,
             };
-            if let Err(e) = &r {
-                self.failed(e);
-            }
-            r
+            self.seen(r)
         })
     }
 
@@ -403,10 +405,7 @@ impl ConnectionLike for Link {
                 Conn::Single(mut c) => c.req_packed_commands(pipeline, offset, count).await,
                 Conn::Cluster(mut c) => c.req_packed_commands(pipeline, offset, count).await,
             };
-            if let Err(e) = &r {
-                self.failed(e);
-            }
-            r
+            self.seen(r)
         })
     }
 
