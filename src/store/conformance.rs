@@ -770,8 +770,8 @@ pub async fn concurrent_claimers_take_each_step_once(fx: &Fixture) {
 
 /// A job with a long history (a deploy to many hosts records several events per host): the
 /// claim still carries all of it, in order, its StepClaimed last, and `read_stream` returns
-/// all of it. (In Redis the claim script reads at most 64 entries itself, and the adapter
-/// reads the rest, and whole streams, in pages of 1024.)
+/// all of it. (In Redis the adapter reads a claim's stream, and whole streams, in pages of
+/// 1024.)
 pub async fn a_claim_carries_the_whole_history_of_a_long_job_stream(fx: &Fixture) {
     let s = &**fx;
     let job = JobId::new();

@@ -10,19 +10,16 @@
 -- Each claim picks the lowest (score, member) head across the pools' ready zsets (priority,
 -- then enqueue time; ties by member).
 -- Returns  a list of claims, empty when every pool is empty; each claim is
---          {job, step, attempt, pool, token, deadline_ms, history, claimed_id}: strings, then
---          the job's stream after the claim (XRANGE entries, StepClaimed last), so that the
---          agent needs no second round trip to read the plan, then the StepClaimed entry's id.
---          A stream longer than 64 entries before the claim comes back as its first 64
---          entries only (StepClaimed not among them): the caller reads the entries after them
---          up to `claimed_id` (the same entries: streams only grow).
+--          {job, step, attempt, pool, token, deadline_ms, claimed_id}: strings, the last the
+--          StepClaimed entry's id in the job's stream. The script does not read the job's
+--          stream: the adapter reads it up to `claimed_id` with the server's own XRANGE, one
+--          pipeline for all claims of a call (a script pays for every value it reads and
+--          returns, several times what XRANGE itself costs, and a long stream would hold the
+--          server).
 -- The StepClaimed payload is cmsgpack {step, attempt, agent, token, lease_ttl_ms}; the
 -- envelope carries `f` = the new token.
 -- Errors   'FERRY_CORRUPT <reason>' when the first ready member has no item (nothing
 --          written); a later one ends the list early and fails the next call.
-
--- Entries of a job's stream a claim reads itself (see below).
-local HISTORY_MAX = 64
 
 local prefix = ARGV[1]
 local agent = ARGV[2]
@@ -81,25 +78,10 @@ for _ = 1, max do
 
   local payload = cmsgpack.pack({step = step, attempt = attempt_n, agent = agent, token = token,
     lease_ttl_ms = ttl})
-  -- The stream is read first: its length gives StepClaimed's place, and the new entry is added
-  -- to the reply as XRANGE would return it (every value a string). A long stream (a deploy to
-  -- many hosts) is read here only up to HISTORY_MAX entries, so that one claim cannot hold
-  -- the server for long; the adapter reads the rest (up to StepClaimed) afterwards.
   local stream = 'job:' .. job
-  local key = prefix .. 's:' .. stream
-  local history = redis.call('XRANGE', key, '-', '+', 'COUNT', HISTORY_MAX + 1)
-  local len = #history
-  if len > HISTORY_MAX then
-    history[len] = nil
-    len = redis.call('XLEN', key)
-  end
-  local seq = len + 1
-  local at, n = int(now), int(seq)
-  local log_id, entry_id = emit(prefix, stream, '4', '1', at, fence, payload, n)
-  if #history == len then
-    history[seq] = {entry_id, entry_fields(stream, '4', '1', at, fence, payload, n, log_id)}
-  end
-  claims[#claims + 1] = {job, step, attempt, item_pool, fence, deadline, history, entry_id}
+  local at = int(now)
+  local _, entry_id = emit(prefix, stream, '4', '1', at, fence, payload, nil)
+  claims[#claims + 1] = {job, step, attempt, item_pool, fence, deadline, entry_id}
 end
 
 return claims

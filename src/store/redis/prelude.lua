@@ -66,16 +66,6 @@ local function emit(prefix, stream, kind, version, at, token, payload, seq)
     'n', seq, 'p', payload, 'l', id)
 end
 
--- The fields of a stream entry `emit` wrote (with a token), as XRANGE returns them.
-local function entry_fields(stream, kind, version, at, token, payload, seq, log_id)
-  if entry_layout ~= 'fields' then
-    return {'h', kind .. '|' .. version .. '|' .. at .. '|' .. seq .. '|' .. token, 'p', payload,
-      'l', log_id}
-  end
-  return {'s', stream, 'k', kind, 'v', version, 't', at, 'n', seq, 'f', token, 'p', payload,
-    'l', log_id}
-end
-
 -- The queued item of `member`: attempt, priority, pool, as strings; nil when not queued.
 local function item_get(prefix, member)
   local v = redis.call('HGET', prefix .. 'items', member)
