@@ -90,7 +90,8 @@ impl Verification {
 }
 
 /// Compares `view` (a fold of the global log) with the live projection: each job's stream
-/// folded on its own, the store's queues and its leases.
+/// folded on its own, the store's queues, its leases and its list of ended jobs whose logs are
+/// kept (`logs_to_expire`).
 ///
 /// Every change to a job's queue entries or lease is made atomically with an append to that
 /// job's stream, and streams only grow. So a job whose stream still has the version the view
@@ -99,6 +100,12 @@ impl Verification {
 pub async fn verify(store: &dyn Store, view: &View) -> Result<Verification, Error> {
     let queued = store.queued().await?;
     let leases = store.leases().await?;
+    let mut kept: BTreeSet<JobId> = store
+        .logs_to_expire(u64::MAX, i64::MAX as usize)
+        .await?
+        .into_iter()
+        .map(|(job, _)| job)
+        .collect();
 
     let mut live_queue: BTreeMap<JobId, BTreeSet<QueueEntry>> = BTreeMap::new();
     for q in queued {
@@ -135,6 +142,7 @@ pub async fn verify(store: &dyn Store, view: &View) -> Result<Verification, Erro
     }
     jobs.extend(live_queue.keys().copied());
     jobs.extend(live_leases.keys().copied());
+    jobs.extend(kept.iter().copied());
 
     let mut out = Verification::default();
     let empty = JobState::new(JobId::default());
@@ -197,6 +205,25 @@ pub async fn verify(store: &dyn Store, view: &View) -> Result<Verification, Erro
                 "job {job}: step {} is leased to {} with token {} but the log says it should not be",
                 extra.step, extra.agent, extra.token
             ));
+        }
+        let listed = kept.remove(&job);
+        let ended = logged.phase.is_terminal();
+        let expired = logged.logs_expired_at_ms.is_some();
+        let kept_logs = ended && !expired;
+        if kept_logs && !listed {
+            out.differences.push(format!(
+                "job {job}: ended, but not listed for log retention (its output would be kept \
+                 forever; a coordinator lists jobs ended by builds before log retention in the \
+                 background, so run this again once it has)"
+            ));
+        } else if listed && !kept_logs {
+            let why = if ended {
+                "its logs expired"
+            } else {
+                "it has not ended"
+            };
+            out.differences
+                .push(format!("job {job}: listed for log retention, but {why}"));
         }
         out.checked += 1;
     }

@@ -620,7 +620,8 @@ fn wakes_coordinator(event: &Event) -> bool {
 }
 
 /// One coordinator at a time expires leases, promotes due retries, records agents whose
-/// heartbeat lapsed as lost, expires the logs of jobs that ended longer than `keep_logs` ago,
+/// heartbeat lapsed as lost, expires the logs of jobs that ended longer than `keep_logs` ago
+/// (after listing, a page per tick, the jobs that builds before log retention ended),
 /// and reports the queues: ready steps of `pools` (the projects' pools) and how long the head
 /// of each has waited, and the delayed retries. The scripts are atomic and idempotent, so a
 /// second sweeper during a lock handover costs work, never correctness.
@@ -633,6 +634,9 @@ async fn sweep_duty(
 ) {
     let ttl = every * 3;
     let mut token: Option<FencingToken> = None;
+    // Where the walk that lists jobs ended by earlier builds for log retention continues;
+    // `None` once it is complete.
+    let mut listing: Option<Option<JobId>> = Some(None);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -714,6 +718,23 @@ async fn sweep_duty(
             Err(e) => {
                 METRICS.sweep_failures.inc();
                 warn!(error = %e, "agent sweep failed")
+            }
+        }
+        if let (Some(_), Some(after)) = (keep_logs, listing) {
+            match store.list_ended_unlisted(after, 256).await {
+                Ok(l) => {
+                    if l.listed > 0 {
+                        info!(
+                            jobs = l.listed,
+                            "listed jobs that an earlier build ended, for log retention"
+                        );
+                    }
+                    listing = l.next.map(Some);
+                }
+                Err(e) => {
+                    METRICS.sweep_failures.inc();
+                    warn!(error = %e, "listing jobs ended by an earlier build failed");
+                }
             }
         }
         if let Some(keep) = keep_logs {

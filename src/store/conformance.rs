@@ -13,7 +13,7 @@
 //! Time-based cases use short TTLs and poll conditions with generous deadlines; none asserts on
 //! how long anything took.
 
-use super::{Append, Appended, Error, Leases, LogPos, Store, StreamId, Version};
+use super::{Append, Appended, Error, Leases, Listing, LogPos, Store, StreamId, Version};
 use ferry_proto::{
     AgentId, AgentLost, Event, FencingToken, JobCancelled, JobId, StepClaimed, StepQueued,
     StepRetryScheduled, StepStarted, StepSucceeded, WebhookReceived,
@@ -1498,6 +1498,26 @@ pub async fn logs_of_ended_jobs_are_listed_until_logs_expired_drops_them(fx: &Fi
     );
     // Ending again after the logs expired lists nothing.
     append(s, Append::new(StreamId::Job(done), vec![cancelled()])).await;
+    assert!(s.logs_to_expire(u64::MAX, 10).await.unwrap().is_empty());
+
+    // Every end here listed itself: the walk for jobs that earlier builds ended lists none,
+    // reaches the end, and from then on answers at once.
+    let mut after = None;
+    let mut walked = 0;
+    loop {
+        let l = s.list_ended_unlisted(after, 1).await.unwrap();
+        assert_eq!(l.listed, 0);
+        match l.next {
+            Some(job) => after = Some(job),
+            None => break,
+        }
+        walked += 1;
+        assert!(walked <= 2, "the walk ends after the last job");
+    }
+    assert_eq!(
+        s.list_ended_unlisted(None, 1).await.unwrap(),
+        Listing::default()
+    );
     assert!(s.logs_to_expire(u64::MAX, 10).await.unwrap().is_empty());
 }
 

@@ -459,9 +459,29 @@ pub trait Logs: Send + Sync {
     /// oldest end first, each with its end time (the `at_ms` of its first terminal event).
     /// A job joins this list atomically with its first terminal event and leaves it with
     /// `LogsExpired`, which deletes its log in the same append (effects `ClearJob` and
-    /// `DropLogs`). Jobs that ended before the store recorded ends (Redis installations of
-    /// builds before `LogsExpired` existed) are not listed: their logs stay.
+    /// `DropLogs`). Jobs that builds before `LogsExpired` existed ended are listed by
+    /// `list_ended_unlisted`.
     async fn logs_to_expire(&self, ended_before_ms: u64, max: usize) -> Result<Vec<(JobId, u64)>>;
+    /// Lists for `logs_to_expire` the jobs that an earlier build ended without listing them
+    /// (Redis installations upgraded from builds before `LogsExpired`, whose logs would
+    /// otherwise stay forever). Walks up to `max` jobs after `after`, in creation order, and
+    /// lists each one whose stream holds a terminal event and no `LogsExpired`, with the
+    /// `at_ms` of its first terminal event, unless the stream grew while it was read (a job
+    /// that ends or expires meanwhile lists or unlists itself). Returns how many it listed and
+    /// the job to continue after; `next: None` once the walk passed the last job, and the
+    /// store then remembers that the listing is complete: every later call returns at once.
+    /// The SQLite store listed them when it upgraded its file (schema version 2) and answers
+    /// complete at once.
+    async fn list_ended_unlisted(&self, after: Option<JobId>, max: usize) -> Result<Listing>;
+}
+
+/// What one call of [`Logs::list_ended_unlisted`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Jobs it listed.
+    pub listed: usize,
+    /// The job to continue after; `None`: every job has been walked.
+    pub next: Option<JobId>,
 }
 
 /// Lines kept per job log (approximately: trimming is lazy).

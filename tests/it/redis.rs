@@ -1,9 +1,16 @@
-//! Redis-specific tests: the Lua score formula, the key layout, outages and blocking commands.
+//! Redis-specific tests: the Lua score formula, the key layout, outages and blocking commands,
+//! listing jobs that earlier builds ended for log retention.
 
 use crate::harness::{self, wait_for, RedisServer, DEADLINE};
+use ferry::coordinator;
+use ferry::replay;
+use ferry::store::conformance::noop_job;
 use ferry::store::redis::{queue_score_probe, RedisStore};
-use ferry::store::{queue_score, Append, Error, EventLog, Feed, StreamId, WorkQueue};
-use ferry_proto::{Event, JobId, StepQueued, StepRetryScheduled};
+use ferry::store::{
+    queue_score, Append, Error, EventLog, Feed, Listing, Logs, Store, StreamId, WorkQueue,
+};
+use ferry_proto::{Event, JobId, JobSucceeded, LogsExpired, StepQueued, StepRetryScheduled};
+use std::sync::Arc;
 use std::time::Duration;
 
 async fn raw() -> redis::aio::MultiplexedConnection {
@@ -529,4 +536,144 @@ async fn the_layout_key_chooses_how_entries_are_written() {
         .collect();
     assert_eq!(events.len(), 3);
     assert_eq!((&events[0], &events[2]), (&queued, &started));
+}
+
+/// An installation upgraded from a build before log retention: the jobs that build ended are
+/// not listed in `kept_logs`, so their output would stay forever, and `replay --verify` says
+/// so. The coordinator's walk lists each of them with the time of its first terminal event,
+/// passes over live jobs and jobs whose logs expired, and remembers when it is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_ended_by_an_earlier_build_are_listed_for_log_retention() {
+    let ns = harness::namespace();
+    let store = RedisStore::connect(&harness::shared().url(), &ns)
+        .await
+        .unwrap();
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        let job = JobId::new();
+        let created = noop_job(job, &format!("v{i}"), "linux", &["build"]);
+        store
+            .append(Append::new(StreamId::Job(job), vec![created.into()]).expect(0))
+            .await
+            .unwrap();
+        if i != 1 {
+            store
+                .append(Append::new(
+                    StreamId::Job(job),
+                    vec![JobSucceeded {}.into()],
+                ))
+                .await
+                .unwrap();
+        }
+        jobs.push(job);
+    }
+    let (old, live, expired) = (jobs[0], jobs[1], jobs[2]);
+    let expire = LogsExpired { kept_for_ms: 1 };
+    store
+        .append(Append::new(StreamId::Job(expired), vec![expire.into()]))
+        .await
+        .unwrap();
+    // What an earlier build left: the ended job is not listed.
+    let mut conn = raw().await;
+    let removed: i64 = redis::cmd("ZREM")
+        .arg(format!("{{{ns}}}:kept_logs"))
+        .arg(old.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    let view = replay::rebuild(&store).await.unwrap();
+    let check = replay::verify(&store, &view).await.unwrap();
+    assert_eq!(check.differences.len(), 1, "{:?}", check.differences);
+    assert!(
+        check.differences[0].contains(&format!("job {old}: ended, but not listed")),
+        "{:?}",
+        check.differences
+    );
+
+    let first = store.list_ended_unlisted(None, 2).await.unwrap();
+    assert_eq!(
+        first,
+        Listing {
+            listed: 1,
+            next: Some(live)
+        }
+    );
+    let last = store.list_ended_unlisted(Some(live), 2).await.unwrap();
+    assert_eq!(
+        last,
+        Listing {
+            listed: 0,
+            next: None
+        }
+    );
+    let ended_at = store.read_stream(&StreamId::Job(old), 0).await.unwrap()[1]
+        .envelope
+        .at_ms;
+    assert_eq!(
+        store.logs_to_expire(u64::MAX, 10).await.unwrap(),
+        [(old, ended_at)]
+    );
+    assert!(replay::verify(&store, &view).await.unwrap().ok());
+    // The other way round: a live job in the list is a difference too.
+    let kept = format!("{{{ns}}}:kept_logs");
+    let zadd = |job: JobId| {
+        redis::cmd("ZADD")
+            .arg(&kept)
+            .arg(1)
+            .arg(job.to_string())
+            .clone()
+    };
+    let _: i64 = zadd(live).query_async(&mut conn).await.unwrap();
+    let check = replay::verify(&store, &view).await.unwrap();
+    assert_eq!(
+        check.differences,
+        [format!(
+            "job {live}: listed for log retention, but it has not ended"
+        )]
+    );
+    let _: i64 = redis::cmd("ZREM")
+        .arg(&kept)
+        .arg(live.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // The walk is complete: it does not run again.
+    let _: i64 = redis::cmd("ZREM")
+        .arg(format!("{{{ns}}}:kept_logs"))
+        .arg(old.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_ended_unlisted(None, 10).await.unwrap(),
+        Listing::default()
+    );
+    assert!(store.logs_to_expire(u64::MAX, 10).await.unwrap().is_empty());
+
+    // A coordinator holding the sweep lock walks on its own, then expires the job's logs.
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{{{ns}}}:kept_logs_listed"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let store: Arc<dyn Store> = Arc::new(store);
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let opts = coordinator::Options {
+        sweep_interval: Duration::from_millis(100),
+        keep_logs: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let coordinator = tokio::spawn(coordinator::run(store.clone(), opts, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    wait_for(DEADLINE, "the old job's logs to expire", || async {
+        let events = store.read_stream(&StreamId::Job(old), 0).await.unwrap();
+        let last = events.last().unwrap().decode().unwrap();
+        matches!(last, Event::LogsExpired(_)).then_some(())
+    })
+    .await;
+    let _ = stop.send(true);
+    coordinator.await.unwrap().unwrap();
 }

@@ -27,10 +27,12 @@
 //! | `{ns}:ended:<job>` | string | set when the job ended: queueing effects on it are no-ops |
 //! | `{ns}:agents` | zset | agent name → heartbeat deadline ms (store clock) |
 //! | `{ns}:stop:<agent>` | string | the reason of a stop requested of the agent, returned by its heartbeats |
+//! | `{ns}:kept_logs` | zset | ended jobs whose logs are still kept, score = the `at_ms` of the job's first terminal event |
+//! | `{ns}:kept_logs_listed` | string | `1` once every job ended by a build older than `kept_logs` is listed in it too |
+//! | `{ns}:layout` | string | `fields` while an installation is upgraded from builds that read only the one-field-each entry layout |
 //!
-//! Entry fields, identical in a stream and in the log: `s` stream name, `k` kind, `v` schema
-//! version, `t` at_ms, `n` the event's place in its stream (1-based; absent in entries written
-//! before it was recorded), `f` fencing token (only when present), `p` payload (rmp named msgpack).
+//! Entry fields (the packed layout: `s`, `h`, `p` in the log; `h`, `p`, `l` in a stream; and the
+//! older one-field-each layout) are in `proto/README.md`, "Stream entry fields".
 
 use crate::store::{Error, Result};
 
@@ -80,6 +82,9 @@ impl Keys {
     }
     pub(crate) fn kept_logs(&self) -> String {
         self.key("kept_logs")
+    }
+    pub(crate) fn kept_logs_listed(&self) -> String {
+        self.key("kept_logs_listed")
     }
     pub(crate) fn index(&self, key: &str) -> String {
         self.key(&format!("idx:{key}"))
@@ -144,6 +149,8 @@ mod tests {
             k.lease("a/b"),
             k.agents(),
             k.stop("a1"),
+            k.kept_logs(),
+            k.kept_logs_listed(),
         ] {
             assert!(key.starts_with("{p3}:"), "{key}");
         }

@@ -27,9 +27,9 @@ pub use scripts::queue_score_probe;
 
 use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positive_ms};
 use crate::store::{
-    queued_at, Agents, Append, Appended, Claim, Error, EventLog, Feed, Fence, LeaderLock, Lease,
-    Leases, LogPos, Logs, QueueDepths, Queued, Result, Snapshots, Stored, StreamId, Version,
-    WorkQueue, LOG_MAX_LINES,
+    effects_of, queued_at, Agents, Append, Appended, Claim, Effect, Error, EventLog, Feed, Fence,
+    LeaderLock, Lease, Leases, Listing, LogPos, Logs, QueueDepths, Queued, Result, Snapshots,
+    Stored, StreamId, Version, WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
@@ -1067,6 +1067,75 @@ impl Logs for RedisStore {
             .into_iter()
             .map(|(job, at)| Ok((parse_job(&job)?, at)))
             .collect()
+    }
+
+    async fn list_ended_unlisted(&self, after: Option<JobId>, max: usize) -> Result<Listing> {
+        let marker = self.keys().kept_logs_listed();
+        let done: Option<String> = self
+            .query("read the kept-logs marker", redis::cmd("GET").arg(&marker))
+            .await?;
+        if done.is_some() || max == 0 {
+            return Ok(Listing::default());
+        }
+        let page = self.jobs(after, max).await?;
+        let mut pipe = redis::pipe();
+        for job in &page {
+            pipe.cmd("ZSCORE")
+                .arg(self.keys().kept_logs())
+                .arg(job.to_string());
+        }
+        let scores: Vec<Option<f64>> = if page.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut self.conn())
+                .await
+                .map_err(|e| command_error("read kept-logs scores", e))?
+        };
+        let mut listed = 0;
+        for (job, score) in page.iter().zip(scores) {
+            if score.is_some() {
+                continue;
+            }
+            let stream = StreamId::Job(*job);
+            let events = self.read_stream(&stream, 0).await?;
+            let mut ended_ms = None;
+            let mut expired = false;
+            for stored in &events {
+                // The events whose effects list and unlist a job.
+                match effects_of(&stored.decode()?) {
+                    Some(Effect::ClearJob) => {
+                        ended_ms.get_or_insert(stored.envelope.at_ms);
+                    }
+                    Some(Effect::DropLogs) => expired = true,
+                    _ => {}
+                }
+            }
+            let Some(ended_ms) = ended_ms.filter(|_| !expired) else {
+                continue;
+            };
+            let added: i64 = scripts::LIST_ENDED
+                .key(self.keys().kept_logs())
+                .key(self.keys().stream(&stream.name()))
+                .arg(job.to_string())
+                .arg(ended_ms)
+                .arg(events.len())
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| command_error(&format!("list ended job {job}"), e))?;
+            listed += added as usize;
+        }
+        if page.len() < max {
+            self.query::<()>(
+                "record that every ended job is listed",
+                redis::cmd("SET").arg(&marker).arg("1"),
+            )
+            .await?;
+            return Ok(Listing { listed, next: None });
+        }
+        Ok(Listing {
+            listed,
+            next: page.last().copied(),
+        })
     }
 }
 

@@ -30,6 +30,8 @@ pub(crate) static LIVE_AGENTS: LazyLock<Script> =
     LazyLock::new(|| with_prelude(include_str!("live_agents.lua")));
 pub(crate) static EXPIRE_AGENTS: LazyLock<Script> =
     LazyLock::new(|| with_prelude(include_str!("expire_agents.lua")));
+pub(crate) static LIST_ENDED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("list_ended.lua")));
 pub(crate) static LOCK_ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lock_acquire.lua")));
 pub(crate) static LOCK_RENEW: LazyLock<Script> =

@@ -61,8 +61,8 @@ use crate::store::validate::{
 };
 use crate::store::{
     effects_of, misplaced, now_ms, queued_at, Agents, Append, Appended, Claim, Effect, Error,
-    EventLog, Expected, Feed, Fence, LeaderLock, Lease, Leases, LogPos, Logs, QueueDepths, Queued,
-    Result, Snapshots, Stored, StreamId, Version, WorkQueue, LOG_MAX_LINES,
+    EventLog, Expected, Feed, Fence, LeaderLock, Lease, Leases, Listing, LogPos, Logs, QueueDepths,
+    Queued, Result, Snapshots, Stored, StreamId, Version, WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{
@@ -1395,6 +1395,11 @@ impl Logs for SqliteStore {
             },
         )
         .await
+    }
+
+    async fn list_ended_unlisted(&self, _after: Option<JobId>, _max: usize) -> Result<Listing> {
+        // The upgrade to schema version 2 listed every job that had ended.
+        Ok(Listing::default())
     }
 }
 
