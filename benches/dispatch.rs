@@ -454,6 +454,7 @@ async fn throughput(
     };
     println!("\n== dispatch throughput: {n} no-op jobs, {coordinators} coordinator(s) + {agents} agent(s) (concurrency 50), own processes, {how} ==");
     server.flush();
+    let empty = server.info().used_memory;
     let mut procs = Vec::new();
     for i in 0..coordinators {
         procs.push(fleet.coordinator(i));
@@ -515,6 +516,9 @@ async fn throughput(
     drop(procs);
     let succeeded = succeeded(&fleet.url).await;
     let rate = succeeded as f64 / elapsed;
+    // What the finished jobs hold in Redis: their events (in the log and in their streams),
+    // the job index, the kept-logs list; no-op steps write no output lines.
+    let per_job = server.info().used_memory.saturating_sub(empty) as f64 / n as f64;
     println!("ferry: {succeeded}/{n} jobs succeeded in {elapsed:.2} s: {rate:.0} steps/s end to end ({how})");
     let exclude = ["info", "xlen"];
     let tag = format!(
@@ -522,8 +526,9 @@ async fn throughput(
         if prefilled { "prefilled." } else { "" }
     );
     let steps = succeeded.max(1) as f64;
-    // Every claim script reads its job's stream with an XRANGE inside the script, which
-    // commandstats cannot tell from a client's XRANGE: one per step comes off.
+    // The adapter reads each claimed job's stream with an XRANGE (every step is claimed once),
+    // all of a claim call's in one pipeline: commandstats counts them one by one, so one per
+    // step comes off (the pipeline's one round trip per claim call is not counted).
     let round_trips = (delta.round_trips(&exclude) as f64 - steps).max(0.0) / steps;
     println!(
         "redis: {:.1} µs CPU per step; {round_trips:.1} round trips per step (client commands, not counting the bench's {polls} XLEN polls and INFO)",
@@ -564,6 +569,14 @@ async fn throughput(
         &format!("dispatch.{tag}.round_trips_per_step"),
         round_trips,
         "",
+    );
+    println!(
+        "redis: {per_job:.0} bytes of memory per finished one-step job (used_memory, from empty)"
+    );
+    result(
+        &format!("dispatch.{tag}.redis_bytes_per_job"),
+        per_job,
+        "bytes",
     );
     assert_eq!(succeeded, n, "every job succeeded");
 }

@@ -73,6 +73,12 @@ pub struct CoordinatorMetrics {
     /// `ferry_steps_delayed`: retries waiting for their due time (all pools). Sweep leader
     /// only.
     pub steps_delayed: IntGauge,
+    /// `ferry_store_used_bytes`: what the store uses (Redis `used_memory` of the server
+    /// holding the namespace; the SQLite file). Sweep leader only.
+    pub store_used: IntGauge,
+    /// `ferry_store_limit_bytes`: the most the store may use (Redis `maxmemory`; 0: no
+    /// limit). Sweep leader only.
+    pub store_limit: IntGauge,
 }
 
 /// The agent's metrics.
@@ -197,6 +203,14 @@ pub static COORDINATOR: LazyLock<CoordinatorMetrics> = LazyLock::new(|| {
                 "Retries waiting for their due time (from the coordinator holding the sweep lock).",
             )
             .expect("valid metric"),
+        ),
+        store_used: gauge(
+            "ferry_store_used_bytes",
+            "Bytes the store uses: Redis used_memory of the server holding the namespace, or the SQLite file (from the coordinator holding the sweep lock).",
+        ),
+        store_limit: gauge(
+            "ferry_store_limit_bytes",
+            "The most the store may use: Redis maxmemory, past which it refuses writes; 0 when unlimited (from the coordinator holding the sweep lock).",
         ),
     }
 });

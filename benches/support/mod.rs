@@ -179,6 +179,8 @@ pub struct Info {
     /// command → (calls, usec)
     pub commands: BTreeMap<String, (u64, u64)>,
     pub version: String,
+    /// `used_memory`, bytes.
+    pub used_memory: u64,
 }
 
 impl Info {
@@ -192,6 +194,7 @@ impl Info {
                 "used_cpu_sys" | "used_cpu_user" => info.cpu_s += v.parse::<f64>().unwrap_or(0.0),
                 "total_commands_processed" => info.total_commands = v.parse().unwrap_or(0),
                 "redis_version" => info.version = v.to_string(),
+                "used_memory" => info.used_memory = v.parse().unwrap_or(0),
                 _ => {
                     if let Some(cmd) = k.strip_prefix("cmdstat_") {
                         let field = |name: &str| -> u64 {
@@ -226,9 +229,10 @@ impl Info {
     }
 }
 
-/// Commands that ferry's scripts run and its clients send too: the benches account for them by
-/// hand (the claim script's `XRANGE`, one per claim).
-pub const SCRIPT_AND_CLIENT: &[&str] = &["xrange"];
+/// Commands that ferry's scripts run and clients send too: the benches account for them by
+/// hand (`INFO`: the info script, read by the sweep leader, and the benches' own probes, which
+/// every bench leaves out of its round trips).
+pub const SCRIPT_AND_CLIENT: &[&str] = &["info"];
 
 /// Every command a script in `src/store/redis/` calls must be in [`SCRIPT_ONLY`] or
 /// [`SCRIPT_AND_CLIENT`], or the round-trip counts would be wrong: panics naming the others.

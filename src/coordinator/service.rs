@@ -622,8 +622,8 @@ fn wakes_coordinator(event: &Event) -> bool {
 /// One coordinator at a time expires leases, promotes due retries, records agents whose
 /// heartbeat lapsed as lost, expires the logs of jobs that ended longer than `keep_logs` ago
 /// (after listing, a page per tick, the jobs that builds before log retention ended),
-/// and reports the queues: ready steps of `pools` (the projects' pools) and how long the head
-/// of each has waited, and the delayed retries. The scripts are atomic and idempotent, so a
+/// and reports the queues (ready steps of `pools`, the projects' pools, and how long the head
+/// of each has waited; the delayed retries) and the store's size. The scripts are atomic and idempotent, so a
 /// second sweeper during a lock handover costs work, never correctness.
 async fn sweep_duty(
     store: Arc<dyn Store>,
@@ -671,7 +671,18 @@ async fn sweep_duty(
             METRICS.steps_ready.reset();
             METRICS.ready_wait.reset();
             METRICS.steps_delayed.set(0);
+            METRICS.store_used.set(0);
+            METRICS.store_limit.set(0);
             continue;
+        }
+        match store.usage().await {
+            Ok(usage) => {
+                METRICS.store_used.set(clamp_i64(usage.used_bytes));
+                METRICS
+                    .store_limit
+                    .set(clamp_i64(usage.limit_bytes.unwrap_or(0)));
+            }
+            Err(e) => warn!(error = %e, "reading the store's size failed"),
         }
         match store.queue_depths(&pools).await {
             Ok(depths) => {
@@ -747,6 +758,10 @@ async fn sweep_duty(
             }
         }
     }
+}
+
+fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Counts decisions the coordinator appended, by event.

@@ -132,6 +132,7 @@ macro_rules! store_conformance {
             leader_lock_is_exclusive_and_tokens_grow,
             leader_lock_lapses_after_ttl,
             snapshots_put_and_get,
+            usage_reports_the_size_and_grows_with_writes,
             jobs_page_in_creation_order,
             wait_for_work_wakes_on_enqueue,
             bad_names_are_rejected,
@@ -1748,6 +1749,24 @@ pub async fn snapshots_put_and_get(fx: &Fixture) {
     s.put_snapshot("jobs", b"v2").await.unwrap();
     assert_eq!(s.get_snapshot("jobs").await.unwrap(), Some(b"v2".to_vec()));
     assert_eq!(s.get_snapshot("other").await.unwrap(), None);
+}
+
+/// The store reports how much it holds, and it grows with what is written. (The Redis of the
+/// tests is shared with other tests, which only add to it meanwhile: growth is asserted at
+/// half of what this test writes.)
+pub async fn usage_reports_the_size_and_grows_with_writes(fx: &Fixture) {
+    let s = &**fx;
+    let before = s.usage().await.unwrap();
+    assert!(before.used_bytes > 0, "{before:?}");
+    const BIG: usize = 4 << 20;
+    let bytes: Vec<u8> = (0..BIG).map(|i| (i * 7919 % 251) as u8).collect();
+    s.put_snapshot("usage", &bytes).await.unwrap();
+    let after = s.usage().await.unwrap();
+    assert!(
+        after.used_bytes >= before.used_bytes + BIG as u64 / 2,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(after.limit_bytes, before.limit_bytes);
 }
 
 pub async fn jobs_page_in_creation_order(fx: &Fixture) {

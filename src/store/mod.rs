@@ -512,12 +512,36 @@ pub trait Agents: Send + Sync {
     async fn expire_agents(&self, max: usize) -> Result<Vec<AgentId>>;
 }
 
+/// How much the store holds, and the most it may hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes in use: Redis's `used_memory` on the server that holds the namespace (every
+    /// namespace and database on that server counts); SQLite's database file (its pages).
+    pub used_bytes: u64,
+    /// Redis's `maxmemory` on that server, past which it refuses writes (with
+    /// `maxmemory-policy noeviction`, as ferry needs): `None` when it has none (0), and for
+    /// SQLite, which grows until the disk is full.
+    pub limit_bytes: Option<u64>,
+}
+
+/// **Capacity**: the store's size, for gauges read every few seconds and alerts that fire
+/// before a full store refuses every write. Cheap: one round trip (Redis `INFO memory` on the
+/// server holding the namespace's hash slot, also in a cluster) or one read.
+#[async_trait]
+pub trait Capacity: Send + Sync {
+    async fn usage(&self) -> Result<Usage>;
+}
+
 /// Every port, as one object that roles share.
 pub trait Store:
-    EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots + Logs + Agents
+    EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots + Logs + Agents + Capacity
 {
 }
-impl<T: EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots + Logs + Agents> Store for T {}
+impl<
+        T: EventLog + Feed + WorkQueue + Leases + LeaderLock + Snapshots + Logs + Agents + Capacity,
+    > Store for T
+{
+}
 
 /// Wall-clock milliseconds since the Unix epoch, for envelope timestamps only.
 pub fn now_ms() -> u64 {

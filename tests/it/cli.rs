@@ -446,6 +446,13 @@ async fn the_coordinator_and_the_agent_serve_their_metrics() {
     })
     .await;
     assert_eq!(sample(&c, "ferry_steps_delayed"), Some(0.0), "{c}");
+    // The store's size, for the alert that fires before a full Redis refuses every write
+    // (the tests' Redis has no maxmemory: 0).
+    assert!(
+        sample(&c, "ferry_store_used_bytes").unwrap_or(0.0) > 0.0,
+        "{c}"
+    );
+    assert_eq!(sample(&c, "ferry_store_limit_bytes"), Some(0.0), "{c}");
 }
 
 /// Like Sidekiq and BullMQ, ferry warns at start when Redis may evict its keys.

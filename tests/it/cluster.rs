@@ -1,13 +1,13 @@
 //! A store on a Redis Cluster (three masters, each with a replica): the real `ferry`
 //! coordinator and agent, given `redis+cluster://`, run jobs, and carry on without a restart
 //! when the master holding the namespace's slot is killed with SIGKILL and its replica takes
-//! over.
+//! over. The store's size is read from that master.
 
 use crate::cli::{ferry, Proc};
 use crate::failover::{create_cluster, kill9, phase, query, submit, succeeded_once};
 use crate::harness::{self, serve_on_free_port, wait_until, DEADLINE};
 use ferry::store::redis::RedisStore;
-use ferry::store::Store;
+use ferry::store::{Capacity, Store};
 use std::process::{Child, Command};
 use std::sync::Arc;
 
@@ -102,7 +102,21 @@ async fn coordinator_and_agent_run_on_a_cluster_and_survive_its_failover() {
     let cluster = Cluster::start();
     cluster.wait_ok(None).await;
     let (url, ns) = (cluster.url(), harness::namespace());
-    let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &ns).await.unwrap());
+    let redis = RedisStore::connect(&url, &ns).await.unwrap();
+    // The store's size comes from the master of the namespace's slot: the only node with a
+    // maxmemory here.
+    let owner = cluster.nodes_of(&format!("{{{ns}}}:log")).unwrap()[0];
+    let _: () = query(
+        owner,
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg("512mb"),
+    )
+    .unwrap();
+    let usage = redis.usage().await.unwrap();
+    assert_eq!(usage.limit_bytes, Some(512 << 20), "{usage:?}");
+    let store: Arc<dyn Store> = Arc::new(redis);
     let _coordinator = Proc(
         ferry(&url, &ns)
             .env("FERRY_COORDINATOR_SWEEP_INTERVAL", "200ms")

@@ -7,7 +7,7 @@ use ferry::replay;
 use ferry::store::conformance::noop_job;
 use ferry::store::redis::{queue_score_probe, RedisStore};
 use ferry::store::{
-    queue_score, Append, Error, EventLog, Feed, Listing, Logs, Store, StreamId, WorkQueue,
+    queue_score, Append, Capacity, Error, EventLog, Feed, Listing, Logs, Store, StreamId, WorkQueue,
 };
 use ferry_proto::{Event, JobId, JobSucceeded, LogsExpired, StepQueued, StepRetryScheduled};
 use std::sync::Arc;
@@ -676,4 +676,40 @@ async fn jobs_ended_by_an_earlier_build_are_listed_for_log_retention() {
     .await;
     let _ = stop.send(true);
     coordinator.await.unwrap().unwrap();
+}
+
+/// The store's size and limit come from the server's INFO (through a script, so a cluster
+/// answers from the namespace's node and no CONFIG permission is needed); so does the check
+/// for settings that put ferry's data at risk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_configuration_risks_come_from_the_servers_info() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, mut guard) = harness::serve_on_free_port("redis-limited", |port| {
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"])
+            // as hosted services do: CONFIG is not there for clients
+            .args(["--rename-command", "CONFIG", ""]);
+        cmd
+    });
+    let url = format!("redis://127.0.0.1:{port}/");
+    let store = RedisStore::connect(&url, &harness::namespace())
+        .await
+        .unwrap();
+    let usage = store.usage().await.unwrap();
+    assert_eq!(usage.limit_bytes, Some(64 << 20), "{usage:?}");
+    assert!(usage.used_bytes > 0, "{usage:?}");
+    let (warnings, notes) = store.configuration_risks().await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("maxmemory-policy is volatile-lru"),
+        "{warnings:?}"
+    );
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("appendonly no"), "{notes:?}");
+    drop(guard.stdin.take());
+    let _ = guard.wait();
 }

@@ -27,9 +27,9 @@ pub use scripts::queue_score_probe;
 
 use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positive_ms};
 use crate::store::{
-    effects_of, queued_at, Agents, Append, Appended, Claim, Effect, Error, EventLog, Feed, Fence,
-    LeaderLock, Lease, Leases, Listing, LogPos, Logs, QueueDepths, Queued, Result, Snapshots,
-    Stored, StreamId, Version, WorkQueue, LOG_MAX_LINES,
+    effects_of, queued_at, Agents, Append, Appended, Capacity, Claim, Effect, Error, EventLog,
+    Feed, Fence, LeaderLock, Lease, Leases, Listing, LogPos, Logs, QueueDepths, Queued, Result,
+    Snapshots, Stored, StreamId, Usage, Version, WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
@@ -118,34 +118,42 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// What in the server's configuration puts ferry's data at risk: `(warnings, notes)`.
-    /// Warnings: a `maxmemory-policy` other than `noeviction` (under memory pressure Redis
-    /// would silently drop events, queued steps and leases). Notes: persistence off
-    /// (`appendonly no`: a restart loses what the last snapshot lacks). Both empty when the
-    /// server does not let clients read its configuration (managed services often block
-    /// `CONFIG`).
+    /// What could lose ferry's data on this server, read from its `INFO` (so also where
+    /// `CONFIG` is denied): warnings (Redis may evict keys: `maxmemory-policy` is not
+    /// `noeviction`) and notes (persistence is off). Nothing when the server cannot be read.
     pub async fn configuration_risks(&self) -> (Vec<String>, Vec<String>) {
-        let get = |name: &'static str| async move {
-            let pair: Vec<String> = self
-                .query("config get", redis::cmd("CONFIG").arg("GET").arg(name))
-                .await
-                .ok()?;
-            pair.get(1).cloned()
-        };
         let (mut warnings, mut notes) = (Vec::new(), Vec::new());
-        if let Some(policy) = get("maxmemory-policy").await {
+        let Ok(info) = self.server_info().await else {
+            return (warnings, notes);
+        };
+        if let Some(policy) = info.get("maxmemory_policy") {
             if policy != "noeviction" {
                 warnings.push(format!(
                     "Redis may evict ferry's keys (maxmemory-policy is {policy}): under memory pressure it would silently drop events, queued steps and leases; set maxmemory-policy noeviction"
                 ));
             }
         }
-        if get("appendonly").await.as_deref() == Some("no") {
+        if info.get("aof_enabled").map(String::as_str) == Some("0") {
             notes.push(
                 "Redis persistence is off (appendonly no): a Redis restart loses the events acknowledged since its last snapshot; set appendonly yes for a fleet".into(),
             );
         }
         (warnings, notes)
+    }
+
+    /// The `memory` and `persistence` sections of `INFO` of the server holding the namespace,
+    /// by field name.
+    async fn server_info(&self) -> Result<HashMap<String, String>> {
+        let text: String = scripts::INFO
+            .key(self.keys().log())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error("read the server's INFO", e))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.trim_end().split_once(':'))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
     }
 
     /// The namespace this store's keys live in.
@@ -1135,6 +1143,23 @@ impl Logs for RedisStore {
         Ok(Listing {
             listed,
             next: page.last().copied(),
+        })
+    }
+}
+
+#[async_trait]
+impl Capacity for RedisStore {
+    async fn usage(&self) -> Result<Usage> {
+        let info = self.server_info().await?;
+        let number = |name: &str| -> Result<u64> {
+            let v = info
+                .get(name)
+                .ok_or_else(|| Error::Corrupt(format!("the server's INFO has no {name}")))?;
+            parse_num(name, v)
+        };
+        Ok(Usage {
+            used_bytes: number("used_memory")?,
+            limit_bytes: Some(number("maxmemory")?).filter(|m| *m > 0),
         })
     }
 }

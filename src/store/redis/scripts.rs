@@ -30,6 +30,7 @@ pub(crate) static LIVE_AGENTS: LazyLock<Script> =
     LazyLock::new(|| with_prelude(include_str!("live_agents.lua")));
 pub(crate) static EXPIRE_AGENTS: LazyLock<Script> =
     LazyLock::new(|| with_prelude(include_str!("expire_agents.lua")));
+pub(crate) static INFO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("info.lua")));
 pub(crate) static LIST_ENDED: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("list_ended.lua")));
 pub(crate) static LOCK_ACQUIRE: LazyLock<Script> =

@@ -60,9 +60,10 @@ use crate::store::validate::{
     check_append, check_name, check_nonempty, check_pools, ms, positive_ms,
 };
 use crate::store::{
-    effects_of, misplaced, now_ms, queued_at, Agents, Append, Appended, Claim, Effect, Error,
-    EventLog, Expected, Feed, Fence, LeaderLock, Lease, Leases, Listing, LogPos, Logs, QueueDepths,
-    Queued, Result, Snapshots, Stored, StreamId, Version, WorkQueue, LOG_MAX_LINES,
+    effects_of, misplaced, now_ms, queued_at, Agents, Append, Appended, Capacity, Claim, Effect,
+    Error, EventLog, Expected, Feed, Fence, LeaderLock, Lease, Leases, Listing, LogPos, Logs,
+    QueueDepths, Queued, Result, Snapshots, Stored, StreamId, Usage, Version, WorkQueue,
+    LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{
@@ -1308,6 +1309,21 @@ impl Snapshots for SqliteStore {
                 .prepare_cached("SELECT bytes FROM snapshots WHERE name = ?1")?
                 .query_row([&name], |r| r.get(0))
                 .optional()?)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Capacity for SqliteStore {
+    async fn usage(&self) -> Result<Usage> {
+        self.read("read the database's size".to_string(), move |tx| {
+            let pages: i64 = tx.tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let size: i64 = tx.tx.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            Ok(Usage {
+                used_bytes: (pages.max(0) as u64).saturating_mul(size.max(0) as u64),
+                limit_bytes: None,
+            })
         })
         .await
     }
