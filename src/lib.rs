@@ -20,6 +20,7 @@ pub(crate) mod process;
 pub mod replay;
 pub mod store;
 pub mod tls;
+pub mod workdir;
 
 /// Every binary that links ferry (the `ferry` executable, tests, benches) allocates through
 /// mimalloc: the gateway and the store clients allocate and free many small buffers per request,

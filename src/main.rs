@@ -47,6 +47,8 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
     match command {
         Command::Coordinator => {
             if let Some(listen) = config.coordinator.metrics_listen {
+                // Registered before the first scrape can come.
+                std::sync::LazyLock::force(&ferry::metrics::COORDINATOR);
                 ferry::metrics::serve("coordinator.metrics_listen", listen).await?;
             }
             let store = app::open_store(&config).await?;
@@ -69,6 +71,8 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
             // contacted.
             let options = app::agent_options(&config)?;
             if let Some(listen) = config.agent.metrics_listen {
+                // Registered before the first scrape can come.
+                std::sync::LazyLock::force(&ferry::metrics::AGENT);
                 ferry::metrics::serve("agent.metrics_listen", listen).await?;
             }
             let store = app::open_store(&config).await?;

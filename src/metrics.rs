@@ -93,6 +93,11 @@ pub struct AgentMetrics {
     pub steps: IntCounterVec,
     /// `ferry_agent_step_seconds{kind}`: from claim to the end of the run.
     pub step_seconds: HistogramVec,
+    /// `ferry_agent_disk_free_bytes`: what the filesystem of the agent's `data_dir` (mirrors,
+    /// work directories) still has for it, read with every heartbeat.
+    pub disk_free: IntGauge,
+    /// `ferry_agent_disk_size_bytes`: the size of that filesystem.
+    pub disk_size: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(metric: T) -> T {
@@ -267,6 +272,14 @@ pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| {
         slots: gauge(
             "ferry_agent_slots",
             "Steps this agent runs at most at once (agent.concurrency).",
+        ),
+        disk_free: gauge(
+            "ferry_agent_disk_free_bytes",
+            "Bytes still free for the agent on the filesystem of its data_dir (mirrors, checkouts, artifacts).",
+        ),
+        disk_size: gauge(
+            "ferry_agent_disk_size_bytes",
+            "Size of the filesystem of the agent's data_dir.",
         ),
         claims: register(
             IntCounterVec::new(

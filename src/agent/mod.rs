@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::AGENT as METRICS;
 
@@ -37,7 +37,7 @@ pub struct Options {
 
 impl Options {
     /// An agent called `name` serving `pools`, with two slots, a 5 s lease, a 5 s shutdown
-    /// grace and a [`Runner::local`] runner in the temporary directory: what tests and
+    /// grace and a [`Runner::local`] runner in `<temporary directory>/ferry-agent`: what tests and
     /// benchmarks of the machinery want. Roles build theirs from the configuration.
     pub fn new(name: &str, pools: &[&str]) -> Options {
         Options {
@@ -47,7 +47,7 @@ impl Options {
             concurrency: 2,
             lease_ttl: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
-            runner: Arc::new(Runner::local(std::env::temp_dir())),
+            runner: Arc::new(Runner::local(std::env::temp_dir().join("ferry-agent"))),
         }
     }
 }
@@ -57,6 +57,36 @@ impl std::fmt::Debug for Runner {
         f.debug_struct("Runner")
             .field("data_dir", &self.data_dir)
             .finish_non_exhaustive()
+    }
+}
+
+/// Removes the work directories that agents killed half-way through a step left behind (each a
+/// checkout or an artifact, often gigabytes); those another live agent process sharing the data
+/// directory works in stay (see [`crate::workdir`]).
+async fn remove_stale_work(runner: &Runner) {
+    // (created now, so that its filesystem's free space can be reported from the start)
+    if let Err(e) = tokio::fs::create_dir_all(&runner.data_dir).await {
+        warn!(path = %runner.data_dir.display(), error = %e, "cannot create the data directory");
+    }
+    let mut roots = vec![runner.data_dir.join("work")];
+    if let Some(build) = &runner.build {
+        roots.push(build.data_dir.join("work"));
+    }
+    roots.dedup();
+    for root in roots {
+        let shown = root.display().to_string();
+        let result = tokio::task::spawn_blocking(move || crate::workdir::remove_stale(&root))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match result {
+            Ok(removed) if !removed.is_empty() => warn!(
+                root = %shown,
+                removed = ?removed,
+                "removed work directories left by an agent that was killed"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(root = %shown, error = %e, "removing stale work directories failed"),
+        }
     }
 }
 
@@ -72,6 +102,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let opts = Arc::new(opts);
+    // Every series at zero before anything else, for a scrape that comes first.
+    METRICS.slots.set(opts.concurrency.max(1) as i64);
+    for pool in &opts.pools {
+        METRICS.claims.with_label_values(&[pool.as_str()]);
+    }
+    remove_stale_work(&opts.runner).await;
     store
         .append(Append::new(
             StreamId::Agents,
@@ -86,15 +122,12 @@ pub async fn run(
         ))
         .await?;
     info!(agent = %opts.name, pools = ?opts.pools, "agent started");
-    METRICS.slots.set(opts.concurrency.max(1) as i64);
-    for pool in &opts.pools {
-        METRICS.claims.with_label_values(&[pool.as_str()]);
-    }
     let (stop_tx, mut stop_rx) = watch::channel(None);
     let heartbeat = tokio::spawn(keep_alive(
         store.clone(),
         opts.name.clone(),
         opts.lease_ttl,
+        opts.runner.data_dir.clone(),
         stop_tx,
     ));
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
@@ -205,12 +238,26 @@ async fn keep_alive(
     store: Arc<dyn Store>,
     agent: AgentId,
     ttl: Duration,
+    data_dir: std::path::PathBuf,
     stop: watch::Sender<Option<String>>,
 ) {
     let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        match crate::workdir::disk_space(&data_dir) {
+            Ok((free, size)) => {
+                METRICS
+                    .disk_free
+                    .set(i64::try_from(free).unwrap_or(i64::MAX));
+                METRICS
+                    .disk_size
+                    .set(i64::try_from(size).unwrap_or(i64::MAX));
+            }
+            Err(e) => {
+                debug!(%agent, error = %e, path = %data_dir.display(), "reading the data directory's free space failed")
+            }
+        }
         match store.heartbeat(&agent, ttl).await {
             Ok(Some(why)) if stop.borrow().is_none() => {
                 info!(%agent, reason = %why, "stop requested; taking no new work");

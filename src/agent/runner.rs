@@ -6,6 +6,7 @@ use crate::deploy::transport::{Connector, PinnedKey};
 use crate::deploy::{self, HostReport, Phase, Progress, Release};
 use crate::domain::JobState;
 use crate::store::{Append, Claim, Error, Fence, Store, StreamId};
+use crate::workdir::WorkDir;
 use async_trait::async_trait;
 use ferry_proto::{
     AgentId, ArtifactPublished, BuildSpec, DeployHostCheckpoint, DeployHostFinished,
@@ -239,22 +240,26 @@ impl Runner {
                 None,
             )]);
         };
-        let work = self.data_dir.join("work").join(format!(
+        let root = self.data_dir.join("work");
+        let name = format!(
             "{}-{}-{}",
             step.claim.job,
             step.claim.step.as_str().replace(':', "_"),
             step.claim.attempt
-        ));
-        let local = work.join(&artifact.name);
-        if let Err(e) = tokio::fs::create_dir_all(&work).await {
-            return Ok(vec![step.failed(
-                format!("cannot create {}: {e}", work.display()),
-                true,
-                None,
-            )]);
-        }
+        );
+        // Removed when dropped: when the deploy ends, or this future is dropped half-way.
+        let work = match WorkDir::create(&root, &name) {
+            Ok(w) => w,
+            Err(e) => {
+                return Ok(vec![step.failed(
+                    format!("cannot create {}: {e}", root.join(&name).display()),
+                    true,
+                    None,
+                )])
+            }
+        };
+        let local = work.path().join(&artifact.name);
         if let Err(e) = artifacts.fetch(&artifact.key, &local).await {
-            let _ = tokio::fs::remove_dir_all(&work).await;
             return Ok(vec![step.failed(
                 format!("cannot fetch artifact {}: {e}", artifact.key),
                 true,
@@ -285,7 +290,7 @@ impl Runner {
             sha256: &artifact.sha256,
         };
         let result = deploy::deploy(spec, &release, &*self.connector, &done, step).await;
-        let _ = tokio::fs::remove_dir_all(&work).await;
+        drop(work);
         match result {
             Ok(outcome) => {
                 let failed = outcome.failed();

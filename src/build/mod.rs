@@ -27,6 +27,7 @@ pub use artifact::{Artifact, ArtifactStore};
 pub use git::read_ca_certs;
 
 use crate::deploy::transport::PinnedKey;
+use crate::workdir::WorkDir;
 use ferry_proto::{BuildSpec, JobId};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -195,20 +196,24 @@ pub async fn run(
     pinned: &(dyn Fn(PinnedKey) + Send + Sync),
     cancel: impl Future<Output = ()>,
 ) -> Result<Artifact, Error> {
-    let work = env
-        .data_dir
-        .join("work")
-        .join(format!("{}-{}", job.job_id, job.attempt));
-    let _cleanup = RemoveOnDrop(work.clone());
+    let root = env.data_dir.join("work");
+    let name = format!("{}-{}", job.job_id, job.attempt);
+    // Dropped (so removed) when the build ends, and when this future is dropped half-way
+    // (the agent lost its lease); an agent that was killed leaves it to the next agent's start.
+    let path = root.join(&name);
+    let dir = tokio::task::spawn_blocking(move || WorkDir::create(&root, &name))
+        .await
+        .map_err(join_error)?
+        .map_err(|source| Error::Io {
+            what: "creating work directory",
+            path,
+            source,
+        })?;
+    let work = dir.path().to_path_buf();
     tokio::pin!(cancel);
     let result = run_in(job, env, log, pinned, &work, cancel.as_mut()).await;
-    let removed = {
-        let work = work.clone();
-        tokio::task::spawn_blocking(move || remove_dir_if_exists(&work)).await
-    };
-    if let Ok(Err(e)) = removed {
-        tracing::warn!(path = %work.display(), error = %e, "removing the build work directory failed");
-    }
+    // A checkout can be large: removed off the async threads.
+    let _ = tokio::task::spawn_blocking(move || drop(dir)).await;
     result
 }
 
@@ -242,19 +247,6 @@ async fn run_in(
             .chain(mask::secret_values_from_env(std::env::vars())),
     );
 
-    {
-        let work = work.to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            remove_dir_if_exists(&work)?;
-            std::fs::create_dir_all(&work).map_err(|source| Error::Io {
-                what: "creating work directory",
-                path: work.clone(),
-                source,
-            })
-        })
-        .await
-        .map_err(join_error)??;
-    }
     let src = work.join("src");
 
     ferry(format!("fetching {}", masker.mask(&spec.clone_url)));
@@ -394,31 +386,11 @@ fn resolve_secrets(spec: &BuildSpec, env: &BuildEnv) -> Result<Vec<(String, Stri
         .collect()
 }
 
-fn remove_dir_if_exists(path: &Path) -> Result<(), Error> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
-            what: "removing",
-            path: path.to_path_buf(),
-            source: e,
-        }),
-        _ => Ok(()),
-    }
-}
-
 fn join_error(e: tokio::task::JoinError) -> Error {
     Error::Io {
         what: "build task",
         path: PathBuf::new(),
         source: std::io::Error::other(e.to_string()),
-    }
-}
-
-/// Removes the work directory if the build future is dropped half-way (the agent lost its lease).
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -225,7 +225,9 @@ fn spawn_agent(
         concurrency: 2,
         lease_ttl: Duration::from_millis(900),
         shutdown_grace: Duration::from_secs(5),
-        runner: Arc::new(agent::Runner::local(std::env::temp_dir())),
+        runner: Arc::new(agent::Runner::local(
+            std::env::temp_dir().join("ferry-agent"),
+        )),
     };
     let store = store.clone();
     tokio::spawn(async move {

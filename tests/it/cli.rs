@@ -391,6 +391,10 @@ async fn the_coordinator_and_the_agent_serve_their_metrics() {
         "{a}"
     );
     assert_eq!(sample(&a, "ferry_agent_slots"), Some(2.0), "{a}");
+    // The filesystem of its data_dir, read with every heartbeat.
+    let size = sample(&a, "ferry_agent_disk_size_bytes").unwrap_or(0.0);
+    let free = sample(&a, "ferry_agent_disk_free_bytes").unwrap_or(-1.0);
+    assert!(size > 0.0 && (0.0..=size).contains(&free), "{a}");
     assert_eq!(sample(&a, "ferry_agent_steps_running"), Some(0.0), "{a}");
     assert_eq!(
         sample(&a, r#"ferry_agent_step_seconds_count{kind="noop"}"#),

@@ -210,6 +210,18 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
         .await
     }
 
+    /// What is left under the agents' `data_dir/work` (they share the data directory): every
+    /// step's work directory goes when the step ends, and those of a killed agent when the
+    /// next agent starts.
+    fn work_left(&self) -> Vec<String> {
+        match std::fs::read_dir(self.dir.path().join("data/work")) {
+            Ok(entries) => entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     fn assert_deployed(&self) {
         let current = std::fs::read_link(self.dir.path().join("srv/current")).unwrap();
         assert_eq!(
@@ -269,6 +281,8 @@ async fn an_agent_killed_mid_build_is_replaced_and_the_tag_is_built_and_deployed
         1
     );
     w.assert_deployed();
+    // agent-1's checkout of attempt 1 went when agent-2 started.
+    assert_eq!(w.work_left(), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,6 +307,7 @@ async fn an_agent_killed_mid_deploy_takes_its_local_deploy_script_with_it() {
     let deployed = succeeded_steps(&events, "deploy:production");
     assert_eq!(deployed, 1, "{events:?}");
     w.assert_deployed();
+    assert_eq!(w.work_left(), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

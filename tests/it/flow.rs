@@ -55,7 +55,9 @@ impl Roles {
                 concurrency: 4,
                 lease_ttl: Duration::from_secs(5),
                 shutdown_grace: Duration::from_secs(5),
-                runner: Arc::new(agent::Runner::local(std::env::temp_dir())),
+                runner: Arc::new(agent::Runner::local(
+                    std::env::temp_dir().join("ferry-agent"),
+                )),
             };
             let (store, rx) = (store.clone(), rx.clone());
             tasks.push(tokio::spawn(async move {

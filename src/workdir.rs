@@ -1,0 +1,201 @@
+//! The directories an agent works in: one per step attempt under `<data_dir>/work`, holding a
+//! checkout and its packed artifact, or an artifact fetched for a deploy. Several gigabytes
+//! each, so none may outlive its step.
+//!
+//! A [`WorkDir`] is removed when it is dropped: when its step ends, and when the step's future
+//! is dropped half-way (the lease was lost, the agent stops). A killed agent (SIGKILL, OOM
+//! killer, power loss) drops nothing, so each directory is held under an exclusive `flock` on
+//! `<name>.lock` beside it for as long as it exists, and [`remove_stale`], run when an agent
+//! starts, removes the directories whose lock nobody holds: those of dead processes, never
+//! those of another agent process sharing the data directory.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// A step attempt's work directory, removed (with its lock file) when dropped.
+#[derive(Debug)]
+pub struct WorkDir {
+    path: PathBuf,
+    lock_path: PathBuf,
+    _lock: File,
+}
+
+impl WorkDir {
+    /// Creates `root/name` (and `root`), empty, holding its lock first; a directory of that
+    /// name left by a dead process is removed. Fails if another live process holds it.
+    pub fn create(root: &Path, name: &str) -> io::Result<WorkDir> {
+        std::fs::create_dir_all(root)?;
+        let path = root.join(name);
+        let lock_path = lock_path_of(&path);
+        let lock = try_lock(&lock_path)?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is in use by another process", path.display()),
+            )
+        })?;
+        remove_if_exists(&path)?;
+        std::fs::create_dir(&path)?;
+        Ok(WorkDir {
+            path,
+            lock_path,
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let Err(e) = remove_if_exists(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "removing a work directory failed");
+        }
+        // Unlinked while still locked: a sweep that opens the name now gets a new file.
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
+}
+
+/// Removes every directory under `root` whose lock no live process holds (left by a process
+/// that was killed), and lock files without a directory. Returns the directories removed.
+/// A missing `root` has nothing to remove.
+pub fn remove_stale(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(root) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        r => r?,
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "lock") {
+            let dir = path.with_extension("");
+            if !dir.exists() {
+                if let Some(_held) = try_lock(&path)? {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            continue;
+        }
+        if !entry.file_type()?.is_dir() {
+            continue;
+        }
+        let lock_path = lock_path_of(&path);
+        let Some(_held) = try_lock(&lock_path)? else {
+            continue; // a live process works in it
+        };
+        remove_if_exists(&path)?;
+        let _ = std::fs::remove_file(&lock_path);
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
+/// Bytes still free for an unprivileged process on the filesystem holding `path`, and the
+/// filesystem's size.
+pub fn disk_space(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statvfs(3) writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let unit = s.f_frsize as u64;
+    Ok((
+        (s.f_bavail as u64).saturating_mul(unit),
+        (s.f_blocks as u64).saturating_mul(unit),
+    ))
+}
+
+fn lock_path_of(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    dir.with_file_name(name)
+}
+
+/// An exclusive `flock` on `path` (created if missing) if no other open file holds one.
+fn try_lock(path: &Path) -> io::Result<Option<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    loop {
+        // SAFETY: flock(2) on a file descriptor we own for the duration of the call.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(Some(file));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(e),
+        }
+    }
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_work_dir_is_removed_when_dropped() {
+        let root = tempfile::tempdir().unwrap();
+        let w = WorkDir::create(root.path(), "job-1").unwrap();
+        std::fs::write(w.path().join("big"), b"bytes").unwrap();
+        let path = w.path().to_path_buf();
+        drop(w);
+        assert!(!path.exists());
+        assert_eq!(
+            std::fs::read_dir(root.path()).unwrap().count(),
+            0,
+            "lock file gone too"
+        );
+    }
+
+    #[test]
+    fn only_directories_nobody_holds_are_stale() {
+        let root = tempfile::tempdir().unwrap();
+        // A killed agent's directory: no lock held (an older build left no lock file at all).
+        let dead = root.path().join("job-dead");
+        std::fs::create_dir_all(dead.join("src")).unwrap();
+        std::fs::write(dead.join("src/file"), b"x").unwrap();
+        // A lock file whose directory is gone.
+        std::fs::write(root.path().join("job-gone.lock"), b"").unwrap();
+        let live = WorkDir::create(root.path(), "job-live").unwrap();
+        std::fs::write(live.path().join("file"), b"x").unwrap();
+
+        let removed = remove_stale(root.path()).unwrap();
+        assert_eq!(removed, std::slice::from_ref(&dead));
+        assert!(!dead.exists());
+        assert!(!root.path().join("job-gone.lock").exists());
+        assert!(live.path().join("file").exists(), "a held directory stays");
+        assert!(
+            WorkDir::create(root.path(), "job-live").is_err(),
+            "a held directory cannot be taken"
+        );
+        assert!(remove_stale(&root.path().join("missing"))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn disk_space_reads_the_filesystem() {
+        let root = tempfile::tempdir().unwrap();
+        let (free, size) = disk_space(root.path()).unwrap();
+        assert!(size > 0 && free <= size, "{free} of {size}");
+        assert!(disk_space(&root.path().join("missing")).is_err());
+    }
+}
