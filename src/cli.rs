@@ -220,7 +220,7 @@ pub struct AgentsArgs {
 /// `ferry agents <command>`
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum AgentsCommand {
-    /// List live, stopped and lost agents.
+    /// List live, paused, stopped and lost agents.
     List,
     /// Ask a live agent to stop as on SIGTERM: it takes no new work, lets its running steps
     /// finish (handing them back after its grace period) and exits. It hears of it with its
@@ -231,6 +231,16 @@ pub enum AgentsCommand {
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
+    /// Pause an agent: it claims no new work until resumed, lets its running steps finish and
+    /// stays up (also across restarts). It hears of it with its next heartbeat.
+    Pause {
+        name: String,
+        /// Why, recorded in the agents' history and shown by `agents list`.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Let a paused agent claim work again.
+    Resume { name: String },
 }
 
 /// `ferry deploy PROJECT TAG --env ENV`

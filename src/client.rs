@@ -203,6 +203,29 @@ pub async fn agents(args: &AgentsArgs) -> anyhow::Result<()> {
             );
             print(args.conn.json, &v, &text);
         }
+        AgentsCommand::Pause {
+            ref name,
+            ref reason,
+        } => {
+            let path = format!("/agents/{}/pause", segment(name));
+            let body = reason.as_ref().map(|r| serde_json::json!({ "reason": r }));
+            let v = client.call(Method::POST, &path, &[], body).await?;
+            let text = format!(
+                "agent {} paused ({}); it claims no new work from its next heartbeat until resumed\n",
+                s(&v["name"]),
+                s(&v["paused"])
+            );
+            print(args.conn.json, &v, &text);
+        }
+        AgentsCommand::Resume { ref name } => {
+            let path = format!("/agents/{}/resume", segment(name));
+            let v = client.call(Method::POST, &path, &[], None).await?;
+            let text = format!(
+                "agent {} resumed; it claims work again from its next heartbeat\n",
+                s(&v["name"])
+            );
+            print(args.conn.json, &v, &text);
+        }
     }
     Ok(())
 }
@@ -404,9 +427,10 @@ fn render_agents(v: &Value) -> String {
         .map(|a| {
             let pools: Vec<String> = a["pools"].as_array().into_iter().flatten().map(s).collect();
             let state = if a["live"].as_bool() == Some(true) {
-                match a["stop_requested"].as_str() {
-                    Some(why) => format!("live, stopping: {why}"),
-                    None => "live".to_string(),
+                match (a["stop_requested"].as_str(), a["paused"].as_str()) {
+                    (Some(why), _) => format!("live, stopping: {why}"),
+                    (None, Some(why)) => format!("live, paused: {why}"),
+                    (None, None) => "live".to_string(),
                 }
             } else {
                 match (a["left"].as_str(), a["lost"].as_str()) {

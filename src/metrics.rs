@@ -93,6 +93,8 @@ pub struct AgentMetrics {
     pub steps: IntCounterVec,
     /// `ferry_agent_step_seconds{kind}`: from claim to the end of the run.
     pub step_seconds: HistogramVec,
+    /// `ferry_agent_paused`: 1 while the agent is paused through the API (it claims nothing).
+    pub paused: IntGauge,
     /// `ferry_agent_disk_free_bytes`: what the filesystem of the agent's `data_dir` (mirrors,
     /// work directories) still has for it, read with every heartbeat.
     pub disk_free: IntGauge,
@@ -272,6 +274,10 @@ pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| {
         slots: gauge(
             "ferry_agent_slots",
             "Steps this agent runs at most at once (agent.concurrency).",
+        ),
+        paused: gauge(
+            "ferry_agent_paused",
+            "1 while this agent is paused (POST /api/v1/agents/{name}/pause): it claims no new work.",
         ),
         disk_free: gauge(
             "ferry_agent_disk_free_bytes",

@@ -105,6 +105,8 @@ events! {
     25 => LogsExpired, "logs_expired", version 1;
     26 => AgentLeft, "agent_left", version 1;
     27 => AgentStopRequested, "agent_stop_requested", version 1;
+    28 => AgentPaused, "agent_paused", version 1;
+    29 => AgentResumed, "agent_resumed", version 1;
 }
 
 /// A webhook delivery that the gateway authenticated and stored. Written to the `webhooks`
@@ -460,6 +462,22 @@ pub struct AgentLeft {
 pub struct AgentStopRequested {
     pub agent: AgentId,
     pub reason: String,
+}
+
+/// Someone paused an agent (`POST /api/v1/agents/{name}/pause`): it claims no new work until it
+/// is resumed, lets its running steps finish, and stays up, heartbeating (a machine drained for
+/// maintenance, GitLab's paused runner). The store keeps the pause, across the agent's restarts,
+/// for its heartbeats to return, until `AgentResumed`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentPaused {
+    pub agent: AgentId,
+    pub reason: String,
+}
+
+/// A paused agent may claim work again (`POST /api/v1/agents/{name}/resume`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentResumed {
+    pub agent: AgentId,
 }
 
 /// ferry told GitLab about a job's state (or tried to).

@@ -245,6 +245,12 @@ fn sample(kind: u16) -> Event {
             reason: "kernel upgrade".into(),
         }
         .into(),
+        28 => AgentPaused {
+            agent,
+            reason: "disk replacement".into(),
+        }
+        .into(),
+        29 => AgentResumed { agent }.into(),
         other => panic!("no sample for kind {other}: add one"),
     };
     assert_eq!(e.kind(), kind);

@@ -95,7 +95,8 @@ const MAX_CLAIM: usize = 32;
 
 /// Runs an agent until `shutdown` resolves or a stop is requested of it (`AgentStopRequested`,
 /// brought back by a heartbeat); then takes no new work, waits for running steps (handing them
-/// back after `shutdown_grace`) and records `AgentLeft`.
+/// back after `shutdown_grace`) and records `AgentLeft`. While it is paused (`AgentPaused`,
+/// until `AgentResumed`, also brought back by heartbeats) it claims nothing.
 pub async fn run(
     store: Arc<dyn Store>,
     opts: Options,
@@ -122,13 +123,28 @@ pub async fn run(
         ))
         .await?;
     info!(agent = %opts.name, pools = ?opts.pools, "agent started");
+    // Heard before the first claim: an agent paused through the API stays paused when it
+    // restarts, and claims nothing.
+    let paused = match store.heartbeat(&opts.name, opts.lease_ttl).await {
+        Ok(heard) => heard.pause,
+        Err(e) => {
+            warn!(agent = %opts.name, error = %e, "heartbeat failed");
+            None
+        }
+    };
+    if let Some(why) = &paused {
+        info!(agent = %opts.name, reason = %why, "paused; claiming no new work until resumed");
+    }
+    METRICS.paused.set(i64::from(paused.is_some()));
     let (stop_tx, mut stop_rx) = watch::channel(None);
+    let (pause_tx, mut pause_rx) = watch::channel(paused);
     let heartbeat = tokio::spawn(keep_alive(
         store.clone(),
         opts.name.clone(),
         opts.lease_ttl,
         opts.runner.data_dir.clone(),
         stop_tx,
+        pause_tx,
     ));
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let (hand_back, hand_back_rx) = watch::channel(false);
@@ -143,6 +159,14 @@ pub async fn run(
     tokio::pin!(stopping);
     let requested: Option<String>;
     loop {
+        // Paused through the API: nothing new is claimed until it is resumed (or stopped);
+        // running steps go on.
+        if pause_rx.borrow().is_some() {
+            tokio::select! {
+                r = &mut stopping => { requested = r; break }
+                _ = pause_rx.wait_for(Option::is_none) => {}
+            }
+        }
         let first = tokio::select! {
             r = &mut stopping => { requested = r; break }
             p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
@@ -240,6 +264,7 @@ async fn keep_alive(
     ttl: Duration,
     data_dir: std::path::PathBuf,
     stop: watch::Sender<Option<String>>,
+    pause: watch::Sender<Option<String>>,
 ) {
     let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -258,14 +283,33 @@ async fn keep_alive(
                 debug!(%agent, error = %e, path = %data_dir.display(), "reading the data directory's free space failed")
             }
         }
-        match store.heartbeat(&agent, ttl).await {
-            Ok(Some(why)) if stop.borrow().is_none() => {
+        let heard = match store.heartbeat(&agent, ttl).await {
+            Ok(heard) => heard,
+            Err(e) => {
+                warn!(%agent, error = %e, "heartbeat failed");
+                continue;
+            }
+        };
+        if let Some(why) = heard.stop {
+            if stop.borrow().is_none() {
                 info!(%agent, reason = %why, "stop requested; taking no new work");
                 stop.send_replace(Some(why));
             }
-            Ok(_) => {}
-            Err(e) => warn!(%agent, error = %e, "heartbeat failed"),
         }
+        pause.send_if_modified(|paused| {
+            if *paused == heard.pause {
+                return false;
+            }
+            match &heard.pause {
+                Some(why) => {
+                    info!(%agent, reason = %why, "paused; claiming no new work until resumed")
+                }
+                None => info!(%agent, "resumed; claiming work again"),
+            }
+            METRICS.paused.set(i64::from(heard.pause.is_some()));
+            *paused = heard.pause.clone();
+            true
+        });
     }
 }
 

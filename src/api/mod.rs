@@ -34,7 +34,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_proto::{
-    kind_name, AgentId, AgentStopRequested, Event, JobCancelled, JobCreated, JobId, StepSpec,
+    kind_name, AgentId, AgentPaused, AgentResumed, AgentStopRequested, Event, JobCancelled,
+    JobCreated, JobId, StepSpec,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -103,6 +104,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/jobs/{id}/retry", post(retry_job))
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/agents/{name}/stop", post(stop_agent))
+        .route("/api/v1/agents/{name}/pause", post(pause_agent))
+        .route("/api/v1/agents/{name}/resume", post(resume_agent))
         .route("/api/v1/deploys", post(releases::deploy))
         .route("/api/v1/rollbacks", post(releases::rollback))
         .route("/api/v1/releases", get(releases::releases))
@@ -392,9 +395,10 @@ fn step_detail(s: &StepState) -> Value {
     })
 }
 
-/// Why each queued or delayed step of `job` waits. A pool no live agent serves is said first:
-/// that is the wait nobody will end by themselves.
-fn waiting(job: &JobState, served: &BTreeSet<String>) -> Vec<Value> {
+/// Why each queued or delayed step of `job` waits. A pool no live agent serves (or only
+/// paused ones) is said first: that is the wait nobody will end by themselves.
+fn waiting(job: &JobState, registry: &Registry) -> Vec<Value> {
+    let served = registry.served_pools();
     job.steps
         .iter()
         .filter_map(|s| {
@@ -404,7 +408,14 @@ fn waiting(job: &JobState, served: &BTreeSet<String>) -> Vec<Value> {
                 _ => return None,
             };
             let reason = if !served.contains(&s.pool) {
-                format!("no live agent serves pool {}", s.pool)
+                match registry.paused_serving(&s.pool).as_slice() {
+                    [] => format!("no live agent serves pool {}", s.pool),
+                    paused => format!(
+                        "every live agent serving pool {} is paused ({})",
+                        s.pool,
+                        paused.join("; ")
+                    ),
+                }
             } else if let Some(due) = due {
                 format!("retry due at {}", time(due).as_str().unwrap_or("?"))
             } else {
@@ -485,12 +496,23 @@ impl Registry {
         })
     }
 
-    /// Pools served by at least one live agent.
+    /// Pools served by at least one live agent that is not paused.
     fn served_pools(&self) -> BTreeSet<String> {
         self.live
             .keys()
             .filter_map(|a| self.known.get(a))
+            .filter(|a| a.paused.is_none())
             .flat_map(|a| a.pools.iter().cloned())
+            .collect()
+    }
+
+    /// The live agents serving `pool` that are paused, as `name: reason`.
+    fn paused_serving(&self, pool: &str) -> Vec<String> {
+        self.live
+            .keys()
+            .filter_map(|name| Some((name, self.known.get(name)?)))
+            .filter(|(_, a)| a.pools.iter().any(|p| p == pool))
+            .filter_map(|(name, a)| Some(format!("{name}: {}", a.paused.as_ref()?)))
             .collect()
     }
 }
@@ -582,7 +604,7 @@ async fn show_job(State(state): State<ApiState>, Path(id): Path<String>) -> Answ
         )
     });
     let waiting = if waits {
-        waiting(&job, &Registry::load(store).await?.served_pools())
+        waiting(&job, &Registry::load(store).await?)
     } else {
         Vec::new()
     };
@@ -791,6 +813,7 @@ async fn list_agents(State(state): State<ApiState>) -> Answer {
                 "lost": known.and_then(|a| a.lost.clone()).filter(|_| deadline.is_none()),
                 "left": known.and_then(|a| a.left.clone()).filter(|_| deadline.is_none()),
                 "stop_requested": known.and_then(|a| a.stop_requested.clone()).filter(|_| deadline.is_some()),
+                "paused": known.and_then(|a| a.paused.clone()),
             })
         })
         .collect();
@@ -835,7 +858,74 @@ async fn stop_agent(
     )
 }
 
-/// The body of a cancel or a stop: `{"reason"?}`, or nothing.
+/// `POST /api/v1/agents/{name}/pause` `{"reason"?}`: the agent claims no new work until it is
+/// resumed; running steps go on, and it stays up (a machine drained for maintenance). The
+/// pause is kept across the agent's restarts; the agent hears it with its next heartbeat
+/// (every lease TTL / 3). 202 with the agent (also when it was paused already: the new reason
+/// replaces the old); 404 for an agent never seen.
+async fn pause_agent(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Answer {
+    let reason = reason_of(&body, "pause", "paused through the api")?;
+    let agent = known_agent(&state, &name).await?;
+    let paused = AgentPaused {
+        agent: agent.clone(),
+        reason: reason.clone(),
+    };
+    state
+        .store()
+        .append(Append::new(StreamId::Agents, vec![paused.into()]))
+        .await?;
+    info!(%agent, %reason, "agent paused through the api");
+    answer(
+        StatusCode::ACCEPTED,
+        json!({ "name": agent, "paused": reason }),
+    )
+}
+
+/// `POST /api/v1/agents/{name}/resume`: a paused agent claims work again (with its next
+/// heartbeat). 202 with the agent; 404 for an agent never seen; 409 for one that is not paused.
+async fn resume_agent(State(state): State<ApiState>, Path(name): Path<String>) -> Answer {
+    let registry = Registry::load(state.store()).await?;
+    let agent = AgentId::new(name.as_str());
+    match registry.known.get(&agent) {
+        None if !registry.live.contains_key(&agent) => {
+            return Err(ApiError::NotFound(format!("agent {name} not found")))
+        }
+        Some(a) if a.paused.is_some() => {}
+        _ => {
+            return Err(ApiError::Conflict(format!(
+                "agent {name} is not paused: there is nothing to resume"
+            )))
+        }
+    }
+    let resumed = AgentResumed {
+        agent: agent.clone(),
+    };
+    state
+        .store()
+        .append(Append::new(StreamId::Agents, vec![resumed.into()]))
+        .await?;
+    info!(%agent, "agent resumed through the api");
+    answer(
+        StatusCode::ACCEPTED,
+        json!({ "name": agent, "paused": null }),
+    )
+}
+
+/// `name` as an agent the store has seen (joined or heartbeating), or 404.
+async fn known_agent(state: &ApiState, name: &str) -> Result<AgentId, ApiError> {
+    let registry = Registry::load(state.store()).await?;
+    let agent = AgentId::new(name);
+    if !registry.known.contains_key(&agent) && !registry.live.contains_key(&agent) {
+        return Err(ApiError::NotFound(format!("agent {name} not found")));
+    }
+    Ok(agent)
+}
+
+/// The body of a cancel, a stop or a pause: `{"reason"?}`, or nothing.
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ReasonBody {

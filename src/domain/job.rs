@@ -337,6 +337,8 @@ impl JobState {
             | Event::AgentLost(_)
             | Event::AgentLeft(_)
             | Event::AgentStopRequested(_)
+            | Event::AgentPaused(_)
+            | Event::AgentResumed(_)
             | Event::CommitStatusReported(_)
             | Event::DeploymentReported(_)
             | Event::LogsExpired(_) => {}

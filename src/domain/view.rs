@@ -23,6 +23,10 @@ pub struct AgentState {
     /// reason; cleared when it leaves or joins again.
     #[serde(default)]
     pub stop_requested: Option<String>,
+    /// Set while the agent is paused (`AgentPaused`), with the reason; kept when it joins
+    /// again, cleared by `AgentResumed`.
+    #[serde(default)]
+    pub paused: Option<String>,
 }
 
 /// A queued step as the log says it should be queued.
@@ -75,6 +79,7 @@ impl View {
         match event {
             Event::WebhookReceived(w) => *self.webhooks.entry(w.action.clone()).or_default() += 1,
             Event::AgentJoined(a) => {
+                let paused = self.agents.get(&a.agent).and_then(|s| s.paused.clone());
                 self.agents.insert(
                     a.agent.clone(),
                     AgentState {
@@ -86,6 +91,7 @@ impl View {
                         lost: None,
                         left: None,
                         stop_requested: None,
+                        paused,
                     },
                 );
             }
@@ -103,6 +109,16 @@ impl View {
             Event::AgentStopRequested(a) => {
                 if let Some(agent) = self.agents.get_mut(&a.agent) {
                     agent.stop_requested = Some(a.reason.clone());
+                }
+            }
+            Event::AgentPaused(a) => {
+                if let Some(agent) = self.agents.get_mut(&a.agent) {
+                    agent.paused = Some(a.reason.clone());
+                }
+            }
+            Event::AgentResumed(a) => {
+                if let Some(agent) = self.agents.get_mut(&a.agent) {
+                    agent.paused = None;
                 }
             }
             _ => {}

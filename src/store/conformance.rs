@@ -13,7 +13,7 @@
 //! Time-based cases use short TTLs and poll conditions with generous deadlines; none asserts on
 //! how long anything took.
 
-use super::{Append, Appended, Error, Leases, Listing, LogPos, Store, StreamId, Version};
+use super::{Append, Appended, Error, Heard, Leases, Listing, LogPos, Store, StreamId, Version};
 use ferry_proto::{
     AgentId, AgentLost, Event, FencingToken, JobCancelled, JobId, StepClaimed, StepQueued,
     StepRetryScheduled, StepStarted, StepSucceeded, WebhookReceived,
@@ -140,6 +140,7 @@ macro_rules! store_conformance {
             expire_agents_records_agent_lost_once,
             an_agent_that_left_is_not_live_and_never_lost,
             a_stop_request_comes_back_with_heartbeats_until_the_agent_joins_or_leaves,
+            a_pause_comes_back_with_heartbeats_until_the_agent_is_resumed,
             an_agent_whose_heartbeat_ran_out_is_not_live_before_the_sweep,
         );
     };
@@ -2049,8 +2050,8 @@ pub async fn a_stop_request_comes_back_with_heartbeats_until_the_agent_joins_or_
 ) {
     let s = &**fx;
     let a: AgentId = "busy".into();
-    let beat = || s.heartbeat(&a, LONG);
-    assert_eq!(beat().await.unwrap(), None);
+    let beat = || async { s.heartbeat(&a, LONG).await.unwrap().stop };
+    assert_eq!(beat().await, None);
     let request = |why: &str| {
         Event::AgentStopRequested(ferry_proto::AgentStopRequested {
             agent: "busy".into(),
@@ -2062,14 +2063,14 @@ pub async fn a_stop_request_comes_back_with_heartbeats_until_the_agent_joins_or_
         Append::new(StreamId::Agents, vec![request("kernel upgrade")]),
     )
     .await;
-    assert_eq!(beat().await.unwrap().as_deref(), Some("kernel upgrade"));
+    assert_eq!(beat().await.as_deref(), Some("kernel upgrade"));
     assert_eq!(
-        beat().await.unwrap().as_deref(),
+        beat().await.as_deref(),
         Some("kernel upgrade"),
         "every heartbeat says it until the agent acts"
     );
     assert_eq!(
-        s.heartbeat(&"other".into(), LONG).await.unwrap(),
+        s.heartbeat(&"other".into(), LONG).await.unwrap().stop,
         None,
         "only that agent"
     );
@@ -2081,20 +2082,71 @@ pub async fn a_stop_request_comes_back_with_heartbeats_until_the_agent_joins_or_
         capacity: 1,
     });
     append(s, Append::new(StreamId::Agents, vec![joined])).await;
-    assert_eq!(beat().await.unwrap(), None, "joining again clears it");
+    assert_eq!(beat().await, None, "joining again clears it");
     append(s, Append::new(StreamId::Agents, vec![request("again")])).await;
-    assert_eq!(beat().await.unwrap().as_deref(), Some("again"));
+    assert_eq!(beat().await.as_deref(), Some("again"));
     let left = Event::AgentLeft(ferry_proto::AgentLeft {
         agent: "busy".into(),
         reason: "stopped on request".into(),
     });
     append(s, Append::new(StreamId::Agents, vec![left])).await;
-    assert_eq!(beat().await.unwrap(), None, "leaving clears it");
+    assert_eq!(beat().await, None, "leaving clears it");
     assert!(matches!(
         s.append(Append::new(StreamId::Job(JobId::new()), vec![request("x")]))
             .await,
         Err(Error::Invalid(_))
     ));
+}
+
+/// `AgentPaused` is kept for the agent's heartbeats to return, across its restarts (joining,
+/// leaving), until `AgentResumed`; it is not a stop request.
+pub async fn a_pause_comes_back_with_heartbeats_until_the_agent_is_resumed(fx: &Fixture) {
+    let s = &**fx;
+    let a: AgentId = "drained".into();
+    let beat = || async { s.heartbeat(&a, LONG).await.unwrap() };
+    assert_eq!(beat().await, Heard::default());
+    let paused = Event::AgentPaused(ferry_proto::AgentPaused {
+        agent: "drained".into(),
+        reason: "disk replacement".into(),
+    });
+    append(s, Append::new(StreamId::Agents, vec![paused.clone()])).await;
+    let heard = beat().await;
+    assert_eq!(heard.pause.as_deref(), Some("disk replacement"));
+    assert_eq!(heard.stop, None, "a pause is not a stop");
+    assert_eq!(
+        s.heartbeat(&"other".into(), LONG).await.unwrap(),
+        Heard::default(),
+        "only that agent"
+    );
+    let joined = Event::AgentJoined(ferry_proto::AgentJoined {
+        agent: "drained".into(),
+        pools: vec!["p1".into()],
+        labels: vec![],
+        version: "1".into(),
+        capacity: 1,
+    });
+    let left = Event::AgentLeft(ferry_proto::AgentLeft {
+        agent: "drained".into(),
+        reason: "restarted".into(),
+    });
+    append(s, Append::new(StreamId::Agents, vec![left, joined])).await;
+    assert_eq!(
+        beat().await.pause.as_deref(),
+        Some("disk replacement"),
+        "a restarted agent stays paused"
+    );
+    let resumed = Event::AgentResumed(ferry_proto::AgentResumed {
+        agent: "drained".into(),
+    });
+    append(s, Append::new(StreamId::Agents, vec![resumed.clone()])).await;
+    assert_eq!(beat().await, Heard::default());
+    for event in [paused, resumed] {
+        assert!(matches!(
+            s.append(Append::new(StreamId::Job(JobId::new()), vec![event]))
+                .await,
+            Err(Error::Invalid(_))
+        ));
+    }
 }
 
 pub async fn an_agent_whose_heartbeat_ran_out_is_not_live_before_the_sweep(fx: &Fixture) {

@@ -40,6 +40,10 @@ pub enum Effect {
     RequestStop { agent: AgentId, reason: String },
     /// The agent (re)joined: an earlier stop request no longer applies (`AgentJoined`).
     Join { agent: AgentId },
+    /// The agent claims nothing until resumed; its heartbeats say so (`AgentPaused`).
+    Pause { agent: AgentId, reason: String },
+    /// The agent's pause ends (`AgentResumed`).
+    Resume { agent: AgentId },
 }
 
 impl Effect {
@@ -48,7 +52,11 @@ impl Effect {
     fn on_agents(&self) -> bool {
         matches!(
             self,
-            Effect::Leave { .. } | Effect::RequestStop { .. } | Effect::Join { .. }
+            Effect::Leave { .. }
+                | Effect::RequestStop { .. }
+                | Effect::Join { .. }
+                | Effect::Pause { .. }
+                | Effect::Resume { .. }
         )
     }
 }
@@ -147,6 +155,13 @@ pub fn effects_of(event: &Event) -> Option<Effect> {
             reason: e.reason.clone(),
         },
         Event::AgentJoined(e) => Effect::Join {
+            agent: e.agent.clone(),
+        },
+        Event::AgentPaused(e) => Effect::Pause {
+            agent: e.agent.clone(),
+            reason: e.reason.clone(),
+        },
+        Event::AgentResumed(e) => Effect::Resume {
             agent: e.agent.clone(),
         },
         Event::JobCreated(plan) => Effect::Index {

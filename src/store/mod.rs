@@ -492,7 +492,8 @@ pub const LOG_MAX_LINES: usize = 10_000;
 /// - `heartbeat` marks `agent` live until now + `ttl` (replacing any earlier deadline, also one
 ///   that already passed: an agent that comes back is live again), and returns the reason of a
 ///   pending stop request (`AgentStopRequested`, cleared by the agent's next `AgentJoined` or
-///   `AgentLeft`), if there is one.
+///   `AgentLeft`) and that of a pause (`AgentPaused`, kept across the agent's restarts until
+///   `AgentResumed`), if there are.
 /// - `live_agents` lists the agents whose deadline has not passed, with their deadline (store
 ///   clock ms), in no particular order. An agent whose deadline passed is not live even before
 ///   `expire_agents` ran.
@@ -507,7 +508,7 @@ pub const LOG_MAX_LINES: usize = 10_000;
 /// [`effects_of`]): it is not live from then on and `expire_agents` never reports it.
 #[async_trait]
 pub trait Agents: Send + Sync {
-    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<Option<String>>;
+    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<Heard>;
     async fn live_agents(&self) -> Result<Vec<(AgentId, u64)>>;
     async fn expire_agents(&self, max: usize) -> Result<Vec<AgentId>>;
 }
@@ -530,6 +531,15 @@ pub struct Usage {
 #[async_trait]
 pub trait Capacity: Send + Sync {
     async fn usage(&self) -> Result<Usage>;
+}
+
+/// What an agent's heartbeat brings back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Heard {
+    /// The reason of a pending stop request (`AgentStopRequested`).
+    pub stop: Option<String>,
+    /// The reason the agent is paused (`AgentPaused`, until `AgentResumed`).
+    pub pause: Option<String>,
 }
 
 /// Every port, as one object that roles share.

@@ -289,6 +289,106 @@ async fn an_agent_asked_to_stop_through_the_api_stops_and_says_why() {
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
 }
 
+/// The heartbeat deadline of `agent` once it has heartbeated twice after `after` (so it has
+/// heard whatever the store said before `after`, and acted on it).
+async fn heard_twice(store: &Arc<dyn Store>, agent: &str, after: u64) -> u64 {
+    let mut seen = after;
+    for _ in 0..2 {
+        seen = wait_for(DEADLINE, "a heartbeat", || async {
+            let live = store.live_agents().await.unwrap();
+            let deadline = live.iter().find(|(a, _)| a.as_str() == agent)?.1;
+            (deadline > seen).then_some(deadline)
+        })
+        .await;
+    }
+    seen
+}
+
+/// `POST /api/v1/agents/{name}/pause` and `/resume`: a paused agent claims nothing (also
+/// when it starts paused, and from the heartbeat that brings a pause to a running agent), the
+/// waiting steps say why, and once resumed it claims them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_agent_claims_nothing_until_it_is_resumed() {
+    let api = Api::start(&[TOKEN]).await;
+    let pool = "paused-pool";
+    api.store
+        .append(Append::new(
+            StreamId::Agents,
+            vec![joined("worker-p", pool)],
+        ))
+        .await
+        .unwrap();
+    let (status, body) = api.post("/api/v1/agents/nobody/pause", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = api.post("/api/v1/agents/worker-p/resume", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = api
+        .post(
+            "/api/v1/agents/worker-p/pause",
+            Some(json!({ "reason": "disk replacement" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["paused"], "disk replacement");
+
+    // It starts paused: its first heartbeat, before any claim, says so.
+    let first = api.queued_job_with("g/app", pool, StepSpec::Noop).await;
+    let (_keep, never) = watch::channel(false);
+    let _agent = spawn_agent(&api.store, "worker-p", pool, never);
+    let beat = heard_twice(&api.store, "worker-p", 0).await;
+    let api = &api;
+    let status_of = |job: JobId| async move {
+        let (_, shown) = api.get(&format!("/api/v1/jobs/{job}")).await;
+        shown
+    };
+    let shown = status_of(first).await;
+    assert_eq!(shown["steps"][0]["status"], "queued", "{shown}");
+    assert_eq!(
+        shown["waiting"][0]["reason"],
+        format!("every live agent serving pool {pool} is paused (worker-p: disk replacement)"),
+        "{shown}"
+    );
+    let (_, agents) = api.get("/api/v1/agents").await;
+    let listed = agents["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "worker-p")
+        .cloned()
+        .unwrap();
+    assert_eq!(listed["paused"], "disk replacement", "{listed}");
+    assert_eq!(listed["live"], true, "{listed}");
+
+    let (status, body) = api.post("/api/v1/agents/worker-p/resume", None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    wait_until(DEADLINE, || async {
+        status_of(first).await["steps"][0]["status"] == "succeeded"
+    })
+    .await;
+
+    // Paused while running: from the heartbeat that brings the pause, nothing new is claimed.
+    let (status, _) = api.post("/api/v1/agents/worker-p/pause", None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let beat = heard_twice(&api.store, "worker-p", beat).await;
+    let second = api.queued_job_with("g/app", pool, StepSpec::Noop).await;
+    heard_twice(&api.store, "worker-p", beat).await;
+    let shown = status_of(second).await;
+    assert_eq!(shown["steps"][0]["status"], "queued", "{shown}");
+    assert!(
+        shown["waiting"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("(worker-p: paused through the api)"),
+        "{shown}"
+    );
+    let (status, _) = api.post("/api/v1/agents/worker-p/resume", None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    wait_until(DEADLINE, || async {
+        status_of(second).await["steps"][0]["status"] == "succeeded"
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_needs_a_configured_bearer_token() {
     let api = Api::start(&["other-token", TOKEN]).await;
@@ -1015,7 +1115,50 @@ async fn cli_lists_and_shows_jobs_through_the_api() {
         .unwrap();
     let cli_agent = AgentId::new("cli-agent");
     let beat = Duration::from_secs(60);
-    assert_eq!(api.store.heartbeat(&cli_agent, beat).await.unwrap(), None);
+    assert_eq!(
+        api.store.heartbeat(&cli_agent, beat).await.unwrap().stop,
+        None
+    );
+
+    // `ferry agents pause` / `resume`: the heartbeat says so, and the list shows it.
+    let out = ferry(
+        &[
+            &["agents", "pause", "cli-agent", "--reason", "new disks"][..],
+            &flags,
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("agent cli-agent paused (new disks)"),
+        "{}",
+        stdout(&out)
+    );
+    let heard = api.store.heartbeat(&cli_agent, beat).await.unwrap();
+    assert_eq!(heard.pause.as_deref(), Some("new disks"));
+    let out = ferry(&[&["agents", "list"][..], &flags].concat()).await;
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cli-agent") && l.ends_with("live, paused: new disks")),
+        "{text}"
+    );
+    let out = ferry(&[&["agents", "resume", "cli-agent"][..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("agent cli-agent resumed"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        api.store.heartbeat(&cli_agent, beat).await.unwrap().pause,
+        None
+    );
+    let out = ferry(&[&["agents", "resume", "cli-agent"][..], &flags].concat()).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is not paused"), "{}", stderr(&out));
+
     let out = ferry(
         &[
             &["agents", "stop", "cli-agent", "--reason", "maintenance"][..],
@@ -1035,6 +1178,7 @@ async fn cli_lists_and_shows_jobs_through_the_api() {
             .heartbeat(&cli_agent, beat)
             .await
             .unwrap()
+            .stop
             .as_deref(),
         Some("maintenance")
     );

@@ -7,7 +7,8 @@
 -- KEYS[2]  {ns}:jobs             job index (zset)
 -- ARGV[1]  prefix `{ns}:` (derived keys: s:<stream>, dedupe:<key>, ready:<pool>, delayed,
 --          items, jobitems:<job>, ended:<job>, lease:<member>, leases, wake:<pool>,
---          idx:<key>, jobidx:<job>, kept_logs, logs:<job>, agents, stop:<agent>)
+--          idx:<key>, jobidx:<job>, kept_logs, logs:<job>, agents, stop:<agent>,
+--          pause:<agent>)
 -- ARGV[2]  M, the number of appends; then M appends, each:
 --          stream name (`job:<uuid>`, `webhooks`, `agents`), job id or '' when the stream is
 --          not a job's, expected version or -1 for any, fence step or '' for no fence, fence
@@ -15,7 +16,8 @@
 --          D, then D dedupe keys (without the `{ns}:dedupe:` prefix),
 --          N, then N tuples of 9: kind, schema version, payload, effect, step, attempt, pool,
 --          priority, due_ms; effect is '' | 'enqueue' | 'schedule' | 'finish' | 'clear' |
---          'index' | 'drop_logs' | 'leave' | 'join' | 'stop' (unused tuple fields are ''); for
+--          'index' | 'drop_logs' | 'leave' | 'join' | 'stop' | 'pause' | 'resume' (unused tuple
+--          fields are ''); for
 --          'index' the step field
 --          holds the index keys separated by newlines, and the job is added to each set
 --          `{ns}:idx:<key>`; keys starting with `live:` are also remembered in
@@ -25,7 +27,8 @@
 --          the agent effects (in the `agents` stream; the step field holds the agent's name):
 --          'leave' takes the agent out of `{ns}:agents`, the live agents, and deletes
 --          `{ns}:stop:<agent>`; 'join' deletes `{ns}:stop:<agent>`; 'stop' sets it to the
---          reason (in the pool field), for the agent's next heartbeat to return.
+--          reason (in the pool field), for the agent's next heartbeat to return; 'pause' sets
+--          `{ns}:pause:<agent>` to the reason (pool field) and 'resume' deletes it.
 -- Returns  M replies, in order, each one of
 --          {'ok', new_version, log_id...} (one log id per event, in order);
 --          {'dup', original_log_id} when a dedupe key exists (nothing written);
@@ -152,6 +155,11 @@ for _ = 1, m do
         elseif effect == 'stop' then
           -- (the pool field holds the reason)
           redis.call('SET', prefix .. 'stop:' .. ARGV[base + 4], ARGV[base + 6])
+        elseif effect == 'pause' then
+          -- (the pool field holds the reason)
+          redis.call('SET', prefix .. 'pause:' .. ARGV[base + 4], ARGV[base + 6])
+        elseif effect == 'resume' then
+          redis.call('DEL', prefix .. 'pause:' .. ARGV[base + 4])
         end
       end
     end

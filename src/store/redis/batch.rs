@@ -130,6 +130,14 @@ pub(super) fn prepare(a: &Append) -> Result<Prepared> {
                 check_name("agent", agent.as_str())?;
                 ("stop", agent.0, none(), reason, none(), none())
             }
+            Some(Effect::Pause { agent, reason }) => {
+                check_name("agent", agent.as_str())?;
+                ("pause", agent.0, none(), reason, none(), none())
+            }
+            Some(Effect::Resume { agent }) => {
+                check_name("agent", agent.as_str())?;
+                ("resume", agent.0, none(), none(), none(), none())
+            }
         };
         args.push(event.kind().to_string().into_bytes());
         args.push(event.version().to_string().into_bytes());

@@ -27,6 +27,7 @@
 //! | `{ns}:ended:<job>` | string | set when the job ended: queueing effects on it are no-ops |
 //! | `{ns}:agents` | zset | agent name → heartbeat deadline ms (store clock) |
 //! | `{ns}:stop:<agent>` | string | the reason of a stop requested of the agent, returned by its heartbeats |
+//! | `{ns}:pause:<agent>` | string | the reason the agent is paused, returned by its heartbeats |
 //! | `{ns}:kept_logs` | zset | ended jobs whose logs are still kept, score = the `at_ms` of the job's first terminal event |
 //! | `{ns}:kept_logs_listed` | string | `1` once every job ended by a build older than `kept_logs` is listed in it too |
 //! | `{ns}:layout` | string | `fields` while an installation is upgraded from builds that read only the one-field-each entry layout |
@@ -123,6 +124,10 @@ impl Keys {
     pub(crate) fn stop(&self, agent: &str) -> String {
         self.key(&format!("stop:{agent}"))
     }
+
+    pub(crate) fn pause(&self, agent: &str) -> String {
+        self.key(&format!("pause:{agent}"))
+    }
 }
 
 /// The queue member of a job's step: `<job>/<step>`.
@@ -149,6 +154,7 @@ mod tests {
             k.lease("a/b"),
             k.agents(),
             k.stop("a1"),
+            k.pause("a1"),
             k.kept_logs(),
             k.kept_logs_listed(),
         ] {

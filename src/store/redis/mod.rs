@@ -28,8 +28,8 @@ pub use scripts::queue_score_probe;
 use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positive_ms};
 use crate::store::{
     effects_of, queued_at, Agents, Append, Appended, Capacity, Claim, Effect, Error, EventLog,
-    Feed, Fence, LeaderLock, Lease, Leases, Listing, LogPos, Logs, QueueDepths, Queued, Result,
-    Snapshots, Stored, StreamId, Usage, Version, WorkQueue, LOG_MAX_LINES,
+    Feed, Fence, Heard, LeaderLock, Lease, Leases, Listing, LogPos, Logs, QueueDepths, Queued,
+    Result, Snapshots, Stored, StreamId, Usage, Version, WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
@@ -1166,18 +1166,19 @@ impl Capacity for RedisStore {
 
 #[async_trait]
 impl Agents for RedisStore {
-    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<Option<String>> {
+    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<Heard> {
         check_nonempty("agent", agent.as_str())?;
         let ttl = positive_ms("heartbeat ttl", ttl)?;
-        let (_, stop): (u64, Option<String>) = scripts::HEARTBEAT
+        let (_, stop, pause): (u64, Option<String>, Option<String>) = scripts::HEARTBEAT
             .key(self.keys().agents())
             .key(self.keys().stop(agent.as_str()))
+            .key(self.keys().pause(agent.as_str()))
             .arg(agent.as_str())
             .arg(ttl)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| command_error(&format!("heartbeat of agent {agent}"), e))?;
-        Ok(stop)
+        Ok(Heard { stop, pause })
     }
 
     async fn live_agents(&self) -> Result<Vec<(AgentId, u64)>> {

@@ -61,8 +61,8 @@ use crate::store::validate::{
 };
 use crate::store::{
     effects_of, misplaced, now_ms, queued_at, Agents, Append, Appended, Capacity, Claim, Effect,
-    Error, EventLog, Expected, Feed, Fence, LeaderLock, Lease, Leases, Listing, LogPos, Logs,
-    QueueDepths, Queued, Result, Snapshots, Stored, StreamId, Usage, Version, WorkQueue,
+    Error, EventLog, Expected, Feed, Fence, Heard, LeaderLock, Lease, Leases, Listing, LogPos,
+    Logs, QueueDepths, Queued, Result, Snapshots, Stored, StreamId, Usage, Version, WorkQueue,
     LOG_MAX_LINES,
 };
 use async_trait::async_trait;
@@ -444,6 +444,13 @@ enum Planned {
         agent: String,
         reason: String,
     },
+    Pause {
+        agent: String,
+        reason: String,
+    },
+    Resume {
+        agent: String,
+    },
 }
 
 /// Checks an event's effect the way every backend must (names, index keys) and whether the
@@ -508,6 +515,17 @@ fn plan(event: &Event, stream: &StreamId) -> Result<Planned> {
                 agent: agent.0,
                 reason,
             }
+        }
+        Effect::Pause { agent, reason } => {
+            check_name("agent", agent.as_str())?;
+            Planned::Pause {
+                agent: agent.0,
+                reason,
+            }
+        }
+        Effect::Resume { agent } => {
+            check_name("agent", agent.as_str())?;
+            Planned::Resume { agent: agent.0 }
         }
         Effect::Index { keys } => {
             for key in &keys {
@@ -633,6 +651,18 @@ impl EventLog for SqliteStore {
                                 "INSERT OR REPLACE INTO agent_stops (name, reason) VALUES (?1, ?2)",
                             )?
                             .execute([agent, reason])?;
+                    }
+                    Planned::Pause { agent, reason } => {
+                        tx.tx
+                            .prepare_cached(
+                                "INSERT OR REPLACE INTO agent_pauses (name, reason) VALUES (?1, ?2)",
+                            )?
+                            .execute([agent, reason])?;
+                    }
+                    Planned::Resume { agent } => {
+                        tx.tx
+                            .prepare_cached("DELETE FROM agent_pauses WHERE name = ?1")?
+                            .execute([agent])?;
                     }
                 }
             }
@@ -1493,7 +1523,7 @@ impl SqliteStore {
 
 #[async_trait]
 impl Agents for SqliteStore {
-    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<Option<String>> {
+    async fn heartbeat(&self, agent: &AgentId, ttl: Duration) -> Result<Heard> {
         check_nonempty("agent", agent.as_str())?;
         let ttl = positive_ms("heartbeat ttl", ttl)?;
         let agent = agent.clone();
@@ -1503,11 +1533,16 @@ impl Agents for SqliteStore {
                     "INSERT OR REPLACE INTO agents (name, deadline_ms) VALUES (?1, ?2)",
                 )?
                 .execute(params![agent.as_str(), tx.after(ttl)])?;
-            Ok(tx
-                .tx
-                .prepare_cached("SELECT reason FROM agent_stops WHERE name = ?1")?
-                .query_row([agent.as_str()], |r| r.get(0))
-                .optional()?)
+            let reason = |table: &str| -> rusqlite::Result<Option<String>> {
+                tx.tx
+                    .prepare_cached(&format!("SELECT reason FROM {table} WHERE name = ?1"))?
+                    .query_row([agent.as_str()], |r| r.get(0))
+                    .optional()
+            };
+            Ok(Heard {
+                stop: reason("agent_stops")?,
+                pause: reason("agent_pauses")?,
+            })
         })
         .await
     }

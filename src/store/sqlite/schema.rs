@@ -18,6 +18,7 @@
 //! | `snapshots` | one per name | `name`, `bytes` |
 //! | `agents` | one per registered agent | `name`, `deadline_ms` (heartbeat deadline, store clock); deleted with `agent_left` or `agent_lost` |
 //! | `agent_stops` | one per pending stop request | `name`, `reason`: set by `agent_stop_requested`, deleted by the agent's `agent_joined` or `agent_left` (since schema version 3) |
+//! | `agent_pauses` | one per paused agent | `name`, `reason`: set by `agent_paused`, deleted by `agent_resumed` (since schema version 4) |
 //! | `feed_groups` | one per consumer group | `name`, `delivered`: the last log `pos` handed to the group |
 //! | `feed_pending` | one per delivered, unacknowledged entry | `grp`, `pos`, `consumer`, `delivered_ms`, `deliveries` |
 //!
@@ -34,7 +35,7 @@ use std::time::Duration;
 pub const APPLICATION_ID: i32 = 0x4652_5259;
 
 /// `PRAGMA user_version` of the layout this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// `UPGRADES[v - 1]` turns a version `v` file into version `v + 1`.
 const UPGRADES: &[&str] = &[
@@ -54,6 +55,11 @@ INSERT INTO kept_logs (job, ended_ms)
     name TEXT PRIMARY KEY,
     reason TEXT NOT NULL
 ) WITHOUT ROWID;",
+    // 3 → 4: paused agents (`agent_paused`).
+    "CREATE TABLE agent_pauses (
+    name TEXT PRIMARY KEY,
+    reason TEXT NOT NULL
+) WITHOUT ROWID;",
 ];
 
 /// How long a statement waits for another process's write lock before the store reports
@@ -65,6 +71,7 @@ const STATEMENT_CACHE: usize = 128;
 
 /// Every table of the layout, for the check on open.
 const TABLES: &[&str] = &[
+    "agent_pauses",
     "agent_stops",
     "agents",
     "dedupe",
@@ -176,6 +183,10 @@ CREATE TABLE agents (
 ) WITHOUT ROWID;
 CREATE INDEX agents_by_deadline ON agents (deadline_ms, name);
 CREATE TABLE agent_stops (
+    name TEXT PRIMARY KEY,
+    reason TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE agent_pauses (
     name TEXT PRIMARY KEY,
     reason TEXT NOT NULL
 ) WITHOUT ROWID;
@@ -414,11 +425,12 @@ mod tests {
     fn a_version_1_file_is_upgraded_on_open_and_its_ended_jobs_keep_their_logs_listed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v1.db");
-        // A version 1 file: today's schema without what versions 2 and 3 added.
+        // A version 1 file: today's schema without what versions 2 to 4 added.
         let conn = open(&path).unwrap();
         conn.execute_batch(
             "DROP TABLE kept_logs;
              DROP TABLE agent_stops;
+             DROP TABLE agent_pauses;
              INSERT INTO log (stream, seq, kind, version, at_ms, payload)
                  VALUES ('job:j1', 1, 2, 1, 100, x''), ('job:j1', 2, 11, 1, 250, x''),
                         ('job:j1', 3, 13, 1, 900, x''), ('job:j2', 1, 2, 1, 300, x'');
