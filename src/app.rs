@@ -401,6 +401,9 @@ pub fn coordinator_options(config: &Config) -> coordinator::Options {
         sweep_interval: config.coordinator.sweep_interval,
         keep_logs: config.coordinator.keep_logs,
         projects: project_plans(config),
+        artifacts_dir: (config.artifacts.url.scheme() == "file")
+            .then(|| config.artifacts.url.to_file_path().ok())
+            .flatten(),
         ..Default::default()
     }
 }

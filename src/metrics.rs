@@ -79,6 +79,11 @@ pub struct CoordinatorMetrics {
     /// `ferry_store_limit_bytes`: the most the store may use (Redis `maxmemory`; 0: no
     /// limit). Sweep leader only.
     pub store_limit: IntGauge,
+    /// `ferry_artifacts_disk_free_bytes`: free space on the filesystem of a `file://` artifact
+    /// store (artifacts are kept forever). Sweep leader only; 0 for other stores.
+    pub artifacts_disk_free: IntGauge,
+    /// `ferry_artifacts_disk_size_bytes`: that filesystem's size.
+    pub artifacts_disk_size: IntGauge,
 }
 
 /// The agent's metrics.
@@ -214,6 +219,14 @@ pub static COORDINATOR: LazyLock<CoordinatorMetrics> = LazyLock::new(|| {
         store_used: gauge(
             "ferry_store_used_bytes",
             "Bytes the store uses: Redis used_memory of the server holding the namespace, or the SQLite file (from the coordinator holding the sweep lock).",
+        ),
+        artifacts_disk_free: gauge(
+            "ferry_artifacts_disk_free_bytes",
+            "Free bytes on the filesystem of a file:// artifact store (from the coordinator holding the sweep lock; 0 for other stores).",
+        ),
+        artifacts_disk_size: gauge(
+            "ferry_artifacts_disk_size_bytes",
+            "Size of the filesystem of a file:// artifact store (from the coordinator holding the sweep lock).",
         ),
         store_limit: gauge(
             "ferry_store_limit_bytes",

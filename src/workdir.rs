@@ -94,11 +94,12 @@ pub fn remove_stale(root: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-/// Bytes still free for an unprivileged process on the filesystem holding `path`, and the
-/// filesystem's size.
+/// Bytes still free for an unprivileged process on the filesystem holding `path` (or that will
+/// hold it: the nearest ancestor that exists), and the filesystem's size.
 pub fn disk_space(path: &Path) -> io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(path);
+    let c = std::ffi::CString::new(existing.as_os_str().as_bytes())?;
     // SAFETY: statvfs(3) writes into the zeroed struct we own; the path is NUL-terminated.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
@@ -196,6 +197,10 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let (free, size) = disk_space(root.path()).unwrap();
         assert!(size > 0 && free <= size, "{free} of {size}");
-        assert!(disk_space(&root.path().join("missing")).is_err());
+        let (_, later) = disk_space(&root.path().join("not/yet")).unwrap();
+        assert_eq!(
+            later, size,
+            "a path to be created: the filesystem that will hold it"
+        );
     }
 }

@@ -38,6 +38,9 @@ pub struct Options {
     /// How long an ended job's output lines are kept (`None`: forever); the sweep duty
     /// expires older ones.
     pub keep_logs: Option<Duration>,
+    /// The artifact store's directory, when it is one (`file://`): the sweep leader reports
+    /// the free space of its filesystem (artifacts are kept forever).
+    pub artifacts_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -54,6 +57,7 @@ impl Default for Options {
                 humantime::parse_duration(crate::config::defaults::KEEP_LOGS)
                     .expect("the default keep_logs is a duration"),
             ),
+            artifacts_dir: None,
         }
     }
 }
@@ -92,6 +96,7 @@ pub async fn run(
         coordinator.opts.consumer.clone(),
         coordinator.opts.sweep_interval,
         coordinator.opts.keep_logs,
+        coordinator.opts.artifacts_dir.clone(),
         pools,
     ));
     tokio::select! {
@@ -623,13 +628,15 @@ fn wakes_coordinator(event: &Event) -> bool {
 /// heartbeat lapsed as lost, expires the logs of jobs that ended longer than `keep_logs` ago
 /// (after listing, a page per tick, the jobs that builds before log retention ended),
 /// and reports the queues (ready steps of `pools`, the projects' pools, and how long the head
-/// of each has waited; the delayed retries) and the store's size. The scripts are atomic and idempotent, so a
+/// of each has waited; the delayed retries), the store's size and the free space of a
+/// `file://` artifact store's filesystem. The scripts are atomic and idempotent, so a
 /// second sweeper during a lock handover costs work, never correctness.
 async fn sweep_duty(
     store: Arc<dyn Store>,
     holder: String,
     every: Duration,
     keep_logs: Option<Duration>,
+    artifacts_dir: Option<std::path::PathBuf>,
     pools: Vec<String>,
 ) {
     let ttl = every * 3;
@@ -673,7 +680,20 @@ async fn sweep_duty(
             METRICS.steps_delayed.set(0);
             METRICS.store_used.set(0);
             METRICS.store_limit.set(0);
+            METRICS.artifacts_disk_free.set(0);
+            METRICS.artifacts_disk_size.set(0);
             continue;
+        }
+        if let Some(dir) = &artifacts_dir {
+            match crate::workdir::disk_space(dir) {
+                Ok((free, size)) => {
+                    METRICS.artifacts_disk_free.set(clamp_i64(free));
+                    METRICS.artifacts_disk_size.set(clamp_i64(size));
+                }
+                Err(e) => {
+                    debug!(error = %e, path = %dir.display(), "reading the artifact directory's free space failed")
+                }
+            }
         }
         match store.usage().await {
             Ok(usage) => {

@@ -457,6 +457,10 @@ async fn the_coordinator_and_the_agent_serve_their_metrics() {
         "{c}"
     );
     assert_eq!(sample(&c, "ferry_store_limit_bytes"), Some(0.0), "{c}");
+    // The default artifact store is a directory (file://): its filesystem's free space.
+    let size = sample(&c, "ferry_artifacts_disk_size_bytes").unwrap_or(0.0);
+    let free = sample(&c, "ferry_artifacts_disk_free_bytes").unwrap_or(-1.0);
+    assert!(size > 0.0 && (0.0..=size).contains(&free), "{c}");
 }
 
 /// Like Sidekiq and BullMQ, ferry warns at start when Redis may evict its keys.
