@@ -289,7 +289,7 @@ pub async fn run_up(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<()
     let stop = shutdown_signal();
     let coordinator = tokio::spawn(coordinator::run(
         store.clone(),
-        coordinator_options(config),
+        coordinator_options(config)?,
         until(stop.clone()),
     ));
     let agent = tokio::spawn(agent::run(
@@ -390,8 +390,18 @@ pub async fn reconcile(config: &Config, window: Option<Duration>) -> anyhow::Res
 }
 
 /// The coordinator's options from the configuration.
-pub fn coordinator_options(config: &Config) -> coordinator::Options {
-    coordinator::Options {
+/// The coordinator's options from the configuration; with an artifact retention, its artifact
+/// store is opened here, so a bad one fails at start.
+pub fn coordinator_options(config: &Config) -> anyhow::Result<coordinator::Options> {
+    let artifact_retention = match config.artifacts.keep {
+        Some(keep) => Some((
+            crate::build::ArtifactStore::from_url(&config.artifacts.url)
+                .map_err(|e| anyhow::anyhow!("artifacts.url {}: {e}", config.artifacts.url))?,
+            keep,
+        )),
+        None => None,
+    };
+    Ok(coordinator::Options {
         consumer: format!("{}-coordinator", config.agent.name),
         policy: RetryPolicy {
             max_attempts: config.coordinator.max_attempts,
@@ -404,8 +414,9 @@ pub fn coordinator_options(config: &Config) -> coordinator::Options {
         artifacts_dir: (config.artifacts.url.scheme() == "file")
             .then(|| config.artifacts.url.to_file_path().ok())
             .flatten(),
+        artifact_retention,
         ..Default::default()
-    }
+    })
 }
 
 /// The agent's options from the configuration: its SSH key and git CA certificates are loaded

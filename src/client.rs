@@ -388,6 +388,13 @@ fn render_job(v: &Value) -> String {
             s(&v["logs_expired_at"])
         );
     }
+    if !v["artifact_expired_at"].is_null() {
+        let _ = writeln!(
+            out,
+            "artifact: deleted {} (artifacts.keep)",
+            s(&v["artifact_expired_at"])
+        );
+    }
     let rows: Vec<Vec<String>> = v["steps"]
         .as_array()
         .into_iter()

@@ -234,7 +234,7 @@ fn start_roles(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<Role>> {
     let agent_opts = app::agent_options(config)?;
-    let coordinator_opts = app::coordinator_options(config);
+    let coordinator_opts = app::coordinator_options(config)?;
     let config = config.clone();
     let report = |role: &'static str| {
         move |r: anyhow::Result<()>| {

@@ -46,6 +46,8 @@ fn main() -> ExitCode {
 async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Coordinator => {
+            // Options first: a bad artifact store fails before the store is contacted.
+            let options = app::coordinator_options(&config)?;
             if let Some(listen) = config.coordinator.metrics_listen {
                 // Registered before the first scrape can come.
                 std::sync::LazyLock::force(&ferry::metrics::COORDINATOR);
@@ -60,8 +62,7 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
                     app::until(stop.clone()),
                 ))
             });
-            ferry::coordinator::run(store, app::coordinator_options(&config), app::until(stop))
-                .await?;
+            ferry::coordinator::run(store, options, app::until(stop)).await?;
             if let Some(reporter) = reporter {
                 reporter.await??;
             }

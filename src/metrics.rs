@@ -61,6 +61,8 @@ pub struct CoordinatorMetrics {
     pub agents_lost: IntCounter,
     /// `ferry_logs_expired_total`: jobs whose output lines the retention removed.
     pub logs_expired: IntCounter,
+    /// `ferry_artifacts_expired_total`: artifacts the retention deleted (`artifacts.keep`).
+    pub artifacts_expired: IntCounter,
     /// `ferry_sweep_failures_total`: sweep duties that failed (store unreachable, say).
     pub sweep_failures: IntCounter,
     /// `ferry_steps_ready{pool}`: steps waiting in each configured pool's ready queue, set by
@@ -184,6 +186,10 @@ pub static COORDINATOR: LazyLock<CoordinatorMetrics> = LazyLock::new(|| {
         logs_expired: counter(
             "ferry_logs_expired_total",
             "Ended jobs whose output lines were removed (coordinator.keep_logs).",
+        ),
+        artifacts_expired: counter(
+            "ferry_artifacts_expired_total",
+            "Artifacts the retention deleted from the artifact store (artifacts.keep).",
         ),
         sweep_failures: counter(
             "ferry_sweep_failures_total",

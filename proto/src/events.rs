@@ -107,6 +107,7 @@ events! {
     27 => AgentStopRequested, "agent_stop_requested", version 1;
     28 => AgentPaused, "agent_paused", version 1;
     29 => AgentResumed, "agent_resumed", version 1;
+    30 => ArtifactExpired, "artifact_expired", version 1;
 }
 
 /// A webhook delivery that the gateway authenticated and stored. Written to the `webhooks`
@@ -528,5 +529,17 @@ pub struct DeploymentReported {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogsExpired {
     /// The retention that applied, in milliseconds after the job's end.
+    pub kept_for_ms: u64,
+}
+
+/// The artifact the job published or shipped was deleted from the artifact store: every job
+/// that used it had ended longer ago than the artifact retention (`artifacts.keep`), and no
+/// environment runs it or may roll back to it. Appended by the coordinator holding the sweep
+/// lock to each such job, before the object is deleted. The job's events stay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactExpired {
+    /// The artifact's key in the store.
+    pub key: String,
+    /// The retention that applied, in milliseconds after the last job that used it ended.
     pub kept_for_ms: u64,
 }

@@ -251,6 +251,11 @@ fn sample(kind: u16) -> Event {
         }
         .into(),
         29 => AgentResumed { agent }.into(),
+        30 => ArtifactExpired {
+            key: "9f2c7a/group_app-v1.4.0-1a2b3c4.tar.gz".into(),
+            kept_for_ms: 30 * 24 * 3600 * 1000,
+        }
+        .into(),
         other => panic!("no sample for kind {other}: add one"),
     };
     assert_eq!(e.kind(), kind);

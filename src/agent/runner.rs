@@ -2,6 +2,7 @@
 //! output are recorded — every event and log line under the step lease's fencing token.
 
 use crate::build::{self, ArtifactStore, BuildEnv, BuildJob};
+use crate::coordinator::artifacts;
 use crate::deploy::transport::{Connector, PinnedKey};
 use crate::deploy::{self, HostReport, Phase, Progress, Release};
 use crate::domain::JobState;
@@ -160,6 +161,45 @@ impl<'a> StepRun<'a> {
     }
 }
 
+/// How long a build waits for an artifact's lock (held while the retention decides about the
+/// artifact, or another build records the same one) before its attempt fails and is retried.
+const ARTIFACT_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Records `ArtifactPublished` under the artifact's lock, after checking that the object is
+/// still stored: the artifact retention deletes an artifact only under the same lock, and only
+/// while no live job is indexed under it, so once this append is in, the artifact stays (see
+/// [`crate::coordinator::artifacts`]). `Err`: why the attempt should be retried.
+async fn record_artifact(
+    step: &StepRun<'_>,
+    artifacts: &ArtifactStore,
+    published: ArtifactPublished,
+) -> Result<(), String> {
+    let key = published.key.clone();
+    let held = artifacts::hold(&**step.store, &key, step.agent.as_str(), ARTIFACT_LOCK_WAIT)
+        .await
+        .map_err(|e| format!("locking artifact {key}: {e}"))?;
+    if held.is_none() && crate::build::artifact::key_sha256(&key).is_some() {
+        return Err(format!(
+            "artifact {key} stayed locked for {ARTIFACT_LOCK_WAIT:?}"
+        ));
+    }
+    let result = match artifacts.exists(&key).await {
+        Ok(true) => step
+            .append(vec![published.into()])
+            .await
+            .map_err(|e| format!("recording artifact {key}: {e}")),
+        Ok(false) => Err(format!(
+            "artifact {key} left the store after it was published (the artifact retention \
+             deleted it meanwhile); the next attempt builds it again"
+        )),
+        Err(e) => Err(format!("checking artifact {key}: {e}")),
+    };
+    if let Some(held) = held {
+        held.release(&**step.store).await;
+    }
+    result
+}
+
 impl Runner {
     /// Runs `spec` and returns the events recording its outcome (the caller appends them under
     /// the fence). `Err` means the step could not be recorded at all (lease lost, store down):
@@ -203,18 +243,20 @@ impl Runner {
         // Stopping the step drops this future, which kills the build's processes.
         let outcome = match build::run(job, &env, &log, &pinned, std::future::pending::<()>()).await
         {
-            Ok(a) => vec![
-                ArtifactPublished {
+            Ok(a) => {
+                let published = ArtifactPublished {
                     step: step.claim.step.clone(),
                     attempt: step.claim.attempt,
                     name: a.name,
                     key: a.key,
                     size: a.size,
                     sha256: a.sha256,
+                };
+                match record_artifact(step, &env.artifacts, published).await {
+                    Ok(()) => vec![step.succeeded()],
+                    Err(why) => vec![step.failed(why, true, None)],
                 }
-                .into(),
-                step.succeeded(),
-            ],
+            }
             Err(e) => vec![step.failed(e.to_string(), e.retryable(), e.exit_code())],
         };
         let mut events = pins.into_inner().unwrap_or_else(|e| e.into_inner());

@@ -304,6 +304,7 @@ fn job_summary(job: &JobState) -> Value {
         "created_at": time(job.created_at_ms),
         "updated_at": time(job.updated_at_ms),
         "logs_expired_at": job.logs_expired_at_ms.map(time),
+        "artifact_expired_at": job.artifact_expired_at_ms.map(time),
     })
 }
 

@@ -17,6 +17,8 @@
 //! for a running one), so "newest successful deploy" is what `current` points to.
 
 use super::{answer, fold_job, job_summary, time, Answer, ApiError, ApiState, Params};
+use crate::build::artifact::key_sha256;
+use crate::coordinator::artifacts;
 use crate::coordinator::plan::{deploy_step, plan_deploy, ProjectPlan};
 use crate::deploy::release_name;
 use crate::domain::{JobState, StepStatus};
@@ -53,6 +55,20 @@ struct Deployed {
 }
 
 impl Deployed {
+    /// 410 Gone when the artifact retention deleted what this job shipped.
+    fn check_kept(&self) -> Result<(), ApiError> {
+        match self.job.artifact_expired_at_ms {
+            None => Ok(()),
+            Some(at) => Err(ApiError::Gone(format!(
+                "the artifact of {} (job {}) was deleted at {} (artifacts.keep): build the tag \
+                 again (retry its job) to deploy it",
+                self.release(),
+                self.job.id,
+                time(at).as_str().unwrap_or("?")
+            ))),
+        }
+    }
+
     fn release(&self) -> String {
         let plan = self.job.plan.as_ref().expect("deployed jobs have a plan");
         release_name(&plan.tag, &plan.sha)
@@ -77,6 +93,7 @@ impl Deployed {
             "trigger": plan.trigger,
             "artifact": { "job": self.artifact.job, "name": self.artifact.name, "sha256": self.artifact.sha256, "size": self.artifact.size },
             "deployed_at": time(self.job.updated_at_ms),
+            "artifact_expired_at": self.job.artifact_expired_at_ms.map(time),
             "current": current,
         })
     }
@@ -119,7 +136,9 @@ async fn built(store: &dyn Store, project: &str, tag: &str) -> Result<Deployed, 
             continue;
         };
         if let Some(artifact) = job.artifact() {
-            return Ok(Deployed { job, artifact });
+            let built = Deployed { job, artifact };
+            built.check_kept()?;
+            return Ok(built);
         }
     }
     Err(ApiError::NotFound(format!(
@@ -176,6 +195,48 @@ async fn start(
     trigger: String,
     extra: Value,
 ) -> Answer {
+    // Under the artifact's lock, so that the artifact retention cannot delete it between this
+    // check and the new job's plan, which carries it (see `crate::coordinator::artifacts`).
+    let key = &source.artifact.key;
+    let held = artifacts::hold(state.store(), key, "api", ARTIFACT_LOCK_WAIT).await?;
+    if held.is_none() && key_sha256(key).is_some() {
+        return Err(ApiError::Unavailable);
+    }
+    let created = create_locked(state, project, environment, source, trigger).await;
+    if let Some(held) = held {
+        held.release(state.store()).await;
+    }
+    let job = created?;
+    let mut body = job_summary(&job);
+    body["environment"] = json!(environment);
+    body["source_job"] = json!(source.job.id);
+    body["release"] = json!(source.release());
+    if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+        body.extend(extra);
+    }
+    answer(StatusCode::ACCEPTED, body)
+}
+
+/// How long a deploy or rollback request waits for its artifact's lock.
+const ARTIFACT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Creates the deploy job of `source`'s artifact, unless the artifact expired meanwhile (the
+/// caller holds the artifact's lock).
+async fn create_locked(
+    state: &ApiState,
+    project: &ProjectPlan,
+    environment: &str,
+    source: &Deployed,
+    trigger: String,
+) -> Result<JobState, ApiError> {
+    let fresh = fold_job(state.store(), source.job.id).await?;
+    if let Some(job) = fresh {
+        Deployed {
+            job,
+            artifact: source.artifact.clone(),
+        }
+        .check_kept()?;
+    }
     let plan = source.job.plan.as_ref().expect("deployed jobs have a plan");
     let id = JobId::new();
     let created = plan_deploy(
@@ -187,15 +248,7 @@ async fn start(
         trigger,
     )
     .map_err(ApiError::NotFound)?;
-    let job = super::create_job(state.store(), created).await?;
-    let mut body = job_summary(&job);
-    body["environment"] = json!(environment);
-    body["source_job"] = json!(source.job.id);
-    body["release"] = json!(source.release());
-    if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
-        body.extend(extra);
-    }
-    answer(StatusCode::ACCEPTED, body)
+    super::create_job(state.store(), created).await
 }
 
 pub(super) async fn deploy(State(state): State<ApiState>, body: Bytes) -> Answer {

@@ -146,6 +146,67 @@ impl ArtifactStore {
     }
 }
 
+impl ArtifactStore {
+    /// Whether an object is stored under `key`.
+    pub async fn exists(&self, key: &str) -> Result<bool, Error> {
+        match self.store.head(&object_store::path::Path::from(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.error(key, &e)),
+        }
+    }
+
+    /// Deletes the object under `key`; one that is not there is fine.
+    pub async fn delete(&self, key: &str) -> Result<(), Error> {
+        match self
+            .store
+            .delete(&object_store::path::Path::from(key))
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(key, &e)),
+        }
+    }
+
+    /// The keys of the artifacts last written before `before_ms` (ms since the Unix epoch),
+    /// at most `max`, in no particular order.
+    pub async fn written_before(&self, before_ms: u64, max: usize) -> Result<Vec<String>, Error> {
+        use futures_util::StreamExt;
+        let prefix = object_store::path::Path::from(KEY_PREFIX);
+        let mut listing = self.store.list(Some(&prefix));
+        let mut keys = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| self.error(KEY_PREFIX, &e))?;
+            if (meta.last_modified.timestamp_millis().max(0) as u64) < before_ms {
+                keys.push(meta.location.to_string());
+                if keys.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    fn error(&self, key: &str, e: &dyn std::fmt::Display) -> Error {
+        Error::Store {
+            url: self.url.to_string(),
+            reason: format!("{key}: {e}"),
+        }
+    }
+}
+
+/// The first segment of every artifact key.
+const KEY_PREFIX: &str = "sha256";
+
+/// The content hash in an artifact key (`sha256/<2>/<hash>/<name>`), if it is one.
+pub fn key_sha256(key: &str) -> Option<&str> {
+    let mut parts = key.split('/');
+    (parts.next()? == KEY_PREFIX)
+        .then(|| parts.nth(1))
+        .flatten()
+        .filter(|h| !h.is_empty())
+}
+
 /// `sha256/<first two hex digits>/<hash>/<name>`.
 pub fn artifact_key(sha256: &str, name: &str) -> String {
     format!("sha256/{}/{sha256}/{name}", &sha256[..2])

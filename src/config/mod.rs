@@ -87,6 +87,8 @@ pub mod env {
     pub const COORDINATOR_METRICS_LISTEN: &str = "FERRY_COORDINATOR_METRICS_LISTEN";
     /// `artifacts.url`
     pub const ARTIFACTS_URL: &str = "FERRY_ARTIFACTS_URL";
+    /// `artifacts.keep`
+    pub const ARTIFACTS_KEEP: &str = "FERRY_ARTIFACTS_KEEP";
     /// `gitlab.url`
     pub const GITLAB_URL: &str = "FERRY_GITLAB_URL";
     /// Default for `gitlab.token_env`: the GitLab API token.
@@ -117,6 +119,8 @@ pub mod defaults {
     pub const SWEEP_INTERVAL: &str = "1s";
     /// `coordinator.keep_logs`
     pub const KEEP_LOGS: &str = "30d";
+    /// `artifacts.keep`: artifacts are deleted only when asked to.
+    pub const KEEP_ARTIFACTS: &str = "forever";
     /// `coordinator.retry_base`
     pub const RETRY_BASE: &str = "1s";
     /// `coordinator.retry_max`
@@ -270,6 +274,10 @@ pub enum HostKeyPolicy {
 pub struct Artifacts {
     /// Default `file://<data_dir>/artifacts/`.
     pub url: Url,
+    /// How long an artifact is kept after the last job that used it ended (`None`: forever,
+    /// the default). Artifacts that an environment runs now or ran just before (a rollback's
+    /// target) are kept whatever their age.
+    pub keep: Option<Duration>,
 }
 
 /// `[gitlab]`: the API used for commit statuses, deployments and tag reconciliation.
@@ -673,6 +681,7 @@ const ENV_SETTINGS: &[EnvSetting] = &[
     EnvSetting { key: "agent.metrics_listen", var: env::AGENT_METRICS_LISTEN, slot: |r| Slot::Text(&mut agent(r).metrics_listen) },
     EnvSetting { key: "coordinator.metrics_listen", var: env::COORDINATOR_METRICS_LISTEN, slot: |r| Slot::Text(&mut coordinator(r).metrics_listen) },
     EnvSetting { key: "artifacts.url", var: env::ARTIFACTS_URL, slot: |r| Slot::Text(&mut r.artifacts.get_or_insert_with(Default::default).url) },
+    EnvSetting { key: "artifacts.keep", var: env::ARTIFACTS_KEEP, slot: |r| Slot::Text(&mut r.artifacts.get_or_insert_with(Default::default).keep) },
     EnvSetting { key: "gitlab.url", var: env::GITLAB_URL, slot: |r| Slot::Text(&mut r.gitlab.get_or_insert_with(Default::default).url) },
 ];
 
@@ -807,6 +816,22 @@ impl Ctx<'_> {
             return Err(self.err(key, "must be longer than zero"));
         }
         Ok(d)
+    }
+
+    /// A retention: a duration longer than zero, or `forever` (`None`).
+    fn retention(&self, key: &str, value: Option<&str>, default: &str) -> Result<Option<Duration>> {
+        let value = value.unwrap_or(default).trim();
+        match humantime::parse_duration(value) {
+            _ if value == "forever" => Ok(None),
+            Ok(d) if !d.is_zero() => Ok(Some(d)),
+            _ => Err(self.err(
+                key,
+                format!(
+                    "invalid value {value:?}: expected a duration longer than zero (like \"30d\") \
+                     or \"forever\""
+                ),
+            )),
+        }
     }
 
     fn count(&self, key: &str, value: Option<u64>, default: u64, min: u64) -> Result<u32> {
@@ -1022,26 +1047,11 @@ fn build(
             co.retry_max,
             defaults::RETRY_MAX,
         )?,
-        keep_logs: {
-            let value = co
-                .keep_logs
-                .as_deref()
-                .unwrap_or(defaults::KEEP_LOGS)
-                .trim();
-            match humantime::parse_duration(value) {
-                _ if value == "forever" => None,
-                Ok(d) if !d.is_zero() => Some(d),
-                _ => {
-                    return Err(cx.err(
-                        "coordinator.keep_logs",
-                        format!(
-                            "invalid value {value:?}: expected a duration longer than zero \
-                             (like \"30d\") or \"forever\""
-                        ),
-                    ))
-                }
-            }
-        },
+        keep_logs: cx.retention(
+            "coordinator.keep_logs",
+            co.keep_logs.as_deref(),
+            defaults::KEEP_LOGS,
+        )?,
         metrics_listen: cx.optional_addr("coordinator.metrics_listen", co.metrics_listen)?,
     };
     if coordinator.retry_base > coordinator.retry_max {
@@ -1106,8 +1116,14 @@ fn build(
         metrics_listen: cx.optional_addr("agent.metrics_listen", ag.metrics_listen)?,
     };
 
+    let raw_artifacts = raw.artifacts.unwrap_or_default();
     let artifacts = Artifacts {
-        url: match raw.artifacts.and_then(|a| a.url) {
+        keep: cx.retention(
+            "artifacts.keep",
+            raw_artifacts.keep.as_deref(),
+            defaults::KEEP_ARTIFACTS,
+        )?,
+        url: match raw_artifacts.url {
             Some(url) => cx.url("artifacts.url", &url, false)?,
             None => {
                 let dir = std::path::absolute(data_dir.join("artifacts"))

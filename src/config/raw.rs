@@ -95,6 +95,7 @@ raw_table! {
     /// `[artifacts]`
     RawArtifacts {
         url: String,
+        keep: String,
     }
 }
 

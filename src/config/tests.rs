@@ -81,6 +81,12 @@ fn defaults_without_a_file() {
     assert_eq!(config.agent.metrics_listen, None);
     let forever = ok("[coordinator]\nkeep_logs = \"forever\"", &[], &no_flags());
     assert_eq!(forever.coordinator.keep_logs, None);
+    assert_eq!(
+        config.artifacts.keep, None,
+        "artifacts are kept unless asked"
+    );
+    let month = ok("[artifacts]\nkeep = \"30d\"", &[], &no_flags());
+    assert_eq!(month.artifacts.keep, Some(Duration::from_secs(30 * 86400)));
     assert_eq!(config.agent.pools, ["default"]);
     assert!(config
         .agent
@@ -306,6 +312,7 @@ fn every_env_setting_is_read() {
         (env::AGENT_HOST_KEY_POLICY, "accept-new"),
         (env::AGENT_GIT_CA_FILE, "/etc/ferry/git-ca.pem"),
         (env::ARTIFACTS_URL, "file:///a/"),
+        (env::ARTIFACTS_KEEP, "90d"),
         (env::GITLAB_URL, "https://gitlab.test"),
         (env::GITLAB_TOKEN, "glpat"),
         (env::API_TOKENS, "t1, t2"),
@@ -336,6 +343,7 @@ fn every_env_setting_is_read() {
         c.coordinator.keep_logs,
         Some(Duration::from_secs(12 * 3600))
     );
+    assert_eq!(c.artifacts.keep, Some(Duration::from_secs(90 * 86400)));
     assert_eq!(c.agent.name, "a-1");
     assert_eq!(c.agent.pools, ["x", "y"]);
     assert_eq!(c.agent.labels, ["arm64", "gpu"]);
@@ -390,6 +398,7 @@ fn errors_name_the_key_and_the_source() {
         ("[agent]\nmetrics_listen = \"9102\"".into(), vec![], f(), "/etc/ferry.toml: agent.metrics_listen: invalid address \"9102\""),
         ("[coordinator]\nkeep_logs = \"0s\"".into(), vec![], f(), "/etc/ferry.toml: coordinator.keep_logs: invalid value \"0s\": expected a duration longer than zero (like \"30d\") or \"forever\""),
         ("".into(), vec![(env::COORDINATOR_KEEP_LOGS, "always")], f(), "environment FERRY_COORDINATOR_KEEP_LOGS: invalid value \"always\": expected a duration longer than zero (like \"30d\") or \"forever\""),
+        ("[artifacts]\nkeep = \"0d\"".into(), vec![], f(), "/etc/ferry.toml: artifacts.keep: invalid value \"0d\": expected a duration longer than zero (like \"30d\") or \"forever\""),
         ("[coordinator]\nretry_base = \"10m\"".into(), vec![], f(), "/etc/ferry.toml: coordinator.retry_base: 10m is longer than coordinator.retry_max (5m)"),
         (BASE.replace("commands = [\"make\"]", "commands = [\"make\"]\ntimeout = \"forever\""), vec![], f(), "/etc/ferry.toml: projects[0].build.timeout: invalid duration \"forever\""),
         // Integers.

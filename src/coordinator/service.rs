@@ -39,8 +39,13 @@ pub struct Options {
     /// expires older ones.
     pub keep_logs: Option<Duration>,
     /// The artifact store's directory, when it is one (`file://`): the sweep leader reports
-    /// the free space of its filesystem (artifacts are kept forever).
+    /// the free space of its filesystem.
     pub artifacts_dir: Option<std::path::PathBuf>,
+    /// The artifact store and how long an unused artifact is kept there (`artifacts.keep`;
+    /// see [`super::artifacts`]); `None`: the sweep deletes no artifact.
+    pub artifact_retention: Option<(crate::build::ArtifactStore, Duration)>,
+    /// How often the sweep leader looks for artifacts to delete (it lists the store).
+    pub artifacts_every: Duration,
 }
 
 impl Default for Options {
@@ -58,6 +63,8 @@ impl Default for Options {
                     .expect("the default keep_logs is a duration"),
             ),
             artifacts_dir: None,
+            artifact_retention: None,
+            artifacts_every: Duration::from_secs(600),
         }
     }
 }
@@ -91,14 +98,7 @@ pub async fn run(
         .collect();
     pools.sort();
     pools.dedup();
-    let duty = tokio::spawn(sweep_duty(
-        store.clone(),
-        coordinator.opts.consumer.clone(),
-        coordinator.opts.sweep_interval,
-        coordinator.opts.keep_logs,
-        coordinator.opts.artifacts_dir.clone(),
-        pools,
-    ));
+    let duty = tokio::spawn(sweep_duty(store.clone(), coordinator.opts.clone(), pools));
     tokio::select! {
         _ = shutdown => {}
         _ = coordinator.consume() => {}
@@ -631,14 +631,10 @@ fn wakes_coordinator(event: &Event) -> bool {
 /// of each has waited; the delayed retries), the store's size and the free space of a
 /// `file://` artifact store's filesystem. The scripts are atomic and idempotent, so a
 /// second sweeper during a lock handover costs work, never correctness.
-async fn sweep_duty(
-    store: Arc<dyn Store>,
-    holder: String,
-    every: Duration,
-    keep_logs: Option<Duration>,
-    artifacts_dir: Option<std::path::PathBuf>,
-    pools: Vec<String>,
-) {
+async fn sweep_duty(store: Arc<dyn Store>, opts: Arc<Options>, pools: Vec<String>) {
+    let (holder, every, keep_logs) = (opts.consumer.clone(), opts.sweep_interval, opts.keep_logs);
+    let artifacts_dir = &opts.artifacts_dir;
+    let mut artifacts_due = tokio::time::Instant::now();
     let ttl = every * 3;
     let mut token: Option<FencingToken> = None;
     // Where the walk that lists jobs ended by earlier builds for log retention continues;
@@ -765,6 +761,27 @@ async fn sweep_duty(
                 Err(e) => {
                     METRICS.sweep_failures.inc();
                     warn!(error = %e, "listing jobs ended by an earlier build failed");
+                }
+            }
+        }
+        if let Some((artifacts, keep)) = &opts.artifact_retention {
+            if tokio::time::Instant::now() >= artifacts_due {
+                artifacts_due = tokio::time::Instant::now() + opts.artifacts_every;
+                let pass = super::artifacts::expire_artifacts(
+                    &*store,
+                    artifacts,
+                    *keep,
+                    &holder,
+                    now_ms(),
+                    256,
+                )
+                .await;
+                match pass {
+                    Ok(e) => METRICS.artifacts_expired.inc_by(e.deleted.len() as u64),
+                    Err(e) => {
+                        METRICS.sweep_failures.inc();
+                        warn!(error = %e, "expiring old artifacts failed");
+                    }
                 }
             }
         }

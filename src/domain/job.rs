@@ -144,6 +144,10 @@ pub struct JobState {
     /// When the job's output lines were removed (`LogsExpired`), if they were.
     #[serde(default)]
     pub logs_expired_at_ms: Option<u64>,
+    /// When the artifact the job published or shipped was deleted (`ArtifactExpired`), if it
+    /// was: it can be neither deployed nor rolled back to.
+    #[serde(default)]
+    pub artifact_expired_at_ms: Option<u64>,
 }
 
 impl JobState {
@@ -158,6 +162,7 @@ impl JobState {
             created_at_ms: 0,
             updated_at_ms: 0,
             logs_expired_at_ms: None,
+            artifact_expired_at_ms: None,
         }
     }
 
@@ -198,10 +203,17 @@ impl JobState {
     /// stored event that no longer fits (a step the plan lacks) changes nothing but the version.
     pub fn evolve(&mut self, event: &Event, at_ms: u64) {
         self.version += 1;
-        if let Event::LogsExpired(_) = event {
+        match event {
             // Housekeeping after the end: not an update of the job itself.
-            self.logs_expired_at_ms = Some(at_ms);
-            return;
+            Event::LogsExpired(_) => {
+                self.logs_expired_at_ms = Some(at_ms);
+                return;
+            }
+            Event::ArtifactExpired(_) => {
+                self.artifact_expired_at_ms = Some(at_ms);
+                return;
+            }
+            _ => {}
         }
         self.updated_at_ms = at_ms;
         if self.phase.is_terminal() {
@@ -341,7 +353,8 @@ impl JobState {
             | Event::AgentResumed(_)
             | Event::CommitStatusReported(_)
             | Event::DeploymentReported(_)
-            | Event::LogsExpired(_) => {}
+            | Event::LogsExpired(_)
+            | Event::ArtifactExpired(_) => {}
         }
     }
 

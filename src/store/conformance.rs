@@ -122,6 +122,7 @@ macro_rules! store_conformance {
             requeueing_a_leased_step_fences_out_its_holder,
             an_ended_job_is_never_queued_again,
             job_created_indexes_the_job_by_tag_and_environment,
+            artifacts_index_the_jobs_that_publish_or_ship_them,
             logs_are_fenced_ordered_and_followable,
             logs_of_ended_jobs_are_listed_until_logs_expired_drops_them,
             imported_logs_need_no_lease_and_read_back_in_order,
@@ -1274,6 +1275,62 @@ pub async fn an_ended_job_is_never_queued_again(fx: &Fixture) {
 }
 
 /// Every `JobCreated` indexes its job under its tag and each environment it deploys to.
+/// `ArtifactPublished` and a plan that carries an artifact (a manual deploy, a rollback)
+/// index the job under the artifact's key, for the artifact retention; the index stays when
+/// the job ends.
+pub async fn artifacts_index_the_jobs_that_publish_or_ship_them(fx: &Fixture) {
+    let s = &**fx;
+    let key = "5f1c/group_app-v1-5f1c.tar.gz";
+    let (build, deploy, other) = (JobId::new(), JobId::new(), JobId::new());
+    let published = ferry_proto::ArtifactPublished {
+        step: "build".into(),
+        attempt: 1,
+        name: "group_app-v1-5f1c.tar.gz".into(),
+        key: key.into(),
+        size: 10,
+        sha256: "5f1c".into(),
+    };
+    append(
+        s,
+        Append::new(
+            StreamId::Job(build),
+            vec![
+                noop_job(build, "v1", "p", &["build"]).into(),
+                published.into(),
+            ],
+        ),
+    )
+    .await;
+    let mut shipping = noop_job(deploy, "v1", "p", &["deploy"]);
+    shipping.artifact = Some(ferry_proto::ArtifactRef {
+        job: build,
+        name: "group_app-v1-5f1c.tar.gz".into(),
+        key: key.into(),
+        size: 10,
+        sha256: "5f1c".into(),
+    });
+    append(s, Append::new(StreamId::Job(deploy), vec![shipping.into()])).await;
+    append(
+        s,
+        Append::new(
+            StreamId::Job(other),
+            vec![noop_job(other, "v2", "p", &["build"]).into()],
+        ),
+    )
+    .await;
+    append(
+        s,
+        Append::new(
+            StreamId::Job(build),
+            vec![ferry_proto::JobSucceeded {}.into()],
+        ),
+    )
+    .await;
+    let mut want = vec![build, deploy];
+    want.sort();
+    assert_eq!(s.indexed(&super::artifact_index(key)).await.unwrap(), want);
+}
+
 pub async fn job_created_indexes_the_job_by_tag_and_environment(fx: &Fixture) {
     use ferry_proto::{DeploySpec, JobCreated, StepPlan, StepSpec};
     let s = &**fx;

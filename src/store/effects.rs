@@ -85,6 +85,9 @@ pub fn misplaced(effect: &Effect, event: &Event, stream: &StreamId) -> Option<St
 pub fn index_keys(plan: &JobCreated) -> Vec<String> {
     let tag = tag_index(&plan.project, &plan.tag);
     let mut keys = vec![format!("{LIVE}{tag}"), tag];
+    if let Some(artifact) = &plan.artifact {
+        keys.push(artifact_index(&artifact.key));
+    }
     for step in &plan.steps {
         if let StepSpec::Deploy(d) = &step.spec {
             let env = environment_index(&plan.project, &d.environment);
@@ -101,6 +104,13 @@ pub const LIVE: &str = "live:";
 /// Index key of the jobs of one tag of one project.
 pub fn tag_index(project: &str, tag: &str) -> String {
     format!("tag:{project}:{tag}")
+}
+
+/// Index key of the jobs that published or shipped the artifact stored under `key` (its
+/// builds' `ArtifactPublished`, and the plans of deploys and rollbacks that carry it): what the
+/// artifact retention checks before it deletes the object.
+pub fn artifact_index(key: &str) -> String {
+    format!("artifact:{key}")
 }
 
 /// Index key of the jobs that deploy to one environment of one project.
@@ -166,6 +176,9 @@ pub fn effects_of(event: &Event) -> Option<Effect> {
         },
         Event::JobCreated(plan) => Effect::Index {
             keys: index_keys(plan),
+        },
+        Event::ArtifactPublished(a) => Effect::Index {
+            keys: vec![artifact_index(&a.key)],
         },
         _ => return None,
     })

@@ -17,8 +17,8 @@ pub mod sqlite;
 mod validate;
 
 pub use effects::{
-    effects_of, environment_index, index_keys, misplaced, queue_score, queued_at, tag_index,
-    Effect, LIVE, PRIORITY_RANGE,
+    artifact_index, effects_of, environment_index, index_keys, misplaced, queue_score, queued_at,
+    tag_index, Effect, LIVE, PRIORITY_RANGE,
 };
 
 use async_trait::async_trait;

@@ -1092,3 +1092,145 @@ async fn a_mirror_with_too_many_packs_is_collected_after_the_checkout() {
         third.lines
     );
 }
+
+/// The artifact retention may delete an artifact while a build that found it already stored is
+/// about to record it. The build records it only under the artifact's lock, after checking it
+/// is still there: here the retention holds the lock (the test does), deletes the object and
+/// lets go; the attempt then fails as retryable, and the next one builds and publishes the
+/// artifact again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_deleted_while_its_build_records_it_is_built_again() {
+    use ferry::agent;
+    use ferry::coordinator::{self, artifacts, decide::RetryPolicy};
+    use ferry::store::{Append, Store, StreamId};
+    use ferry_proto::{AgentId, Event, StepId, StepQueued, StepSpec};
+
+    let repo = Repo::new();
+    let env = repo.env();
+    let url = repo.file_url();
+    // Built once already: the key the next build of v1.0.0 finds stored.
+    let key = run(&env, "v1.0.0", &repo.first, 1, &spec(&url))
+        .await
+        .result
+        .unwrap()
+        .key;
+    let store: Arc<dyn Store> = Arc::new(crate::harness::redis_store().await);
+    let retention = artifacts::hold(&*store, &key, "retention", Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("the artifact's lock is free");
+
+    let job = JobId::new();
+    let mut created = ferry::store::conformance::noop_job(job, "v1.0.0", "default", &["build"]);
+    created.sha = repo.first.clone();
+    created.steps[0].spec = StepSpec::Build(spec(&url));
+    let queued = StepQueued {
+        step: StepId::new("build"),
+        attempt: 1,
+        pool: "default".into(),
+        priority: 0,
+    };
+    store
+        .append(Append::new(StreamId::Job(job), vec![created.into(), queued.into()]).expect(0))
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let options = agent::Options {
+        name: AgentId::new("rebuilder"),
+        pools: vec!["default".into()],
+        labels: vec![],
+        concurrency: 1,
+        lease_ttl: Duration::from_secs(10),
+        shutdown_grace: Duration::from_secs(5),
+        runner: Arc::new(agent::Runner {
+            build: Some(env.clone()),
+            ..agent::Runner::local(repo.dir.path().join("data"))
+        }),
+    };
+    let agent = tokio::spawn(agent::run(store.clone(), options, until(stopped.clone())));
+    let coordinator = tokio::spawn(coordinator::run(
+        store.clone(),
+        coordinator::Options {
+            policy: RetryPolicy {
+                max_attempts: 3,
+                base: Duration::from_millis(100),
+                max: Duration::from_millis(100),
+            },
+            sweep_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+        until(stopped),
+    ));
+
+    // The build found the artifact stored, and now waits for its lock.
+    crate::harness::wait_for(DEADLINE, "the build to find its artifact stored", || {
+        let store = store.clone();
+        async move {
+            let lines = store
+                .read_logs(job, None, 1000, Duration::ZERO)
+                .await
+                .ok()?;
+            lines
+                .iter()
+                .any(|(_, l)| l.line.contains("already stored"))
+                .then_some(())
+        }
+    })
+    .await;
+    env.artifacts.delete(&key).await.unwrap();
+    retention.release(&*store).await;
+
+    let history = crate::harness::wait_for(DEADLINE * 2, "the build to succeed", || {
+        let store = store.clone();
+        async move {
+            let history = store.read_stream(&StreamId::Job(job), 0).await.ok()?;
+            let events: Vec<Event> = history.iter().map(|s| s.decode().unwrap()).collect();
+            events
+                .iter()
+                .any(|e| matches!(e, Event::StepSucceeded(_)))
+                .then_some(events)
+        }
+    })
+    .await;
+    let _ = stop.send(true);
+    agent.await.unwrap().unwrap();
+    coordinator.await.unwrap().unwrap();
+
+    let failed: Vec<_> = history
+        .iter()
+        .filter_map(|e| match e {
+            Event::StepFailed(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed.len(), 1, "{history:#?}");
+    assert_eq!(failed[0].attempt, 1);
+    assert!(failed[0].retryable);
+    assert!(
+        failed[0]
+            .error
+            .contains("left the store after it was published"),
+        "{}",
+        failed[0].error
+    );
+    let published: Vec<_> = history
+        .iter()
+        .filter_map(|e| match e {
+            Event::ArtifactPublished(a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        published.len(),
+        1,
+        "only the second attempt records it: {history:#?}"
+    );
+    assert_eq!(
+        (published[0].attempt, published[0].key.as_str()),
+        (2, key.as_str())
+    );
+    assert!(env.artifacts.exists(&key).await.unwrap(), "stored again");
+}

@@ -19,6 +19,7 @@ mod manual;
 mod migrate;
 mod ordering;
 mod redis;
+mod retention;
 mod sentinel;
 mod sqlite;
 mod ssh;

@@ -360,3 +360,99 @@ async fn manual_operations_refuse_what_cannot_be_done_with_clear_errors() {
         "{body}"
     );
 }
+
+/// Artifact retention with the real binaries: while v1 and v2 are the two newest releases of
+/// production they stay, whatever their age; once v2 has been deployed again, v1's artifact is
+/// no release's any more, and a retention pass (run here with a clock two minutes ahead, and a
+/// one-second `keep`) records `artifact_expired` on v1's job and deletes it. Deploying or
+/// rolling back to v1 then says why it cannot; v2's artifact stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_no_environment_keeps_expires_and_is_no_longer_offered() {
+    use ferry::build::ArtifactStore;
+    use ferry::coordinator::artifacts::expire_artifacts;
+    use std::time::Duration;
+    let w = World::new().await;
+    let _up = w.up();
+    let mut built = Vec::new();
+    for tag in ["v1.0.0", "v2.0.0"] {
+        let job = w.push_tag(tag).await;
+        w.succeeded(job).await;
+        built.push(job);
+    }
+    let artifacts = ArtifactStore::from_url(
+        &url::Url::from_directory_path(w.dir.path().join("artifacts")).unwrap(),
+    )
+    .unwrap();
+    let key_of = |events: &[Event]| {
+        events
+            .iter()
+            .find_map(|e| match e {
+                Event::ArtifactPublished(a) => Some(a.key.clone()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let v1 = key_of(&w.succeeded(built[0]).await);
+    let v2 = key_of(&w.succeeded(built[1]).await);
+    let later = ferry::store::now_ms() + 120_000;
+    let keep = Duration::from_secs(1);
+    let pass = || expire_artifacts(&*w.store, &artifacts, keep, "test", later, 100);
+
+    // Both are releases production keeps (current and the one before): nothing goes.
+    let first = pass().await.unwrap();
+    assert!(first.deleted.is_empty(), "{first:?}");
+    assert!(artifacts.exists(&v1).await.unwrap());
+
+    // v2 deployed again: the two newest releases are both v2, so v1's artifact may go.
+    let out = w
+        .cli(&["deploy", "group/app", "v2.0.0", "--env", "production"])
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let redeploy: JobId = w.jobs().await.into_iter().max().unwrap();
+    w.succeeded(redeploy).await;
+    let second = pass().await.unwrap();
+    assert_eq!(second.deleted, std::slice::from_ref(&v1), "{second:?}");
+    assert!(!artifacts.exists(&v1).await.unwrap());
+    assert!(artifacts.exists(&v2).await.unwrap());
+    let events = w.succeeded(built[0]).await;
+    assert!(
+        matches!(events.last(), Some(Event::ArtifactExpired(e)) if e.key == v1 && e.kept_for_ms == 1000),
+        "{events:#?}"
+    );
+    // A second pass finds nothing more to do.
+    let third = pass().await.unwrap();
+    assert!(third.deleted.is_empty(), "{third:?}");
+
+    let fails = |out: Output, want: &str| {
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{want}: succeeded");
+        assert!(err.contains(want), "want {want:?} in: {err}");
+    };
+    let gone = format!(
+        "the artifact of {} (job {}) was deleted at",
+        w.release("v1.0.0"),
+        built[0]
+    );
+    fails(
+        w.cli(&["deploy", "group/app", "v1.0.0", "--env", "production"])
+            .await,
+        &gone,
+    );
+    fails(
+        w.cli(&[
+            "rollback",
+            "group/app",
+            "--env",
+            "production",
+            "--to",
+            "v1.0.0",
+        ])
+        .await,
+        &gone,
+    );
+    assert_eq!(w.current(), w.release("v2.0.0"));
+}
