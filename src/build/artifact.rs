@@ -169,8 +169,8 @@ impl ArtifactStore {
     }
 
     /// The keys of the artifacts last written before `before_ms` (ms since the Unix epoch),
-    /// at most `max`, in no particular order.
-    pub async fn written_before(&self, before_ms: u64, max: usize) -> Result<Vec<String>, Error> {
+    /// sorted.
+    pub async fn written_before(&self, before_ms: u64) -> Result<Vec<String>, Error> {
         use futures_util::StreamExt;
         let prefix = object_store::path::Path::from(KEY_PREFIX);
         let mut listing = self.store.list(Some(&prefix));
@@ -179,11 +179,9 @@ impl ArtifactStore {
             let meta = meta.map_err(|e| self.error(KEY_PREFIX, &e))?;
             if (meta.last_modified.timestamp_millis().max(0) as u64) < before_ms {
                 keys.push(meta.location.to_string());
-                if keys.len() >= max {
-                    break;
-                }
             }
         }
+        keys.sort();
         Ok(keys)
     }
 

@@ -95,27 +95,38 @@ pub struct Expired {
     pub deleted: Vec<String>,
     /// Artifacts old enough but kept: in use, used recently, deployed, locked, or unknown.
     pub kept: usize,
+    /// The last artifact looked at, where the next pass goes on (`None`: it looked at every
+    /// old one): kept artifacts never stop a pass from reaching the others.
+    pub next: Option<String>,
 }
 
-/// One pass of the retention over at most `max` artifacts written longer than `keep` ago
-/// (what is deleted is decided under each artifact's lock; see the module's comment).
-/// `now_ms` is the wall clock (a parameter, so tests can look ahead).
+/// One pass of the retention over at most `max` of the artifacts written longer than `keep`
+/// ago, in key order after `after` (from the first again once past the last); what is deleted
+/// is decided under each artifact's lock (see the module's comment). `now_ms` is the wall
+/// clock (a parameter, so tests can look ahead).
 pub async fn expire_artifacts(
     store: &dyn Store,
     artifacts: &ArtifactStore,
     keep: Duration,
     holder: &str,
     now_ms: u64,
+    after: Option<&str>,
     max: usize,
 ) -> Result<Expired, Error> {
     let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
     let cutoff = now_ms.saturating_sub(keep_ms);
     let old = artifacts
-        .written_before(cutoff, max)
+        .written_before(cutoff)
         .await
         .map_err(|e| Error::Unavailable(format!("listing the artifact store: {e}")))?;
+    let start = after.map_or(0, |a| old.partition_point(|k| k.as_str() <= a));
+    let start = if start >= old.len() { 0 } else { start };
     let mut out = Expired::default();
-    for key in old {
+    let batch: Vec<String> = old[start..].iter().take(max).cloned().collect();
+    if start + batch.len() < old.len() {
+        out.next = batch.last().cloned();
+    }
+    for key in batch {
         let Some(held) = hold(store, &key, holder, Duration::ZERO).await? else {
             debug!(%key, "artifact in use (locked) or not an artifact key: kept");
             out.kept += 1;

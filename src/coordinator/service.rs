@@ -635,6 +635,7 @@ async fn sweep_duty(store: Arc<dyn Store>, opts: Arc<Options>, pools: Vec<String
     let (holder, every, keep_logs) = (opts.consumer.clone(), opts.sweep_interval, opts.keep_logs);
     let artifacts_dir = &opts.artifacts_dir;
     let mut artifacts_due = tokio::time::Instant::now();
+    let mut artifacts_after: Option<String> = None;
     let ttl = every * 3;
     let mut token: Option<FencingToken> = None;
     // Where the walk that lists jobs ended by earlier builds for log retention continues;
@@ -773,11 +774,15 @@ async fn sweep_duty(store: Arc<dyn Store>, opts: Arc<Options>, pools: Vec<String
                     *keep,
                     &holder,
                     now_ms(),
+                    artifacts_after.as_deref(),
                     256,
                 )
                 .await;
                 match pass {
-                    Ok(e) => METRICS.artifacts_expired.inc_by(e.deleted.len() as u64),
+                    Ok(e) => {
+                        METRICS.artifacts_expired.inc_by(e.deleted.len() as u64);
+                        artifacts_after = e.next;
+                    }
                     Err(e) => {
                         METRICS.sweep_failures.inc();
                         warn!(error = %e, "expiring old artifacts failed");

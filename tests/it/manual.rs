@@ -396,7 +396,7 @@ async fn an_artifact_no_environment_keeps_expires_and_is_no_longer_offered() {
     let v2 = key_of(&w.succeeded(built[1]).await);
     let later = ferry::store::now_ms() + 120_000;
     let keep = Duration::from_secs(1);
-    let pass = || expire_artifacts(&*w.store, &artifacts, keep, "test", later, 100);
+    let pass = || expire_artifacts(&*w.store, &artifacts, keep, "test", later, None, 100);
 
     // Both are releases production keeps (current and the one before): nothing goes.
     let first = pass().await.unwrap();

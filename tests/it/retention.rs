@@ -115,7 +115,7 @@ async fn an_artifact_goes_only_when_nothing_uses_it_and_its_lock_is_free() {
         .expect("the lock is free");
 
     let keep = Duration::from_millis(DAY_MS);
-    let pass = || expire_artifacts(&*s.store, &s.artifacts, keep, "sweeper", now, 100);
+    let pass = || expire_artifacts(&*s.store, &s.artifacts, keep, "sweeper", now, None, 100);
     let first = pass().await.unwrap();
     assert_eq!(first.deleted, std::slice::from_ref(&unused), "{first:?}");
     assert_eq!(first.kept, 4, "{first:?}");
@@ -137,4 +137,43 @@ async fn an_artifact_goes_only_when_nothing_uses_it_and_its_lock_is_free() {
     let second = pass().await.unwrap();
     assert_eq!(second.deleted, std::slice::from_ref(&locked), "{second:?}");
     assert_eq!(second.kept, 3, "{second:?}");
+}
+
+/// A pass looks at a page of the old artifacts and says where the next goes on, from the
+/// first again after the last: artifacts that stay never starve the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_page_through_the_old_artifacts_and_wrap_around() {
+    let s = Setup::new().await;
+    // None of them recorded by a job: each stays, and every page is full of kept ones.
+    let mut keys: Vec<String> = ["f1", "f2", "f3", "f4", "f5"]
+        .iter()
+        .map(|h| s.object(h))
+        .collect();
+    keys.sort();
+    let keep = Duration::from_millis(DAY_MS);
+    let page = |after: Option<String>| {
+        let s = &s;
+        async move {
+            let after = after.as_deref();
+            expire_artifacts(&*s.store, &s.artifacts, keep, "sweeper", now_ms(), after, 2)
+                .await
+                .unwrap()
+        }
+    };
+    let first = page(None).await;
+    assert_eq!((first.deleted.len(), first.kept), (0, 2), "{first:?}");
+    assert_eq!(first.next.as_deref(), Some(keys[1].as_str()));
+    let second = page(first.next).await;
+    assert_eq!(second.next.as_deref(), Some(keys[3].as_str()));
+    let last = page(second.next).await;
+    assert_eq!((last.kept, last.next), (1, None), "the last page");
+    let again = page(Some(keys[4].clone())).await;
+    assert_eq!(
+        again.next.as_deref(),
+        Some(keys[1].as_str()),
+        "from the first again"
+    );
+    for key in &keys {
+        assert!(s.artifacts.exists(key).await.unwrap(), "{key} stays");
+    }
 }
