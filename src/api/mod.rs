@@ -1001,13 +1001,28 @@ async fn retry_job(State(state): State<ApiState>, Path(id): Path<String>) -> Ans
     let Some(plan) = old.plan else {
         return Err(ApiError::Conflict(format!("job {id} has no plan to retry")));
     };
+    let shipped = plan.artifact.clone();
     let created = JobCreated {
         job: JobId::new(),
         trigger: format!("retry:{id}"),
         ..plan
     };
     let dedupe = (vec![format!("retry:{id}")], RETRY_DEDUPE);
-    let Some(fresh) = create_job_once(store, created, Some(dedupe)).await? else {
+    let create = async {
+        if let Some(a) = &shipped {
+            // A deploy or rollback ships an earlier build's artifact: not one that expired.
+            if let Some(at) = load_job(store, id).await?.artifact_expired_at_ms {
+                let release = crate::deploy::release_name(&created.tag, &created.sha);
+                return Err(releases::expired(&release, id, a.job, at));
+            }
+        }
+        create_job_once(store, created, Some(dedupe)).await
+    };
+    let fresh = match &shipped {
+        Some(a) => releases::with_artifact_lock(&state, &a.key, create).await?,
+        None => create.await?,
+    };
+    let Some(fresh) = fresh else {
         return Err(ApiError::Conflict(format!(
             "job {id} was already retried: retry the newer job instead"
         )));

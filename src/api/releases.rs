@@ -59,13 +59,7 @@ impl Deployed {
     fn check_kept(&self) -> Result<(), ApiError> {
         match self.job.artifact_expired_at_ms {
             None => Ok(()),
-            Some(at) => Err(ApiError::Gone(format!(
-                "the artifact of {} (job {}) was deleted at {} (artifacts.keep): build the tag \
-                 again (retry its job) to deploy it",
-                self.release(),
-                self.job.id,
-                time(at).as_str().unwrap_or("?")
-            ))),
+            Some(at) => Err(expired(&self.release(), self.job.id, self.artifact.job, at)),
         }
     }
 
@@ -195,18 +189,12 @@ async fn start(
     trigger: String,
     extra: Value,
 ) -> Answer {
-    // Under the artifact's lock, so that the artifact retention cannot delete it between this
-    // check and the new job's plan, which carries it (see `crate::coordinator::artifacts`).
-    let key = &source.artifact.key;
-    let held = artifacts::hold(state.store(), key, "api", ARTIFACT_LOCK_WAIT).await?;
-    if held.is_none() && key_sha256(key).is_some() {
-        return Err(ApiError::Unavailable);
-    }
-    let created = create_locked(state, project, environment, source, trigger).await;
-    if let Some(held) = held {
-        held.release(state.store()).await;
-    }
-    let job = created?;
+    let job = with_artifact_lock(
+        state,
+        &source.artifact.key,
+        create_locked(state, project, environment, source, trigger),
+    )
+    .await?;
     let mut body = job_summary(&job);
     body["environment"] = json!(environment);
     body["source_job"] = json!(source.job.id);
@@ -215,6 +203,34 @@ async fn start(
         body.extend(extra);
     }
     answer(StatusCode::ACCEPTED, body)
+}
+
+/// 410 Gone: the artifact `release` of `job` shipped (built by `built_by`) was deleted at `at`.
+pub(super) fn expired(release: &str, job: JobId, built_by: JobId, at: u64) -> ApiError {
+    ApiError::Gone(format!(
+        "the artifact of {release} (job {job}) was deleted at {} (artifacts.keep): build the tag \
+         again (retry job {built_by}, which built it) to deploy it",
+        time(at).as_str().unwrap_or("?")
+    ))
+}
+
+/// Holds the lock of the artifact under `key` while `f` runs, so that the artifact retention
+/// cannot delete it between `f`'s check and the job `f` creates, which ships it (see
+/// [`crate::coordinator::artifacts`]).
+pub(super) async fn with_artifact_lock<T>(
+    state: &ApiState,
+    key: &str,
+    f: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    let held = artifacts::hold(state.store(), key, "api", ARTIFACT_LOCK_WAIT).await?;
+    if held.is_none() && key_sha256(key).is_some() {
+        return Err(ApiError::Unavailable);
+    }
+    let result = f.await;
+    if let Some(held) = held {
+        held.release(state.store()).await;
+    }
+    result
 }
 
 /// How long a deploy or rollback request waits for its artifact's lock.

@@ -437,6 +437,10 @@ async fn an_artifact_no_environment_keeps_expires_and_is_no_longer_offered() {
         w.release("v1.0.0"),
         built[0]
     );
+    let remedy = format!(
+        "build the tag again (retry job {}, which built it)",
+        built[0]
+    );
     fails(
         w.cli(&["deploy", "group/app", "v1.0.0", "--env", "production"])
             .await,
@@ -452,7 +456,18 @@ async fn an_artifact_no_environment_keeps_expires_and_is_no_longer_offered() {
             "v1.0.0",
         ])
         .await,
-        &gone,
+        &remedy,
     );
     assert_eq!(w.current(), w.release("v2.0.0"));
+
+    // Built again (the job retried), the same bytes are stored again under the same key, and
+    // v1 deploys.
+    let out = w
+        .cli(&["jobs", "retry", &built[0].to_string(), "--json"])
+        .await;
+    let rebuilt: JobId = json_of(&out)["id"].as_str().unwrap().parse().unwrap();
+    let events = w.succeeded(rebuilt).await;
+    assert_eq!(key_of(&events), v1);
+    assert!(artifacts.exists(&v1).await.unwrap());
+    assert_eq!(w.current(), w.release("v1.0.0"));
 }
