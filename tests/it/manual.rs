@@ -403,26 +403,29 @@ async fn an_artifact_no_environment_keeps_expires_and_is_no_longer_offered() {
     assert!(first.deleted.is_empty(), "{first:?}");
     assert!(artifacts.exists(&v1).await.unwrap());
 
-    // v2 deployed again: the two newest releases are both v2, so v1's artifact may go.
-    let out = w
-        .cli(&["deploy", "group/app", "v2.0.0", "--env", "production"])
-        .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let redeploy: JobId = w.jobs().await.into_iter().max().unwrap();
-    w.succeeded(redeploy).await;
+    // v1 deployed by hand (a job that ships v1's artifact), then v2 twice: the two newest
+    // releases are both v2, so v1's artifact may go.
+    let mut deploys = Vec::new();
+    for tag in ["v1.0.0", "v2.0.0", "v2.0.0"] {
+        let out = w
+            .cli(&["deploy", "group/app", tag, "--env", "production", "--json"])
+            .await;
+        let job: JobId = json_of(&out)["id"].as_str().unwrap().parse().unwrap();
+        w.succeeded(job).await;
+        deploys.push(job);
+    }
     let second = pass().await.unwrap();
     assert_eq!(second.deleted, std::slice::from_ref(&v1), "{second:?}");
     assert!(!artifacts.exists(&v1).await.unwrap());
     assert!(artifacts.exists(&v2).await.unwrap());
-    let events = w.succeeded(built[0]).await;
-    assert!(
-        matches!(events.last(), Some(Event::ArtifactExpired(e)) if e.key == v1 && e.kept_for_ms == 1000),
-        "{events:#?}"
-    );
+    // Recorded on every job that used it: its build and the deploy that shipped it.
+    for job in [built[0], deploys[0]] {
+        let events = w.succeeded(job).await;
+        assert!(
+            matches!(events.last(), Some(Event::ArtifactExpired(e)) if e.key == v1 && e.kept_for_ms == 1000),
+            "{events:#?}"
+        );
+    }
     // A second pass finds nothing more to do.
     let third = pass().await.unwrap();
     assert!(third.deleted.is_empty(), "{third:?}");
@@ -432,11 +435,7 @@ async fn an_artifact_no_environment_keeps_expires_and_is_no_longer_offered() {
         assert!(!out.status.success(), "{want}: succeeded");
         assert!(err.contains(want), "want {want:?} in: {err}");
     };
-    let gone = format!(
-        "the artifact of {} (job {}) was deleted at",
-        w.release("v1.0.0"),
-        built[0]
-    );
+    let gone = format!("the artifact of {} (job ", w.release("v1.0.0"));
     let remedy = format!(
         "build the tag again (retry job {}, which built it)",
         built[0]
@@ -456,6 +455,11 @@ async fn an_artifact_no_environment_keeps_expires_and_is_no_longer_offered() {
             "v1.0.0",
         ])
         .await,
+        &remedy,
+    );
+    // Retrying the deploy would ship the deleted artifact: refused the same way.
+    fails(
+        w.cli(&["jobs", "retry", &deploys[0].to_string()]).await,
         &remedy,
     );
     assert_eq!(w.current(), w.release("v2.0.0"));
