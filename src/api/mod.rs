@@ -453,15 +453,7 @@ fn event_item(stored: &Stored) -> Value {
 
 /// Folds a job's stream; `None` when the stream is empty (no such job).
 async fn fold_job(store: &dyn Store, id: JobId) -> Result<Option<JobState>, ApiError> {
-    let stream = store.read_stream(&StreamId::Job(id), 0).await?;
-    if stream.is_empty() {
-        return Ok(None);
-    }
-    let mut job = JobState::new(id);
-    for stored in &stream {
-        job.evolve(&stored.decode()?, stored.envelope.at_ms);
-    }
-    Ok(Some(job))
+    Ok(crate::coordinator::releases::fold(store, id).await?)
 }
 
 async fn load_job(store: &dyn Store, id: JobId) -> Result<JobState, ApiError> {

@@ -19,10 +19,11 @@
 use super::{answer, fold_job, job_summary, time, Answer, ApiError, ApiState, Params};
 use crate::build::artifact::key_sha256;
 use crate::coordinator::artifacts;
-use crate::coordinator::plan::{deploy_step, plan_deploy, ProjectPlan};
+use crate::coordinator::plan::{plan_deploy, ProjectPlan};
+use crate::coordinator::releases;
 use crate::deploy::release_name;
-use crate::domain::{JobState, StepStatus};
-use crate::store::{environment_index, tag_index, Store};
+use crate::domain::JobState;
+use crate::store::{tag_index, Store};
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
@@ -150,34 +151,24 @@ async fn deployed(
     limit: usize,
     matching: impl Fn(&Deployed) -> bool,
 ) -> Result<Vec<Deployed>, ApiError> {
-    let step = deploy_step(environment);
-    let mut ids: Vec<JobId> = store
-        .indexed(&environment_index(project, environment))
-        .await?;
-    ids.retain(|id| before.is_none_or(|b| *id < b));
-    ids.reverse();
-    let mut out = Vec::new();
-    for id in ids {
-        if out.len() >= limit {
-            break;
-        }
-        let Some(job) = fold_job(store, id).await? else {
-            continue;
-        };
-        let succeeded = job
-            .step(&step)
-            .is_some_and(|s| matches!(s.status, StepStatus::Succeeded { .. }));
-        if !succeeded {
-            continue;
-        }
-        if let Some(artifact) = job.artifact() {
-            let d = Deployed { job, artifact };
-            if matching(&d) {
-                out.push(d);
-            }
-        }
-    }
-    Ok(out)
+    let found = releases::releases(
+        store,
+        project,
+        environment,
+        before,
+        limit,
+        |job, artifact| {
+            matching(&Deployed {
+                job: job.clone(),
+                artifact: artifact.clone(),
+            })
+        },
+    )
+    .await?;
+    Ok(found
+        .into_iter()
+        .map(|(job, artifact)| Deployed { job, artifact })
+        .collect())
 }
 
 /// Appends the new job's plan (and its first decision) and answers 202 with it.

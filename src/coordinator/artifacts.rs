@@ -25,8 +25,9 @@
 
 use crate::build::artifact::key_sha256;
 use crate::build::ArtifactStore;
-use crate::domain::{JobState, StepStatus};
-use crate::store::{artifact_index, environment_index, Append, Error, Store, StreamId};
+use crate::coordinator::releases::releases;
+use crate::domain::JobState;
+use crate::store::{artifact_index, Append, Error, Store, StreamId};
 use ferry_proto::{ArtifactExpired, FencingToken, JobId, StepSpec};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -204,25 +205,11 @@ async fn kept_releases(
     project: &str,
     environment: &str,
 ) -> Result<Vec<String>, Error> {
-    let step = crate::coordinator::plan::deploy_step(environment);
-    let mut ids = store
-        .indexed(&environment_index(project, environment))
-        .await?;
-    ids.reverse();
-    let mut keys = Vec::new();
-    for id in ids {
-        if keys.len() >= KEPT_RELEASES {
-            break;
-        }
-        let job = fold(store, id).await?;
-        let deployed = job
-            .step(&step)
-            .is_some_and(|s| matches!(s.status, StepStatus::Succeeded { .. }));
-        if let (true, Some(a)) = (deployed, job.artifact()) {
-            keys.push(a.key);
-        }
-    }
-    Ok(keys)
+    let kept = releases(store, project, environment, None, KEPT_RELEASES, |_, _| {
+        true
+    })
+    .await?;
+    Ok(kept.into_iter().map(|(_, a)| a.key).collect())
 }
 
 /// Records `ArtifactExpired` on each job that used the artifact, then deletes it. Returns
@@ -267,9 +254,7 @@ async fn expire(
 }
 
 async fn fold(store: &dyn Store, id: JobId) -> Result<JobState, Error> {
-    let mut job = JobState::new(id);
-    for stored in store.read_stream(&StreamId::Job(id), 0).await? {
-        job.evolve(&stored.decode()?, stored.envelope.at_ms);
-    }
-    Ok(job)
+    Ok(super::releases::fold(store, id)
+        .await?
+        .unwrap_or_else(|| JobState::new(id)))
 }

@@ -6,6 +6,7 @@
 pub mod artifacts;
 pub mod decide;
 pub mod plan;
+pub mod releases;
 mod remembered;
 mod service;
 
