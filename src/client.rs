@@ -192,41 +192,43 @@ pub async fn agents(args: &AgentsArgs) -> anyhow::Result<()> {
         AgentsCommand::Stop {
             ref name,
             ref reason,
-        } => {
-            let path = format!("/agents/{}/stop", segment(name));
-            let body = reason.as_ref().map(|r| serde_json::json!({ "reason": r }));
-            let v = client.call(Method::POST, &path, &[], body).await?;
-            let text = format!(
-                "agent {} asked to stop ({}); it stops taking work at its next heartbeat\n",
-                s(&v["name"]),
-                s(&v["stop_requested"])
-            );
-            print(args.conn.json, &v, &text);
-        }
+        } => agent_action(args, &client, name, "stop", reason.as_deref()).await?,
         AgentsCommand::Pause {
             ref name,
             ref reason,
-        } => {
-            let path = format!("/agents/{}/pause", segment(name));
-            let body = reason.as_ref().map(|r| serde_json::json!({ "reason": r }));
-            let v = client.call(Method::POST, &path, &[], body).await?;
-            let text = format!(
-                "agent {} paused ({}); it claims no new work from its next heartbeat until resumed\n",
-                s(&v["name"]),
-                s(&v["paused"])
-            );
-            print(args.conn.json, &v, &text);
-        }
+        } => agent_action(args, &client, name, "pause", reason.as_deref()).await?,
         AgentsCommand::Resume { ref name } => {
-            let path = format!("/agents/{}/resume", segment(name));
-            let v = client.call(Method::POST, &path, &[], None).await?;
-            let text = format!(
-                "agent {} resumed; it claims work again from its next heartbeat\n",
-                s(&v["name"])
-            );
-            print(args.conn.json, &v, &text);
+            agent_action(args, &client, name, "resume", None).await?
         }
     }
+    Ok(())
+}
+
+/// `POST /api/v1/agents/{name}/{action}` (`stop`, `pause`, `resume`) with the reason, if given,
+/// and what it did.
+async fn agent_action(
+    args: &AgentsArgs,
+    client: &Client,
+    name: &str,
+    action: &str,
+    reason: Option<&str>,
+) -> anyhow::Result<()> {
+    let path = format!("/agents/{}/{action}", segment(name));
+    let body = reason.map(|r| serde_json::json!({ "reason": r }));
+    let v = client.call(Method::POST, &path, &[], body).await?;
+    let name = s(&v["name"]);
+    let text = match action {
+        "stop" => format!(
+            "agent {name} asked to stop ({}); it stops taking work at its next heartbeat\n",
+            s(&v["stop_requested"])
+        ),
+        "pause" => format!(
+            "agent {name} paused ({}); it claims no new work from its next heartbeat until resumed\n",
+            s(&v["paused"])
+        ),
+        _ => format!("agent {name} resumed; it claims work again from its next heartbeat\n"),
+    };
+    print(args.conn.json, &v, &text);
     Ok(())
 }
 

@@ -82,7 +82,8 @@ pub struct CoordinatorMetrics {
     /// limit). Sweep leader only.
     pub store_limit: IntGauge,
     /// `ferry_artifacts_disk_free_bytes`: free space on the filesystem of a `file://` artifact
-    /// store (artifacts are kept forever). Sweep leader only; 0 for other stores.
+    /// store (artifacts stay until `artifacts.keep` lets them go). Sweep leader only; 0 for
+    /// other stores.
     pub artifacts_disk_free: IntGauge,
     /// `ferry_artifacts_disk_size_bytes`: that filesystem's size.
     pub artifacts_disk_size: IntGauge,

@@ -29,7 +29,7 @@ impl WorkDir {
         std::fs::create_dir_all(root)?;
         let path = root.join(name);
         let lock_path = lock_path_of(&path);
-        let lock = try_lock(&lock_path)?.ok_or_else(|| {
+        let lock = lock_file(&lock_path, false)?.ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::WouldBlock,
                 format!("{} is in use by another process", path.display()),
@@ -74,7 +74,7 @@ pub fn remove_stale(root: &Path) -> io::Result<Vec<PathBuf>> {
         if path.extension().is_some_and(|e| e == "lock") {
             let dir = path.with_extension("");
             if !dir.exists() {
-                if let Some(_held) = try_lock(&path)? {
+                if let Some(_held) = lock_file(&path, false)? {
                     let _ = std::fs::remove_file(&path);
                 }
             }
@@ -84,7 +84,7 @@ pub fn remove_stale(root: &Path) -> io::Result<Vec<PathBuf>> {
             continue;
         }
         let lock_path = lock_path_of(&path);
-        let Some(_held) = try_lock(&lock_path)? else {
+        let Some(_held) = lock_file(&lock_path, false)? else {
             continue; // a live process works in it
         };
         remove_if_exists(&path)?;
@@ -118,23 +118,28 @@ fn lock_path_of(dir: &Path) -> PathBuf {
     dir.with_file_name(name)
 }
 
-/// An exclusive `flock` on `path` (created if missing) if no other open file holds one.
-fn try_lock(path: &Path) -> io::Result<Option<File>> {
+/// An exclusive `flock` on `path` (created if missing), held until the returned file is
+/// dropped. With `wait`, waits while another open file holds it; without, `None` then.
+pub(crate) fn lock_file(path: &Path, wait: bool) -> io::Result<Option<File>> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)?;
+    let how = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
     loop {
         // SAFETY: flock(2) on a file descriptor we own for the duration of the call.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
+        if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
             return Ok(Some(file));
         }
         let e = io::Error::last_os_error();
         match e.kind() {
             io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Ok(None),
+            io::ErrorKind::WouldBlock if !wait => return Ok(None),
             _ => return Err(e),
         }
     }

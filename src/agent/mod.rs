@@ -136,6 +136,7 @@ pub async fn run(
         info!(agent = %opts.name, reason = %why, "paused; claiming no new work until resumed");
     }
     METRICS.paused.set(i64::from(paused.is_some()));
+    report_disk(&opts.runner.data_dir);
     let (stop_tx, mut stop_rx) = watch::channel(None);
     let (pause_tx, mut pause_rx) = watch::channel(paused);
     let heartbeat = tokio::spawn(keep_alive(
@@ -258,6 +259,23 @@ pub async fn run(
 /// when the agent has stopped; a stop requested through the API comes back with a heartbeat
 /// and is passed to `stop`. An agent that stops heartbeating is recorded as lost by the
 /// coordinators' sweep (`AgentLost`).
+/// Sets the gauges of the free space of the filesystem holding `data_dir`.
+fn report_disk(data_dir: &std::path::Path) {
+    match crate::workdir::disk_space(data_dir) {
+        Ok((free, size)) => {
+            METRICS
+                .disk_free
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+            METRICS
+                .disk_size
+                .set(i64::try_from(size).unwrap_or(i64::MAX));
+        }
+        Err(e) => {
+            debug!(error = %e, path = %data_dir.display(), "reading the data directory's free space failed")
+        }
+    }
+}
+
 async fn keep_alive(
     store: Arc<dyn Store>,
     agent: AgentId,
@@ -266,23 +284,13 @@ async fn keep_alive(
     stop: watch::Sender<Option<String>>,
     pause: watch::Sender<Option<String>>,
 ) {
-    let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_millis(1)));
+    // `run` heartbeats once before the first claim: the next beat is a period later.
+    let period = (ttl / 3).max(Duration::from_millis(1));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match crate::workdir::disk_space(&data_dir) {
-            Ok((free, size)) => {
-                METRICS
-                    .disk_free
-                    .set(i64::try_from(free).unwrap_or(i64::MAX));
-                METRICS
-                    .disk_size
-                    .set(i64::try_from(size).unwrap_or(i64::MAX));
-            }
-            Err(e) => {
-                debug!(%agent, error = %e, path = %data_dir.display(), "reading the data directory's free space failed")
-            }
-        }
+        report_disk(&data_dir);
         let heard = match store.heartbeat(&agent, ttl).await {
             Ok(heard) => heard,
             Err(e) => {

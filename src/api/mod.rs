@@ -826,11 +826,7 @@ async fn stop_agent(
     body: Bytes,
 ) -> Answer {
     let reason = reason_of(&body, "stop", "requested through the api")?;
-    let registry = Registry::load(state.store()).await?;
-    let agent = AgentId::new(name.as_str());
-    if !registry.known.contains_key(&agent) && !registry.live.contains_key(&agent) {
-        return Err(ApiError::NotFound(format!("agent {name} not found")));
-    }
+    let (agent, registry) = known_agent(&state, &name).await?;
     if !registry.live.contains_key(&agent) {
         return Err(ApiError::Conflict(format!(
             "agent {name} is not live: there is nothing to stop"
@@ -840,10 +836,7 @@ async fn stop_agent(
         agent: agent.clone(),
         reason: reason.clone(),
     };
-    state
-        .store()
-        .append(Append::new(StreamId::Agents, vec![request.into()]))
-        .await?;
+    record_for_agents(&state, request.into()).await?;
     info!(%agent, %reason, "agent stop requested through the api");
     answer(
         StatusCode::ACCEPTED,
@@ -862,15 +855,12 @@ async fn pause_agent(
     body: Bytes,
 ) -> Answer {
     let reason = reason_of(&body, "pause", "paused through the api")?;
-    let agent = known_agent(&state, &name).await?;
+    let (agent, _) = known_agent(&state, &name).await?;
     let paused = AgentPaused {
         agent: agent.clone(),
         reason: reason.clone(),
     };
-    state
-        .store()
-        .append(Append::new(StreamId::Agents, vec![paused.into()]))
-        .await?;
+    record_for_agents(&state, paused.into()).await?;
     info!(%agent, %reason, "agent paused through the api");
     answer(
         StatusCode::ACCEPTED,
@@ -881,26 +871,20 @@ async fn pause_agent(
 /// `POST /api/v1/agents/{name}/resume`: a paused agent claims work again (with its next
 /// heartbeat). 202 with the agent; 404 for an agent never seen; 409 for one that is not paused.
 async fn resume_agent(State(state): State<ApiState>, Path(name): Path<String>) -> Answer {
-    let registry = Registry::load(state.store()).await?;
-    let agent = AgentId::new(name.as_str());
-    match registry.known.get(&agent) {
-        None if !registry.live.contains_key(&agent) => {
-            return Err(ApiError::NotFound(format!("agent {name} not found")))
-        }
-        Some(a) if a.paused.is_some() => {}
-        _ => {
-            return Err(ApiError::Conflict(format!(
-                "agent {name} is not paused: there is nothing to resume"
-            )))
-        }
+    let (agent, registry) = known_agent(&state, &name).await?;
+    if registry
+        .known
+        .get(&agent)
+        .is_none_or(|a| a.paused.is_none())
+    {
+        return Err(ApiError::Conflict(format!(
+            "agent {name} is not paused: there is nothing to resume"
+        )));
     }
     let resumed = AgentResumed {
         agent: agent.clone(),
     };
-    state
-        .store()
-        .append(Append::new(StreamId::Agents, vec![resumed.into()]))
-        .await?;
+    record_for_agents(&state, resumed.into()).await?;
     info!(%agent, "agent resumed through the api");
     answer(
         StatusCode::ACCEPTED,
@@ -908,14 +892,25 @@ async fn resume_agent(State(state): State<ApiState>, Path(name): Path<String>) -
     )
 }
 
-/// `name` as an agent the store has seen (joined or heartbeating), or 404.
-async fn known_agent(state: &ApiState, name: &str) -> Result<AgentId, ApiError> {
+/// `name` as an agent the store has seen (joined or heartbeating), with the registry it was
+/// found in; 404 for an agent never seen.
+async fn known_agent(state: &ApiState, name: &str) -> Result<(AgentId, Registry), ApiError> {
     let registry = Registry::load(state.store()).await?;
     let agent = AgentId::new(name);
     if !registry.known.contains_key(&agent) && !registry.live.contains_key(&agent) {
         return Err(ApiError::NotFound(format!("agent {name} not found")));
     }
-    Ok(agent)
+    Ok((agent, registry))
+}
+
+/// Appends `event` to the `agents` stream (a stop, pause or resume the store keeps for the
+/// agent's heartbeats).
+async fn record_for_agents(state: &ApiState, event: Event) -> Result<(), ApiError> {
+    state
+        .store()
+        .append(Append::new(StreamId::Agents, vec![event]))
+        .await?;
+    Ok(())
 }
 
 /// The body of a cancel, a stop or a pause: `{"reason"?}`, or nothing.

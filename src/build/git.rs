@@ -9,7 +9,7 @@
 
 use super::Error;
 use gix::remote::Direction;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -287,23 +287,7 @@ fn open_or_init(dir: &Path) -> Result<(gix::Repository, bool), String> {
 
 /// An exclusive `flock` on `path`, held until the returned file is dropped.
 fn lock_exclusive(path: &Path) -> std::io::Result<File> {
-    use std::os::fd::AsRawFd;
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
-    loop {
-        // SAFETY: flock(2) on a file descriptor we own for the duration of the call.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if rc == 0 {
-            return Ok(file);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    crate::workdir::lock_file(path, true).map(|held| held.expect("a blocking lock is always taken"))
 }
 
 /// `error` and its chain of causes, so that "Transport handshake failed" says why (an unknown

@@ -82,6 +82,45 @@ impl Repo {
     }
 }
 
+/// A job of `repo`'s `v1.0.0` whose one step builds it from `url`, queued in pool `default`.
+async fn queue_build(store: &dyn ferry::store::Store, repo: &Repo, url: &str) -> JobId {
+    use ferry::store::{Append, StreamId};
+    use ferry_proto::{StepId, StepQueued, StepSpec};
+    let job = JobId::new();
+    let mut created = ferry::store::conformance::noop_job(job, "v1.0.0", "default", &["build"]);
+    created.sha = repo.first.clone();
+    created.steps[0].spec = StepSpec::Build(spec(url));
+    let queued = StepQueued {
+        step: StepId::new("build"),
+        attempt: 1,
+        pool: "default".into(),
+        priority: 0,
+    };
+    store
+        .append(Append::new(StreamId::Job(job), vec![created.into(), queued.into()]).expect(0))
+        .await
+        .unwrap();
+    job
+}
+
+/// An agent `name` of one slot that builds with `env` (data in `repo`'s `data/`), in pool
+/// `default`.
+fn builder(name: &str, repo: &Repo, env: BuildEnv) -> ferry::agent::Options {
+    use ferry::agent;
+    agent::Options {
+        name: ferry_proto::AgentId::new(name),
+        pools: vec!["default".into()],
+        labels: vec![],
+        concurrency: 1,
+        lease_ttl: Duration::from_secs(10),
+        shutdown_grace: Duration::from_secs(5),
+        runner: Arc::new(agent::Runner {
+            build: Some(env),
+            ..agent::Runner::local(repo.dir.path().join("data"))
+        }),
+    }
+}
+
 /// The usual build: copy the app and write the tag next to it.
 fn spec(url: &str) -> BuildSpec {
     BuildSpec {
@@ -936,8 +975,8 @@ impl axum::serve::Listener for TlsListener {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_records_the_host_key_its_ssh_clone_pinned() {
     use ferry::agent;
-    use ferry::store::{Append, Store, StreamId};
-    use ferry_proto::{AgentId, Event, StepId, StepQueued, StepSpec};
+    use ferry::store::{Store, StreamId};
+    use ferry_proto::Event;
 
     let repo = Repo::new();
     let sshd = crate::sshd::Sshd::start();
@@ -955,34 +994,10 @@ async fn an_agent_records_the_host_key_its_ssh_clone_pinned() {
         repo.path().display()
     );
     let store: Arc<dyn Store> = Arc::new(crate::harness::redis_store().await);
-    let job = JobId::new();
-    let mut created = ferry::store::conformance::noop_job(job, "v1.0.0", "default", &["build"]);
-    created.sha = repo.first.clone();
-    created.steps[0].spec = StepSpec::Build(spec(&url));
-    let queued = StepQueued {
-        step: StepId::new("build"),
-        attempt: 1,
-        pool: "default".into(),
-        priority: 0,
-    };
-    store
-        .append(Append::new(StreamId::Job(job), vec![created.into(), queued.into()]).expect(0))
-        .await
-        .unwrap();
+    let job = queue_build(&*store, &repo, &url).await;
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let options = agent::Options {
-        name: AgentId::new("builder"),
-        pools: vec!["default".into()],
-        labels: vec![],
-        concurrency: 1,
-        lease_ttl: Duration::from_secs(10),
-        shutdown_grace: Duration::from_secs(5),
-        runner: Arc::new(agent::Runner {
-            build: Some(env),
-            ..agent::Runner::local(repo.dir.path().join("data"))
-        }),
-    };
+    let options = builder("builder", &repo, env);
     let agent = tokio::spawn(agent::run(store.clone(), options, async move {
         let _ = stopped.await;
     }));
@@ -1102,8 +1117,8 @@ async fn a_mirror_with_too_many_packs_is_collected_after_the_checkout() {
 async fn an_artifact_deleted_while_its_build_records_it_is_built_again() {
     use ferry::agent;
     use ferry::coordinator::{self, artifacts, decide::RetryPolicy};
-    use ferry::store::{Append, Store, StreamId};
-    use ferry_proto::{AgentId, Event, StepId, StepQueued, StepSpec};
+    use ferry::store::{Store, StreamId};
+    use ferry_proto::Event;
 
     let repo = Repo::new();
     let env = repo.env();
@@ -1120,36 +1135,12 @@ async fn an_artifact_deleted_while_its_build_records_it_is_built_again() {
         .unwrap()
         .expect("the artifact's lock is free");
 
-    let job = JobId::new();
-    let mut created = ferry::store::conformance::noop_job(job, "v1.0.0", "default", &["build"]);
-    created.sha = repo.first.clone();
-    created.steps[0].spec = StepSpec::Build(spec(&url));
-    let queued = StepQueued {
-        step: StepId::new("build"),
-        attempt: 1,
-        pool: "default".into(),
-        priority: 0,
-    };
-    store
-        .append(Append::new(StreamId::Job(job), vec![created.into(), queued.into()]).expect(0))
-        .await
-        .unwrap();
+    let job = queue_build(&*store, &repo, &url).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let options = agent::Options {
-        name: AgentId::new("rebuilder"),
-        pools: vec!["default".into()],
-        labels: vec![],
-        concurrency: 1,
-        lease_ttl: Duration::from_secs(10),
-        shutdown_grace: Duration::from_secs(5),
-        runner: Arc::new(agent::Runner {
-            build: Some(env.clone()),
-            ..agent::Runner::local(repo.dir.path().join("data"))
-        }),
-    };
+    let options = builder("rebuilder", &repo, env.clone());
     let agent = tokio::spawn(agent::run(store.clone(), options, until(stopped.clone())));
     let coordinator = tokio::spawn(coordinator::run(
         store.clone(),

@@ -3,8 +3,7 @@
 //! when the master holding the namespace's slot is killed with SIGKILL and its replica takes
 //! over. The store's size is read from that master.
 
-use crate::cli::{ferry, Proc};
-use crate::failover::{create_cluster, kill9, phase, query, submit, succeeded_once};
+use crate::failover::{create_cluster, kill9, phase, query, roles, submit, succeeded_once};
 use crate::harness::{self, serve_on_free_port, wait_until, DEADLINE};
 use ferry::store::redis::RedisStore;
 use ferry::store::{Capacity, Store};
@@ -117,20 +116,7 @@ async fn coordinator_and_agent_run_on_a_cluster_and_survive_its_failover() {
     let usage = redis.usage().await.unwrap();
     assert_eq!(usage.limit_bytes, Some(512 << 20), "{usage:?}");
     let store: Arc<dyn Store> = Arc::new(redis);
-    let _coordinator = Proc(
-        ferry(&url, &ns)
-            .env("FERRY_COORDINATOR_SWEEP_INTERVAL", "200ms")
-            .arg("coordinator")
-            .spawn()
-            .unwrap(),
-    );
-    let _agent = Proc(
-        ferry(&url, &ns)
-            .env("FERRY_AGENT_NAME", "a1")
-            .arg("agent")
-            .spawn()
-            .unwrap(),
-    );
+    let _roles = roles(&url, &ns);
 
     let before = submit(&*store).await;
     succeeded_once(&harness::job_succeeded(&*store, before, DEADLINE).await);

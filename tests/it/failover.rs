@@ -11,6 +11,22 @@ use std::time::Duration;
 
 use crate::harness::{wait_until, DEADLINE};
 
+/// The real `ferry coordinator` (sweeping every 200 ms) and `ferry agent` (`a1`) on the store
+/// at `url`, in namespace `ns`; killed when dropped.
+pub fn roles(url: &str, ns: &str) -> [crate::cli::Proc; 2] {
+    let coordinator = crate::cli::ferry(url, ns)
+        .env("FERRY_COORDINATOR_SWEEP_INTERVAL", "200ms")
+        .arg("coordinator")
+        .spawn()
+        .unwrap();
+    let agent = crate::cli::ferry(url, ns)
+        .env("FERRY_AGENT_NAME", "a1")
+        .arg("agent")
+        .spawn()
+        .unwrap();
+    [crate::cli::Proc(coordinator), crate::cli::Proc(agent)]
+}
+
 /// One command to the plain-TCP server on loopback `port`.
 pub fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;

@@ -189,6 +189,13 @@ fn json_of(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Asserts that a CLI command failed, saying `want`.
+fn fails(out: Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{want}: succeeded");
+    assert!(err.contains(want), "want {want:?} in: {err}");
+}
+
 fn uploads(events: &[Event]) -> usize {
     events
         .iter()
@@ -290,11 +297,6 @@ async fn rollback_and_redeploy_go_through_the_cli_and_reuse_releases_on_the_host
 async fn manual_operations_refuse_what_cannot_be_done_with_clear_errors() {
     let w = World::new().await;
     let _up = w.up();
-    let fails = |out: Output, want: &str| {
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(!out.status.success(), "{want}: succeeded");
-        assert!(err.contains(want), "want {want:?} in: {err}");
-    };
     // Wait for the API to answer.
     wait_until(DEADLINE, || async {
         reqwest::get(format!("http://{}/healthz", w.listen))
@@ -430,11 +432,6 @@ async fn an_artifact_no_environment_keeps_expires_and_is_no_longer_offered() {
     let third = pass().await.unwrap();
     assert!(third.deleted.is_empty(), "{third:?}");
 
-    let fails = |out: Output, want: &str| {
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(!out.status.success(), "{want}: succeeded");
-        assert!(err.contains(want), "want {want:?} in: {err}");
-    };
     let gone = format!("the artifact of {} (job ", w.release("v1.0.0"));
     let remedy = format!(
         "build the tag again (retry job {}, which built it)",

@@ -2,8 +2,7 @@
 //! `redis+sentinel://` URL, carry on without a restart when the master is killed with SIGKILL
 //! and Sentinel promotes its replica.
 
-use crate::cli::{ferry, Proc};
-use crate::failover::{kill9, phase, query, submit, succeeded_once};
+use crate::failover::{kill9, phase, query, roles, submit, succeeded_once};
 use crate::harness::{self, serve_on_free_port, wait_until, DEADLINE};
 use ferry::domain::JobPhase;
 use ferry::store::redis::RedisStore;
@@ -136,20 +135,7 @@ async fn coordinator_and_agent_follow_the_master_across_a_sentinel_failover() {
     set.wait_ready().await;
     let (url, ns) = (set.url(), harness::namespace());
     let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &ns).await.unwrap());
-    let _coordinator = Proc(
-        ferry(&url, &ns)
-            .env("FERRY_COORDINATOR_SWEEP_INTERVAL", "200ms")
-            .arg("coordinator")
-            .spawn()
-            .unwrap(),
-    );
-    let _agent = Proc(
-        ferry(&url, &ns)
-            .env("FERRY_AGENT_NAME", "a1")
-            .arg("agent")
-            .spawn()
-            .unwrap(),
-    );
+    let _roles = roles(&url, &ns);
 
     let before = submit(&*store).await;
     harness::job_succeeded(&*store, before, DEADLINE).await;
