@@ -169,7 +169,7 @@ pub struct JobsArgs {
 /// `ferry jobs <command>`
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum JobsCommand {
-    /// List jobs, oldest first.
+    /// List jobs, the newest first (--oldest: creation order).
     List(JobsListArgs),
     /// Show a job with its steps and attempts, and why it waits.
     Show { id: String },
@@ -203,9 +203,12 @@ pub struct JobsListArgs {
     /// Jobs per page (1 to 500).
     #[arg(long, value_name = "N")]
     pub limit: Option<u32>,
-    /// Continue after the page that printed this cursor.
+    /// Continue after the page that printed this cursor (with the same filters and order).
     #[arg(long, value_name = "C")]
     pub cursor: Option<String>,
+    /// The oldest jobs first (creation order) instead of the newest.
+    #[arg(long)]
+    pub oldest: bool,
 }
 
 /// `ferry agents`

@@ -2,7 +2,9 @@
 //! for people, or the API's JSON with `--json`. A non-2xx answer becomes an error carrying the
 //! API's `{"error"}` message, so the command exits non-zero with it.
 
-use crate::cli::{AgentsArgs, AgentsCommand, DeployArgs, JobsArgs, JobsCommand, RollbackArgs};
+use crate::cli::{
+    AgentsArgs, AgentsCommand, DeployArgs, JobsArgs, JobsCommand, JobsListArgs, RollbackArgs,
+};
 use anyhow::{anyhow, bail, Context};
 use reqwest::Method;
 use serde_json::Value;
@@ -78,6 +80,7 @@ pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
                 ("state", list.state.clone()),
                 ("limit", list.limit.map(|n| n.to_string())),
                 ("cursor", list.cursor.clone()),
+                ("order", list.oldest.then(|| "oldest".to_string())),
             ];
             for (k, v) in params {
                 if let Some(v) = v {
@@ -85,7 +88,7 @@ pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
                 }
             }
             let v = client.call(Method::GET, "/jobs", &query, None).await?;
-            let text = render_job_list(&v);
+            let text = render_job_list(&v, list);
             (v, text)
         }
         JobsCommand::Show { id } => {
@@ -339,7 +342,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn render_job_list(v: &Value) -> String {
+fn render_job_list(v: &Value, list: &JobsListArgs) -> String {
     let rows: Vec<Vec<String>> = v["items"]
         .as_array()
         .into_iter()
@@ -357,7 +360,23 @@ fn render_job_list(v: &Value) -> String {
         .collect();
     let mut out = table(&["ID", "PROJECT", "TAG", "SHA", "STATE", "UPDATED"], &rows);
     if let Some(next) = v["next"].as_str() {
-        let _ = writeln!(out, "more: ferry jobs list --cursor {next}");
+        // The next page is the same listing continued: the same filters and order.
+        let mut more = String::from("more: ferry jobs list");
+        for (flag, value) in [
+            ("--project", &list.project),
+            ("--state", &list.state),
+            ("--limit", &list.limit.map(|n| n.to_string())),
+        ] {
+            if let Some(value) = value {
+                // (argv cannot hold a NUL, the one thing that cannot be quoted)
+                let word = shlex::try_quote(value).unwrap_or_else(|_| value.into());
+                let _ = write!(more, " {flag} {word}");
+            }
+        }
+        if list.oldest {
+            more.push_str(" --oldest");
+        }
+        let _ = writeln!(out, "{more} --cursor {next}");
     }
     out
 }

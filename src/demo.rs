@@ -12,7 +12,7 @@ use crate::app::{self, StoreLocation};
 use crate::cli::DemoArgs;
 use crate::config::{self, Config, Overrides};
 use crate::domain::{JobPhase, JobState, StepStatus};
-use crate::store::{LogPos, Store, StreamId};
+use crate::store::{LogPos, Order, Store, StreamId};
 use anyhow::{bail, Context};
 use ferry_proto::JobId;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -349,7 +349,7 @@ async fn deliver(addr: &str, token: &str, body: &serde_json::Value) -> anyhow::R
 async fn created_job(store: &dyn Store) -> anyhow::Result<JobId> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(job) = store.jobs(None, 1).await?.first() {
+        if let Some(job) = store.jobs(None, 1, Order::Oldest).await?.first() {
             return Ok(*job);
         }
         if Instant::now() > deadline {

@@ -132,7 +132,7 @@ pub async fn verify(store: &dyn Store, view: &View) -> Result<Verification, Erro
     let mut jobs: BTreeSet<JobId> = view.jobs.keys().copied().collect();
     let mut after = None;
     loop {
-        let page = store.jobs(after, BATCH).await?;
+        let page = store.jobs(after, BATCH, store::Order::Oldest).await?;
         after = page.last().copied();
         let done = page.len() < BATCH;
         jobs.extend(page);

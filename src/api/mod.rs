@@ -25,7 +25,7 @@ mod releases;
 
 use crate::coordinator::plan::ProjectPlan;
 use crate::domain::{AgentState, JobPhase, JobState, StepState, StepStatus, View};
-use crate::store::{self, Agents, Append, Store, Stored, StreamId};
+use crate::store::{self, Agents, Append, Order, Store, Stored, StreamId};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -510,9 +510,20 @@ impl Registry {
     }
 }
 
+/// `GET /jobs?order=&project=&state=&limit=&cursor=`: job summaries, the newest first unless
+/// `order=oldest`; a cursor continues in the same order.
 async fn list_jobs(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> Answer {
     let params = Params::parse(raw);
     let limit = params.limit()?;
+    let order = match params.get("order") {
+        None | Some("newest") => Order::Newest,
+        Some("oldest") => Order::Oldest,
+        Some(o) => {
+            return Err(ApiError::BadRequest(format!(
+                "invalid order {o:?}: expected newest or oldest"
+            )))
+        }
+    };
     let project = params.get("project").map(str::to_string);
     let phase = match params.get("state") {
         None => None,
@@ -547,7 +558,7 @@ async fn list_jobs(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> An
         if want == 0 {
             break after; // budget spent: continue from here next time
         }
-        let ids = match store.jobs(after, want).await {
+        let ids = match store.jobs(after, want, order).await {
             Err(store::Error::Invalid(_)) if after == cursor => {
                 let c = cursor.map(|c| c.to_string()).unwrap_or_default();
                 return Err(ApiError::BadRequest(format!(
@@ -573,7 +584,7 @@ async fn list_jobs(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> An
         }
         if filled {
             // A cursor only when something follows, so a walk ends with `next: null`.
-            let more = !store.jobs(after, 1).await?.is_empty();
+            let more = !store.jobs(after, 1, order).await?.is_empty();
             break if more { after } else { None };
         }
         if !full {

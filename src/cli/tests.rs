@@ -129,7 +129,9 @@ fn each_subcommand_parses() {
         none(),
     );
     check(
-        &format!("jobs {flags} list --project g/app --state failed --limit 5 --cursor c --json"),
+        &format!(
+            "jobs {flags} list --project g/app --state failed --limit 5 --cursor c --oldest --json"
+        ),
         Command::Jobs(JobsArgs {
             conn: ApiConn {
                 api: "http://ferry:8080".into(),
@@ -141,6 +143,7 @@ fn each_subcommand_parses() {
                 state: Some("failed".into()),
                 limit: Some(5),
                 cursor: Some("c".into()),
+                oldest: true,
             }),
         }),
         none(),

@@ -13,7 +13,9 @@
 //! Time-based cases use short TTLs and poll conditions with generous deadlines; none asserts on
 //! how long anything took.
 
-use super::{Append, Appended, Error, Heard, Leases, Listing, LogPos, Store, StreamId, Version};
+use super::{
+    Append, Appended, Error, Heard, Leases, Listing, LogPos, Order, Store, StreamId, Version,
+};
 use ferry_proto::{
     AgentId, AgentLost, Event, FencingToken, JobCancelled, JobId, StepClaimed, StepQueued,
     StepRetryScheduled, StepStarted, StepSucceeded, WebhookReceived,
@@ -134,7 +136,7 @@ macro_rules! store_conformance {
             leader_lock_lapses_after_ttl,
             snapshots_put_and_get,
             usage_reports_the_size_and_grows_with_writes,
-            jobs_page_in_creation_order,
+            jobs_page_in_either_order,
             wait_for_work_wakes_on_enqueue,
             bad_names_are_rejected,
             heartbeats_keep_agents_live,
@@ -1827,7 +1829,7 @@ pub async fn usage_reports_the_size_and_grows_with_writes(fx: &Fixture) {
     assert_eq!(after.limit_bytes, before.limit_bytes);
 }
 
-pub async fn jobs_page_in_creation_order(fx: &Fixture) {
+pub async fn jobs_page_in_either_order(fx: &Fixture) {
     let s = &**fx;
     let mut ids: Vec<JobId> = (0..7).map(|_| JobId::new()).collect();
     ids.sort();
@@ -1837,20 +1839,31 @@ pub async fn jobs_page_in_creation_order(fx: &Fixture) {
         append(s, Append::new(StreamId::Job(*id), vec![started("y")])).await;
     }
     append(s, Append::new(StreamId::Webhooks, vec![webhook(1)])).await;
-    let mut seen = Vec::new();
-    let mut after = None;
-    loop {
-        let page = s.jobs(after, 3).await.unwrap();
-        assert!(page.len() <= 3);
-        if page.is_empty() {
-            break;
+    // (several jobs share a store-clock millisecond here: ties order by id, both ways)
+    let newest: Vec<JobId> = ids.iter().rev().copied().collect();
+    for (order, expected) in [(Order::Oldest, &ids), (Order::Newest, &newest)] {
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = s.jobs(after, 3, order).await.unwrap();
+            assert!(page.len() <= 3);
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().copied();
+            seen.extend(page);
         }
-        after = page.last().copied();
-        seen.extend(page);
+        assert_eq!(&seen, expected, "{order:?}");
+        assert_eq!(&s.jobs(None, 100, order).await.unwrap(), expected);
+        assert!(s.jobs(None, 0, order).await.unwrap().is_empty());
+        assert!(
+            matches!(
+                s.jobs(Some(JobId::new()), 3, order).await,
+                Err(Error::Invalid(_))
+            ),
+            "an unknown job to continue after is refused ({order:?})"
+        );
     }
-    assert_eq!(seen, ids);
-    assert_eq!(s.jobs(None, 100).await.unwrap(), ids);
-    assert!(s.jobs(None, 0).await.unwrap().is_empty());
 }
 
 pub async fn wait_for_work_wakes_on_enqueue(fx: &Fixture) {

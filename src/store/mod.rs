@@ -278,6 +278,16 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Which end of the job list [`EventLog::jobs`] starts from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Order {
+    /// Creation order: the oldest job first.
+    #[default]
+    Oldest,
+    /// The newest job first.
+    Newest,
+}
+
 /// **Event log.** Streams of events with optimistic concurrency, and the global log.
 ///
 /// - `append` is atomic: either every event is written (to its stream and, in the same order,
@@ -296,8 +306,11 @@ pub trait EventLog: Send + Sync {
     async fn read_stream(&self, stream: &StreamId, from: Version) -> Result<Vec<Stored>>;
     /// Up to `count` global-log events after `after` (`None` = from the start), in order.
     async fn read_log(&self, after: Option<&LogPos>, count: usize) -> Result<Vec<Stored>>;
-    /// Job ids in creation order, after `after`, at most `limit`.
-    async fn jobs(&self, after: Option<JobId>, limit: usize) -> Result<Vec<JobId>>;
+    /// At most `limit` job ids in creation order ([`Order::Oldest`]) or its reverse
+    /// ([`Order::Newest`]), from just past `after` in that order (`None` = from the first).
+    /// Jobs created in the same store-clock millisecond order by id. An `after` the store does
+    /// not know is [`Error::Invalid`].
+    async fn jobs(&self, after: Option<JobId>, limit: usize, order: Order) -> Result<Vec<JobId>>;
     /// The jobs recorded under an index key (see [`index_keys`]: every `JobCreated` indexes its
     /// job atomically with the append), in id order — ids are time-ordered, so creation order.
     async fn indexed(&self, key: &str) -> Result<Vec<JobId>>;

@@ -7,7 +7,7 @@ use ferry::agent;
 use ferry::api::{self, ApiState};
 use ferry::coordinator::{self, decide::RetryPolicy};
 use ferry::gateway::{self, GatewayOptions, GatewayState, Secret};
-use ferry::store::{Append, Store, StreamId};
+use ferry::store::{Append, Order, Store, StreamId};
 use ferry_proto::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -474,7 +474,7 @@ async fn job_list_filters_and_a_cursor_walks_every_job_once() {
     api.end(alpha[1], cancelled.clone()).await;
     api.end(alpha[4], failed()).await;
     api.end(beta[2], cancelled).await;
-    let creation_order = api.store.jobs(None, 100).await.unwrap();
+    let creation_order = api.store.jobs(None, 100, Order::Oldest).await.unwrap();
     assert_eq!(creation_order.len(), 12);
 
     // walk everything, 5 at a time
@@ -502,12 +502,27 @@ async fn job_list_filters_and_a_cursor_walks_every_job_once() {
             panic!("the cursor never ended");
         }
     };
+    let id_list = |items: &[Value]| -> Vec<JobId> {
+        items
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().parse().unwrap())
+            .collect()
+    };
     let all = walk("limit=5".into()).await;
-    let ids: Vec<JobId> = all
-        .iter()
-        .map(|j| j["id"].as_str().unwrap().parse().unwrap())
-        .collect();
-    assert_eq!(ids, creation_order, "every job once, in creation order");
+    let newest_first: Vec<JobId> = creation_order.iter().rev().copied().collect();
+    assert_eq!(
+        id_list(&all),
+        newest_first,
+        "every job once, the newest first"
+    );
+    let oldest = walk("order=oldest&limit=5".into()).await;
+    assert_eq!(
+        id_list(&oldest),
+        creation_order,
+        "order=oldest: creation order"
+    );
+    let newest = walk("order=newest&limit=7".into()).await;
+    assert_eq!(id_list(&newest), newest_first);
     let first = &all[0];
     for field in [
         "id",
@@ -560,6 +575,7 @@ async fn job_list_filters_and_a_cursor_walks_every_job_once() {
         ("limit=501", "limit"),
         ("limit=ten", "limit"),
         ("state=sleeping", "state"),
+        ("order=sideways", "order"),
         ("cursor=not-a-job", "cursor"),
         (&format!("cursor={}", JobId::new()) as &str, "cursor"),
     ] {
@@ -1067,6 +1083,30 @@ async fn cli_lists_and_shows_jobs_through_the_api() {
     ] {
         assert!(text.contains(&want), "{want} missing from:\n{text}");
     }
+    // newest first, one per page: the hint printed under a page continues the same listing
+    let out = ferry(&[&["jobs", "list", "--limit", "1"][..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(&failed_job.to_string()), "{text}");
+    assert!(!text.contains(&waiting.to_string()), "{text}");
+    let more = text
+        .lines()
+        .find_map(|l| l.strip_prefix("more: ferry "))
+        .unwrap_or_else(|| panic!("no hint for the next page in:\n{text}"));
+    let hinted = shlex::split(more).expect("the hint is a shell command");
+    assert!(hinted.contains(&"--limit".to_string()), "{more}");
+    let hinted: Vec<&str> = hinted.iter().map(String::as_str).collect();
+    let out = ferry(&[&hinted[..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(&waiting.to_string()), "{text}");
+    assert!(!text.contains(&failed_job.to_string()), "{text}");
+    let out = ferry(&[&["jobs", "list", "--oldest", "--limit", "1"][..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(&waiting.to_string()), "{text}");
+    assert!(text.contains("--oldest --cursor"), "{text}");
+
     let out = ferry(&[&["jobs", "list", "--state", "failed", "--json"][..], &flags].concat()).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();

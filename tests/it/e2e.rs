@@ -6,7 +6,7 @@
 use crate::cli::Proc;
 use crate::harness::{self, git, wait_for, wait_until, S3Server, DEADLINE};
 use ferry::store::redis::RedisStore;
-use ferry::store::Store;
+use ferry::store::{Order, Store};
 use ferry_proto::{Event, JobId};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -176,7 +176,12 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
         .await;
         assert_eq!(status, 202);
         wait_for(DEADLINE, "the job to be created", || async {
-            self.store.jobs(None, 10).await.unwrap().first().copied()
+            self.store
+                .jobs(None, 10, Order::Oldest)
+                .await
+                .unwrap()
+                .first()
+                .copied()
         })
         .await
     }

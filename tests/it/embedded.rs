@@ -6,7 +6,7 @@ use crate::cli::Proc;
 use crate::harness::{git, wait_for, wait_until, DEADLINE};
 use ferry::domain::{JobPhase, JobState};
 use ferry::store::sqlite::SqliteStore;
-use ferry::store::{EventLog, StreamId};
+use ferry::store::{EventLog, Order, StreamId};
 use ferry_proto::Event;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -300,7 +300,7 @@ env = {{ MARKS = "{marks}" }}
     // Read the store (the running process shares the file).
     let store = SqliteStore::open(&cwd.path().join(".ferry/ferry.db")).unwrap();
     let jobs = wait_for(DEADLINE * 6, "every job to end", || async {
-        let ids = store.jobs(None, 100).await.unwrap();
+        let ids = store.jobs(None, 100, Order::Oldest).await.unwrap();
         let mut states = Vec::new();
         for id in ids {
             let mut state = JobState::new(id);

@@ -12,7 +12,7 @@ use ferry::gitlab::{
     StatusOutcome, StatusRequest, StatusState,
 };
 use ferry::replay;
-use ferry::store::{Append, Store, StreamId};
+use ferry::store::{Append, Order, Store, StreamId};
 use ferry_proto::*;
 use std::sync::Arc;
 use std::time::Duration;
@@ -781,7 +781,7 @@ async fn reconciliation_builds_recent_tags_no_webhook_reported_once() {
         }
     });
     let jobs = wait_for(DEADLINE, "two jobs", || async {
-        let jobs = store.jobs(None, 10).await.unwrap();
+        let jobs = store.jobs(None, 10, Order::Oldest).await.unwrap();
         (jobs.len() == 2).then_some(jobs)
     })
     .await;
@@ -824,5 +824,5 @@ async fn reconciliation_builds_recent_tags_no_webhook_reported_once() {
     assert!(again.recorded.is_empty(), "{again:?}");
     let _ = stop.send(true);
     coordinator.await.unwrap();
-    assert_eq!(store.jobs(None, 10).await.unwrap().len(), 2);
+    assert_eq!(store.jobs(None, 10, Order::Oldest).await.unwrap().len(), 2);
 }

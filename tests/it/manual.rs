@@ -5,7 +5,7 @@
 use crate::cli::Proc;
 use crate::harness::{self, git, wait_for, wait_until, DEADLINE};
 use ferry::store::redis::RedisStore;
-use ferry::store::Store;
+use ferry::store::{Order, Store};
 use ferry_proto::{Event, JobId};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -159,7 +159,7 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
     }
 
     async fn jobs(&self) -> Vec<JobId> {
-        self.store.jobs(None, 100).await.unwrap()
+        self.store.jobs(None, 100, Order::Oldest).await.unwrap()
     }
 
     /// Waits for `job` to end and asserts it succeeded.

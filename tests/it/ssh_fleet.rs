@@ -13,7 +13,7 @@ use ferry::deploy::release_name;
 use ferry::deploy::ssh::SshConnector;
 use ferry::deploy::transport::Hosts;
 use ferry::domain::{JobPhase, JobState};
-use ferry::store::{Append, LogPos, Store, StreamId};
+use ferry::store::{Append, LogPos, Order, Store, StreamId};
 use ferry_proto::*;
 use sha2::Digest;
 use std::path::{Path, PathBuf};
@@ -974,7 +974,7 @@ max_parallel = {max_parallel}
     /// The job created for `tag`.
     async fn job(&self, tag: &str) -> JobId {
         wait_for(DEADLINE * 3, "the job to be created", || async {
-            for job in self.store.jobs(None, 100).await.ok()? {
+            for job in self.store.jobs(None, 100, Order::Oldest).await.ok()? {
                 let (state, _) = job_events(&*self.store, job).await;
                 if state.plan.as_ref().is_some_and(|p| p.tag == tag) {
                     return Some(job);

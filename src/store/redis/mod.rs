@@ -28,8 +28,8 @@ pub use scripts::queue_score_probe;
 use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positive_ms};
 use crate::store::{
     effects_of, queued_at, Agents, Append, Appended, Capacity, Claim, Effect, Error, EventLog,
-    Feed, Fence, Heard, LeaderLock, Lease, Leases, Listing, LogPos, Logs, QueueDepths, Queued,
-    Result, Snapshots, Stored, StreamId, Usage, Version, WorkQueue, LOG_MAX_LINES,
+    Feed, Fence, Heard, LeaderLock, Lease, Leases, Listing, LogPos, Logs, Order, QueueDepths,
+    Queued, Result, Snapshots, Stored, StreamId, Usage, Version, WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
@@ -408,16 +408,22 @@ impl EventLog for RedisStore {
         parse::entries(v, Source::Log)
     }
 
-    async fn jobs(&self, after: Option<JobId>, limit: usize) -> Result<Vec<JobId>> {
+    async fn jobs(&self, after: Option<JobId>, limit: usize, order: Order) -> Result<Vec<JobId>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
         let key = self.keys().jobs();
+        // The zset scores jobs by creation time, ties by member (the id): its reverse order is
+        // newest first.
+        let (rank, range) = match order {
+            Order::Oldest => ("ZRANK", "ZRANGE"),
+            Order::Newest => ("ZREVRANK", "ZREVRANGE"),
+        };
         let start: i64 = match after {
             None => 0,
             Some(j) => {
                 let rank: Option<i64> = self
-                    .query("find job", redis::cmd("ZRANK").arg(&key).arg(j.to_string()))
+                    .query("find job", redis::cmd(rank).arg(&key).arg(j.to_string()))
                     .await?;
                 rank.ok_or_else(|| Error::Invalid(format!("unknown job {j}")))? + 1
             }
@@ -425,7 +431,7 @@ impl EventLog for RedisStore {
         let ids: Vec<String> = self
             .query(
                 "list jobs",
-                redis::cmd("ZRANGE")
+                redis::cmd(range)
                     .arg(&key)
                     .arg(start)
                     .arg(start + limit as i64 - 1),
@@ -1085,7 +1091,7 @@ impl Logs for RedisStore {
         if done.is_some() || max == 0 {
             return Ok(Listing::default());
         }
-        let page = self.jobs(after, max).await?;
+        let page = self.jobs(after, max, Order::Oldest).await?;
         let mut pipe = redis::pipe();
         for job in &page {
             pipe.cmd("ZSCORE")

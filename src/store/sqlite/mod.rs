@@ -62,8 +62,8 @@ use crate::store::validate::{
 use crate::store::{
     effects_of, misplaced, now_ms, queued_at, Agents, Append, Appended, Capacity, Claim, Effect,
     Error, EventLog, Expected, Feed, Fence, Heard, LeaderLock, Lease, Leases, Listing, LogPos,
-    Logs, QueueDepths, Queued, Result, Snapshots, Stored, StreamId, Usage, Version, WorkQueue,
-    LOG_MAX_LINES,
+    Logs, Order, QueueDepths, Queued, Result, Snapshots, Stored, StreamId, Usage, Version,
+    WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{
@@ -717,14 +717,16 @@ impl EventLog for SqliteStore {
         .await
     }
 
-    async fn jobs(&self, after: Option<JobId>, limit_: usize) -> Result<Vec<JobId>> {
+    async fn jobs(&self, after: Option<JobId>, limit_: usize, order: Order) -> Result<Vec<JobId>> {
         if limit_ == 0 {
             return Ok(Vec::new());
         }
         self.read("list jobs".into(), move |tx| {
             // Creation order: store-clock ms, ties by id (as the Redis zset orders members).
             let (ms, from) = match after {
-                None => (i64::MIN, String::new()),
+                None if order == Order::Oldest => (i64::MIN, String::new()),
+                // every id sorts before "~" (ids are hex digits and dashes)
+                None => (i64::MAX, "~".to_string()),
                 Some(j) => {
                     let id = j.to_string();
                     let ms: Option<i64> = tx
@@ -736,12 +738,19 @@ impl EventLog for SqliteStore {
                     (ms, id)
                 }
             };
+            let sql = match order {
+                Order::Oldest => {
+                    "SELECT job FROM jobs WHERE (created_ms, job) > (?1, ?2) \
+                     ORDER BY created_ms, job LIMIT ?3"
+                }
+                Order::Newest => {
+                    "SELECT job FROM jobs WHERE (created_ms, job) < (?1, ?2) \
+                     ORDER BY created_ms DESC, job DESC LIMIT ?3"
+                }
+            };
             let ids: Vec<String> = tx
                 .tx
-                .prepare_cached(
-                    "SELECT job FROM jobs WHERE (created_ms, job) > (?1, ?2) \
-                     ORDER BY created_ms, job LIMIT ?3",
-                )?
+                .prepare_cached(sql)?
                 .query_map(params![ms, from, limit(limit_)], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             ids.iter().map(|s| parse_job(s)).collect()
