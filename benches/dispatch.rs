@@ -4,7 +4,9 @@
 //!
 //! `cargo bench --bench dispatch` (env: `DISPATCH_SAMPLES` pickup samples, default 500;
 //! `DISPATCH_N` jobs per throughput phase, default 10000; `FERRY_BIN` the ferry binary,
-//! default the one cargo builds for this bench, `CARGO_BIN_EXE_ferry`)
+//! default the one cargo builds for this bench, `CARGO_BIN_EXE_ferry`;
+//! `FERRY_BENCH_REDIS_ARGS` more arguments for the private redis-server, e.g.
+//! `--stream-node-max-bytes 2048`)
 //!
 //! 1. **Pickup latency**, idle fleet (1 coordinator, 1 agent with concurrency 1, both in their
 //!    own processes). Per sample: append one job and watch its stream with a blocking `XREAD`

@@ -35,6 +35,16 @@ pub struct RedisServer {
     child: Option<Child>,
 }
 
+/// `FERRY_BENCH_REDIS_ARGS`: more `redis-server` arguments, split on whitespace (to measure a
+/// server setting, e.g. `--stream-node-max-bytes 512`).
+fn extra_args() -> Vec<String> {
+    std::env::var("FERRY_BENCH_REDIS_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
 impl RedisServer {
     /// Without persistence: no RDB, no AOF.
     pub fn start() -> RedisServer {
@@ -63,6 +73,7 @@ impl RedisServer {
                 .arg(dir.path())
                 .args(["--save", ""])
                 .args(persistence_args)
+                .args(extra_args())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .spawn()

@@ -713,3 +713,44 @@ async fn usage_and_configuration_risks_come_from_the_servers_info() {
     drop(guard.stdin.take());
     let _ = guard.wait();
 }
+
+/// Where CONFIG is allowed, a server whose stream nodes start at 4 KB (the default) is noted:
+/// every job's stream keeps that much; at 2048 nothing is said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_stream_nodes_are_noted_where_config_is_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, mut guard) = harness::serve_on_free_port("redis-small-nodes", |port| {
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--stream-node-max-bytes", "2048"]);
+        cmd
+    });
+    let notes = |url: String| async move {
+        let store = RedisStore::connect(&url, &harness::namespace())
+            .await
+            .unwrap();
+        store.configuration_risks().await.1
+    };
+    let default = notes(harness::shared().url()).await;
+    assert!(
+        default
+            .iter()
+            .any(|n| n.contains("stream-node-max-bytes is 4096")
+                && n.contains("set stream-node-max-bytes 2048")),
+        "{default:?}"
+    );
+    let small = notes(format!("redis://127.0.0.1:{port}/")).await;
+    assert!(
+        !small.iter().any(|n| n.contains("stream-node-max-bytes")),
+        "{small:?}"
+    );
+    assert!(
+        small.iter().any(|n| n.contains("appendonly no")),
+        "the other notes stay: {small:?}"
+    );
+    drop(guard.stdin.take());
+    let _ = guard.wait();
+}

@@ -49,6 +49,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const BLOCK_MARGIN: Duration = Duration::from_secs(5);
 /// Idle blocking connections kept for reuse.
 const MAX_IDLE_BLOCKING: usize = 8;
+/// The `stream-node-max-bytes` ops/README.md recommends: a job's stream (a handful of small
+/// entries) then starts with 2 KB instead of 4 KB of listpack, and output-line streams, which
+/// fill their nodes, are as compact as with the default (BENCHMARKS.md, section 0).
+const STREAM_NODE_BYTES: u64 = 2048;
 
 /// The Redis store. Cheap to clone; clones share connections.
 #[derive(Clone)]
@@ -138,7 +142,30 @@ impl RedisStore {
                 "Redis persistence is off (appendonly no): a Redis restart loses the events acknowledged since its last snapshot; set appendonly yes for a fleet".into(),
             );
         }
+        if let Some(bytes) = self.stream_node_max_bytes().await {
+            // Redis gives a new stream node min(this, 4096) bytes up front (0 = no limit: 4096)
+            // and keeps the slack until the node fills: every job's stream is one small node.
+            let up_front = if bytes == 0 { 4096 } else { bytes.min(4096) };
+            if up_front > STREAM_NODE_BYTES {
+                notes.push(format!(
+                    "Redis stream-node-max-bytes is {bytes}: every job's event stream takes {up_front} bytes or more for good; set stream-node-max-bytes {STREAM_NODE_BYTES} to keep about 2 KB less per job (ops/README.md, Sizing Redis)"
+                ));
+            }
+        }
         (warnings, notes)
+    }
+
+    /// The server's `stream-node-max-bytes`, where `CONFIG GET` is allowed (hosted services
+    /// often deny it; then nothing is said).
+    async fn stream_node_max_bytes(&self) -> Option<u64> {
+        let reply: HashMap<String, String> = self
+            .query(
+                "read stream-node-max-bytes",
+                redis::cmd("CONFIG").arg("GET").arg("stream-node-max-bytes"),
+            )
+            .await
+            .ok()?;
+        reply.get("stream-node-max-bytes")?.parse().ok()
     }
 
     /// The `memory` and `persistence` sections of `INFO` of the server holding the namespace,
