@@ -223,8 +223,13 @@ pub struct AgentsArgs {
 /// `ferry agents <command>`
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum AgentsCommand {
-    /// List live, paused, stopped and lost agents.
-    List,
+    /// List live, paused, stopped and lost agents (those that left or were lost more than a
+    /// day ago only with --all).
+    List {
+        /// Also the agents that left or were lost more than a day ago.
+        #[arg(long)]
+        all: bool,
+    },
     /// Ask a live agent to stop as on SIGTERM: it takes no new work, lets its running steps
     /// finish (handing them back after its grace period) and exits. It hears of it with its
     /// next heartbeat.

@@ -188,8 +188,13 @@ async fn logs(client: &Client, id: &str, follow: bool) -> anyhow::Result<()> {
 pub async fn agents(args: &AgentsArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.conn.api, args.conn.token.clone())?;
     match args.command {
-        AgentsCommand::List => {
-            let v = client.call(Method::GET, "/agents", &[], None).await?;
+        AgentsCommand::List { all } => {
+            let query = if all {
+                vec![("all", "true".to_string())]
+            } else {
+                Vec::new()
+            };
+            let v = client.call(Method::GET, "/agents", &query, None).await?;
             print(args.conn.json, &v, &render_agents(&v));
         }
         AgentsCommand::Stop {
@@ -477,7 +482,7 @@ fn render_agents(v: &Value) -> String {
             ]
         })
         .collect();
-    table(
+    let mut out = table(
         &[
             "NAME",
             "POOLS",
@@ -487,5 +492,12 @@ fn render_agents(v: &Value) -> String {
             "STATE",
         ],
         &rows,
-    )
+    );
+    if let Some(hidden) = v["hidden"].as_u64().filter(|n| *n > 0) {
+        let _ = writeln!(
+            out,
+            "{hidden} more left or were lost over a day ago: ferry agents list --all"
+        );
+    }
+    out
 }

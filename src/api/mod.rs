@@ -67,6 +67,8 @@ struct Inner {
     projects: Vec<ProjectPlan>,
     /// SHA-256 of every accepted bearer token: compared in constant time, whatever the lengths.
     tokens: Vec<[u8; 32]>,
+    /// The agents stream as folded by earlier requests.
+    agents: Arc<tokio::sync::Mutex<AgentsFold>>,
 }
 
 impl ApiState {
@@ -77,6 +79,7 @@ impl ApiState {
                 store,
                 projects: Vec::new(),
                 tokens: tokens.iter().map(|t| digest(t.expose())).collect(),
+                agents: Default::default(),
             }),
         }
     }
@@ -462,16 +465,40 @@ async fn load_job(store: &dyn Store, id: JobId) -> Result<JobState, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))
 }
 
-/// The agents as the log knows them (joins and losses) with the store's live deadlines.
-struct Registry {
-    known: BTreeMap<AgentId, AgentState>,
-    live: BTreeMap<AgentId, u64>,
+/// The agents stream folded so far. The stream grows with every join, stop and loss of the
+/// fleet, for good, so a request reads only what was appended since the last one.
+#[derive(Default)]
+struct AgentsFold {
+    agents: BTreeMap<AgentId, AgentState>,
+    /// Entries folded.
+    version: u64,
+    /// The log position of the last entry folded.
+    last: Option<store::LogPos>,
 }
 
-impl Registry {
-    async fn load(store: &dyn Store) -> Result<Registry, ApiError> {
-        let mut view = View::default();
-        for stored in store.read_stream(&StreamId::Agents, 0).await? {
+impl AgentsFold {
+    /// Folds the entries appended since the last call. The last entry folded is read again
+    /// with them: a stream where it is not the one folded (a store restored from an older
+    /// backup, a failover that lost the newest writes) is folded again from its start.
+    async fn catch_up(&mut self, store: &dyn Store) -> Result<(), store::Error> {
+        let stream = StreamId::Agents;
+        let mut entries = store
+            .read_stream(&stream, self.version.saturating_sub(1))
+            .await?;
+        let mut known = 0;
+        if self.version > 0 {
+            if entries.first().map(|e| &e.pos) == self.last.as_ref() {
+                known = 1;
+            } else {
+                *self = AgentsFold::default();
+                entries = store.read_stream(&stream, 0).await?;
+            }
+        }
+        let mut view = View {
+            agents: std::mem::take(&mut self.agents),
+            ..View::default()
+        };
+        for stored in &entries[known..] {
             // Only agent events matter here; a kind this build cannot read is skipped.
             if let Ok(event) = stored.decode() {
                 view.apply(
@@ -482,11 +509,31 @@ impl Registry {
                 );
             }
         }
+        self.agents = view.agents;
+        self.version += (entries.len() - known) as u64;
+        if let Some(last) = entries.last() {
+            self.last = Some(last.pos.clone());
+        }
+        Ok(())
+    }
+}
+
+/// The agents as the log knows them (joins and losses) with the store's live deadlines.
+struct Registry {
+    known: BTreeMap<AgentId, AgentState>,
+    live: BTreeMap<AgentId, u64>,
+}
+
+impl Registry {
+    async fn load(state: &ApiState) -> Result<Registry, ApiError> {
+        let store = state.store();
+        let known = {
+            let mut fold = state.inner.agents.lock().await;
+            fold.catch_up(store).await?;
+            fold.agents.clone()
+        };
         let live = Agents::live_agents(store).await?.into_iter().collect();
-        Ok(Registry {
-            known: view.agents,
-            live,
-        })
+        Ok(Registry { known, live })
     }
 
     /// Pools served by at least one live agent that is not paused.
@@ -608,7 +655,7 @@ async fn show_job(State(state): State<ApiState>, Path(id): Path<String>) -> Answ
         )
     });
     let waiting = if waits {
-        waiting(&job, &Registry::load(store).await?)
+        waiting(&job, &Registry::load(&state).await?)
     } else {
         Vec::new()
     };
@@ -796,10 +843,35 @@ fn follow_logs(
     axum::response::sse::Sse::new(flat).keep_alive(KeepAlive::default())
 }
 
-async fn list_agents(State(state): State<ApiState>) -> Answer {
-    let registry = Registry::load(state.store()).await?;
+/// Agents that left or were lost longer ago than this are not listed unless asked for: a fleet
+/// that scales agents up and down would otherwise list every agent it ever ran.
+pub const GONE_LISTED: Duration = Duration::from_secs(24 * 3600);
+
+/// `GET /agents?all=`: every agent seen, live or not, except those that left or were lost more
+/// than [`GONE_LISTED`] ago (counted in `hidden`) unless `all=true`.
+async fn list_agents(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> Answer {
+    let params = Params::parse(raw);
+    let all = match params.get("all") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(a) => {
+            return Err(ApiError::BadRequest(format!(
+                "invalid all {a:?}: expected true or false"
+            )))
+        }
+    };
+    let registry = Registry::load(&state).await?;
+    let long_ago = store::now_ms().saturating_sub(GONE_LISTED.as_millis() as u64);
     let names: BTreeSet<&AgentId> = registry.known.keys().chain(registry.live.keys()).collect();
-    let items: Vec<Value> = names
+    let (shown, hidden): (Vec<&AgentId>, Vec<&AgentId>) = names.into_iter().partition(|name| {
+        all || registry.live.contains_key(*name)
+            || registry
+                .known
+                .get(*name)
+                .and_then(|a| a.gone_at_ms)
+                .is_none_or(|at| at >= long_ago)
+    });
+    let items: Vec<Value> = shown
         .into_iter()
         .map(|name| {
             let known = registry.known.get(name);
@@ -818,10 +890,14 @@ async fn list_agents(State(state): State<ApiState>) -> Answer {
                 "left": known.and_then(|a| a.left.clone()).filter(|_| deadline.is_none()),
                 "stop_requested": known.and_then(|a| a.stop_requested.clone()).filter(|_| deadline.is_some()),
                 "paused": known.and_then(|a| a.paused.clone()),
+                "gone_at": known.and_then(|a| a.gone_at_ms).filter(|_| deadline.is_none()).map(time),
             })
         })
         .collect();
-    answer(StatusCode::OK, json!({ "items": items, "next": null }))
+    answer(
+        StatusCode::OK,
+        json!({ "items": items, "next": null, "hidden": hidden.len() }),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -906,7 +982,7 @@ async fn resume_agent(State(state): State<ApiState>, Path(name): Path<String>) -
 /// `name` as an agent the store has seen (joined or heartbeating), with the registry it was
 /// found in; 404 for an agent never seen.
 async fn known_agent(state: &ApiState, name: &str) -> Result<(AgentId, Registry), ApiError> {
-    let registry = Registry::load(state.store()).await?;
+    let registry = Registry::load(state).await?;
     let agent = AgentId::new(name);
     if !registry.known.contains_key(&agent) && !registry.live.contains_key(&agent) {
         return Err(ApiError::NotFound(format!("agent {name} not found")));

@@ -156,7 +156,7 @@ fn each_subcommand_parses() {
                 token: Some("t".into()),
                 json: false,
             },
-            command: AgentsCommand::List,
+            command: AgentsCommand::List { all: false },
         }),
         none(),
     );

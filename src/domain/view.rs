@@ -27,6 +27,10 @@ pub struct AgentState {
     /// again, cleared by `AgentResumed`.
     #[serde(default)]
     pub paused: Option<String>,
+    /// When it was last recorded lost or left (`at_ms` of that event); cleared when it joins
+    /// again.
+    #[serde(default)]
+    pub gone_at_ms: Option<u64>,
 }
 
 /// A queued step as the log says it should be queued.
@@ -92,18 +96,21 @@ impl View {
                         left: None,
                         stop_requested: None,
                         paused,
+                        gone_at_ms: None,
                     },
                 );
             }
             Event::AgentLost(a) => {
                 if let Some(agent) = self.agents.get_mut(&a.agent) {
                     agent.lost = Some(a.reason.clone());
+                    agent.gone_at_ms = Some(at_ms);
                 }
             }
             Event::AgentLeft(a) => {
                 if let Some(agent) = self.agents.get_mut(&a.agent) {
                     agent.left = Some(a.reason.clone());
                     agent.stop_requested = None;
+                    agent.gone_at_ms = Some(at_ms);
                 }
             }
             Event::AgentStopRequested(a) => {

@@ -137,6 +137,7 @@ macro_rules! store_conformance {
             snapshots_put_and_get,
             usage_reports_the_size_and_grows_with_writes,
             jobs_page_in_either_order,
+            any_tail_of_a_long_stream_reads_back,
             wait_for_work_wakes_on_enqueue,
             bad_names_are_rejected,
             heartbeats_keep_agents_live,
@@ -1863,6 +1864,25 @@ pub async fn jobs_page_in_either_order(fx: &Fixture) {
             ),
             "an unknown job to continue after is refused ({order:?})"
         );
+    }
+}
+
+/// `read_stream(stream, from)` answers the events after the first `from` for every `from`,
+/// also when the tail spans several pages of a reader that starts from the end.
+pub async fn any_tail_of_a_long_stream_reads_back(fx: &Fixture) {
+    let s = &**fx;
+    let stream = StreamId::Webhooks;
+    // appends of one and of several events
+    for chunk in 0..100 {
+        let events: Vec<Event> = (0..1 + chunk % 3).map(|i| webhook(chunk * 3 + i)).collect();
+        append(s, Append::new(stream.clone(), events)).await;
+    }
+    let all = s.read_stream(&stream, 0).await.unwrap();
+    assert_eq!(all.len(), 199);
+    for from in [1, 2, 15, 16, 17, 80, 81, 150, 197, 198, 199, 200, 500] {
+        let tail = s.read_stream(&stream, from).await.unwrap();
+        let want = &all[(from as usize).min(all.len())..];
+        assert_eq!(tail, want, "from {from}");
     }
 }
 

@@ -1280,3 +1280,145 @@ async fn cli_lists_and_shows_jobs_through_the_api() {
         .iter()
         .all(|q| q.job != waiting));
 }
+
+/// The API folds the agents stream (which grows with every join and stop, for good) a tail at a
+/// time; a stream that is not the one it folded (a store restored from an older backup, a
+/// failover that lost writes) is folded again from its start, not continued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_list_folds_new_entries_and_notices_a_replaced_stream() {
+    let redis = harness::redis_store().await;
+    let stream_key = format!("{{{}}}:s:agents", redis.namespace());
+    let api = Api::over(Arc::new(redis), &[TOKEN]).await;
+    let join = |name: &'static str| {
+        let store = api.store.clone();
+        async move {
+            store
+                .append(Append::new(StreamId::Agents, vec![joined(name, "p")]))
+                .await
+                .unwrap();
+        }
+    };
+    let names = || async {
+        let (status, body) = api.get("/api/v1/agents").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    join("a1").await;
+    assert_eq!(names().await, ["a1"]);
+    join("a2").await;
+    join("a3").await;
+    assert_eq!(names().await, ["a1", "a2", "a3"]);
+    assert_eq!(names().await, ["a1", "a2", "a3"], "nothing new: the same");
+
+    // Another history of the same length (and one longer) in place of the one folded.
+    let mut conn = redis::Client::open(harness::shared().url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&stream_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for name in ["b1", "b2", "b3"] {
+        join(name).await;
+    }
+    assert_eq!(names().await, ["b1", "b2", "b3"]);
+    let _: () = redis::cmd("DEL")
+        .arg(&stream_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for name in ["c1", "c2", "c3", "c4", "c5"] {
+        join(name).await;
+    }
+    assert_eq!(names().await, ["c1", "c2", "c3", "c4", "c5"]);
+}
+
+/// A fleet that scales agents up and down would list every agent it ever ran: agents that left
+/// or were lost more than a day ago are counted in `hidden` instead, and listed with
+/// `all=true` (`ferry agents list --all`); one that joins again is listed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_gone_for_over_a_day_are_listed_only_when_asked_for() {
+    let api = Api::start(&[TOKEN]).await;
+    let now = ferry::store::now_ms();
+    let hours_ago = |h: u64| now - h * 3600 * 1000;
+    let record = |event: Event, at_ms: u64| {
+        let store = api.store.clone();
+        async move {
+            let mut append = Append::new(StreamId::Agents, vec![event]);
+            append.at_ms = at_ms;
+            store.append(append).await.unwrap();
+        }
+    };
+    let gone = |name: &str, lost: bool| -> Event {
+        let (agent, reason) = (AgentId::new(name), "test".to_string());
+        if lost {
+            AgentLost { agent, reason }.into()
+        } else {
+            AgentLeft { agent, reason }.into()
+        }
+    };
+    record(joined("old-lost", "p"), hours_ago(30)).await;
+    record(gone("old-lost", true), hours_ago(26)).await;
+    record(joined("old-left", "p"), hours_ago(30)).await;
+    record(gone("old-left", false), hours_ago(25)).await;
+    record(joined("recent", "p"), hours_ago(3)).await;
+    record(gone("recent", true), hours_ago(2)).await;
+    record(joined("back", "p"), hours_ago(40)).await;
+    record(gone("back", false), hours_ago(39)).await;
+    record(joined("back", "p"), hours_ago(1)).await;
+
+    let names = |body: &Value| -> Vec<String> {
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (status, body) = api.get("/api/v1/agents").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(names(&body), ["back", "recent"], "{body}");
+    assert_eq!(body["hidden"], 2, "{body}");
+    assert!(
+        body["items"][0]["gone_at"].is_null(),
+        "joined again: {body}"
+    );
+    assert!(body["items"][1]["gone_at"].is_string(), "{body}");
+    let (_, body) = api.get("/api/v1/agents?all=true").await;
+    assert_eq!(
+        names(&body),
+        ["back", "old-left", "old-lost", "recent"],
+        "{body}"
+    );
+    assert_eq!(body["hidden"], 0, "{body}");
+    assert_eq!(body["items"][2]["lost"], "test", "{body}");
+    let (status, body) = api.get("/api/v1/agents?all=yes").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_of(&body).contains("all"), "{body}");
+
+    let flags = ["--api", api.base.as_str(), "--token", TOKEN];
+    let out = ferry(&[&["agents", "list"][..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(!text.contains("old-lost"), "{text}");
+    assert!(
+        text.contains("2 more left or were lost over a day ago: ferry agents list --all"),
+        "{text}"
+    );
+    let out = ferry(&[&["agents", "list", "--all"][..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("old-lost") && text.contains("old-left"),
+        "{text}"
+    );
+    assert!(!text.contains("more left"), "{text}");
+}

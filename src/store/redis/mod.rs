@@ -364,6 +364,53 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// The entries of stream `name` after its first `from`, read backwards from its end until
+    /// the entry at `from` (every entry records its place): what a reader that already holds a
+    /// stream's first `from` events pays is its tail, not the whole stream (the agents stream
+    /// grows with every join and stop of the fleet). `None` when an entry written before
+    /// entries recorded their place is reached: then only counting from the start tells.
+    async fn stream_tail(&self, name: &str, from: Version) -> Result<Option<Vec<Stored>>> {
+        let key = self.keys().stream(name);
+        let mut tail: Vec<Stored> = Vec::new();
+        let mut before: Option<String> = None;
+        // Small pages first: a reader that is nearly up to date wants a few entries.
+        let mut count = 16;
+        loop {
+            let end = before.map_or("+".to_string(), |b| format!("({b}"));
+            let v: Value = self
+                .query(
+                    &format!("read the end of {name}"),
+                    redis::cmd("XREVRANGE")
+                        .arg(&key)
+                        .arg(end)
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(count),
+                )
+                .await?;
+            let oldest = parse::last_id(&v);
+            let page = parse::entries(v, Source::Stream(name))?;
+            let full = page.len() == count;
+            for stored in page {
+                match stored.seq {
+                    Some(seq) if seq <= from => {
+                        tail.reverse();
+                        return Ok(Some(tail));
+                    }
+                    Some(_) => tail.push(stored),
+                    None => return Ok(None),
+                }
+            }
+            if !full {
+                // the start of the stream: it holds no more than `from` entries before these
+                tail.reverse();
+                return Ok(Some(tail));
+            }
+            before = oldest;
+            count = (count * 4).min(STREAM_PAGE);
+        }
+    }
+
     async fn stream_pages(
         &self,
         name: &str,
@@ -406,6 +453,11 @@ impl EventLog for RedisStore {
 
     async fn read_stream(&self, stream: &StreamId, from: Version) -> Result<Vec<Stored>> {
         let name = stream.name();
+        if from > 0 {
+            if let Some(tail) = self.stream_tail(&name, from).await? {
+                return Ok(tail);
+            }
+        }
         let all = self.stream_pages(&name, None, "+").await?;
         Ok(all
             .into_iter()
