@@ -14,7 +14,8 @@
 //! how long anything took.
 
 use super::{
-    Append, Appended, Error, Heard, Leases, Listing, LogPos, Order, Store, StreamId, Version,
+    Append, Appended, Error, Heard, Leases, Listing, LogPos, Order, Store, Stored, StreamId,
+    Version,
 };
 use ferry_proto::{
     AgentId, AgentLost, Event, FencingToken, JobCancelled, JobId, StepClaimed, StepQueued,
@@ -138,6 +139,7 @@ macro_rules! store_conformance {
             usage_reports_the_size_and_grows_with_writes,
             jobs_page_in_either_order,
             any_tail_of_a_long_stream_reads_back,
+            trimming_the_log_keeps_what_a_group_has_not_handled,
             wait_for_work_wakes_on_enqueue,
             bad_names_are_rejected,
             heartbeats_keep_agents_live,
@@ -1884,6 +1886,63 @@ pub async fn any_tail_of_a_long_stream_reads_back(fx: &Fixture) {
         let want = &all[(from as usize).min(all.len())..];
         assert_eq!(tail, want, "from {from}");
     }
+}
+
+/// `trim_log` deletes only global-log entries every group has handled (never one pending or
+/// not yet delivered); every event stays in its stream; from `log_complete_from` on the log
+/// is whole. (Redis deletes whole nodes of old entries; the embedded store, whose log is its
+/// streams' table, nothing: `tests/it/redis.rs` checks that Redis does delete.)
+pub async fn trimming_the_log_keeps_what_a_group_has_not_handled(fx: &Fixture) {
+    let s = &**fx;
+    s.ensure_group("g").await.unwrap();
+    for chunk in 0..60 {
+        let events = (0..10).map(|i| webhook(chunk * 10 + i)).collect();
+        append(s, Append::new(StreamId::Webhooks, events)).await;
+    }
+    assert_eq!(
+        s.trim_log(0).await.unwrap().deleted,
+        0,
+        "nothing is that old"
+    );
+    let handled = s.read_new("g", "c", 400, Duration::ZERO).await.unwrap();
+    let handled: Vec<LogPos> = handled.into_iter().map(|e| e.pos).collect();
+    s.ack("g", &handled).await.unwrap();
+    let pending = s.read_new("g", "c", 100, Duration::ZERO).await.unwrap();
+    assert_eq!(pending.len(), 100);
+    let everything = s.read_log(None, 1000).await.unwrap();
+    assert_eq!(everything.len(), 600);
+
+    let trimmed = s.trim_log(crate::store::now_ms() + 60_000).await.unwrap();
+    let log = s.read_log(None, 1000).await.unwrap();
+    assert_eq!(log.len() as u64, 600 - trimmed.deleted);
+    assert!(
+        everything[400..].iter().all(|e| log.contains(e)),
+        "pending and undelivered entries stay"
+    );
+    match s.log_complete_from().await.unwrap() {
+        None => {
+            assert_eq!(trimmed.deleted, 0);
+            assert_eq!(log, everything);
+        }
+        Some(from) => {
+            assert!(trimmed.deleted > 0);
+            assert!(
+                from <= everything[400].pos,
+                "{from} after the first pending entry"
+            );
+            let whole: Vec<&Stored> = everything.iter().filter(|e| e.pos >= from).collect();
+            assert!(whole.iter().all(|e| log.contains(e)), "whole from {from}");
+            assert_eq!(trimmed.held_by.as_deref(), Some("g"));
+        }
+    }
+    assert_eq!(
+        s.read_stream(&StreamId::Webhooks, 0).await.unwrap(),
+        everything
+    );
+    assert_eq!(
+        s.log_end().await.unwrap(),
+        Some(everything[599].pos.clone())
+    );
 }
 
 pub async fn wait_for_work_wakes_on_enqueue(fx: &Fixture) {

@@ -306,6 +306,12 @@ pub trait EventLog: Send + Sync {
     async fn read_stream(&self, stream: &StreamId, from: Version) -> Result<Vec<Stored>>;
     /// Up to `count` global-log events after `after` (`None` = from the start), in order.
     async fn read_log(&self, after: Option<&LogPos>, count: usize) -> Result<Vec<Stored>>;
+    /// The position of the global log's last event (`None`: the log is empty).
+    async fn log_end(&self) -> Result<Option<LogPos>>;
+    /// `Some(pos)` once [`Feed::trim_log`] deleted entries: the log holds every event from
+    /// `pos` on, and may lack older ones (their streams still hold them). `None`: the log is
+    /// whole.
+    async fn log_complete_from(&self) -> Result<Option<LogPos>>;
     /// At most `limit` job ids in creation order ([`Order::Oldest`]) or its reverse
     /// ([`Order::Newest`]), from just past `after` in that order (`None` = from the first).
     /// Jobs created in the same store-clock millisecond order by id. An `after` the store does
@@ -347,6 +353,22 @@ pub trait Feed: Send + Sync {
         min_idle: Duration,
         count: usize,
     ) -> Result<Vec<Stored>>;
+    /// Deletes global-log entries written before `before_ms` (store clock) that every consumer
+    /// group has handled: none pending, none not yet delivered. Every event stays in its own
+    /// stream, so the store's history loses nothing; readers of all of it
+    /// (`crate::replay::each_event`) read the streams where the log is incomplete (see
+    /// [`EventLog::log_complete_from`]). Entries may stay behind for a later call. The
+    /// embedded store keeps one table for the log and the streams: it deletes nothing.
+    async fn trim_log(&self, before_ms: u64) -> Result<Trimmed>;
+}
+
+/// What [`Feed::trim_log`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Log entries deleted.
+    pub deleted: u64,
+    /// The consumer group whose pending or undelivered entries kept older ones, if one did.
+    pub held_by: Option<String>,
 }
 
 /// **Work queue.** Ready queues per pool ordered by priority (higher first) then enqueue time

@@ -7,7 +7,8 @@ use ferry::replay;
 use ferry::store::conformance::noop_job;
 use ferry::store::redis::{queue_score_probe, RedisStore};
 use ferry::store::{
-    queue_score, Append, Capacity, Error, EventLog, Feed, Listing, Logs, Store, StreamId, WorkQueue,
+    queue_score, Append, Capacity, Error, EventLog, Feed, Listing, LogPos, Logs, Store, StreamId,
+    WorkQueue,
 };
 use ferry_proto::{Event, JobId, JobSucceeded, LogsExpired, StepQueued, StepRetryScheduled};
 use std::sync::Arc;
@@ -753,4 +754,71 @@ async fn big_stream_nodes_are_noted_where_config_is_readable() {
     );
     drop(guard.stdin.take());
     let _ = guard.wait();
+}
+
+/// Redis trims the global log by whole nodes, up to what the least advanced consumer group
+/// has handled, and names that group; a group that has read nothing holds everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_trimmed_up_to_what_every_group_has_handled() {
+    let store = harness::redis_store().await;
+    store.ensure_group("g").await.unwrap();
+    for chunk in 0..60 {
+        let events: Vec<Event> = (0..10)
+            .map(|i| {
+                ferry_proto::WebhookReceived {
+                    event: format!("e{}", chunk * 10 + i),
+                    ..Default::default()
+                }
+                .into()
+            })
+            .collect();
+        store
+            .append(Append::new(StreamId::Webhooks, events))
+            .await
+            .unwrap();
+    }
+    let handled: Vec<LogPos> = store
+        .read_new("g", "c", 400, Duration::ZERO)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.pos)
+        .collect();
+    store.ack("g", &handled).await.unwrap();
+    let pending = store.read_new("g", "c", 100, Duration::ZERO).await.unwrap();
+    let later = ferry::store::now_ms() + 60_000;
+
+    // A group created now has read nothing: it holds the whole log.
+    store.ensure_group("late").await.unwrap();
+    let held = store.trim_log(later).await.unwrap();
+    assert_eq!(held.deleted, 0);
+    assert_eq!(held.held_by.as_deref(), Some("late"));
+    assert_eq!(store.log_complete_from().await.unwrap(), None);
+    let all: Vec<LogPos> = store
+        .read_new("late", "x", 1000, Duration::ZERO)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.pos)
+        .collect();
+    store.ack("late", &all).await.unwrap();
+
+    let trimmed = store.trim_log(later).await.unwrap();
+    assert_eq!(trimmed.held_by.as_deref(), Some("g"), "{trimmed:?}");
+    assert!(
+        (100..=400).contains(&trimmed.deleted),
+        "whole nodes of the 400 handled entries: {trimmed:?}"
+    );
+    let from = store.log_complete_from().await.unwrap().expect("trimmed");
+    assert!(from <= pending[0].pos, "{from}");
+    let log = store.read_log(None, 1000).await.unwrap();
+    assert_eq!(log.len() as u64, 600 - trimmed.deleted);
+    assert_eq!(
+        store
+            .read_stream(&StreamId::Webhooks, 0)
+            .await
+            .unwrap()
+            .len(),
+        600
+    );
 }

@@ -87,6 +87,9 @@ impl Keys {
     pub(crate) fn kept_logs_listed(&self) -> String {
         self.key("kept_logs_listed")
     }
+    pub(crate) fn log_trimmed(&self) -> String {
+        self.key("log_trimmed")
+    }
     pub(crate) fn index(&self, key: &str) -> String {
         self.key(&format!("idx:{key}"))
     }
@@ -157,6 +160,7 @@ mod tests {
             k.pause("a1"),
             k.kept_logs(),
             k.kept_logs_listed(),
+            k.log_trimmed(),
         ] {
             assert!(key.starts_with("{p3}:"), "{key}");
         }

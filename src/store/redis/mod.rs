@@ -29,7 +29,7 @@ use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positi
 use crate::store::{
     effects_of, queued_at, Agents, Append, Appended, Capacity, Claim, Effect, Error, EventLog,
     Feed, Fence, Heard, LeaderLock, Lease, Leases, Listing, LogPos, Logs, Order, QueueDepths,
-    Queued, Result, Snapshots, Stored, StreamId, Usage, Version, WorkQueue, LOG_MAX_LINES,
+    Queued, Result, Snapshots, Stored, StreamId, Trimmed, Usage, Version, WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
@@ -487,6 +487,31 @@ impl EventLog for RedisStore {
         parse::entries(v, Source::Log)
     }
 
+    async fn log_end(&self) -> Result<Option<LogPos>> {
+        let v: Value = self
+            .query(
+                "read the end of the log",
+                redis::cmd("XREVRANGE")
+                    .arg(self.keys().log())
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        Ok(parse::last_id(&v).map(LogPos))
+    }
+
+    async fn log_complete_from(&self) -> Result<Option<LogPos>> {
+        let from: Option<String> = self
+            .query(
+                "read where the log is complete from",
+                redis::cmd("GET").arg(self.keys().log_trimmed()),
+            )
+            .await?;
+        Ok(from.map(LogPos))
+    }
+
     async fn jobs(&self, after: Option<JobId>, limit: usize, order: Order) -> Result<Vec<JobId>> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -543,6 +568,20 @@ impl EventLog for RedisStore {
 
 #[async_trait]
 impl Feed for RedisStore {
+    async fn trim_log(&self, before_ms: u64) -> Result<Trimmed> {
+        let (deleted, _bound, holder): (u64, String, String) = scripts::TRIM_LOG
+            .key(self.keys().log())
+            .key(self.keys().log_trimmed())
+            .arg(before_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error("trim the log", e))?;
+        Ok(Trimmed {
+            deleted,
+            held_by: Some(holder).filter(|h| !h.is_empty()),
+        })
+    }
+
     async fn ensure_group(&self, group: &str) -> Result<()> {
         check_nonempty("consumer group", group)?;
         let r: Result<(), RedisError> = redis::cmd("XGROUP")

@@ -33,6 +33,8 @@ pub(crate) static EXPIRE_AGENTS: LazyLock<Script> =
 pub(crate) static INFO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("info.lua")));
 pub(crate) static LIST_ENDED: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("list_ended.lua")));
+pub(crate) static TRIM_LOG: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("trim_log.lua")));
 pub(crate) static LOCK_ACQUIRE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lock_acquire.lua")));
 pub(crate) static LOCK_RENEW: LazyLock<Script> =

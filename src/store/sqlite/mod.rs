@@ -62,7 +62,7 @@ use crate::store::validate::{
 use crate::store::{
     effects_of, misplaced, now_ms, queued_at, Agents, Append, Appended, Capacity, Claim, Effect,
     Error, EventLog, Expected, Feed, Fence, Heard, LeaderLock, Lease, Leases, Listing, LogPos,
-    Logs, Order, QueueDepths, Queued, Result, Snapshots, Stored, StreamId, Usage, Version,
+    Logs, Order, QueueDepths, Queued, Result, Snapshots, Stored, StreamId, Trimmed, Usage, Version,
     WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
@@ -701,6 +701,21 @@ impl EventLog for SqliteStore {
         .await
     }
 
+    async fn log_end(&self) -> Result<Option<LogPos>> {
+        self.read("read the end of the log".into(), |tx| {
+            let last: Option<i64> = tx
+                .tx
+                .prepare_cached("SELECT MAX(pos) FROM log")?
+                .query_row([], |r| r.get(0))?;
+            Ok(last.map(position))
+        })
+        .await
+    }
+
+    async fn log_complete_from(&self) -> Result<Option<LogPos>> {
+        Ok(None)
+    }
+
     async fn read_log(&self, after: Option<&LogPos>, count: usize) -> Result<Vec<Stored>> {
         if count == 0 {
             return Ok(Vec::new());
@@ -821,6 +836,11 @@ impl SqliteStore {
 
 #[async_trait]
 impl Feed for SqliteStore {
+    async fn trim_log(&self, _before_ms: u64) -> Result<Trimmed> {
+        // The log table is every stream's history too: there is no copy to delete.
+        Ok(Trimmed::default())
+    }
+
     async fn ensure_group(&self, group: &str) -> Result<()> {
         check_nonempty("consumer group", group)?;
         let group = group.to_string();
