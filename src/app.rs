@@ -538,7 +538,11 @@ pub async fn replay(
     } else {
         Default::default()
     };
-    replay::catch_up(store, &mut view).await?;
+    if replay::catch_up(store, &mut view).await? {
+        println!(
+            "the log was trimmed past the snapshot's position; replayed every stream from the start instead"
+        );
+    }
     print!("{}", replay::summary(&view));
     if save_snapshot {
         replay::save_snapshot(store, &view).await?;

@@ -1,10 +1,11 @@
 //! `ferry migrate --from URL --to URL`: copies the whole event log from one store to another
 //! (embedded to Redis, or back), so that the target's fold is the source's.
 //!
-//! Events are read from the source's global log in order and appended to the target through
-//! the ordinary append port with their original `at_ms`, each job's stream at exactly the
-//! version it had in the source (so per-stream order and the global order agree with the
-//! source's). Appending replays the effects, so the target's queues and indexes are rebuilt as the
+//! Events are read from the source in an order consistent with every stream's (the global
+//! log's order; where the source's log was trimmed, stream by stream: see
+//! [`crate::replay::History`]) and appended to the target through the ordinary append port
+//! with their original `at_ms`, each job's stream at exactly the version it had in the source
+//! (so every stream's order is the source's). Appending replays the effects, so the target's queues and indexes are rebuilt as the
 //! source built them. What the log alone does not carry is recreated:
 //!
 //! - **Webhook dedupe keys** (`gateway::dedupe_keys`), so a delivery GitLab repeats after the
@@ -92,9 +93,8 @@ pub async fn migrate(
     // Events of each stream seen so far in the source: the version the next one lands at.
     let mut versions: HashMap<String, u64> = HashMap::new();
     let mut jobs: BTreeMap<JobId, JobState> = BTreeMap::new();
-    let mut after = None;
-    loop {
-        let batch = from.read_log(after.as_ref(), BATCH).await?;
+    let mut history = crate::replay::History::start(from).await?;
+    while let Some(batch) = history.next().await? {
         for stored in &batch {
             report.read += 1;
             let name = &stored.envelope.stream;
@@ -137,10 +137,6 @@ pub async fn migrate(
                     .or_insert_with(|| JobState::new(job))
                     .evolve(&event, stored.envelope.at_ms);
             }
-        }
-        match batch.last() {
-            Some(last) if batch.len() == BATCH => after = Some(last.pos.clone()),
-            _ => break,
         }
     }
     // Leases do not move: a step still running in the target's fold is interrupted there.

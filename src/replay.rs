@@ -1,10 +1,11 @@
-//! Replay: rebuild the [`View`] from the global log (optionally from a snapshot), and verify it
-//! against the live projection the store keeps — each job's own stream, the queues and the
-//! leases. `ferry replay` drives this.
+//! Replay: rebuild the [`View`] from the store's history (the global log, or where it was
+//! trimmed every stream: [`History`]; optionally from a snapshot), and verify it against the
+//! live projection the store keeps — each job's own stream, the queues and the leases.
+//! `ferry replay` drives this.
 
 use crate::domain::view::{leases_of, queue_of, LeaseEntry, QueueEntry};
 use crate::domain::{JobState, View};
-use crate::store::{self, LogPos, Store, StreamId};
+use crate::store::{self, LogPos, Store, Stored, StreamId};
 use ferry_proto::JobId;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,11 +23,19 @@ pub enum Error {
     Snapshot { name: String, reason: String },
 }
 
-/// Folds the global log into `view`, from just after `view.position` to the end.
-pub async fn catch_up(store: &dyn Store, view: &mut View) -> Result<(), Error> {
-    loop {
-        let after = view.position.clone().map(LogPos);
-        let batch = store.read_log(after.as_ref(), BATCH).await?;
+/// Folds every event not yet in `view` into it: from just after `view.position` to the end of
+/// the global log. Where the log was trimmed past that position (`Feed::trim_log`), `view` is
+/// folded again from the start, stream by stream ([`History`]); returns whether it was.
+pub async fn catch_up(store: &dyn Store, view: &mut View) -> Result<bool, Error> {
+    let after = view.position.clone().map(LogPos);
+    let (mut history, restarted) = match History::after(store, after.as_ref()).await? {
+        Some(history) => (history, false),
+        None => {
+            *view = View::default();
+            (History::start(store).await?, true)
+        }
+    };
+    while let Some(batch) = history.next().await? {
         for stored in &batch {
             let event = stored.decode()?;
             view.apply(
@@ -36,13 +45,141 @@ pub async fn catch_up(store: &dyn Store, view: &mut View) -> Result<(), Error> {
                 stored.envelope.at_ms,
             );
         }
-        if batch.len() < BATCH {
-            return Ok(());
+    }
+    // (stream by stream, the positions folded last are not the newest)
+    if let Some(covered) = history.covered() {
+        view.position = Some(covered.0.clone());
+    }
+    Ok(restarted)
+}
+
+/// Every event of a store, in batches, in an order consistent with each stream's own: the
+/// global log's order while the log is whole. Where it was trimmed (`Feed::trim_log`: its
+/// oldest entries are gone, their streams still hold them), each stream's events up to the
+/// log's last entry as of the start (webhooks, agents, then every job in creation order),
+/// then the log after that entry. Replay and `ferry migrate` read a store's history this way.
+pub struct History<'a> {
+    store: &'a dyn Store,
+    phase: Phase,
+    /// The log position everything handed out so far covers.
+    covered: Option<LogPos>,
+}
+
+enum Phase {
+    Log,
+    Streams {
+        /// The log's last entry when the walk started: streams are read up to it.
+        end: LogPos,
+        next: Vec<StreamId>,
+        jobs_after: Option<JobId>,
+        jobs_done: bool,
+    },
+    Done,
+}
+
+impl<'a> History<'a> {
+    /// The whole history.
+    pub async fn start(store: &'a dyn Store) -> store::Result<History<'a>> {
+        let Some(complete_from) = store.log_complete_from().await? else {
+            return Ok(History {
+                store,
+                phase: Phase::Log,
+                covered: None,
+            });
+        };
+        // An emptied log has no last entry: everything its streams hold was written before
+        // the trim's bound.
+        let end = store.log_end().await?.unwrap_or(complete_from);
+        Ok(History {
+            store,
+            phase: Phase::Streams {
+                end,
+                next: vec![StreamId::Agents, StreamId::Webhooks],
+                jobs_after: None,
+                jobs_done: false,
+            },
+            covered: None,
+        })
+    }
+
+    /// The history after log position `after` (`None`: all of it), or `None` when the log was
+    /// trimmed past it (what follows `after` is no longer all in the log).
+    pub async fn after(
+        store: &'a dyn Store,
+        after: Option<&LogPos>,
+    ) -> store::Result<Option<History<'a>>> {
+        let Some(after) = after else {
+            return Self::start(store).await.map(Some);
+        };
+        if let Some(from) = store.log_complete_from().await? {
+            if *after < from {
+                return Ok(None);
+            }
         }
+        Ok(Some(History {
+            store,
+            phase: Phase::Log,
+            covered: Some(after.clone()),
+        }))
+    }
+
+    /// The next batch, `None` at the end.
+    pub async fn next(&mut self) -> store::Result<Option<Vec<Stored>>> {
+        loop {
+            match &mut self.phase {
+                Phase::Done => return Ok(None),
+                Phase::Log => {
+                    let batch = self.store.read_log(self.covered.as_ref(), BATCH).await?;
+                    if batch.len() < BATCH {
+                        self.phase = Phase::Done;
+                    }
+                    if let Some(last) = batch.last() {
+                        self.covered = Some(last.pos.clone());
+                    }
+                    if !batch.is_empty() {
+                        return Ok(Some(batch));
+                    }
+                }
+                Phase::Streams {
+                    end,
+                    next,
+                    jobs_after,
+                    jobs_done,
+                } => {
+                    if next.is_empty() && !*jobs_done {
+                        let page = self
+                            .store
+                            .jobs(*jobs_after, BATCH, store::Order::Oldest)
+                            .await?;
+                        *jobs_done = page.len() < BATCH;
+                        *jobs_after = page.last().copied();
+                        // popped from the end: the oldest job first
+                        next.extend(page.into_iter().rev().map(StreamId::Job));
+                    }
+                    let Some(stream) = next.pop() else {
+                        // every stream up to `end`: the log after it comes next
+                        self.covered = Some(end.clone());
+                        self.phase = Phase::Log;
+                        continue;
+                    };
+                    let mut events = self.store.read_stream(&stream, 0).await?;
+                    // what was appended after `end` comes from the log, in its order
+                    events.retain(|e| e.pos <= *end);
+                    if !events.is_empty() {
+                        return Ok(Some(events));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The log position that everything handed out so far covers (`None` before anything).
+    pub fn covered(&self) -> Option<&LogPos> {
+        self.covered.as_ref()
     }
 }
 
-/// The view rebuilt from the whole log.
+/// The view rebuilt from the whole history.
 pub async fn rebuild(store: &dyn Store) -> Result<View, Error> {
     let mut view = View::default();
     catch_up(store, &mut view).await?;

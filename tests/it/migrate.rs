@@ -343,3 +343,65 @@ async fn the_migrate_command_moves_an_embedded_store_to_redis_and_replay_verifie
     assert!(!ok);
     assert!(err.contains("no such file"), "{err}");
 }
+
+/// A Redis store whose global log was trimmed (its oldest entries gone, every stream whole)
+/// replays to the same view, verifies, continues no snapshot from before the trim, and
+/// migrates whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_store_with_a_trimmed_log_replays_and_migrates_whole() {
+    let source: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    // old deliveries first: enough to fill whole nodes of the log, which is what Redis trims
+    for n in 0..250 {
+        let old = WebhookReceived {
+            git_ref: Some(format!("refs/tags/old-{n}")),
+            ..webhook(&format!("old-{n}"))
+        };
+        assert!(matches!(
+            deliver(&*source, &old).await,
+            Appended::Written { .. }
+        ));
+    }
+    let (done, waiting, running) = populate(&source).await;
+    let before = replay::rebuild(&*source).await.unwrap();
+    assert_eq!(source.log_complete_from().await.unwrap(), None);
+
+    let trimmed = source
+        .trim_log(ferry::store::now_ms() + 60_000)
+        .await
+        .unwrap();
+    assert!(trimmed.deleted >= 100, "{trimmed:?}");
+    assert!(source.log_complete_from().await.unwrap().is_some());
+    let log = source.read_log(None, 10_000).await.unwrap();
+    assert_eq!(log.len() as u64, before.events - trimmed.deleted);
+
+    let replayed = replay::rebuild(&*source).await.unwrap();
+    same_fold(&replayed, &before);
+    assert_eq!(replayed.position, before.position);
+    let verified = replay::verify(&*source, &replayed).await.unwrap();
+    assert!(verified.ok(), "{:?}", verified.differences);
+
+    // A snapshot from before the trim: what followed it is no longer all in the log.
+    let mut stale = View {
+        position: Some("1-0".into()),
+        ..View::default()
+    };
+    assert!(replay::catch_up(&*source, &mut stale).await.unwrap());
+    same_fold(&stale, &before);
+    // One from after it continues.
+    let mut fresh = before.clone();
+    assert!(!replay::catch_up(&*source, &mut fresh).await.unwrap());
+    same_fold(&fresh, &before);
+
+    let dir = tempfile::tempdir().unwrap();
+    let target = sqlite(&dir, "ferry.db");
+    let report = migrate(&*source, &*target, false, WINDOW).await.unwrap();
+    assert_eq!(report.read, before.events);
+    assert_eq!(report.written, before.events);
+    assert_eq!(report.interrupted, vec![(running, "build".to_string())]);
+    let after = replay::rebuild(&*target).await.unwrap();
+    for job in done.iter().chain([&waiting]) {
+        assert_eq!(after.jobs[job], before.jobs[job], "job {job}");
+    }
+    assert_eq!(after.webhooks, before.webhooks);
+    assert_eq!(after.agents, before.agents);
+}
