@@ -410,6 +410,7 @@ pub fn coordinator_options(config: &Config) -> anyhow::Result<coordinator::Optio
         },
         sweep_interval: config.coordinator.sweep_interval,
         keep_logs: config.coordinator.keep_logs,
+        keep_feed: config.coordinator.keep_feed,
         projects: project_plans(config),
         artifacts_dir: (config.artifacts.url.scheme() == "file")
             .then(|| config.artifacts.url.to_file_path().ok())

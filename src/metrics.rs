@@ -63,6 +63,8 @@ pub struct CoordinatorMetrics {
     pub logs_expired: IntCounter,
     /// `ferry_artifacts_expired_total`: artifacts the retention deleted (`artifacts.keep`).
     pub artifacts_expired: IntCounter,
+    /// `ferry_log_trimmed_total`: global-log entries the sweep trimmed (`coordinator.keep_feed`).
+    pub log_trimmed: IntCounter,
     /// `ferry_sweep_failures_total`: sweep duties that failed (store unreachable, say).
     pub sweep_failures: IntCounter,
     /// `ferry_steps_ready{pool}`: steps waiting in each configured pool's ready queue, set by
@@ -191,6 +193,10 @@ pub static COORDINATOR: LazyLock<CoordinatorMetrics> = LazyLock::new(|| {
         artifacts_expired: counter(
             "ferry_artifacts_expired_total",
             "Artifacts the retention deleted from the artifact store (artifacts.keep).",
+        ),
+        log_trimmed: counter(
+            "ferry_log_trimmed_total",
+            "Global-log entries trimmed once every consumer group handled them (coordinator.keep_feed); each event stays in its own stream.",
         ),
         sweep_failures: counter(
             "ferry_sweep_failures_total",

@@ -59,6 +59,8 @@ pub mod env {
     pub const COORDINATOR_SWEEP_INTERVAL: &str = "FERRY_COORDINATOR_SWEEP_INTERVAL";
     /// `coordinator.keep_logs`
     pub const COORDINATOR_KEEP_LOGS: &str = "FERRY_COORDINATOR_KEEP_LOGS";
+    /// `coordinator.keep_feed`
+    pub const COORDINATOR_KEEP_FEED: &str = "FERRY_COORDINATOR_KEEP_FEED";
     /// `coordinator.retry_base`
     pub const COORDINATOR_RETRY_BASE: &str = "FERRY_COORDINATOR_RETRY_BASE";
     /// `coordinator.retry_max`
@@ -119,6 +121,8 @@ pub mod defaults {
     pub const SWEEP_INTERVAL: &str = "1s";
     /// `coordinator.keep_logs`
     pub const KEEP_LOGS: &str = "30d";
+    /// `coordinator.keep_feed`
+    pub const KEEP_FEED: &str = "7d";
     /// `artifacts.keep`: artifacts are deleted only when asked to.
     pub const KEEP_ARTIFACTS: &str = "forever";
     /// `coordinator.retry_base`
@@ -233,6 +237,9 @@ pub struct Coordinator {
     pub retry_max: Duration,
     /// How long a job's output lines are kept after it ended; `None` ("forever"): always.
     pub keep_logs: Option<Duration>,
+    /// How long the global log keeps an event every consumer group handled (the event stays
+    /// in its own stream for good); `None` ("forever"): always. Redis only.
+    pub keep_feed: Option<Duration>,
     /// Where `ferry coordinator` serves `/metrics` and `/healthz`; `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -667,6 +674,7 @@ const ENV_SETTINGS: &[EnvSetting] = &[
     EnvSetting { key: "coordinator.max_attempts", var: env::COORDINATOR_MAX_ATTEMPTS, slot: |r| Slot::Count(&mut coordinator(r).max_attempts) },
     EnvSetting { key: "coordinator.sweep_interval", var: env::COORDINATOR_SWEEP_INTERVAL, slot: |r| Slot::Text(&mut coordinator(r).sweep_interval) },
     EnvSetting { key: "coordinator.keep_logs", var: env::COORDINATOR_KEEP_LOGS, slot: |r| Slot::Text(&mut coordinator(r).keep_logs) },
+    EnvSetting { key: "coordinator.keep_feed", var: env::COORDINATOR_KEEP_FEED, slot: |r| Slot::Text(&mut coordinator(r).keep_feed) },
     EnvSetting { key: "coordinator.retry_base", var: env::COORDINATOR_RETRY_BASE, slot: |r| Slot::Text(&mut coordinator(r).retry_base) },
     EnvSetting { key: "coordinator.retry_max", var: env::COORDINATOR_RETRY_MAX, slot: |r| Slot::Text(&mut coordinator(r).retry_max) },
     EnvSetting { key: "agent.name", var: env::AGENT_NAME, slot: |r| Slot::Text(&mut agent(r).name) },
@@ -1051,6 +1059,11 @@ fn build(
             "coordinator.keep_logs",
             co.keep_logs.as_deref(),
             defaults::KEEP_LOGS,
+        )?,
+        keep_feed: cx.retention(
+            "coordinator.keep_feed",
+            co.keep_feed.as_deref(),
+            defaults::KEEP_FEED,
         )?,
         metrics_listen: cx.optional_addr("coordinator.metrics_listen", co.metrics_listen)?,
     };

@@ -71,6 +71,7 @@ raw_table! {
         retry_base: String,
         retry_max: String,
         keep_logs: String,
+        keep_feed: String,
         metrics_listen: String,
     }
 }

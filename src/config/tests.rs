@@ -82,6 +82,12 @@ fn defaults_without_a_file() {
     let forever = ok("[coordinator]\nkeep_logs = \"forever\"", &[], &no_flags());
     assert_eq!(forever.coordinator.keep_logs, None);
     assert_eq!(
+        config.coordinator.keep_feed,
+        Some(Duration::from_secs(7 * 86400))
+    );
+    let forever = ok("[coordinator]\nkeep_feed = \"forever\"", &[], &no_flags());
+    assert_eq!(forever.coordinator.keep_feed, None);
+    assert_eq!(
         config.artifacts.keep, None,
         "artifacts are kept unless asked"
     );
@@ -300,6 +306,7 @@ fn every_env_setting_is_read() {
         (env::COORDINATOR_RETRY_BASE, "3s"),
         (env::COORDINATOR_RETRY_MAX, "1m"),
         (env::COORDINATOR_KEEP_LOGS, "12h"),
+        (env::COORDINATOR_KEEP_FEED, "2d"),
         (env::COORDINATOR_METRICS_LISTEN, "0.0.0.0:9101"),
         (env::AGENT_METRICS_LISTEN, "127.0.0.1:9102"),
         (env::AGENT_NAME, "a-1"),
@@ -339,6 +346,10 @@ fn every_env_setting_is_read() {
     assert_eq!(c.coordinator.sweep_interval, Duration::from_secs(2));
     assert_eq!(c.coordinator.retry_base, Duration::from_secs(3));
     assert_eq!(c.coordinator.retry_max, Duration::from_secs(60));
+    assert_eq!(
+        c.coordinator.keep_feed,
+        Some(Duration::from_secs(2 * 86400))
+    );
     assert_eq!(
         c.coordinator.keep_logs,
         Some(Duration::from_secs(12 * 3600))

@@ -46,6 +46,12 @@ pub struct Options {
     pub artifact_retention: Option<(crate::build::ArtifactStore, Duration)>,
     /// How often the sweep leader looks for artifacts to delete (it lists the store).
     pub artifacts_every: Duration,
+    /// How long the global log keeps an event that every consumer group handled
+    /// (`coordinator.keep_feed`; `None`: for good). Each event stays in its own stream
+    /// whatever this says: the log is the feed and a second copy.
+    pub keep_feed: Option<Duration>,
+    /// How often the sweep leader trims the global log.
+    pub trim_every: Duration,
 }
 
 impl Default for Options {
@@ -65,9 +71,17 @@ impl Default for Options {
             artifacts_dir: None,
             artifact_retention: None,
             artifacts_every: Duration::from_secs(600),
+            keep_feed: Some(
+                humantime::parse_duration(crate::config::defaults::KEEP_FEED)
+                    .expect("the default keep_feed is a duration"),
+            ),
+            trim_every: Duration::from_secs(60),
         }
     }
 }
+
+/// How often it repeats that a consumer group holds the trim back.
+const HELD_WARNING_EVERY: Duration = Duration::from_secs(3600);
 
 /// Runs a coordinator until `shutdown` resolves.
 pub async fn run(
@@ -638,6 +652,8 @@ async fn sweep_duty(store: Arc<dyn Store>, opts: Arc<Options>, pools: Vec<String
     let mut artifacts_after: Option<String> = None;
     let ttl = every * 3;
     let mut token: Option<FencingToken> = None;
+    let mut trim_due = tokio::time::Instant::now();
+    let mut held_warned: Option<tokio::time::Instant> = None;
     // Where the walk that lists jobs ended by earlier builds for log retention continues;
     // `None` once it is complete.
     let mut listing: Option<Option<JobId>> = Some(None);
@@ -787,6 +803,34 @@ async fn sweep_duty(store: Arc<dyn Store>, opts: Arc<Options>, pools: Vec<String
                         METRICS.sweep_failures.inc();
                         warn!(error = %e, "expiring old artifacts failed");
                     }
+                }
+            }
+        }
+        if let Some(keep) = opts
+            .keep_feed
+            .filter(|_| trim_due.elapsed() > Duration::ZERO)
+        {
+            trim_due = tokio::time::Instant::now() + opts.trim_every;
+            let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+            match store.trim_log(now_ms().saturating_sub(keep_ms)).await {
+                Ok(trimmed) => {
+                    METRICS.log_trimmed.inc_by(trimmed.deleted);
+                    if trimmed.deleted > 0 {
+                        debug!(entries = trimmed.deleted, "trimmed the global log");
+                    }
+                    if let Some(group) = trimmed.held_by {
+                        if held_warned.is_none_or(|at| at.elapsed() > HELD_WARNING_EVERY) {
+                            held_warned = Some(tokio::time::Instant::now());
+                            warn!(
+                                %group,
+                                "consumer group {group} has not handled entries of the global log older than coordinator.keep_feed, so they are kept; a group nothing reads any more keeps them for good (remove it with XGROUP DESTROY)"
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    METRICS.sweep_failures.inc();
+                    warn!(error = %e, "trimming the global log failed");
                 }
             }
         }

@@ -26,6 +26,17 @@ struct Roles {
 
 impl Roles {
     fn start(store: &Arc<dyn Store>, coordinators: usize, agents: usize, pool: &str) -> Roles {
+        Self::start_with(store, coordinators, agents, pool, Default::default())
+    }
+
+    /// [`Roles::start`] with coordinators made from `base`.
+    fn start_with(
+        store: &Arc<dyn Store>,
+        coordinators: usize,
+        agents: usize,
+        pool: &str,
+        base: coordinator::Options,
+    ) -> Roles {
         let (stop, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let until = |mut rx: watch::Receiver<bool>| async move {
@@ -40,7 +51,7 @@ impl Roles {
                     max: Duration::from_millis(200),
                 },
                 sweep_interval: Duration::from_millis(100),
-                ..Default::default()
+                ..base.clone()
             };
             let (store, rx) = (store.clone(), rx.clone());
             tasks.push(tokio::spawn(async move {
@@ -121,6 +132,58 @@ async fn noop_jobs_run_to_success_and_replay_verifies() {
     assert!(check.ok(), "{:?}", check.differences);
     assert_eq!(check.checked, jobs.len());
     assert!(check.skipped.is_empty());
+}
+
+/// The sweep leader trims the global log behind the consumer groups (`coordinator.keep_feed`):
+/// entries every group handled leave the log, every job's stream keeps all its events, and
+/// replay rebuilds the same jobs from the streams and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_trims_the_log_behind_the_coordinators_and_replay_still_verifies() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let trimming = coordinator::Options {
+        keep_feed: Some(Duration::from_millis(1)),
+        trim_every: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let roles = Roles::start_with(&store, 1, 1, "default", trimming);
+    // 6 events per job: several whole nodes of the log (Redis trims whole nodes)
+    let mut jobs = Vec::new();
+    for _ in 0..120 {
+        let (job, created) = noop_job(&["build"], "default");
+        store
+            .append(Append::new(StreamId::Job(job), vec![created]).expect(0))
+            .await
+            .unwrap();
+        jobs.push(job);
+    }
+    wait_until(DEADLINE * 3, || async {
+        let view = replay::rebuild(&*store).await.unwrap();
+        jobs.iter()
+            .all(|j| view.jobs.get(j).map(|s| s.phase) == Some(JobPhase::Succeeded))
+    })
+    .await;
+    wait_until(DEADLINE, || async {
+        store.log_complete_from().await.unwrap().is_some()
+    })
+    .await;
+    roles.stop().await;
+
+    let view = replay::rebuild(&*store).await.unwrap();
+    let log = store.read_log(None, 100_000).await.unwrap();
+    assert!(
+        (log.len() as u64) < view.events,
+        "{} of {} events left in the log",
+        log.len(),
+        view.events
+    );
+    for job in &jobs {
+        assert_eq!(view.jobs[job].phase, JobPhase::Succeeded);
+        let stream = store.read_stream(&StreamId::Job(*job), 0).await.unwrap();
+        assert_eq!(stream.len(), 6, "the job's stream keeps every event");
+    }
+    let check = replay::verify(&*store, &view).await.unwrap();
+    assert!(check.ok(), "{:?}", check.differences);
+    assert_eq!(check.checked, jobs.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
