@@ -300,6 +300,9 @@ pub const SCRIPT_ONLY: &[&str] = &[
     "smembers",
     "sismember",
     "zcard",
+    "xinfo",
+    "xpending",
+    "xtrim",
 ];
 
 #[derive(Clone, Debug, Default)]
