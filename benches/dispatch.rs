@@ -56,7 +56,7 @@ mod in_process;
 
 use ferry::domain::JobPhase;
 use ferry::store::redis::RedisStore;
-use ferry::store::{Append, EventLog, StreamId};
+use ferry::store::{Append, EventLog, Feed, StreamId};
 use ferry_proto::{Event, JobCreated, JobId, StepId, StepQueued, StepStarted};
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
@@ -578,6 +578,20 @@ async fn throughput(
     result(
         &format!("dispatch.{tag}.redis_bytes_per_job"),
         per_job,
+        "bytes",
+    );
+    // What stays for good once the global log's copy of the events is trimmed (as the sweep
+    // leader does after coordinator.keep_feed): every consumer group has handled them all.
+    let store = RedisStore::connect(&fleet.url, NS).await.expect("connect");
+    let later = ferry::store::now_ms() + 60_000;
+    while store.trim_log(later).await.expect("trim the log").deleted > 0 {}
+    let kept = server.info().used_memory.saturating_sub(empty) as f64 / n as f64;
+    println!(
+        "redis: {kept:.0} bytes of memory per finished one-step job once the log's copy is trimmed"
+    );
+    result(
+        &format!("dispatch.{tag}.redis_bytes_per_job_trimmed"),
+        kept,
         "bytes",
     );
     assert_eq!(succeeded, n, "every job succeeded");
