@@ -86,6 +86,30 @@ impl Roles {
     }
 }
 
+/// Appends `n` no-op jobs of `steps` for `pool`, as a coordinator's feed sees new jobs.
+async fn add_jobs(store: &dyn Store, n: usize, steps: &[&str], pool: &str) -> Vec<JobId> {
+    let mut jobs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (job, created) = noop_job(steps, pool);
+        store
+            .append(Append::new(StreamId::Job(job), vec![created]).expect(0))
+            .await
+            .unwrap();
+        jobs.push(job);
+    }
+    jobs
+}
+
+/// Waits until every one of `jobs` has succeeded.
+async fn all_succeed(store: &dyn Store, jobs: &[JobId]) {
+    wait_until(DEADLINE * 3, || async {
+        let view = replay::rebuild(store).await.unwrap();
+        jobs.iter()
+            .all(|j| view.jobs.get(j).map(|s| s.phase) == Some(JobPhase::Succeeded))
+    })
+    .await;
+}
+
 async fn phase(store: &dyn Store, job: JobId) -> Option<JobPhase> {
     let view = replay::rebuild(store).await.unwrap();
     view.jobs.get(&job).map(|j| j.phase)
@@ -95,21 +119,8 @@ async fn phase(store: &dyn Store, job: JobId) -> Option<JobPhase> {
 async fn noop_jobs_run_to_success_and_replay_verifies() {
     let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
     let roles = Roles::start(&store, 2, 2, "default");
-    let mut jobs = Vec::new();
-    for _ in 0..30 {
-        let (job, created) = noop_job(&["build", "deploy:prod"], "default");
-        store
-            .append(Append::new(StreamId::Job(job), vec![created]).expect(0))
-            .await
-            .unwrap();
-        jobs.push(job);
-    }
-    wait_until(DEADLINE * 3, || async {
-        let view = replay::rebuild(&*store).await.unwrap();
-        jobs.iter()
-            .all(|j| view.jobs.get(j).map(|s| s.phase) == Some(JobPhase::Succeeded))
-    })
-    .await;
+    let jobs = add_jobs(&*store, 30, &["build", "deploy:prod"], "default").await;
+    all_succeed(&*store, &jobs).await;
     roles.stop().await;
 
     let view = replay::rebuild(&*store).await.unwrap();
@@ -147,21 +158,8 @@ async fn the_sweep_trims_the_log_behind_the_coordinators_and_replay_still_verifi
     };
     let roles = Roles::start_with(&store, 1, 1, "default", trimming);
     // 6 events per job: several whole nodes of the log (Redis trims whole nodes)
-    let mut jobs = Vec::new();
-    for _ in 0..120 {
-        let (job, created) = noop_job(&["build"], "default");
-        store
-            .append(Append::new(StreamId::Job(job), vec![created]).expect(0))
-            .await
-            .unwrap();
-        jobs.push(job);
-    }
-    wait_until(DEADLINE * 3, || async {
-        let view = replay::rebuild(&*store).await.unwrap();
-        jobs.iter()
-            .all(|j| view.jobs.get(j).map(|s| s.phase) == Some(JobPhase::Succeeded))
-    })
-    .await;
+    let jobs = add_jobs(&*store, 120, &["build"], "default").await;
+    all_succeed(&*store, &jobs).await;
     wait_until(DEADLINE, || async {
         store.log_complete_from().await.unwrap().is_some()
     })
@@ -236,20 +234,8 @@ async fn replay_from_a_snapshot_equals_a_full_replay() {
     let roles = Roles::start(&store, 1, 1, "default");
     let mut jobs = Vec::new();
     for round in 0..2 {
-        for _ in 0..10 {
-            let (job, created) = noop_job(&["build"], "default");
-            store
-                .append(Append::new(StreamId::Job(job), vec![created]).expect(0))
-                .await
-                .unwrap();
-            jobs.push(job);
-        }
-        wait_until(DEADLINE * 3, || async {
-            let view = replay::rebuild(&*store).await.unwrap();
-            jobs.iter()
-                .all(|j| view.jobs.get(j).map(|s| s.phase) == Some(JobPhase::Succeeded))
-        })
-        .await;
+        jobs.extend(add_jobs(&*store, 10, &["build"], "default").await);
+        all_succeed(&*store, &jobs).await;
         if round == 0 {
             let view = replay::rebuild(&*store).await.unwrap();
             replay::save_snapshot(&*store, &view).await.unwrap();
