@@ -65,6 +65,9 @@ pub struct CoordinatorMetrics {
     pub artifacts_expired: IntCounter,
     /// `ferry_log_trimmed_total`: global-log entries the sweep trimmed (`coordinator.keep_feed`).
     pub log_trimmed: IntCounter,
+    /// `ferry_log_trim_held{group}`: 1 for the consumer group that has not handled global-log
+    /// entries older than `coordinator.keep_feed` (they are kept for it). Sweep leader only.
+    pub log_trim_held: IntGaugeVec,
     /// `ferry_sweep_failures_total`: sweep duties that failed (store unreachable, say).
     pub sweep_failures: IntCounter,
     /// `ferry_steps_ready{pool}`: steps waiting in each configured pool's ready queue, set by
@@ -201,6 +204,16 @@ pub static COORDINATOR: LazyLock<CoordinatorMetrics> = LazyLock::new(|| {
         sweep_failures: counter(
             "ferry_sweep_failures_total",
             "Sweep duties that failed (the store was unreachable, for instance).",
+        ),
+        log_trim_held: register(
+            IntGaugeVec::new(
+                Opts::new(
+                    "ferry_log_trim_held",
+                    "1 for a consumer group that has not handled global-log entries older than coordinator.keep_feed, which are kept for it (from the coordinator holding the sweep lock).",
+                ),
+                &["group"],
+            )
+            .expect("valid metric"),
         ),
         steps_ready: register(
             IntGaugeVec::new(
@@ -389,6 +402,7 @@ mod tests {
         // configuration show once they have a child.
         COORDINATOR.steps_ready.with_label_values(&["any"]);
         COORDINATOR.ready_wait.with_label_values(&["any"]);
+        COORDINATOR.log_trim_held.with_label_values(&["any"]);
         LazyLock::force(&STORE);
         AGENT.claims.with_label_values(&["any"]);
         let gateway = prometheus::Registry::new();

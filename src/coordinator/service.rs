@@ -690,6 +690,7 @@ async fn sweep_duty(store: Arc<dyn Store>, opts: Arc<Options>, pools: Vec<String
             // Only the leader reports queue depths, so that they are not counted twice.
             METRICS.steps_ready.reset();
             METRICS.ready_wait.reset();
+            METRICS.log_trim_held.reset();
             METRICS.steps_delayed.set(0);
             METRICS.store_used.set(0);
             METRICS.store_limit.set(0);
@@ -822,7 +823,9 @@ async fn sweep_duty(store: Arc<dyn Store>, opts: Arc<Options>, pools: Vec<String
                         // at the next tick
                         trim_due = tokio::time::Instant::now();
                     }
+                    METRICS.log_trim_held.reset();
                     if let Some(group) = trimmed.held_by {
+                        METRICS.log_trim_held.with_label_values(&[&group]).set(1);
                         if held_warned.is_none_or(|at| at.elapsed() > HELD_WARNING_EVERY) {
                             held_warned = Some(tokio::time::Instant::now());
                             warn!(
