@@ -37,6 +37,7 @@ use ferry_proto::{
     kind_name, AgentId, AgentPaused, AgentResumed, AgentStopRequested, Event, JobCancelled,
     JobCreated, JobId, StepSpec,
 };
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -51,6 +52,8 @@ pub const MAX_LIMIT: usize = 500;
 /// Jobs folded per list request at most when filtering: a filter that matches rarely answers
 /// with fewer items and a cursor to continue instead of scanning the whole history.
 pub const SCAN_BUDGET: usize = 1000;
+/// Jobs read at once when a list folds a page of them.
+const FOLDS_AT_ONCE: usize = 32;
 /// Appends retried after version conflicts before giving up.
 const CONFLICT_RETRIES: usize = 16;
 
@@ -616,10 +619,17 @@ async fn list_jobs(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> An
         };
         let full = ids.len() == want;
         let mut filled = false;
-        for id in ids {
+        // A page's jobs are read concurrently (a filter that matches rarely reads up to
+        // SCAN_BUDGET of them), and looked at in order.
+        let folded: Vec<Option<JobState>> =
+            futures_util::stream::iter(ids.iter().copied().map(|id| fold_job(store, id)))
+                .buffered(FOLDS_AT_ONCE)
+                .try_collect()
+                .await?;
+        for (id, job) in ids.into_iter().zip(folded) {
             scanned += 1;
             after = Some(id);
-            if let Some(job) = fold_job(store, id).await? {
+            if let Some(job) = job {
                 if matches(&job) {
                     items.push(job_summary(&job));
                 }
