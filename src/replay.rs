@@ -5,7 +5,7 @@
 
 use crate::domain::view::{leases_of, queue_of, LeaseEntry, QueueEntry};
 use crate::domain::{JobState, View};
-use crate::store::{self, LogPos, Store, Stored, StreamId};
+use crate::store::{self, LogPos, Store, Stored, StreamCursor, StreamId};
 use ferry_proto::JobId;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -70,7 +70,10 @@ enum Phase {
     Streams {
         /// The log's last entry when the walk started: streams are read up to it.
         end: LogPos,
+        /// The streams still to read, the next one last.
         next: Vec<StreamId>,
+        /// Where the stream being read (the last of `next`) continues.
+        cursor: Option<StreamCursor>,
         jobs_after: Option<JobId>,
         jobs_done: bool,
     },
@@ -95,6 +98,7 @@ impl<'a> History<'a> {
             phase: Phase::Streams {
                 end,
                 next: vec![StreamId::Agents, StreamId::Webhooks],
+                cursor: None,
                 jobs_after: None,
                 jobs_done: false,
             },
@@ -143,6 +147,7 @@ impl<'a> History<'a> {
                 Phase::Streams {
                     end,
                     next,
+                    cursor,
                     jobs_after,
                     jobs_done,
                 } => {
@@ -153,18 +158,26 @@ impl<'a> History<'a> {
                             .await?;
                         *jobs_done = page.len() < BATCH;
                         *jobs_after = page.last().copied();
-                        // popped from the end: the oldest job first
+                        // taken from the end: the oldest job first
                         next.extend(page.into_iter().rev().map(StreamId::Job));
                     }
-                    let Some(stream) = next.pop() else {
+                    let Some(stream) = next.last() else {
                         // every stream up to `end`: the log after it comes next
                         self.covered = Some(end.clone());
                         self.phase = Phase::Log;
                         continue;
                     };
-                    let mut events = self.store.read_stream(&stream, 0).await?;
+                    let (mut events, more) = self
+                        .store
+                        .read_stream_page(stream, cursor.as_ref(), BATCH)
+                        .await?;
                     // what was appended after `end` comes from the log, in its order
+                    let whole = events.len();
                     events.retain(|e| e.pos <= *end);
+                    *cursor = more.filter(|_| events.len() == whole);
+                    if cursor.is_none() {
+                        next.pop();
+                    }
                     if !events.is_empty() {
                         return Ok(Some(events));
                     }

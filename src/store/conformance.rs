@@ -138,7 +138,7 @@ macro_rules! store_conformance {
             snapshots_put_and_get,
             usage_reports_the_size_and_grows_with_writes,
             jobs_page_in_either_order,
-            any_tail_of_a_long_stream_reads_back,
+            a_long_stream_reads_back_by_its_tail_and_by_pages,
             trimming_the_log_keeps_what_a_group_has_not_handled,
             wait_for_work_wakes_on_enqueue,
             bad_names_are_rejected,
@@ -1870,8 +1870,9 @@ pub async fn jobs_page_in_either_order(fx: &Fixture) {
 }
 
 /// `read_stream(stream, from)` answers the events after the first `from` for every `from`,
-/// also when the tail spans several pages of a reader that starts from the end.
-pub async fn any_tail_of_a_long_stream_reads_back(fx: &Fixture) {
+/// also when the tail spans several pages of a reader that starts from the end;
+/// `read_stream_page` reads the same stream a page at a time, whatever the page's size.
+pub async fn a_long_stream_reads_back_by_its_tail_and_by_pages(fx: &Fixture) {
     let s = &**fx;
     let stream = StreamId::Webhooks;
     // appends of one and of several events
@@ -1886,6 +1887,29 @@ pub async fn any_tail_of_a_long_stream_reads_back(fx: &Fixture) {
         let want = &all[(from as usize).min(all.len())..];
         assert_eq!(tail, want, "from {from}");
     }
+    // a page at a time
+    for count in [1, 16, 198, 199, 200] {
+        let (mut read, mut cursor) = (Vec::new(), None);
+        for _ in 0..=all.len() {
+            let (page, next) = s
+                .read_stream_page(&stream, cursor.as_ref(), count)
+                .await
+                .unwrap();
+            assert!(page.len() <= count);
+            read.extend(page);
+            cursor = next;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert!(cursor.is_none(), "pages of {count} end");
+        assert_eq!(read, all, "pages of {count}");
+    }
+    let (page, next) = s
+        .read_stream_page(&StreamId::Job(JobId::new()), None, 10)
+        .await
+        .unwrap();
+    assert!(page.is_empty() && next.is_none(), "no such stream: empty");
 }
 
 /// `trim_log` deletes only global-log entries every group has handled (never one pending or

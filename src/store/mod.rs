@@ -278,6 +278,10 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Where [`EventLog::read_stream_page`] continues (what it means is the store's own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamCursor(pub String);
+
 /// Which end of the job list [`EventLog::jobs`] starts from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Order {
@@ -304,6 +308,15 @@ pub trait EventLog: Send + Sync {
     async fn append(&self, append: Append) -> Result<Appended>;
     /// The events of one stream from version `from` (0 = the start), in order.
     async fn read_stream(&self, stream: &StreamId, from: Version) -> Result<Vec<Stored>>;
+    /// Up to `count` events of one stream after `after` (`None`: from its start), in order,
+    /// and where the next page starts (`None` after the last page): a long stream read a page
+    /// at a time.
+    async fn read_stream_page(
+        &self,
+        stream: &StreamId,
+        after: Option<&StreamCursor>,
+        count: usize,
+    ) -> Result<(Vec<Stored>, Option<StreamCursor>)>;
     /// Up to `count` global-log events after `after` (`None` = from the start), in order.
     async fn read_log(&self, after: Option<&LogPos>, count: usize) -> Result<Vec<Stored>>;
     /// The position of the global log's last event (`None`: the log is empty).

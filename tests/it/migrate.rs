@@ -350,8 +350,9 @@ async fn the_migrate_command_moves_an_embedded_store_to_redis_and_replay_verifie
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_store_with_a_trimmed_log_replays_and_migrates_whole() {
     let source: Arc<dyn Store> = Arc::new(harness::redis_store().await);
-    // old deliveries first: enough to fill whole nodes of the log, which is what Redis trims
-    for n in 0..250 {
+    // Old deliveries first: enough to fill whole nodes of the log, which is what Redis trims,
+    // and more than a page (1,000) of the webhooks stream, which is read a page at a time.
+    for n in 0..1100 {
         let old = WebhookReceived {
             git_ref: Some(format!("refs/tags/old-{n}")),
             ..webhook(&format!("old-{n}"))

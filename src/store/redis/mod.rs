@@ -29,7 +29,8 @@ use crate::store::validate::{check_name, check_nonempty, check_pools, ms, positi
 use crate::store::{
     effects_of, queued_at, Agents, Append, Appended, Capacity, Claim, Effect, Error, EventLog,
     Feed, Fence, Heard, LeaderLock, Lease, Leases, Listing, LogPos, Logs, Order, QueueDepths,
-    Queued, Result, Snapshots, Stored, StreamId, Trimmed, Usage, Version, WorkQueue, LOG_MAX_LINES,
+    Queued, Result, Snapshots, Stored, StreamCursor, StreamId, Trimmed, Usage, Version, WorkQueue,
+    LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{AgentId, FencingToken, JobId, StepId, StepLog};
@@ -485,6 +486,35 @@ impl EventLog for RedisStore {
             )
             .await?;
         parse::entries(v, Source::Log)
+    }
+
+    async fn read_stream_page(
+        &self,
+        stream: &StreamId,
+        after: Option<&StreamCursor>,
+        count: usize,
+    ) -> Result<(Vec<Stored>, Option<StreamCursor>)> {
+        if count == 0 {
+            return Ok((Vec::new(), after.cloned()));
+        }
+        let name = stream.name();
+        let start = after.map_or("-".to_string(), |c| format!("({}", c.0));
+        let v: Value = self
+            .query(
+                &format!("read {name}"),
+                redis::cmd("XRANGE")
+                    .arg(self.keys().stream(&name))
+                    .arg(start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(count),
+            )
+            .await?;
+        // the cursor is the last entry's id in the stream
+        let last = parse::last_id(&v);
+        let page = parse::entries(v, Source::Stream(&name))?;
+        let next = last.filter(|_| page.len() == count).map(StreamCursor);
+        Ok((page, next))
     }
 
     async fn log_end(&self) -> Result<Option<LogPos>> {

@@ -62,8 +62,8 @@ use crate::store::validate::{
 use crate::store::{
     effects_of, misplaced, now_ms, queued_at, Agents, Append, Appended, Capacity, Claim, Effect,
     Error, EventLog, Expected, Feed, Fence, Heard, LeaderLock, Lease, Leases, Listing, LogPos,
-    Logs, Order, QueueDepths, Queued, Result, Snapshots, Stored, StreamId, Trimmed, Usage, Version,
-    WorkQueue, LOG_MAX_LINES,
+    Logs, Order, QueueDepths, Queued, Result, Snapshots, Stored, StreamCursor, StreamId, Trimmed,
+    Usage, Version, WorkQueue, LOG_MAX_LINES,
 };
 use async_trait::async_trait;
 use ferry_proto::{
@@ -699,6 +699,45 @@ impl EventLog for SqliteStore {
             events(&mut tx.tx.prepare_cached(&sql)?, params![name, from])
         })
         .await
+    }
+
+    async fn read_stream_page(
+        &self,
+        stream: &StreamId,
+        after: Option<&StreamCursor>,
+        count: usize,
+    ) -> Result<(Vec<Stored>, Option<StreamCursor>)> {
+        if count == 0 {
+            return Ok((Vec::new(), after.cloned()));
+        }
+        // the cursor is the last event's place in the stream
+        let from: i64 = match after {
+            None => 0,
+            Some(c) => c.0.parse().map_err(|_| {
+                Error::Invalid(format!(
+                    "stream cursor {:?} was not issued by this store",
+                    c.0
+                ))
+            })?,
+        };
+        let name = stream.name();
+        let page = self
+            .read(format!("read {name}"), move |tx| {
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM log WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                );
+                events(
+                    &mut tx.tx.prepare_cached(&sql)?,
+                    params![name, from, limit(count)],
+                )
+            })
+            .await?;
+        let next = page
+            .last()
+            .filter(|_| page.len() == count)
+            .and_then(|e| e.seq)
+            .map(|seq| StreamCursor(seq.to_string()));
+        Ok((page, next))
     }
 
     async fn log_end(&self) -> Result<Option<LogPos>> {
