@@ -7,8 +7,9 @@ use crate::domain::view::{leases_of, queue_of, LeaseEntry, QueueEntry};
 use crate::domain::{JobState, View};
 use crate::store::{self, LogPos, Store, Stored, StreamCursor, StreamId};
 use ferry_proto::JobId;
+use futures_util::{StreamExt, TryStreamExt};
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Name under which `ferry replay --save-snapshot` stores the view.
 pub const SNAPSHOT: &str = "view";
@@ -63,7 +64,12 @@ pub struct History<'a> {
     phase: Phase,
     /// The log position everything handed out so far covers.
     covered: Option<LogPos>,
+    /// Batches read ahead (jobs' streams are read several at once), handed out first.
+    ready: VecDeque<Vec<Stored>>,
 }
+
+/// Jobs' streams read at once while a trimmed log's history is read stream by stream.
+const JOBS_AT_ONCE: usize = 32;
 
 enum Phase {
     Log,
@@ -88,6 +94,7 @@ impl<'a> History<'a> {
                 store,
                 phase: Phase::Log,
                 covered: None,
+                ready: VecDeque::new(),
             });
         };
         // An emptied log has no last entry: everything its streams hold was written before
@@ -103,6 +110,7 @@ impl<'a> History<'a> {
                 jobs_done: false,
             },
             covered: None,
+            ready: VecDeque::new(),
         })
     }
 
@@ -124,12 +132,16 @@ impl<'a> History<'a> {
             store,
             phase: Phase::Log,
             covered: Some(after.clone()),
+            ready: VecDeque::new(),
         }))
     }
 
     /// The next batch, `None` at the end.
     pub async fn next(&mut self) -> store::Result<Option<Vec<Stored>>> {
         loop {
+            if let Some(batch) = self.ready.pop_front() {
+                return Ok(Some(batch));
+            }
             match &mut self.phase {
                 Phase::Done => return Ok(None),
                 Phase::Log => {
@@ -167,6 +179,27 @@ impl<'a> History<'a> {
                         self.phase = Phase::Log;
                         continue;
                     };
+                    if matches!(stream, StreamId::Job(_)) {
+                        // Jobs' streams (each a few events, some thousands) are read whole,
+                        // several at once: one round trip after another would take minutes
+                        // for a million jobs.
+                        let at = next.len().saturating_sub(JOBS_AT_ONCE);
+                        let jobs: Vec<StreamId> = next.drain(at..).rev().collect();
+                        let store = self.store;
+                        let read: Vec<Vec<Stored>> = futures_util::stream::iter(
+                            jobs.iter().map(|job| store.read_stream(job, 0)),
+                        )
+                        .buffered(JOBS_AT_ONCE)
+                        .try_collect()
+                        .await?;
+                        for mut events in read {
+                            events.retain(|e| e.pos <= *end);
+                            if !events.is_empty() {
+                                self.ready.push_back(events);
+                            }
+                        }
+                        continue;
+                    }
                     let (mut events, more) = self
                         .store
                         .read_stream_page(stream, cursor.as_ref(), BATCH)
