@@ -197,6 +197,9 @@ pub struct JobsListArgs {
     /// Only jobs of this project (path or numeric id).
     #[arg(long, value_name = "P")]
     pub project: Option<String>,
+    /// Only jobs of this tag (with --project, looked up in the tag's index).
+    #[arg(long, value_name = "T")]
+    pub tag: Option<String>,
     /// Only jobs in this state: queued, running, succeeded, failed, cancelled or superseded.
     #[arg(long, value_name = "S")]
     pub state: Option<String>,

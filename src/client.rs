@@ -77,6 +77,7 @@ pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
             let mut query = Vec::new();
             let params = [
                 ("project", list.project.clone()),
+                ("tag", list.tag.clone()),
                 ("state", list.state.clone()),
                 ("limit", list.limit.map(|n| n.to_string())),
                 ("cursor", list.cursor.clone()),
@@ -369,6 +370,7 @@ fn render_job_list(v: &Value, list: &JobsListArgs) -> String {
         let mut more = String::from("more: ferry jobs list");
         for (flag, value) in [
             ("--project", &list.project),
+            ("--tag", &list.tag),
             ("--state", &list.state),
             ("--limit", &list.limit.map(|n| n.to_string())),
         ] {

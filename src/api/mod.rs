@@ -560,8 +560,9 @@ impl Registry {
     }
 }
 
-/// `GET /jobs?order=&project=&state=&limit=&cursor=`: job summaries, the newest first unless
-/// `order=oldest`; a cursor continues in the same order.
+/// `GET /jobs?order=&project=&tag=&state=&limit=&cursor=`: job summaries, the newest first
+/// unless `order=oldest`; a cursor continues in the same order. A project (by path) and a tag
+/// are looked up in the tag's index; other filters are applied to the job list as it is read.
 async fn list_jobs(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> Answer {
     let params = Params::parse(raw);
     let limit = params.limit()?;
@@ -575,6 +576,7 @@ async fn list_jobs(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> An
         }
     };
     let project = params.get("project").map(str::to_string);
+    let tag = params.get("tag").map(str::to_string);
     let phase = match params.get("state") {
         None => None,
         Some(s) => Some(JobPhase::parse(s).ok_or_else(|| {
@@ -597,7 +599,44 @@ async fn list_jobs(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> An
                 .as_ref()
                 .is_some_and(|plan| plan.project == p || plan.project_id.to_string() == p)
         });
-        project_ok && phase.is_none_or(|ph| job.phase == ph)
+        let tag_ok = tag
+            .as_deref()
+            .is_none_or(|t| job.plan.as_ref().is_some_and(|plan| plan.tag == t));
+        project_ok && tag_ok && phase.is_none_or(|ph| job.phase == ph)
+    };
+    // Where the jobs come from: a tag of a project named by its path has an index (a few jobs,
+    // in creation order); anything else is the whole job list, read a page at a time.
+    let tagged: Option<Vec<JobId>> = match (&project, &tag) {
+        (Some(p), Some(t)) if !p.bytes().all(|b| b.is_ascii_digit()) => {
+            let mut ids = store.indexed(&store::tag_index(p, t)).await?;
+            if order == Order::Newest {
+                ids.reverse();
+            }
+            Some(ids)
+        }
+        _ => None,
+    };
+    let page = |after: Option<JobId>, want: usize| {
+        let tagged = &tagged;
+        async move {
+            let Some(ids) = tagged else {
+                return store.jobs(after, want, order).await;
+            };
+            let start = match after {
+                None => 0,
+                Some(a) => {
+                    ids.iter().position(|id| *id == a).ok_or_else(|| {
+                        store::Error::Invalid(format!("job {a} is not one of this listing"))
+                    })? + 1
+                }
+            };
+            Ok(ids
+                .iter()
+                .skip(start)
+                .take(want)
+                .copied()
+                .collect::<Vec<_>>())
+        }
     };
 
     let mut items = Vec::new();
@@ -608,7 +647,7 @@ async fn list_jobs(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> An
         if want == 0 {
             break after; // budget spent: continue from here next time
         }
-        let ids = match store.jobs(after, want, order).await {
+        let ids = match page(after, want).await {
             Err(store::Error::Invalid(_)) if after == cursor => {
                 let c = cursor.map(|c| c.to_string()).unwrap_or_default();
                 return Err(ApiError::BadRequest(format!(
@@ -641,7 +680,7 @@ async fn list_jobs(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> An
         }
         if filled {
             // A cursor only when something follows, so a walk ends with `next: null`.
-            let more = !store.jobs(after, 1, order).await?.is_empty();
+            let more = !page(after, 1).await?.is_empty();
             break if more { after } else { None };
         }
         if !full {

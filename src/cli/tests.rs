@@ -140,6 +140,7 @@ fn each_subcommand_parses() {
             },
             command: JobsCommand::List(JobsListArgs {
                 project: Some("g/app".into()),
+                tag: Some("v1".into()),
                 state: Some("failed".into()),
                 limit: Some(5),
                 cursor: Some("c".into()),

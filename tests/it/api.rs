@@ -1422,3 +1422,123 @@ async fn agents_gone_for_over_a_day_are_listed_only_when_asked_for() {
     );
     assert!(!text.contains("more left"), "{text}");
 }
+
+/// A tag's jobs: with the project (by path) looked up in the tag's index, without it filtered
+/// from the job list; both orders, a cursor, the other filters and the CLI's `--tag`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_tag_are_listed_from_its_index() {
+    let api = Api::start(&[TOKEN]).await;
+    let mut created = Vec::new();
+    for (project, tag) in [
+        ("group/alpha", "v1"),
+        ("group/alpha", "v2"),
+        ("group/beta", "v1"),
+        ("group/alpha", "v1"),
+        ("group/alpha", "v1"),
+    ] {
+        let job = JobId::new();
+        let plan = JobCreated {
+            project: project.into(),
+            ..ferry::store::conformance::noop_job(job, tag, "nobody", &["build"])
+        };
+        api.store
+            .append(Append::new(StreamId::Job(job), vec![plan.into()]).expect(0))
+            .await
+            .unwrap();
+        created.push(job);
+    }
+    api.end(created[3], failed()).await;
+    let ids = |body: &Value| -> Vec<JobId> {
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    let alpha_v1 = [created[4], created[3], created[0]];
+    let (status, body) = api.get("/api/v1/jobs?project=group/alpha&tag=v1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(ids(&body), alpha_v1, "newest first");
+    assert!(body["next"].is_null(), "{body}");
+    let (_, body) = api
+        .get("/api/v1/jobs?project=group/alpha&tag=v1&order=oldest")
+        .await;
+    assert_eq!(ids(&body), [created[0], created[3], created[4]]);
+    let (_, body) = api
+        .get("/api/v1/jobs?project=group/alpha&tag=v1&state=failed")
+        .await;
+    assert_eq!(ids(&body), [created[3]]);
+    // a page at a time
+    let (_, first) = api
+        .get("/api/v1/jobs?project=group/alpha&tag=v1&limit=2")
+        .await;
+    assert_eq!(ids(&first), alpha_v1[..2]);
+    let cursor = first["next"].as_str().expect("more").to_string();
+    let (_, rest) = api
+        .get(&format!(
+            "/api/v1/jobs?project=group/alpha&tag=v1&limit=2&cursor={cursor}"
+        ))
+        .await;
+    assert_eq!(ids(&rest), alpha_v1[2..]);
+    assert!(rest["next"].is_null(), "{rest}");
+    let (status, body) = api
+        .get(&format!(
+            "/api/v1/jobs?project=group/alpha&tag=v1&cursor={}",
+            created[2]
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_of(&body).contains("cursor"), "{body}");
+    // without the project: every project's jobs of that tag
+    let (_, body) = api.get("/api/v1/jobs?tag=v1").await;
+    assert_eq!(ids(&body), [created[4], created[3], created[2], created[0]]);
+    let (_, body) = api.get("/api/v1/jobs?project=group/alpha&tag=v9").await;
+    assert!(ids(&body).is_empty(), "{body}");
+
+    // Behind a long history: the index answers at once; a filter reads at most a budget of
+    // jobs per request and says where to continue.
+    let later: Vec<_> = (0..api::SCAN_BUDGET)
+        .map(|_| {
+            let store = api.store.clone();
+            async move {
+                let job = JobId::new();
+                let plan = ferry::store::conformance::noop_job(job, "other", "nobody", &["b"]);
+                store
+                    .append(Append::new(StreamId::Job(job), vec![plan.into()]).expect(0))
+                    .await
+                    .unwrap();
+            }
+        })
+        .collect();
+    futures_util::future::join_all(later).await;
+    let (_, body) = api.get("/api/v1/jobs?project=group/alpha&tag=v1").await;
+    assert_eq!(ids(&body), alpha_v1);
+    assert!(body["next"].is_null(), "{body}");
+    let (_, body) = api.get("/api/v1/jobs?tag=v1").await;
+    assert!(
+        ids(&body).is_empty(),
+        "the budget went on newer jobs: {body}"
+    );
+    assert!(body["next"].is_string(), "{body}");
+
+    let flags = ["--api", api.base.as_str(), "--token", TOKEN];
+    let args = [
+        "jobs",
+        "list",
+        "--project",
+        "group/alpha",
+        "--tag",
+        "v1",
+        "--limit",
+        "1",
+    ];
+    let out = ferry(&[&args[..], &flags].concat()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(&created[4].to_string()), "{text}");
+    assert!(
+        text.contains("--project group/alpha --tag v1 --limit 1 --cursor"),
+        "the next page keeps the tag: {text}"
+    );
+}
