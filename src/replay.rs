@@ -329,8 +329,14 @@ pub async fn verify(store: &dyn Store, view: &View) -> Result<Verification, Erro
 
     let mut out = Verification::default();
     let empty = JobState::new(JobId::default());
-    for job in jobs {
-        let stream = store.read_stream(&StreamId::Job(job), 0).await?;
+    // Each job's stream, several read at once, compared in order.
+    let streams = futures_util::stream::iter(jobs.into_iter().map(|job| async move {
+        Ok::<_, store::Error>((job, store.read_stream(&StreamId::Job(job), 0).await?))
+    }))
+    .buffered(JOBS_AT_ONCE);
+    futures_util::pin_mut!(streams);
+    while let Some(read) = streams.next().await {
+        let (job, stream) = read?;
         let mut live = JobState::new(job);
         for stored in &stream {
             live.evolve(&stored.decode()?, stored.envelope.at_ms);
