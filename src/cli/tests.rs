@@ -130,7 +130,7 @@ fn each_subcommand_parses() {
     );
     check(
         &format!(
-            "jobs {flags} list --project g/app --state failed --limit 5 --cursor c --oldest --json"
+            "jobs {flags} list --project g/app --tag v1 --state failed --limit 5 --cursor c --oldest --json"
         ),
         Command::Jobs(JobsArgs {
             conn: ApiConn {
