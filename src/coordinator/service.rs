@@ -5,7 +5,7 @@ use super::plan::{plan_job, ProjectPlan};
 use super::remembered::Remembered;
 use crate::domain::JobState;
 use crate::store::{
-    self, environment_index, now_ms, Append, Error, LogPos, Store, Stored, StreamId, LIVE,
+    self, environment_index, now_ms, Append, Error, LogPos, Store, Stored, StreamId, Trimmed, LIVE,
 };
 use ferry_proto::{Event, FencingToken, JobCancelled, JobId, JobSuperseded, StepSpec};
 use std::collections::BTreeMap;
@@ -814,11 +814,11 @@ async fn sweep_duty(store: Arc<dyn Store>, opts: Arc<Options>, pools: Vec<String
             trim_due = tokio::time::Instant::now() + opts.trim_every;
             let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
             match trim_log(&*store, now_ms().saturating_sub(keep_ms)).await {
-                Ok(trimmed) => {
+                Ok((trimmed, more)) => {
                     if trimmed.deleted > 0 {
                         debug!(entries = trimmed.deleted, "trimmed the global log");
                     }
-                    if trimmed.more {
+                    if more {
                         // a backlog (a busy fleet writes faster than one call deletes): on
                         // at the next tick
                         trim_due = tokio::time::Instant::now();
@@ -856,33 +856,23 @@ async fn sweep_duty(store: Arc<dyn Store>, opts: Arc<Options>, pools: Vec<String
 /// Calls of the trim per sweep tick, at most (each deletes up to 100 nodes of the log).
 const TRIM_CALLS: usize = 16;
 
-/// What [`trim_log`] did in one sweep tick.
-struct TrimPass {
-    deleted: u64,
-    held_by: Option<String>,
-    /// The last call still deleted something: more may be due.
-    more: bool,
-}
-
 /// Trims the global log of entries older than `before_ms` that every group handled, a bounded
-/// number of calls per tick (`TRIM_CALLS`).
-async fn trim_log(store: &dyn Store, before_ms: u64) -> Result<TrimPass, Error> {
-    let mut pass = TrimPass {
-        deleted: 0,
-        held_by: None,
-        more: false,
-    };
+/// number of calls per tick (`TRIM_CALLS`): what they deleted together, the group the last
+/// one named, and whether that call still deleted something (more may be due).
+async fn trim_log(store: &dyn Store, before_ms: u64) -> Result<(Trimmed, bool), Error> {
+    let mut pass = Trimmed::default();
+    let mut more = false;
     for _ in 0..TRIM_CALLS {
         let trimmed = store.trim_log(before_ms).await?;
         METRICS.log_trimmed.inc_by(trimmed.deleted);
         pass.deleted += trimmed.deleted;
         pass.held_by = trimmed.held_by;
-        pass.more = trimmed.deleted > 0;
-        if !pass.more {
+        more = trimmed.deleted > 0;
+        if !more {
             break;
         }
     }
-    Ok(pass)
+    Ok((pass, more))
 }
 
 fn clamp_i64(n: u64) -> i64 {

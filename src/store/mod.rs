@@ -369,7 +369,7 @@ pub trait Feed: Send + Sync {
     /// Deletes global-log entries written before `before_ms` (store clock) that every consumer
     /// group has handled: none pending, none not yet delivered. Every event stays in its own
     /// stream, so the store's history loses nothing; readers of all of it
-    /// (`crate::replay::each_event`) read the streams where the log is incomplete (see
+    /// (`crate::replay::History`) read the streams where the log is incomplete (see
     /// [`EventLog::log_complete_from`]). Entries may stay behind for a later call. The
     /// embedded store keeps one table for the log and the streams: it deletes nothing.
     async fn trim_log(&self, before_ms: u64) -> Result<Trimmed>;

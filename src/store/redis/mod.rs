@@ -412,29 +412,19 @@ impl RedisStore {
         }
     }
 
+    /// Every entry of stream `name` after entry id `after` (`None`: from its start) up to
+    /// `until` (`+`: its end), a page of [`STREAM_PAGE`] at a time.
     async fn stream_pages(
         &self,
         name: &str,
         mut after: Option<String>,
         until: &str,
     ) -> Result<Vec<Stored>> {
-        let key = self.keys().stream(name);
         let mut out = Vec::new();
         loop {
-            let start = after.map_or("-".to_string(), |a| format!("({a}"));
-            let v: Value = self
-                .query(
-                    &format!("read {name}"),
-                    redis::cmd("XRANGE")
-                        .arg(&key)
-                        .arg(start)
-                        .arg(until)
-                        .arg("COUNT")
-                        .arg(STREAM_PAGE),
-                )
+            let (page, last) = self
+                .stream_page(name, after.as_deref(), until, STREAM_PAGE)
                 .await?;
-            let last = parse::last_id(&v);
-            let page = parse::entries(v, Source::Stream(name))?;
             let full = page.len() == STREAM_PAGE;
             out.extend(page);
             match last {
@@ -442,6 +432,31 @@ impl RedisStore {
                 _ => return Ok(out),
             }
         }
+    }
+
+    /// Up to `count` entries of stream `name` after entry id `after` (`None`: from its start)
+    /// up to `until`, and the id of the last one.
+    async fn stream_page(
+        &self,
+        name: &str,
+        after: Option<&str>,
+        until: &str,
+        count: usize,
+    ) -> Result<(Vec<Stored>, Option<String>)> {
+        let start = after.map_or("-".to_string(), |a| format!("({a}"));
+        let v: Value = self
+            .query(
+                &format!("read {name}"),
+                redis::cmd("XRANGE")
+                    .arg(self.keys().stream(name))
+                    .arg(start)
+                    .arg(until)
+                    .arg("COUNT")
+                    .arg(count),
+            )
+            .await?;
+        let last = parse::last_id(&v);
+        Ok((parse::entries(v, Source::Stream(name))?, last))
     }
 }
 
@@ -497,22 +512,10 @@ impl EventLog for RedisStore {
         if count == 0 {
             return Ok((Vec::new(), after.cloned()));
         }
-        let name = stream.name();
-        let start = after.map_or("-".to_string(), |c| format!("({}", c.0));
-        let v: Value = self
-            .query(
-                &format!("read {name}"),
-                redis::cmd("XRANGE")
-                    .arg(self.keys().stream(&name))
-                    .arg(start)
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(count),
-            )
-            .await?;
         // the cursor is the last entry's id in the stream
-        let last = parse::last_id(&v);
-        let page = parse::entries(v, Source::Stream(&name))?;
+        let (page, last) = self
+            .stream_page(&stream.name(), after.map(|c| c.0.as_str()), "+", count)
+            .await?;
         let next = last.filter(|_| page.len() == count).map(StreamCursor);
         Ok((page, next))
     }
