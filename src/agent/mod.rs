@@ -182,9 +182,19 @@ pub async fn run(
         }
         // A lease granted by this call runs out no earlier than TTL after it was sent.
         let asked = tokio::time::Instant::now();
+        // A stop heard while a claim call runs lets the call finish: it may have been granted
+        // leases already, and dropping it would leave their steps to wait for the leases to
+        // run out (and count an attempt). What it claimed runs like any running step.
+        let claim = store.claim_many(&opts.pools, &opts.name, opts.lease_ttl, permits.len());
+        tokio::pin!(claim);
+        let mut stop_heard = None;
         let claims = tokio::select! {
-            r = &mut stopping => { requested = r; break }
-            c = store.claim_many(&opts.pools, &opts.name, opts.lease_ttl, permits.len()) => c,
+            c = &mut claim => c,
+            r = &mut stopping => {
+                info!(agent = %opts.name, "stop heard during a claim; finishing the claim first");
+                stop_heard = Some(r);
+                claim.await
+            }
         };
         match claims {
             Ok(claims) if !claims.is_empty() => {
@@ -201,6 +211,8 @@ pub async fn run(
                     });
                 }
             }
+            // (`stopping` has finished when the stop was heard: it cannot be awaited again)
+            Ok(_) if stop_heard.is_some() => {}
             Ok(_) => {
                 drop(permits);
                 tokio::select! {
@@ -216,8 +228,14 @@ pub async fn run(
             Err(e) => {
                 drop(permits);
                 warn!(error = %e, "claiming work failed");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                if stop_heard.is_none() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
             }
+        }
+        if let Some(r) = stop_heard {
+            requested = r;
+            break;
         }
     }
     info!(agent = %opts.name, grace = ?opts.shutdown_grace, "agent stopping; taking no new work");

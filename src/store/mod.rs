@@ -390,8 +390,13 @@ pub struct Trimmed {
 ///
 /// - `claim_many` atomically pops up to `max` of the best ready steps over `pools`, best first,
 ///   grants `agent` a lease of `ttl` on each with a fresh fencing token, and appends
-///   `StepClaimed` to each job's stream. Each queued step is claimed at most once. An error
-///   means nothing was claimed. `claim` is `claim_many` with `max` = 1.
+///   `StepClaimed` to each job's stream. Each queued step is claimed at most once. Each claim
+///   carries its job's stream up to its `StepClaimed` (`history`). An error means the caller
+///   holds nothing: nothing was claimed, or what was claimed has been handed back
+///   (`StepReleased`: a store that claims and reads the histories separately tries the read
+///   again for a third of `ttl`, then releases), or, when the store became unreachable during
+///   the call ([`Error::Unavailable`]), leases it may have granted run out (`LeaseExpired`).
+///   `claim` is `claim_many` with `max` = 1.
 /// - `promote_due` moves delayed steps whose due time passed (store clock) to their ready queue,
 ///   appending `StepQueued` for each.
 /// - `wait_for_work` returns when work may have arrived for one of `pools`, or after `timeout`.

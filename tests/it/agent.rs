@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use ferry::agent::{self, ArtifactFetch, Runner};
 use ferry::coordinator;
 use ferry::domain::JobPhase;
+use ferry::store::redis::RedisStore;
 use ferry::store::{Append, Store, StreamId};
 use ferry_proto::*;
 use std::path::{Path, PathBuf};
@@ -112,7 +113,8 @@ fn start(
                 pools: vec!["default".into()],
                 labels: vec![],
                 concurrency: 1,
-                lease_ttl: Duration::from_secs(5),
+                // (long: a claim whose job cannot be read is read again for a third of it)
+                lease_ttl: Duration::from_secs(30),
                 shutdown_grace: grace,
                 runner: Arc::new(Runner {
                     artifacts: Some(Arc::new(Dir(artifacts.clone()))),
@@ -257,6 +259,70 @@ async fn a_stopping_agent_hands_its_step_back_and_another_finishes_it() {
         .filter(|e| matches!(e, Event::StepSucceeded(_)))
         .count();
     assert_eq!(succeeded, 1);
+}
+
+/// A stop heard while a claim call is in flight does not drop the call: the leases it was
+/// granted would otherwise wait to run out, and count an attempt. Here the call is held in
+/// flight by its read of the claimed job, which fails until the test allows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_heard_during_a_claim_runs_what_the_claim_took() {
+    let user = harness::LimitedUser::new(&["xrange"]).await;
+    let ns = harness::namespace();
+    let url = harness::shared().url();
+    let store: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &ns).await.unwrap());
+    let limited: Arc<dyn Store> = Arc::new(RedisStore::connect(&user.url, &ns).await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let published = artifact(dir.path());
+    let (job, mut events, _) = deploy_job(&dir.path().join("srv"), "true");
+    events.push(published.into());
+    let _c = start(&store, "coordinator", dir.path(), Duration::from_secs(5));
+    let (stop, agent) = start(&limited, "agent-1", dir.path(), Duration::from_secs(10));
+    store
+        .append(Append::new(StreamId::Job(job), events).expect(0))
+        .await
+        .unwrap();
+    wait_until(DEADLINE, || async {
+        let (_, events) = harness::job_events(&*store, job).await;
+        events.iter().any(|e| matches!(e, Event::StepClaimed(_)))
+    })
+    .await;
+    stop.send(true).unwrap();
+    // The agent has heard the stop once its end of the channel is gone.
+    wait_until(DEADLINE, || async { stop.receiver_count() == 0 }).await;
+    user.allow("xrange").await;
+    tokio::time::timeout(DEADLINE * 2, agent)
+        .await
+        .expect("the agent stops")
+        .unwrap();
+
+    let (state, events) = harness::job_events(&*store, job).await;
+    let by_agent: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::StepClaimed(_) => Some("claimed"),
+            Event::StepStarted(_) => Some("started"),
+            Event::StepSucceeded(_) => Some("succeeded"),
+            Event::StepReleased(_) => Some("released"),
+            Event::LeaseExpired(_) => Some("expired"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(by_agent, ["claimed", "started", "succeeded"], "{events:?}");
+    wait_until(DEADLINE, || async {
+        harness::job_events(&*store, job).await.0.phase == JobPhase::Succeeded
+    })
+    .await;
+    let said: Vec<String> = store
+        .read_stream(&StreamId::Agents, 0)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|s| match s.decode().unwrap() {
+            Event::AgentLeft(l) => Some(l.reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(said, ["shut down: running steps finished"], "{state:?}");
 }
 
 async fn wait_for_pid(path: &Path) -> i32 {

@@ -179,6 +179,56 @@ pub fn namespace() -> String {
     format!("t{:016x}", rand::random::<u64>())
 }
 
+/// A user of the shared server (fresh per call) that may run every command except those the
+/// test denies it, and the URL that logs in as it: one client's command fails, when the test
+/// chooses, while everything else works. (Scripts run under the caller's permissions too.)
+#[allow(dead_code)]
+pub struct LimitedUser {
+    name: String,
+    pub url: String,
+}
+
+#[allow(dead_code)]
+impl LimitedUser {
+    pub async fn new(denied: &[&str]) -> LimitedUser {
+        let name = format!("u{}", namespace());
+        let password = namespace();
+        let server = shared();
+        let user = LimitedUser {
+            url: format!("redis://{name}:{password}@127.0.0.1:{}/", server.port),
+            name,
+        };
+        let mut rules = vec!["on".to_string(), format!(">{password}")];
+        rules.extend(["~*", "&*", "+@all"].map(String::from));
+        rules.extend(denied.iter().map(|c| format!("-{c}")));
+        user.set(&rules).await;
+        user
+    }
+
+    pub async fn allow(&self, command: &str) {
+        self.set(&[format!("+{command}")]).await;
+    }
+
+    pub async fn deny(&self, command: &str) {
+        self.set(&[format!("-{command}")]).await;
+    }
+
+    async fn set(&self, rules: &[String]) {
+        let mut conn = redis::Client::open(shared().url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&self.name)
+            .arg(rules)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
 /// A store on the shared server, in a fresh namespace.
 #[allow(dead_code)]
 pub async fn redis_store() -> RedisStore {

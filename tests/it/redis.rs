@@ -1,14 +1,14 @@
 //! Redis-specific tests: the Lua score formula, the key layout, outages and blocking commands,
 //! listing jobs that earlier builds ended for log retention.
 
-use crate::harness::{self, wait_for, RedisServer, DEADLINE};
+use crate::harness::{self, wait_for, wait_until, RedisServer, DEADLINE};
 use ferry::coordinator;
 use ferry::replay;
 use ferry::store::conformance::noop_job;
 use ferry::store::redis::{queue_score_probe, RedisStore};
 use ferry::store::{
-    queue_score, Append, Capacity, Error, EventLog, Feed, Listing, LogPos, Logs, Store, StreamId,
-    WorkQueue,
+    queue_score, Append, Capacity, Error, EventLog, Feed, Leases, Listing, LogPos, Logs, Store,
+    StreamId, WorkQueue,
 };
 use ferry_proto::{Event, JobId, JobSucceeded, LogsExpired, StepQueued, StepRetryScheduled};
 use std::sync::Arc;
@@ -821,4 +821,98 @@ async fn the_log_is_trimmed_up_to_what_every_group_has_handled() {
             .len(),
         600
     );
+}
+
+/// The claim script grants the leases before the adapter reads the claimed jobs' streams. A
+/// read that fails is tried again while the leases are young; one that keeps failing hands
+/// the claims back at once (StepReleased), instead of leaving the steps to wait for their
+/// leases to run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_job_cannot_be_read_is_read_again_or_handed_back() {
+    // (the limited user's XRANGE fails while denied: the claim script does not use it)
+    let user = harness::LimitedUser::new(&["xrange"]).await;
+    let ns = harness::namespace();
+    let admin = RedisStore::connect(&harness::shared().url(), &ns)
+        .await
+        .unwrap();
+    let limited = Arc::new(RedisStore::connect(&user.url, &ns).await.unwrap());
+    let pools = vec!["default".to_string()];
+    let queue = |job: JobId| {
+        let admin = &admin;
+        async move {
+            let queued = StepQueued {
+                step: "build".into(),
+                attempt: 1,
+                pool: "default".into(),
+                priority: 0,
+            };
+            admin
+                .append(Append::new(StreamId::Job(job), vec![queued.into()]))
+                .await
+                .unwrap();
+        }
+    };
+    let kinds = |job: JobId| {
+        let admin = &admin;
+        async move {
+            let events = admin.read_stream(&StreamId::Job(job), 0).await.unwrap();
+            events
+                .iter()
+                .map(|s| s.decode().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+
+    // Readable again while the lease is young: the claim comes back whole.
+    let first = JobId::new();
+    queue(first).await;
+    let claim = tokio::spawn({
+        let (limited, pools) = (limited.clone(), pools.clone());
+        async move {
+            limited
+                .claim_many(&pools, &"a".into(), Duration::from_secs(60), 1)
+                .await
+        }
+    });
+    wait_until(DEADLINE, || async { kinds(first).await.len() == 2 }).await;
+    user.allow("xrange").await;
+    let claims = claim.await.unwrap().expect("the claim, read once allowed");
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].job, first);
+    let history: Vec<Event> = claims[0]
+        .history
+        .iter()
+        .map(|s| s.decode().unwrap())
+        .collect();
+    assert!(
+        matches!(&history[..], [Event::StepQueued(_), Event::StepClaimed(c)] if c.token == claims[0].token),
+        "{history:?}"
+    );
+
+    // Never readable: handed back, the lease gone, the error said.
+    user.deny("xrange").await;
+    let second = JobId::new();
+    queue(second).await;
+    let err = limited
+        .claim_many(&pools, &"a".into(), Duration::from_millis(900), 1)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Unavailable(m) if m.contains("read the claimed jobs")),
+        "{err:?}"
+    );
+    let events = kinds(second).await;
+    assert!(
+        matches!(&events[..], [Event::StepQueued(_), Event::StepClaimed(_), Event::StepReleased(r)]
+            if r.agent.as_str() == "a" && r.reason.contains("could not read the claimed job")),
+        "{events:?}"
+    );
+    let held: Vec<JobId> = admin
+        .leases()
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.job)
+        .collect();
+    assert_eq!(held, [first], "only the first claim's lease is held");
 }

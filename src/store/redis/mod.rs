@@ -311,20 +311,16 @@ fn from_value<T: FromRedisValue>(what: &str, v: Value) -> Result<T> {
 const STREAM_PAGE: usize = 1024;
 
 impl RedisStore {
-    /// The entries of stream `name` after the entry `after` (from the first when `None`) up to
-    /// and including `until` (`+`: the last), in pages of [`STREAM_PAGE`], so that reading a
-    /// long stream (a deploy to many hosts) never holds the server for long: other clients
-    /// are served between the pages.
-    /// Fills in each claim's history: its job's stream up to its StepClaimed entry, one
-    /// pipelined `XRANGE` for all of them (a stream longer than a page is read on in pages).
-    /// Native reads, outside the claim script: a script pays for every value it reads and
-    /// returns, several times what the server's own `XRANGE` costs.
-    async fn histories(&self, claims: Vec<(Claim, String)>) -> Result<Vec<Claim>> {
+    /// Each claim's history: its job's stream up to its StepClaimed entry, one pipelined
+    /// `XRANGE` for all of them (a stream longer than a page is read on in pages). Native
+    /// reads, outside the claim script: a script pays for every value it reads and returns,
+    /// several times what the server's own `XRANGE` costs.
+    async fn histories(&self, claims: &[(Claim, String)]) -> Result<Vec<Vec<Stored>>> {
         if claims.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
-        for (claim, claimed) in &claims {
+        for (claim, claimed) in claims {
             pipe.cmd("XRANGE")
                 .arg(self.keys().stream(&StreamId::Job(claim.job).name()))
                 .arg("-")
@@ -344,15 +340,14 @@ impl RedisStore {
             )));
         }
         let mut out = Vec::with_capacity(claims.len());
-        for ((mut claim, claimed), page) in claims.into_iter().zip(pages) {
+        for ((claim, claimed), page) in claims.iter().zip(pages) {
             let name = StreamId::Job(claim.job).name();
             let last = parse::last_id(&page);
-            claim.history = parse::entries(page, Source::Stream(&name))?;
+            let mut history = parse::entries(page, Source::Stream(&name))?;
             match last {
-                Some(last) if last == claimed => {}
-                Some(last) if claim.history.len() == STREAM_PAGE => {
-                    let more = self.stream_pages(&name, Some(last), &claimed).await?;
-                    claim.history.extend(more);
+                Some(last) if &last == claimed => {}
+                Some(last) if history.len() == STREAM_PAGE => {
+                    history.extend(self.stream_pages(&name, Some(last), claimed).await?);
                 }
                 _ => {
                     return Err(Error::Corrupt(format!(
@@ -360,9 +355,50 @@ impl RedisStore {
                     )))
                 }
             }
-            out.push(claim);
+            out.push(history);
         }
         Ok(out)
+    }
+
+    /// The claims of a claim call with their histories. The leases are granted already, so
+    /// a read that fails for want of the store is tried again while the leases are young
+    /// (for a third of their TTL, as long as an agent waits to renew); if it still fails,
+    /// the claims are handed back (`StepReleased`), so that the steps are queued again at
+    /// once instead of waiting for their leases to run out, and the error is returned.
+    async fn with_histories(
+        &self,
+        mut claims: Vec<(Claim, String)>,
+        ttl: Duration,
+    ) -> Result<Vec<Claim>> {
+        let give_up = tokio::time::Instant::now() + ttl / 3;
+        let mut pause = Duration::from_millis(20);
+        let failure = loop {
+            match self.histories(&claims).await {
+                Ok(histories) => {
+                    for ((claim, _), history) in claims.iter_mut().zip(histories) {
+                        claim.history = history;
+                    }
+                    return Ok(claims.into_iter().map(|(claim, _)| claim).collect());
+                }
+                Err(e @ Error::Unavailable(_)) if tokio::time::Instant::now() + pause < give_up => {
+                    tracing::debug!(error = %e, "reading the claimed jobs failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => break e,
+            }
+        };
+        let reason = format!("the agent could not read the claimed job: {failure}");
+        for (claim, _) in &claims {
+            if let Err(e) = self
+                .release(claim.job, &claim.step, claim.token, &reason)
+                .await
+            {
+                tracing::warn!(job = %claim.job, step = %claim.step, error = %e,
+                    "could not hand back a claim whose job could not be read; its lease will run out");
+            }
+        }
+        Err(failure)
     }
 
     /// The entries of stream `name` after its first `from`, read backwards from its end until
@@ -776,7 +812,8 @@ impl WorkQueue for RedisStore {
             .into_iter()
             .map(parse_claim)
             .collect::<Result<Vec<_>>>()?;
-        self.histories(claims).await
+        self.with_histories(claims, Duration::from_millis(ttl))
+            .await
     }
 
     async fn promote_due(&self, max: usize) -> Result<usize> {
