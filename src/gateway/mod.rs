@@ -407,7 +407,6 @@ fn delivery_id(headers: &HeaderMap) -> Result<Option<String>, Rejection> {
     Ok(None)
 }
 
-/// `WebhookReceived.event`: the header as sent, cut to 64 characters.
 /// The dedupe keys of a delivery, from what is stored of it: `delivery:<project>:<id>` when it
 /// carried an id (`<project>` is the numeric id, else the lowercased path), and
 /// `content:<project_id>:<ref>:<before>:<after>` for a push that carries all four. The gateway
@@ -434,6 +433,7 @@ pub fn dedupe_keys(w: &WebhookReceived) -> Vec<String> {
     keys
 }
 
+/// `WebhookReceived.event`: the header as sent, cut to 64 characters.
 fn event_name(kind: EventKind, headers: &HeaderMap) -> String {
     match header_str(headers, headers::EVENT) {
         Some(value) if kind == EventKind::Other => value.chars().take(64).collect(),
