@@ -2,7 +2,8 @@
 //! event in the `webhooks` stream, deduplicated atomically with the append; the coordinator turns
 //! the events that act into jobs. Also `GET /healthz`, `GET /readyz` and `GET /metrics`.
 //!
-//! A delivery goes through, in this order: size (413) → JSON (400) → project (404) →
+//! A delivery goes through, in this order: size (413) → JSON (400) → project (200 `ignored`,
+//! nothing stored, for a project not configured: a group hook delivers every project's events) →
 //! authenticity (401) → required fields (400) → classification → append (503 when the store
 //! fails). The gateway answers 2xx only after the append returned: nothing accepted is lost
 //! (invariant 1). Ignored deliveries are appended too (action `ignored`), so history shows them,
@@ -40,10 +41,10 @@ use hook::Hook;
 use serde_json::json;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 /// Everything the gateway's handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -56,6 +57,7 @@ struct Inner {
     projects: Projects,
     options: GatewayOptions,
     metrics: Metrics,
+    not_served: NotServedLog,
     /// What `/metrics` renders: the gateway's own metrics, plus whatever else the process
     /// registered in it.
     registry: prometheus::Registry,
@@ -96,9 +98,37 @@ impl GatewayState {
                 projects,
                 options,
                 metrics,
+                not_served: NotServedLog::default(),
                 registry,
             }),
         })
+    }
+}
+
+/// Says in the log, at most once a minute, that deliveries for projects the gateway does not
+/// serve were ignored: a project missing from the configuration, or configured under another
+/// path, would otherwise show only in `ferry_webhooks_total{outcome="unknown_project"}`.
+#[derive(Default)]
+struct NotServedLog {
+    /// When it was said last, and how many deliveries since.
+    said: Mutex<(Option<Instant>, u64)>,
+}
+
+impl NotServedLog {
+    fn note(&self, reason: &str) {
+        let mut said = self.said.lock().expect("not-served log lock");
+        said.1 += 1;
+        if said
+            .0
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+        {
+            warn!(
+                deliveries = said.1,
+                last = reason,
+                "ignored webhook deliveries for projects that are not configured (a group hook's other projects, or a project missing from the configuration)"
+            );
+            *said = (Some(Instant::now()), 0);
+        }
     }
 }
 
@@ -140,12 +170,26 @@ pub mod headers {
     pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
 }
 
-/// A delivery the gateway stored (or had already stored).
+/// A delivery the gateway stored (or had already stored), or one for a project it does not
+/// serve, which it stores nothing of.
 #[derive(Debug)]
 enum Reply {
-    Accepted { event_id: String },
-    Duplicate { event_id: String },
-    Ignored { reason: String },
+    Accepted {
+        event_id: String,
+    },
+    Duplicate {
+        event_id: String,
+    },
+    Ignored {
+        reason: String,
+    },
+    /// A group hook also delivers the events of the group's other projects, and of the group
+    /// itself: answered 2xx like any ignored event (GitLab counts every 4xx toward disabling
+    /// the hook, and would then drop the events of the projects ferry serves), unauthenticated
+    /// (the credentials are the project's) and so not stored.
+    NotServed {
+        reason: String,
+    },
 }
 
 /// Why a delivery was refused. The one place that maps failures to status codes; messages say
@@ -154,7 +198,6 @@ enum Reply {
 enum Rejection {
     TooLarge(usize),
     BadRequest(String),
-    UnknownProject,
     Unauthorized(auth::Error),
     Unavailable,
 }
@@ -165,6 +208,7 @@ impl Reply {
             Reply::Accepted { .. } => Outcome::Accepted,
             Reply::Duplicate { .. } => Outcome::Duplicate,
             Reply::Ignored { .. } => Outcome::Ignored,
+            Reply::NotServed { .. } => Outcome::UnknownProject,
         }
     }
 }
@@ -180,7 +224,9 @@ impl IntoResponse for Reply {
                 StatusCode::OK,
                 Json(json!({ "event_id": event_id, "duplicate": true })),
             ),
-            Reply::Ignored { reason } => (StatusCode::OK, Json(json!({ "ignored": reason }))),
+            Reply::Ignored { reason } | Reply::NotServed { reason } => {
+                (StatusCode::OK, Json(json!({ "ignored": reason })))
+            }
         }
         .into_response()
     }
@@ -191,7 +237,6 @@ impl Rejection {
         match self {
             Rejection::TooLarge(_) => Outcome::TooLarge,
             Rejection::BadRequest(_) => Outcome::BadRequest,
-            Rejection::UnknownProject => Outcome::UnknownProject,
             Rejection::Unauthorized(_) => Outcome::Unauthorized,
             Rejection::Unavailable => Outcome::Unavailable,
         }
@@ -212,7 +257,6 @@ impl IntoResponse for Rejection {
                 format!("body exceeds {limit} bytes"),
             ),
             Rejection::BadRequest(message) => (StatusCode::BAD_REQUEST, message),
-            Rejection::UnknownProject => (StatusCode::NOT_FOUND, "unknown project".to_string()),
             Rejection::Unauthorized(e) => (StatusCode::UNAUTHORIZED, e.to_string()),
             Rejection::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -273,7 +317,13 @@ impl GatewayState {
         }
 
         let hook = Hook::parse(&body)?;
-        let project = self.inner.projects.find(&hook)?;
+        let project = match self.inner.projects.find(&hook) {
+            Ok(project) => project,
+            Err(reason) => {
+                self.inner.not_served.note(&reason);
+                return Ok(Reply::NotServed { reason });
+            }
+        };
         let creds = auth::Credentials {
             token: header_bytes(headers, headers::TOKEN),
             webhook_id: header_bytes(headers, headers::WEBHOOK_ID),
@@ -373,10 +423,11 @@ impl Projects {
 
     /// The project a delivery is for: by `project_id` when the project's id is configured, else
     /// by `path_with_namespace`. A project with a configured id never matches on path alone (a
-    /// project deleted and recreated under the same path is another project).
-    fn find(&self, hook: &Hook) -> Result<&ProjectHooks, Rejection> {
+    /// project deleted and recreated under the same path is another project). Otherwise why
+    /// none is.
+    fn find(&self, hook: &Hook) -> Result<&ProjectHooks, String> {
         if hook.project_id.is_none() && hook.project_path.is_none() {
-            return Err(hook::Error::Missing("project_id").into());
+            return Err("the delivery names no project".into());
         }
         let by_id = hook.project_id.and_then(|id| self.by_id.get(&id));
         let by_path = || {
@@ -388,7 +439,15 @@ impl Projects {
         by_id
             .or_else(by_path)
             .map(|i| &self.list[*i])
-            .ok_or(Rejection::UnknownProject)
+            .ok_or_else(|| {
+                let named = match (hook.project_id, &hook.project_path) {
+                    (Some(id), Some(path)) => format!("project {id} ({path})"),
+                    (Some(id), None) => format!("project {id}"),
+                    (None, Some(path)) => format!("project {path}"),
+                    (None, None) => unreachable!("checked above"),
+                };
+                format!("{named} is not configured")
+            })
     }
 }
 
