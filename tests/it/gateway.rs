@@ -462,28 +462,29 @@ async fn deliveries_for_projects_not_served_are_ignored_with_200() {
         ],
     );
     let group_event = r#"{"event_name": "user_add_to_group", "group_id": 7}"#.to_string();
-    let cases: [(&str, String, &[(&str, &str)], &str); 3] = [
+    let wrong_token = [("x-gitlab-token", "wrong")];
+    let cases = [
         (
             TAG,
-            other.clone(),
-            &[],
+            &other,
+            &[][..],
             "project 999 (nobody/nothing) is not configured",
         ),
         (
             TAG,
-            other,
-            &[("x-gitlab-token", "wrong")],
+            &other,
+            &wrong_token[..],
             "project 999 (nobody/nothing) is not configured",
         ),
         (
             "Member Hook",
-            group_event,
-            &[],
+            &group_event,
+            &[][..],
             "the delivery names no project",
         ),
     ];
     for (event, body, headers, reason) in cases {
-        let (status, answer) = gw.post(event, &body, headers).await;
+        let (status, answer) = gw.post(event, body, headers).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
         assert_eq!(answer, json!({ "ignored": reason }));
     }
