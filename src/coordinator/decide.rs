@@ -381,12 +381,22 @@ pub fn deploy_gate(job: &JobState, step: &StepId, others: &[JobState]) -> Deploy
             .all(|s| matches!(s.status, StepStatus::Succeeded { .. }));
         match deploy.status {
             StepStatus::Claimed { .. } => running = Some(older.id),
-            StepStatus::Succeeded { .. } | StepStatus::Failed { .. } => {}
+            // (a failure that will not be retried ends the older job)
+            StepStatus::Succeeded { .. }
+            | StepStatus::Failed {
+                retryable: false, ..
+            } => {}
             StepStatus::Pending if !at_gate => {} // still building; it meets the gate later
+            // A retryable failure is a deploy about to be tried again (its retry is scheduled
+            // and later promoted without passing the gate again): like an interrupted one, it
+            // must not land after this newer one.
             StepStatus::Pending
             | StepStatus::Queued { .. }
             | StepStatus::Delayed { .. }
-            | StepStatus::Interrupted { .. } => supersede.push(older.id),
+            | StepStatus::Interrupted { .. }
+            | StepStatus::Failed {
+                retryable: true, ..
+            } => supersede.push(older.id),
         }
     }
     let verdict = match running {
@@ -502,5 +512,29 @@ mod gate_tests {
         );
         assert_eq!(g.supersede, vec![queued.id, at_gate.id]);
         assert_eq!(gate(&me, &[]).verdict, Verdict::Go);
+    }
+
+    /// An older deploy that failed and will be tried again (its coordinator has not scheduled
+    /// the retry yet) is superseded: its retry would otherwise run after this newer deploy.
+    /// One that failed for good is not in the way.
+    #[test]
+    fn an_older_deploy_about_to_be_retried_is_superseded() {
+        let me = job(5, &["done"]);
+        let failed_deploy = |n: u8, retryable: bool| {
+            let mut j = job(n, &["done", "running"]);
+            let failed = StepFailed {
+                step: StepId::new("deploy:prod"),
+                attempt: 1,
+                error: "cannot connect".into(),
+                retryable,
+                exit_code: None,
+            };
+            j.evolve(&failed.into(), 3);
+            j
+        };
+        let retrying = failed_deploy(1, true);
+        let g = gate(&me, &[retrying.clone(), failed_deploy(2, false)]);
+        assert_eq!(g.verdict, Verdict::Go);
+        assert_eq!(g.supersede, vec![retrying.id]);
     }
 }
