@@ -463,7 +463,7 @@ pub fn project_plans(config: &Config) -> Vec<ProjectPlan> {
         .projects
         .iter()
         .map(|p| ProjectPlan {
-            id: p.id.unwrap_or(0),
+            id: p.id,
             path: p.path.clone(),
             priority: p.priority,
             deploy_priority: p.deploy_priority,

@@ -104,7 +104,7 @@ fn project<'a>(state: &'a ApiState, name: &str) -> Result<&'a ProjectPlan, ApiEr
         .inner
         .projects
         .iter()
-        .find(|p| p.path == name || name.parse() == Ok(p.id))
+        .find(|p| p.path == name || p.id.is_some_and(|id| name.parse() == Ok(id)))
         .ok_or_else(|| ApiError::NotFound(format!("unknown project {name:?}")))
 }
 

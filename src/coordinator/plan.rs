@@ -9,7 +9,9 @@ use ferry_proto::{
 /// The settings of one project that planning needs, mapped from configuration.
 #[derive(Clone, Debug, Default)]
 pub struct ProjectPlan {
-    pub id: u64,
+    /// GitLab's id of the project, when configured; otherwise a job records the id its webhook
+    /// carried (what commit statuses and deployments are posted under).
+    pub id: Option<u64>,
     pub path: String,
     pub priority: i32,
     /// Priority of deploy steps; by default above builds so releases are not starved.
@@ -82,7 +84,7 @@ pub fn plan_job(
     Ok(JobCreated {
         artifact: None,
         job,
-        project_id: project.id,
+        project_id: project.id.or(webhook.project_id).unwrap_or(0),
         project: project.path.clone(),
         tag: short_ref(&git_ref).to_string(),
         git_ref,
@@ -116,7 +118,7 @@ pub fn plan_deploy(
         })?;
     Ok(JobCreated {
         job,
-        project_id: project.id,
+        project_id: project.id.unwrap_or(source.project_id),
         project: project.path.clone(),
         tag: source.tag.clone(),
         git_ref: source.git_ref.clone(),
@@ -131,4 +133,54 @@ pub fn plan_deploy(
         }],
         artifact: Some(artifact),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Commit statuses and deployments are posted under the job's `project_id`: a project
+    /// configured by path alone takes the id its webhook carried, a manual deploy its source
+    /// job's (not 0, which GitLab answers with 404).
+    #[test]
+    fn a_project_configured_without_an_id_records_the_webhooks() {
+        let webhook = WebhookReceived {
+            project_id: Some(42),
+            git_ref: Some("refs/tags/v1".into()),
+            checkout_sha: Some("a".repeat(40)),
+            clone_url: Some("https://gitlab.example/g/app.git".into()),
+            ..Default::default()
+        };
+        let mut project = ProjectPlan {
+            path: "g/app".into(),
+            auto_build: true,
+            environments: vec![("default".into(), DeploySpec::default())],
+            ..Default::default()
+        };
+        let job = plan_job(&project, &webhook, JobId::new(), "t".into()).unwrap();
+        assert_eq!(job.project_id, 42);
+        let artifact = ArtifactRef {
+            job: job.job,
+            name: "app-v1-aaaaaaa.tar.gz".into(),
+            key: "k".into(),
+            size: 1,
+            sha256: "b".repeat(64),
+        };
+        let env = &project.environments[0].1.environment.clone();
+        let deploy = plan_deploy(
+            &project,
+            env,
+            &job,
+            artifact.clone(),
+            JobId::new(),
+            "t".into(),
+        );
+        assert_eq!(deploy.unwrap().project_id, 42);
+
+        project.id = Some(7);
+        let job = plan_job(&project, &webhook, JobId::new(), "t".into()).unwrap();
+        assert_eq!(job.project_id, 7, "a configured id wins");
+        let deploy = plan_deploy(&project, env, &job, artifact, JobId::new(), "t".into());
+        assert_eq!(deploy.unwrap().project_id, 7);
+    }
 }

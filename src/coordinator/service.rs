@@ -306,7 +306,8 @@ impl Coordinator {
             return Ok(());
         };
         let project = self.opts.projects.iter().find(|p| {
-            Some(p.id) == webhook.project_id || Some(&p.path) == webhook.project_path.as_ref()
+            p.id.is_some_and(|id| Some(id) == webhook.project_id)
+                || Some(&p.path) == webhook.project_path.as_ref()
         });
         let Some(project) = project else {
             warn!(%pos, project = ?webhook.project_path, "webhook for a project this coordinator does not know");
@@ -537,7 +538,8 @@ impl Coordinator {
         webhook: &ferry_proto::WebhookReceived,
     ) -> Result<(), Error> {
         let project = self.opts.projects.iter().find(|p| {
-            Some(p.id) == webhook.project_id || Some(&p.path) == webhook.project_path.as_ref()
+            p.id.is_some_and(|id| Some(id) == webhook.project_id)
+                || Some(&p.path) == webhook.project_path.as_ref()
         });
         let (Some(project), Some(git_ref)) = (project, &webhook.git_ref) else {
             return Ok(());

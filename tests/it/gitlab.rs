@@ -764,7 +764,7 @@ async fn reconciliation_builds_recent_tags_no_webhook_reported_once() {
         let opts = coordinator::Options {
             consumer: "c-reconcile".into(),
             projects: vec![ProjectPlan {
-                id: 42,
+                id: Some(42),
                 path: "group/app".into(),
                 auto_build: true,
                 build_pool: "nobody".into(),

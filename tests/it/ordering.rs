@@ -105,7 +105,7 @@ fn start_coordinator(store: &Arc<dyn Store>) -> watch::Sender<bool> {
         consumer: "c1".into(),
         sweep_interval: Duration::from_millis(100),
         projects: vec![ProjectPlan {
-            id: 7,
+            id: Some(7),
             path: "group/app".into(),
             ..Default::default()
         }],
