@@ -262,6 +262,10 @@ impl Client {
             .timeout(request_timeout)
             .connect_timeout(request_timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
+            // Every request carries the token in PRIVATE-TOKEN, which a followed redirect would
+            // send to wherever it points (only Authorization and Cookie are dropped on a change
+            // of host): a redirect is answered as an error naming where it pointed.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Invalid {
                 what: "the gitlab client".into(),
@@ -410,6 +414,11 @@ impl Client {
                 Ok(response) => {
                     let status = response.status().as_u16();
                     let wait = requested_wait(response.headers());
+                    let location = response
+                        .headers()
+                        .get("location")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
                     let next = response
                         .headers()
                         .get("link")
@@ -428,7 +437,14 @@ impl Client {
                     if (200..300).contains(&status) {
                         return Ok((status, bytes, next));
                     }
-                    let message = message_of(&bytes);
+                    let message = if (300..400).contains(&status) {
+                        format!(
+                            "redirected to {}: ferry does not follow redirects with its token; set gitlab.url to the address GitLab answers on",
+                            location.as_deref().unwrap_or("nowhere")
+                        )
+                    } else {
+                        message_of(&bytes)
+                    };
                     if !retryable(status) {
                         return Err(Error::Rejected {
                             what: what.to_string(),

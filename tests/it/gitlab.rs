@@ -168,6 +168,68 @@ async fn a_bad_token_is_a_permanent_failure_that_does_not_show_the_token() {
     assert!(!shown.contains(wrong), "the token leaked: {shown}");
 }
 
+/// A redirect is not followed: the token would go along to wherever it points (reqwest drops
+/// only `Authorization` and `Cookie` on a change of host). It fails, naming where it pointed.
+#[tokio::test]
+async fn a_redirect_is_not_followed_with_the_token() {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::any;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let elsewhere = {
+        let seen = seen.clone();
+        axum::Router::new().fallback(any(move |headers: HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                let token = headers
+                    .get("private-token")
+                    .map(|v| v.to_str().unwrap().to_string());
+                seen.lock().unwrap().push(token.unwrap_or_default());
+                StatusCode::CREATED
+            }
+        }))
+    };
+    let serve = |router: axum::Router| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        port
+    };
+    let other = serve(elsewhere).await;
+    let target = format!("http://127.0.0.1:{other}/collect");
+    let redirecting = {
+        let target = target.clone();
+        axum::Router::new().fallback(any(move || {
+            let target = target.clone();
+            async move { (StatusCode::TEMPORARY_REDIRECT, [("location", target)]) }
+        }))
+    };
+    let port = serve(redirecting).await;
+    let base = format!("http://127.0.0.1:{port}").parse().unwrap();
+    let c = Client::with_options(
+        &base,
+        Secret::new(TOKEN),
+        fast_retry(3),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    match c.post_status(7, SHA, &status(StatusState::Pending)).await {
+        Err(Error::Rejected {
+            status: 307,
+            message,
+            ..
+        }) => assert!(
+            message.contains(&format!("redirected to {target}")),
+            "{message}"
+        ),
+        other => panic!("expected the redirect to be refused, got {other:?}"),
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "followed: {:?}",
+        seen.lock().unwrap()
+    );
+}
+
 #[tokio::test]
 async fn a_gitlab_that_is_down_is_given_up_on_in_bounded_time() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
