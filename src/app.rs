@@ -498,6 +498,7 @@ pub fn project_plans(config: &Config) -> Vec<ProjectPlan> {
                             rollback_on_failure: e.rollback_on_failure,
                             health_check_retries: e.health_check_retries,
                             health_check_interval_ms: e.health_check_interval.as_millis() as u64,
+                            command_timeout_secs: e.command_timeout.as_secs(),
                         },
                     )
                 })

@@ -244,6 +244,11 @@ pub struct DeploySpec {
     /// Pause between health checks.
     #[serde(default = "default_health_interval_ms")]
     pub health_check_interval_ms: u64,
+    /// How long any one command on a host may run (a configured command, a health check, or
+    /// one of ferry's own scripts): past it the host fails. Plans recorded before the setting
+    /// existed get the default.
+    #[serde(default = "default_command_timeout_secs")]
+    pub command_timeout_secs: u64,
 }
 
 impl Default for DeploySpec {
@@ -261,6 +266,7 @@ impl Default for DeploySpec {
             rollback_on_failure: true,
             health_check_retries: default_health_retries(),
             health_check_interval_ms: default_health_interval_ms(),
+            command_timeout_secs: default_command_timeout_secs(),
         }
     }
 }
@@ -275,6 +281,12 @@ fn default_health_retries() -> u32 {
 
 fn default_health_interval_ms() -> u64 {
     2000
+}
+
+/// Ten minutes: a command that runs longer (a service started in the foreground, a health
+/// check against an address that drops packets) would otherwise hold the environment for good.
+pub fn default_command_timeout_secs() -> u64 {
+    600
 }
 
 /// A step was put in its pool's ready queue (attempt 1, a retry whose delay passed, or a manual

@@ -145,6 +145,8 @@ pub mod defaults {
     pub const HEALTH_CHECK_RETRIES: u64 = 5;
     /// `projects.environments.health_check_interval`
     pub const HEALTH_CHECK_INTERVAL: &str = "2s";
+    /// `projects.environments.command_timeout`
+    pub const COMMAND_TIMEOUT: &str = "10m";
 }
 
 /// A setting whose value must never be printed: `Debug` and `Display` show `***`.
@@ -367,6 +369,8 @@ pub struct Environment {
     /// Retries after a failed health check (so `retries + 1` attempts at most).
     pub health_check_retries: u32,
     pub health_check_interval: Duration,
+    /// How long any one command on a host may run, at least 1 s.
+    pub command_timeout: Duration,
     /// Hosts per batch, at least 1.
     pub max_parallel: u32,
     /// Failed hosts tolerated before no new batch starts.
@@ -1415,6 +1419,14 @@ fn validate_environment(
             raw.health_check_interval,
             defaults::HEALTH_CHECK_INTERVAL,
         )?,
+        command_timeout: {
+            let k = key("command_timeout");
+            let d = cx.duration(&k, raw.command_timeout, defaults::COMMAND_TIMEOUT)?;
+            if d < Duration::from_secs(1) {
+                return Err(cx.err(&k, format!("{d:?} is too short: at least 1s")));
+            }
+            d
+        },
         max_parallel: cx.count(&key("max_parallel"), raw.max_parallel, 1, 1)?,
         max_failures: cx.count(&key("max_failures"), raw.max_failures, 0, 0)?,
         keep_releases: cx.count(

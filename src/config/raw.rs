@@ -156,6 +156,7 @@ raw_table! {
         health_check: String,
         health_check_retries: u64,
         health_check_interval: String,
+        command_timeout: String,
         max_parallel: u64,
         max_failures: u64,
         keep_releases: u64,

@@ -155,6 +155,7 @@ fn project_defaults() {
         (1, 0, 5)
     );
     assert_eq!(production.health_check_retries, 5);
+    assert_eq!(production.command_timeout, Duration::from_secs(600));
     assert!(production.rollback_on_failure);
 }
 
@@ -399,6 +400,7 @@ fn errors_name_the_key_and_the_source() {
         (BASE.replace("[projects.build]", "[projects.buid]"), vec![], f(), "/etc/ferry.toml: unknown key projects[0].buid"),
         (BASE.replace("commands =", "comands ="), vec![], f(), "/etc/ferry.toml: unknown key projects[0].build.comands"),
         (format!("{BASE}maxparallel = 2\n"), vec![], f(), "/etc/ferry.toml: unknown key projects[0].environments[0].maxparallel"),
+        (format!("{BASE}command_timeout = \"500ms\"\n"), vec![], f(), "/etc/ferry.toml: projects[0].environments[0].command_timeout: 500ms is too short: at least 1s"),
         // TOML syntax and type errors keep toml's line and column.
         ("store = ".into(), vec![], f(), "/etc/ferry.toml: TOML parse error at line 1"),
         ("[coordinator]\nmax_attempts = \"x\"".into(), vec![], f(), "/etc/ferry.toml: TOML parse error at line 2"),

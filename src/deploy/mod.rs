@@ -257,12 +257,50 @@ fn base_env(spec: &DeploySpec, release: &Release<'_>) -> Vec<(String, String)> {
         ("FERRY_JOB_ID".into(), release.job.to_string()),
         ("FERRY_ATTEMPT".into(), release.attempt.to_string()),
         ("FERRY_ENVIRONMENT".into(), spec.environment.clone()),
+        (
+            "FERRY_TIMEOUT".into(),
+            command_timeout(spec).as_secs().to_string(),
+        ),
     ]
 }
+
+fn command_timeout(spec: &DeploySpec) -> Duration {
+    Duration::from_secs(spec.command_timeout_secs.max(1))
+}
+
+/// Runs `script` on `t`, giving up when it runs past the spec's `command_timeout` (and a margin,
+/// so that the host's own `timeout`, in [`scripts::COMMAND`], stops it first and says so). A
+/// command in the foreground that never ends would otherwise hold the host, the step and every
+/// newer deploy to the environment for good.
+async fn exec_bounded(
+    spec: &DeploySpec,
+    t: &dyn Transport,
+    script: &str,
+    env: &[(String, String)],
+    log: transport::LogFn<'_>,
+) -> Result<Output, transport::Error> {
+    let limit = command_timeout(spec);
+    match tokio::time::timeout(limit + TIMEOUT_MARGIN, t.exec(script, env, log)).await {
+        Ok(out) => out,
+        Err(_) => Err(transport::Error::TimedOut {
+            host: t.host().to_string(),
+            secs: limit.as_secs(),
+        }),
+    }
+}
+
+/// How long after `command_timeout` the agent stops waiting for a command the host's
+/// `timeout` should have stopped.
+const TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
 
 /// A script that ran but failed, as an error message.
 fn failed(what: &str, out: &Output) -> String {
     match out.status {
+        // (what `timeout` gives a command it stopped with SIGTERM, or SIGKILL)
+        Some(code @ (124 | 137)) => format!(
+            "{what} exited with status {code} (stopped at command_timeout?): {}",
+            out.last_line()
+        ),
         Some(code) => format!("{what} exited with status {code}: {}", out.last_line()),
         None => format!("{what} was killed: {}", out.last_line()),
     }
@@ -350,11 +388,14 @@ async fn run_host(
         let mut env = env.clone();
         env.extend(extra);
         let t: &dyn Transport = &*t;
-        async move { t.exec(script, &env, &log).await }
+        async move { exec_bounded(spec, t, script, &env, &log).await }
     };
     let check =
         |what: &str, out: Result<Output, transport::Error>| -> Result<Output, HostFailure> {
-            let out = out.map_err(|e| Failed(e.to_string()))?;
+            let out = out.map_err(|e| match e {
+                transport::Error::TimedOut { .. } => Failed(format!("{what}: {e}")),
+                e => Failed(e.to_string()),
+            })?;
             if out.success() {
                 Ok(out)
             } else {
@@ -440,10 +481,9 @@ async fn rollback_host(
         })?;
     let env = base_env(spec, release);
     let log = |stream: &str, line: &str| progress.log(host, stream, line);
-    let out = t
-        .exec(scripts::ROLLBACK, &env, &log)
+    let out = exec_bounded(spec, &*t, scripts::ROLLBACK, &env, &log)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("rollback: {e}"))?;
     if !out.success() {
         return Err(failed("rollback", &out));
     }
@@ -452,10 +492,9 @@ async fn rollback_host(
         let mut env = env.clone();
         env.push(("FERRY_COMMAND".into(), cmd.clone()));
         env.push(("FERRY_WORKDIR".into(), current.clone()));
-        let out = t
-            .exec(scripts::COMMAND, &env, &log)
+        let out = exec_bounded(spec, &*t, scripts::COMMAND, &env, &log)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("after_switch command {cmd:?}: {e}"))?;
         if !out.success() {
             return Err(failed(&format!("after_switch command {cmd:?}"), &out));
         }

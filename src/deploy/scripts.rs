@@ -92,7 +92,13 @@ done
 
 /// Runs one configured command (`FERRY_COMMAND`) in `FERRY_WORKDIR` (the new release for
 /// `before_switch`, `current` afterwards).
+/// Where the host has a `timeout` that takes `-k` (GNU coreutils, recent busybox), the command
+/// and everything it started are stopped there too: SIGTERM at `FERRY_TIMEOUT` seconds (status
+/// 124), SIGKILL 5 s later (137). The agent's own bound only stops waiting.
 pub const COMMAND: &str = r#"set -eu
 cd "$FERRY_WORKDIR"
+if [ -n "${FERRY_TIMEOUT:-}" ] && timeout -k 1 5 true 2>/dev/null; then
+  exec timeout -k 5 "$FERRY_TIMEOUT" sh -c "$FERRY_COMMAND"
+fi
 exec sh -c "$FERRY_COMMAND"
 "#;

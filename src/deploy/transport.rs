@@ -42,6 +42,8 @@ pub enum Error {
     HostKey { host: String, reason: String },
     #[error("{host}: {reason}")]
     Io { host: String, reason: String },
+    #[error("{host}: still running after {secs} s (command_timeout)")]
+    TimedOut { host: String, secs: u64 },
 }
 
 /// Output lines as they arrive: `(stream, line)` with stream `stdout` or `stderr`.

@@ -35,6 +35,8 @@ impl Transport for Rooted {
                 "FERRY_PATH" | "FERRY_WORKDIR" => {
                     (k.clone(), format!("{}{v}", self.root.display()))
                 }
+                // a host without a usable `timeout`
+                "FERRY_TIMEOUT" if self.name.starts_with("bare") => (k.clone(), String::new()),
                 _ => (k.clone(), v.clone()),
             })
             .collect();
@@ -486,4 +488,65 @@ fn release_names_are_path_safe() {
         deploy::release_name("../x;rm -rf /", "abcdef0123"),
         "_x_rm_-rf__-abcdef0"
     );
+}
+
+/// A command that never ends (a service started in the foreground, a health check against an
+/// address that drops packets) fails its host at `command_timeout` instead of holding the
+/// step, and every newer deploy to the environment, for good. The host's own `timeout` stops
+/// it first (status 124); on a host without one the agent stops waiting a margin later, and
+/// what the command started is killed with it.
+#[tokio::test]
+async fn a_command_that_runs_past_command_timeout_fails_its_host() {
+    let hosts = Hosts::new();
+    let mut spec = spec(&["h1"]);
+    spec.command_timeout_secs = 1;
+    spec.rollback_on_failure = false;
+    spec.after_switch = vec!["sleep 300".into()];
+    let (v1, s1) = artifact(hosts.dir.path(), "v1");
+    let started = std::time::Instant::now();
+    let out = deploy::deploy(
+        &spec,
+        &release("v1", &v1, &s1, 1),
+        &hosts,
+        &BTreeSet::new(),
+        &Recorder::default(),
+    )
+    .await
+    .unwrap();
+    let error = out.failed()[0].error.clone().unwrap();
+    assert!(
+        error.contains("after_switch command \"sleep 300\" exited with status 124"),
+        "{error}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+
+    // No `timeout` on the host: the agent stops waiting at command_timeout + its margin.
+    let pid_file = hosts.dir.path().join("sleeper.pid");
+    spec.hosts = vec!["bare".into()];
+    spec.after_switch = vec![format!("echo $$ > {}; exec sleep 300", pid_file.display())];
+    let (v2, s2) = artifact(hosts.dir.path(), "v2");
+    let out = deploy::deploy(
+        &spec,
+        &release("v2", &v2, &s2, 2),
+        &hosts,
+        &BTreeSet::new(),
+        &Recorder::default(),
+    )
+    .await
+    .unwrap();
+    let error = out.failed()[0].error.clone().unwrap();
+    assert!(
+        error.contains("bare: still running after 1 s (command_timeout)"),
+        "{error}"
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    crate::harness::wait_until(crate::harness::DEADLINE, || async move {
+        // SAFETY: signal 0 only checks whether the process exists.
+        unsafe { libc::kill(pid, 0) != 0 }
+    })
+    .await;
 }
