@@ -28,7 +28,7 @@
 //! them either.
 
 use crate::domain::{JobState, StepStatus};
-use crate::gateway::dedupe_keys;
+use crate::gateway::{dedupe_keys, forget_keys};
 use crate::store::{self, Append, Appended, Error, Store, StreamId};
 use ferry_proto::{Event, JobId, LeaseExpired};
 use std::collections::{BTreeMap, HashMap};
@@ -114,6 +114,7 @@ pub async fn migrate(
                 let mut keys = vec![migrated_key(&stored.envelope)];
                 if let Event::WebhookReceived(w) = &event {
                     keys.extend(dedupe_keys(w));
+                    append = append.forget(forget_keys(w));
                 }
                 append = append.dedupe(keys, dedupe_window);
             }

@@ -531,7 +531,10 @@ impl Coordinator {
     }
 
     /// A tag was deleted: its jobs that have not ended are cancelled (their queued steps leave
-    /// the queues, running ones lose their leases), and nothing is built.
+    /// the queues, running ones lose their leases), and nothing is built. A job made by a later
+    /// webhook (the tag pushed again after the deletion, whose entry another coordinator may
+    /// handle first, or which was handled before this entry came round again after a restart)
+    /// is not the deletion's to cancel.
     async fn cancel_deleted_tag(
         &self,
         pos: &LogPos,
@@ -549,7 +552,7 @@ impl Coordinator {
         for job in self.store.indexed(&key).await? {
             for _ in 0..16 {
                 let state = self.fold(job).await?;
-                if state.phase.is_terminal() {
+                if state.phase.is_terminal() || made_after(&state, pos) {
                     break;
                 }
                 let cancelled = JobCancelled {
@@ -582,6 +585,14 @@ impl Coordinator {
         }
         Ok(())
     }
+}
+
+/// Whether `job` was made by a webhook whose feed entry comes after `pos`.
+fn made_after(job: &JobState, pos: &LogPos) -> bool {
+    job.plan
+        .as_ref()
+        .and_then(|p| p.trigger.strip_prefix("webhook:"))
+        .is_some_and(|made| LogPos(made.to_string()) > *pos)
 }
 
 /// If `events` queue a deploy step, that step and its environment.

@@ -257,11 +257,24 @@ fn base_env(spec: &DeploySpec, release: &Release<'_>) -> Vec<(String, String)> {
         ("FERRY_JOB_ID".into(), release.job.to_string()),
         ("FERRY_ATTEMPT".into(), release.attempt.to_string()),
         ("FERRY_ENVIRONMENT".into(), spec.environment.clone()),
-        (
+    ]
+}
+
+/// [`base_env`], and `FERRY_TIMEOUT` for a transport that leaves what a dropped script started
+/// running: the host stops a command itself at `command_timeout` ([`scripts::COMMAND`]).
+fn command_env(
+    spec: &DeploySpec,
+    release: &Release<'_>,
+    t: &dyn Transport,
+) -> Vec<(String, String)> {
+    let mut env = base_env(spec, release);
+    if !t.kills_on_drop() {
+        env.push((
             "FERRY_TIMEOUT".into(),
             command_timeout(spec).as_secs().to_string(),
-        ),
-    ]
+        ));
+    }
+    env
 }
 
 fn command_timeout(spec: &DeploySpec) -> Duration {
@@ -382,7 +395,7 @@ async fn run_host(
 ) -> Result<(), HostFailure> {
     use HostFailure::{Aborted, Failed};
     let t = connect(connector, host, progress).await?;
-    let env = base_env(spec, release);
+    let env = command_env(spec, release, &*t);
     let log = |stream: &str, line: &str| progress.log(host, stream, line);
     let run = |script: &'static str, extra: Vec<(String, String)>| {
         let mut env = env.clone();
@@ -479,7 +492,7 @@ async fn rollback_host(
         .map_err(|e| match e {
             HostFailure::Aborted(e) | HostFailure::Failed(e) => e,
         })?;
-    let env = base_env(spec, release);
+    let env = command_env(spec, release, &*t);
     let log = |stream: &str, line: &str| progress.log(host, stream, line);
     let out = exec_bounded(spec, &*t, scripts::ROLLBACK, &env, &log)
         .await

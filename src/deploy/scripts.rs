@@ -92,9 +92,11 @@ done
 
 /// Runs one configured command (`FERRY_COMMAND`) in `FERRY_WORKDIR` (the new release for
 /// `before_switch`, `current` afterwards).
-/// Where the host has a `timeout` that takes `-k` (GNU coreutils, recent busybox), the command
-/// and everything it started are stopped there too: SIGTERM at `FERRY_TIMEOUT` seconds (status
-/// 124), SIGKILL 5 s later (137). The agent's own bound only stops waiting.
+/// With `FERRY_TIMEOUT` set (a transport that does not kill what a dropped script started:
+/// SSH), and where the host has a `timeout` that takes `-k` (GNU coreutils, recent busybox),
+/// the command and everything it started are stopped on the host too: `timeout` puts them in a
+/// process group of their own and signals it, SIGTERM at `FERRY_TIMEOUT` seconds (status 124),
+/// SIGKILL 5 s later (137). Elsewhere the agent's own bound only stops waiting for it.
 pub const COMMAND: &str = r#"set -eu
 cd "$FERRY_WORKDIR"
 if [ -n "${FERRY_TIMEOUT:-}" ] && timeout -k 1 5 true 2>/dev/null; then

@@ -62,6 +62,12 @@ pub trait Transport: Send + Sync {
     ) -> Result<Output, Error>;
     /// Copies the local file to `remote` (an absolute path), replacing it.
     async fn upload(&self, local: &Path, remote: &str) -> Result<(), Error>;
+    /// Whether a script, and everything it started, is killed when its `exec` is dropped
+    /// (the local transport's process group). Where it is not (SSH), the deploy has the host
+    /// stop a command that runs past `command_timeout` itself.
+    fn kills_on_drop(&self) -> bool {
+        false
+    }
 }
 
 /// A host key pinned on first use while connecting (`host_key_policy = "accept-new"`).
@@ -98,6 +104,10 @@ pub struct Local;
 impl Transport for Local {
     fn host(&self) -> &str {
         "local"
+    }
+
+    fn kills_on_drop(&self) -> bool {
+        true
     }
 
     async fn exec(

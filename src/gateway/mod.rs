@@ -357,9 +357,10 @@ impl GatewayState {
             action: decision.action().to_string(),
             reason: decision.reason(),
         };
-        let keys = dedupe_keys(&event);
+        let (keys, forget) = (dedupe_keys(&event), forget_keys(&event));
         let append = Append::new(StreamId::Webhooks, vec![Event::WebhookReceived(event)])
-            .dedupe(keys, options.dedupe_window);
+            .dedupe(keys, options.dedupe_window)
+            .forget(forget);
 
         let appended = tokio::time::timeout(options.store_timeout, self.inner.store.append(append))
             .await
@@ -490,6 +491,25 @@ pub fn dedupe_keys(w: &WebhookReceived) -> Vec<String> {
         keys.push(format!("content:{id}:{r}:{b}:{a}"));
     }
     keys
+}
+
+/// The dedupe keys a delivery ends once stored: the content key of the push that went the
+/// other way (`before` and `after` swapped). A tag's deletion ends its creation's key and a
+/// creation its deletion's, so a tag deleted and pushed again at the same commit (to run it
+/// again) is a new delivery each time, not a duplicate of the first; likewise a tag or branch
+/// moved back and forth. The gateway, reconciliation and `ferry migrate` apply them with the
+/// append, as they record [`dedupe_keys`].
+pub fn forget_keys(w: &WebhookReceived) -> Vec<String> {
+    let push = matches!(
+        EventKind::from_header(Some(&w.event)),
+        EventKind::TagPush | EventKind::Push
+    );
+    match (push, w.project_id, &w.git_ref, &w.before, &w.after) {
+        (true, Some(id), Some(r), Some(b), Some(a)) if a != b => {
+            vec![format!("content:{id}:{r}:{a}:{b}")]
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// `WebhookReceived.event`: the header as sent, cut to 64 characters.

@@ -12,7 +12,7 @@
 //! turning reconciliation on never builds a project's history.
 
 use super::client::{self, Client, Tag};
-use crate::gateway::dedupe_keys;
+use crate::gateway::{dedupe_keys, forget_keys};
 use crate::store::{self, tag_index, Append, Appended, Store, StreamId};
 use ferry_proto::{JobId, WebhookReceived};
 use std::time::Duration;
@@ -77,9 +77,10 @@ pub async fn reconcile_project(
             continue;
         }
         let delivery = delivery(project, &tag);
-        let keys = dedupe_keys(&delivery);
-        let append =
-            Append::new(StreamId::Webhooks, vec![delivery.into()]).dedupe(keys, dedupe_window);
+        let (keys, forget) = (dedupe_keys(&delivery), forget_keys(&delivery));
+        let append = Append::new(StreamId::Webhooks, vec![delivery.into()])
+            .dedupe(keys, dedupe_window)
+            .forget(forget);
         if let Appended::Written { .. } = store.append(append).await? {
             info!(project = %project.path, tag = %tag.name, "reconciled a tag no webhook reported");
             out.recorded.push(tag.name);

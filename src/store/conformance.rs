@@ -110,6 +110,7 @@ macro_rules! store_conformance {
             fenced_append_needs_the_live_token,
             expired_lease_fences_out_the_old_holder,
             dedupe_returns_the_original_and_writes_nothing,
+            a_forgotten_dedupe_key_counts_no_more,
             claim_orders_by_priority_then_fifo_across_pools,
             claim_many_takes_the_best_in_order,
             concurrent_claimers_take_each_step_once,
@@ -631,6 +632,61 @@ pub async fn dedupe_returns_the_original_and_writes_nothing(fx: &Fixture) {
     )
     .await;
     assert_eq!(v, 3);
+}
+
+/// An append that forgets dedupe keys ends what they recorded once it is written (a tag's
+/// deletion ends its creation's key); a refused one forgets nothing.
+pub async fn a_forgotten_dedupe_key_counts_no_more(fx: &Fixture) {
+    let s = &**fx;
+    let window = Duration::from_secs(60);
+    let w = StreamId::Webhooks;
+    let keyed = |n: u32, key: &str| {
+        Append::new(w.clone(), vec![webhook(n)]).dedupe(pool_keys(&[key]), window)
+    };
+    let (_, created) = append(s, keyed(1, "create")).await;
+    // A duplicate that would forget: refused, and forgets nothing.
+    let dup = s
+        .append(keyed(2, "create").forget(pool_keys(&["create"])))
+        .await
+        .unwrap();
+    assert_eq!(
+        dup,
+        Appended::Duplicate {
+            original: created[0].clone()
+        }
+    );
+    assert!(matches!(
+        s.append(keyed(3, "create")).await.unwrap(),
+        Appended::Duplicate { .. }
+    ));
+    // Written, with its own key recorded and the other forgotten.
+    append(
+        s,
+        keyed(4, "delete").forget(pool_keys(&["create", "never recorded"])),
+    )
+    .await;
+    let (_, again) = append(s, keyed(5, "create")).await;
+    assert_ne!(again, created);
+    assert!(matches!(
+        s.append(keyed(6, "delete")).await.unwrap(),
+        Appended::Duplicate { .. }
+    ));
+    // Forgetting without recording a key of its own.
+    append(
+        s,
+        Append::new(w.clone(), vec![webhook(7)]).forget(pool_keys(&["delete"])),
+    )
+    .await;
+    append(s, keyed(8, "delete")).await;
+    let err = s
+        .append(Append::new(w.clone(), vec![webhook(9)]).forget(pool_keys(&[""])))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Invalid(ref m) if m.contains("dedupe key to forget")),
+        "{err:?}"
+    );
+    assert_eq!(s.read_stream(&w, 0).await.unwrap().len(), 5);
 }
 
 fn pool_keys(k: &[&str]) -> Vec<String> {

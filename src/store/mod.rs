@@ -130,6 +130,10 @@ pub struct Append {
     /// first new event, for `dedupe_window`.
     pub dedupe: Vec<String>,
     pub dedupe_window: Duration,
+    /// Dedupe keys this append ends, when it is written: what they recorded counts no more (a
+    /// tag's deletion ends its creation's key, so the same tag pushed again at the same commit
+    /// is a new delivery).
+    pub forget: Vec<String>,
     /// Wall-clock ms written into the envelopes.
     pub at_ms: u64,
     pub events: Vec<Event>,
@@ -144,6 +148,7 @@ impl Append {
             fence: None,
             dedupe: Vec::new(),
             dedupe_window: Duration::ZERO,
+            forget: Vec::new(),
             at_ms: now_ms(),
             events,
         }
@@ -162,6 +167,11 @@ impl Append {
     pub fn dedupe(mut self, keys: Vec<String>, window: Duration) -> Self {
         self.dedupe = keys;
         self.dedupe_window = window;
+        self
+    }
+
+    pub fn forget(mut self, keys: Vec<String>) -> Self {
+        self.forget = keys;
         self
     }
 }

@@ -64,6 +64,9 @@ pub(crate) fn check_append(a: &Append) -> Result<u64> {
         }
         check_name("step", f.step.as_str())?;
     }
+    a.forget
+        .iter()
+        .try_for_each(|d| check_nonempty("dedupe key to forget", d))?;
     if a.dedupe.is_empty() {
         return Ok(0);
     }

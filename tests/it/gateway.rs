@@ -444,6 +444,39 @@ async fn a_delivery_counts_once() {
     assert_eq!(stored[0].0, original);
 }
 
+/// A tag deleted and pushed again at the same commit (to run it again) is a new delivery, not
+/// a duplicate of the first push; the copy a second hook sends of the new push still is one.
+/// The same for a second deletion.
+#[tokio::test]
+async fn a_tag_pushed_again_after_its_deletion_is_a_new_delivery() {
+    let gw = Gateway::on_shared_redis().await;
+    let post = |body: &'static str| {
+        let gw = &gw;
+        async move {
+            let k = key();
+            let headers = [("x-gitlab-token", TOKEN), ("idempotency-key", k.as_str())];
+            gw.post(TAG, body, &headers).await
+        }
+    };
+    let mut ids = Vec::new();
+    for body in [TAG_CREATE, TAG_DELETE, TAG_CREATE, TAG_DELETE] {
+        let (status, answer) = post(body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        let id = accepted(&answer);
+        // a second hook's copy of the same push
+        let (status, answer) = post(body).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer, json!({ "event_id": id, "duplicate": true }));
+        ids.push(id);
+    }
+    let stored = gw.stored().await;
+    let actions: Vec<&str> = stored.iter().map(|(_, w)| w.action.as_str()).collect();
+    assert_eq!(actions, ["build", "delete", "build", "delete"]);
+    let jobs: Vec<_> = stored.iter().filter_map(|(_, w)| w.job).collect();
+    assert_eq!(jobs.len(), 2);
+    assert_ne!(jobs[0], jobs[1], "each push gets its own job");
+}
+
 /// A group hook delivers the events of every project of the group, and the group's own: those
 /// of projects ferry does not serve get 200 (GitLab disables a hook after four failures in a
 /// row, and would then drop the events of the projects ferry serves), whatever their

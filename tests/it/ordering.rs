@@ -245,3 +245,65 @@ async fn deleting_a_tag_cancels_its_queued_work() {
         .unwrap()
         .contains("tag v9 was deleted"));
 }
+
+/// A tag deleted and pushed again: the deletion's feed entry may be handled after the job of
+/// the new push exists (another coordinator handled the push first, or the deletion's entry
+/// came round again after a restart). It cancels the jobs of pushes before it, never that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_deletion_spares_the_job_of_a_later_push() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let s = &*store;
+    let webhook = |tag: &str, action: &str| WebhookReceived {
+        event: "Tag Push Hook".into(),
+        project_id: Some(7),
+        project_path: Some("group/app".into()),
+        git_ref: Some(format!("refs/tags/{tag}")),
+        before: Some("b".repeat(40)),
+        after: Some("0".repeat(40)),
+        action: action.into(),
+        ..Default::default()
+    };
+    let record = |w: WebhookReceived| async move {
+        match s
+            .append(Append::new(StreamId::Webhooks, vec![w.into()]))
+            .await
+            .unwrap()
+        {
+            ferry::store::Appended::Written { positions, .. } => positions[0].clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let made_by = |tag: &str, trigger: String| {
+        let (id, created) = job(tag);
+        let Event::JobCreated(mut created) = created else {
+            unreachable!()
+        };
+        created.trigger = trigger;
+        (id, Event::JobCreated(created))
+    };
+    let before = record(webhook("v9", "ignored")).await;
+    let deletion = record(webhook("v9", "delete")).await;
+    let after = record(webhook("v9", "ignored")).await;
+    assert!(before < deletion && deletion < after);
+    let (old, old_created) = made_by("v9", format!("webhook:{before}"));
+    let (new, new_created) = made_by("v9", format!("webhook:{after}"));
+    let (other, other_created) = job("v10");
+    for (id, created) in [
+        (old, old_created),
+        (new, new_created),
+        (other, other_created),
+    ] {
+        s.append(Append::new(StreamId::Job(id), vec![created]).expect(0))
+            .await
+            .unwrap();
+    }
+    // (the v10 deletion after them says when the coordinator is past the v9 one)
+    record(webhook("v10", "delete")).await;
+    let _stop = start_coordinator(&store);
+    wait_until(DEADLINE, || async {
+        state(s, other).await.phase == JobPhase::Cancelled
+    })
+    .await;
+    assert_eq!(state(s, old).await.phase, JobPhase::Cancelled);
+    assert_ne!(state(s, new).await.phase, JobPhase::Cancelled);
+}

@@ -495,3 +495,61 @@ async fn a_release_deploys_to_real_sshd_hosts_and_a_rerun_uploads_nothing() {
     let t = hosts.connect("local").await.unwrap();
     assert_eq!(t.host(), "local");
 }
+
+/// Over SSH, dropping a command does not stop it on the host: the host's own `timeout` stops a
+/// command that runs past `command_timeout`, with everything it started (here a background
+/// `sleep` the command waits for), and the host fails with `timeout`'s status.
+#[tokio::test]
+async fn a_command_past_command_timeout_is_stopped_on_the_ssh_host() {
+    let server = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kh = dir.path().join("known_hosts");
+    sshd::known_hosts(&kh, &[&server]);
+    let hosts = Hosts::new(Some(connector(&kh, HostKeyPolicy::Strict)));
+    let pid_file = dir.path().join("sleeper.pid");
+    let spec = DeploySpec {
+        environment: "production".into(),
+        hosts: vec![server.target()],
+        path: dir.path().join("srv/app").display().to_string(),
+        after_switch: vec![format!(
+            "sleep 300 & echo $! > {}; wait",
+            pid_file.display()
+        )],
+        keep_releases: 5,
+        rollback_on_failure: false,
+        command_timeout_secs: 1,
+        ..Default::default()
+    };
+    let (art, sum) = artifact(dir.path());
+    let release = Release {
+        project: "group/app",
+        tag: "v1",
+        sha: "0123456789abcdef0123456789abcdef01234567",
+        job: JobId::new(),
+        attempt: 1,
+        token: FencingToken(1),
+        artifact: &art,
+        sha256: &sum,
+    };
+    let out = deploy::deploy(
+        &spec,
+        &release,
+        &hosts,
+        &BTreeSet::new(),
+        &Recorder::default(),
+    )
+    .await
+    .unwrap();
+    let error = out.failed()[0].error.clone().unwrap();
+    assert!(error.contains("exited with status 124"), "{error}");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    crate::harness::wait_until(crate::harness::DEADLINE, || async move {
+        // SAFETY: signal 0 only checks whether the process exists.
+        unsafe { libc::kill(pid, 0) != 0 }
+    })
+    .await;
+}

@@ -13,7 +13,8 @@
 --          stream name (`job:<uuid>`, `webhooks`, `agents`), job id or '' when the stream is
 --          not a job's, expected version or -1 for any, fence step or '' for no fence, fence
 --          token (also written as field `f`), dedupe window ms, envelope at_ms,
---          D, then D dedupe keys (without the `{ns}:dedupe:` prefix),
+--          D, then D dedupe keys (without the `{ns}:dedupe:` prefix), F, then F dedupe keys to
+--          delete once the append is written (same form),
 --          N, then N tuples of 9: kind, schema version, payload, effect, step, attempt, pool,
 --          priority, due_ms; effect is '' | 'enqueue' | 'schedule' | 'finish' | 'clear' |
 --          'index' | 'drop_logs' | 'leave' | 'join' | 'stop' | 'pause' | 'resume' (unused tuple
@@ -56,6 +57,12 @@ for _ = 1, m do
     dedupe[k] = prefix .. 'dedupe:' .. ARGV[i + 7 + k]
   end
   i = i + 8 + d
+  local f = tonumber(ARGV[i])
+  local forget = {}
+  for k = 1, f do
+    forget[k] = prefix .. 'dedupe:' .. ARGV[i + k]
+  end
+  i = i + 1 + f
   local n = tonumber(ARGV[i])
   local first = i + 1
   i = first + n * 9
@@ -165,6 +172,9 @@ for _ = 1, m do
     end
     for _, key in ipairs(dedupe) do
       redis.call('SET', key, reply[3], 'PX', window)
+    end
+    if f > 0 then
+      redis.call('DEL', unpack(forget))
     end
   end
   replies[#replies + 1] = reply

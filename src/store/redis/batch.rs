@@ -56,7 +56,8 @@ pub(super) fn prepare(a: &Append) -> Result<Prepared> {
         Some(f) => (f.step.0.clone(), f.token.0.to_string()),
         None => (String::new(), String::new()),
     };
-    let mut args: Vec<Vec<u8>> = Vec::with_capacity(10 + a.dedupe.len() + 9 * a.events.len());
+    let mut args: Vec<Vec<u8>> =
+        Vec::with_capacity(11 + a.dedupe.len() + a.forget.len() + 9 * a.events.len());
     let mut text = |s: String| args.push(s.into_bytes());
     text(name.clone());
     text(job.clone());
@@ -67,6 +68,10 @@ pub(super) fn prepare(a: &Append) -> Result<Prepared> {
     text(a.at_ms.to_string());
     text(a.dedupe.len().to_string());
     for d in &a.dedupe {
+        text(d.clone());
+    }
+    text(a.forget.len().to_string());
+    for d in &a.forget {
         text(d.clone());
     }
     text(a.events.len().to_string());

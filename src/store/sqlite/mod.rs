@@ -561,6 +561,7 @@ impl EventLog for SqliteStore {
             expected,
             fence,
             dedupe,
+            forget,
             at_ms,
             ..
         } = a;
@@ -679,6 +680,14 @@ impl EventLog for SqliteStore {
                 )?;
                 for key in &dedupe {
                     stmt.execute(params![key, first, expires])?;
+                }
+            }
+            if !forget.is_empty() {
+                let mut stmt = tx
+                    .tx
+                    .prepare_cached("DELETE FROM dedupe WHERE name = ?1")?;
+                for key in &forget {
+                    stmt.execute([key])?;
                 }
             }
             Ok(Appended::Written {
