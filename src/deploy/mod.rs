@@ -225,7 +225,11 @@ pub async fn deploy(
             };
             match rolled {
                 Ok(()) => report.rolled_back = true,
+                // Half rolled back (switched back but not restarted, say), or not at all: the
+                // host is in no known state, so it is not counted as done, and the next
+                // attempt deploys it again.
                 Err(e) => {
+                    report.ok = false;
                     let prior = report
                         .error
                         .take()

@@ -550,3 +550,48 @@ async fn a_command_that_runs_past_command_timeout_fails_its_host() {
     })
     .await;
 }
+
+/// A host whose rollback failed half-way (switched back, then its `after_switch` failed) is on
+/// no known release: it is reported failed, so a retry deploys it again instead of counting it
+/// among the hosts already done.
+#[tokio::test]
+async fn a_host_whose_rollback_failed_is_not_counted_as_done() {
+    let hosts = Hosts::new();
+    let names = ["h1", "h2"];
+    let mut spec = spec(&names);
+    // Restarting v1 fails on h1 once `broken` is there: only its rollback meets it.
+    spec.after_switch = vec![
+        "sh app.sh > ../../restarted-with && ! { test -f ../../broken && grep -q v1 app.sh; }"
+            .into(),
+    ];
+    let (v1, s1) = artifact(hosts.dir.path(), "v1");
+    let first = deploy::deploy(
+        &spec,
+        &release("v1", &v1, &s1, 1),
+        &hosts,
+        &BTreeSet::new(),
+        &Recorder::default(),
+    )
+    .await
+    .unwrap();
+    assert!(first.failed().is_empty(), "{first:?}");
+    std::fs::write(hosts.root("h1").join("srv/app/broken"), "").unwrap();
+    spec.health_check = Some("test ! -f ../../unhealthy".into());
+    std::fs::write(hosts.root("h2").join("srv/app/unhealthy"), "").unwrap();
+    let (v2, s2) = artifact(hosts.dir.path(), "v2");
+    let out = deploy::deploy(
+        &spec,
+        &release("v2", &v2, &s2, 2),
+        &hosts,
+        &BTreeSet::new(),
+        &Recorder::default(),
+    )
+    .await
+    .unwrap();
+    let h1 = out.hosts.iter().find(|h| h.host == "h1").unwrap();
+    assert!(!h1.ok && !h1.rolled_back, "{h1:?}");
+    assert!(
+        h1.error.as_deref().unwrap().contains("rollback failed"),
+        "{h1:?}"
+    );
+}
