@@ -318,28 +318,47 @@ pub fn gitlab_reporter_options(config: &Config) -> Option<gitlab::ReporterOption
         g.token.clone(),
         config.gateway.public_url.clone(),
     );
-    opts.reconcile = (!g.reconcile_interval.is_zero()).then(|| gitlab::Reconciliation {
-        interval: g.reconcile_interval,
-        window: g.reconcile_window,
-        dedupe_window: config.gateway.dedupe_window,
-        projects: reconcile_projects(config),
+    opts.reconcile = (!g.reconcile_interval.is_zero()).then(|| {
+        let (projects, skipped) = reconcile_projects(config);
+        for why in skipped {
+            tracing::warn!("{why}");
+        }
+        gitlab::Reconciliation {
+            interval: g.reconcile_interval,
+            window: g.reconcile_window,
+            dedupe_window: config.gateway.dedupe_window,
+            projects,
+        }
     });
     Some(opts)
 }
 
-/// The projects whose tags can be reconciled: those with a GitLab id.
-pub fn reconcile_projects(config: &Config) -> Vec<gitlab::ReconcileProject> {
-    config
+/// The projects whose tags can be reconciled, and why each other one cannot: tags are listed
+/// by the project's GitLab id, and building one needs a configured `clone_url` (a tag list
+/// names no repository, as a webhook does). Recording a tag that cannot be built would also
+/// record its dedupe key, and the webhook arriving later would be taken for a duplicate.
+pub fn reconcile_projects(config: &Config) -> (Vec<gitlab::ReconcileProject>, Vec<String>) {
+    let mut skipped = Vec::new();
+    let projects = config
         .projects
         .iter()
         .filter_map(|p| {
-            Some(gitlab::ReconcileProject {
-                id: p.id?,
-                path: p.path.clone(),
-                clone_url: p.clone_url.as_ref().map(|u| u.to_string()),
-            })
+            let why = match (p.id, &p.clone_url) {
+                (Some(id), Some(url)) => {
+                    return Some(gitlab::ReconcileProject {
+                        id,
+                        path: p.path.clone(),
+                        clone_url: Some(url.to_string()),
+                    })
+                }
+                (None, _) => "no id (tags are listed by project id)",
+                (_, None) => "no clone_url (a tag list names no repository to clone)",
+            };
+            skipped.push(format!("{}: not reconciled: {why}", p.path));
+            None
         })
-        .collect()
+        .collect();
+    (projects, skipped)
 }
 
 /// `ferry reconcile`: lists every project's tags once and records the recent ones no webhook
@@ -348,9 +367,12 @@ pub async fn reconcile(config: &Config, window: Option<Duration>) -> anyhow::Res
     let Some(g) = config.gitlab.as_ref() else {
         bail!("tag reconciliation needs [gitlab] (url and token) in the configuration");
     };
-    let projects = reconcile_projects(config);
+    let (projects, skipped) = reconcile_projects(config);
     if projects.is_empty() {
-        bail!("no [[projects]] entry has an id: reconciliation lists tags by project id");
+        bail!("no project can be reconciled: {}", skipped.join("; "));
+    }
+    for why in &skipped {
+        eprintln!("{why}");
     }
     let store = open_store(config).await?;
     let client = gitlab::Client::new(&g.url, g.token.clone())?;
@@ -389,7 +411,6 @@ pub async fn reconcile(config: &Config, window: Option<Duration>) -> anyhow::Res
     Ok(ok)
 }
 
-/// The coordinator's options from the configuration.
 /// The coordinator's options from the configuration; with an artifact retention, its artifact
 /// store is opened here, so a bad one fails at start.
 pub fn coordinator_options(config: &Config) -> anyhow::Result<coordinator::Options> {
@@ -615,6 +636,45 @@ pub async fn migrate(config: &Config, args: &crate::cli::MigrateArgs) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_projects_with_an_id_and_a_clone_url_are_reconciled() {
+        let toml = r#"
+[[projects]]
+id = 1
+path = "g/full"
+allow_unauthenticated = true
+clone_url = "https://gitlab.example/g/full.git"
+build = { commands = ["make"] }
+[[projects]]
+path = "g/no-id"
+allow_unauthenticated = true
+clone_url = "https://gitlab.example/g/no-id.git"
+build = { commands = ["make"] }
+[[projects]]
+id = 3
+path = "g/no-url"
+allow_unauthenticated = true
+build = { commands = ["make"] }
+"#;
+        let config = crate::config::load_str(
+            toml,
+            std::path::Path::new("/etc/ferry.toml"),
+            &|_: &str| None,
+            &crate::config::Overrides::default(),
+        )
+        .unwrap();
+        let (projects, skipped) = reconcile_projects(&config);
+        let paths: Vec<&str> = projects.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["g/full"]);
+        assert_eq!(
+            skipped,
+            [
+                "g/no-id: not reconciled: no id (tags are listed by project id)",
+                "g/no-url: not reconciled: no clone_url (a tag list names no repository to clone)"
+            ]
+        );
+    }
 
     #[test]
     fn store_urls_name_their_kind_and_print_without_passwords() {
