@@ -253,7 +253,9 @@ pub async fn serve(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let state = gateway_state(config, store.clone(), prometheus::Registry::new())?;
-    let api = api::ApiState::new(store, &config.api.tokens).with_projects(project_plans(config));
+    let api = api::ApiState::new(store, &config.api.tokens)
+        .with_projects(project_plans(config))
+        .with_stop(stop.clone());
     let router = gateway::router(state).merge(api::router(api));
     tracing::info!(listen = %listener.local_addr()?, "gateway listening");
     axum::serve(listener, router)

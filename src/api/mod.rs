@@ -44,7 +44,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
-use tracing::{error, info};
+use tracing::{error, info, warn};
+
+/// What an answer says when the store failed: its own errors name servers and files.
+const UNAVAILABLE: &str = "event store unavailable";
 
 /// Default and largest `limit` of a list.
 pub const DEFAULT_LIMIT: usize = 50;
@@ -72,6 +75,9 @@ struct Inner {
     tokens: Vec<[u8; 32]>,
     /// The agents stream as folded by earlier requests.
     agents: Arc<tokio::sync::Mutex<AgentsFold>>,
+    /// Set when the server shuts down: log follows end then (a graceful shutdown waits for
+    /// every open response, and a follow would last as long as its job).
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl ApiState {
@@ -83,6 +89,7 @@ impl ApiState {
                 projects: Vec::new(),
                 tokens: tokens.iter().map(|t| digest(t.expose())).collect(),
                 agents: Default::default(),
+                stop: None,
             }),
         }
     }
@@ -90,6 +97,12 @@ impl ApiState {
     /// The projects manual deploys and rollbacks may name (none by default).
     pub fn with_projects(mut self, projects: Vec<ProjectPlan>) -> Self {
         Arc::make_mut(&mut self.inner).projects = projects;
+        self
+    }
+
+    /// Log follows end when `stop` turns true (the server's shutdown signal).
+    pub fn with_stop(mut self, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        Arc::make_mut(&mut self.inner).stop = Some(stop);
         self
     }
 
@@ -148,10 +161,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::Gone(m) => (StatusCode::GONE, m),
-            ApiError::Unavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "event store unavailable".to_string(),
-            ),
+            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE.to_string()),
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "event store data is unreadable".to_string(),
@@ -733,8 +743,12 @@ async fn job_events(
         })?,
     };
     let stream = state.store().read_stream(&StreamId::Job(id), from).await?;
-    if stream.is_empty() && (from == 0 || load_job(state.store(), id).await.is_err()) {
-        return Err(ApiError::NotFound(format!("job {id} not found")));
+    if stream.is_empty() {
+        if from == 0 {
+            return Err(ApiError::NotFound(format!("job {id} not found")));
+        }
+        // (a store that fails here answers 503, not "not found")
+        load_job(state.store(), id).await?;
     }
     let items: Vec<Value> = stream.iter().take(limit).map(event_item).collect();
     let next = (stream.len() > limit).then(|| (from + limit as u64).to_string());
@@ -838,6 +852,7 @@ fn follow_logs(
     impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
 > {
     use axum::response::sse::{Event as Sse, KeepAlive};
+    let stop = state.inner.stop.clone();
     enum Phase {
         Reading(Option<store::LogPos>),
         Done,
@@ -862,7 +877,10 @@ fn follow_logs(
                 {
                     Ok(lines) => lines,
                     Err(e) => {
-                        let event = Sse::default().event("error").data(e.to_string());
+                        // (said as every other answer says it: the store's own error names
+                        // servers and files)
+                        warn!(job = %id, error = %e, "following a job's logs failed");
+                        let event = Sse::default().event("error").data(UNAVAILABLE);
                         return Some((vec![Ok(event)], Phase::Done));
                     }
                 };
@@ -889,6 +907,17 @@ fn follow_logs(
         }
     });
     let flat = futures_util::StreamExt::flat_map(stream, futures_util::stream::iter);
+    // The server is shutting down: the follow ends (the client follows again from the last id
+    // it got) instead of holding the shutdown until the job ends.
+    let stopping = async move {
+        match stop {
+            Some(mut stop) => {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let flat = futures_util::StreamExt::take_until(flat, stopping);
     axum::response::sse::Sse::new(flat).keep_alive(KeepAlive::default())
 }
 

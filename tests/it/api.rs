@@ -1542,3 +1542,86 @@ async fn jobs_of_a_tag_are_listed_from_its_index() {
         "the next page keeps the tag: {text}"
     );
 }
+
+/// A log follow lasts as long as its job; a graceful shutdown waits for every open response.
+/// The server's stop ends the follow, so shutting down does not wait for the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_ends_log_follows_instead_of_waiting_for_their_jobs() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let running = Api::over(store.clone(), &[TOKEN]).await;
+    let job = running.queued_job("group/app", "default").await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let state = ApiState::new(store, &[Secret::new(TOKEN)]).with_stop(stopped.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let mut stopped = stopped;
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+            .unwrap();
+    });
+    let mut follow = reqwest::Client::new()
+        .get(format!("{base}/api/v1/jobs/{job}/logs?follow=true"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), StatusCode::OK);
+    stop.send(true).unwrap();
+    tokio::time::timeout(DEADLINE, server)
+        .await
+        .expect("the server stops while the job still runs")
+        .unwrap();
+    // The follow's body ends (rather than hanging on the job).
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(_chunk) = follow.chunk().await.unwrap() {}
+    })
+    .await
+    .expect("the follow ends");
+}
+
+/// A store that cannot answer is a 503 saying so, never "not found", and never the store's own
+/// error text (which names servers and files); a log follow ends with the same words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_answer_is_503_not_404() {
+    let server = harness::RedisServer::start();
+    let store = ferry::store::redis::RedisStore::connect(&server.url(), &harness::namespace())
+        .await
+        .unwrap();
+    let api = Api::over(Arc::new(store), &[TOKEN]).await;
+    let job = api.queued_job("group/app", "default").await;
+    // A follow that starts while the store answers, and meets its failure on a later read.
+    let follow = api
+        .http
+        .get(format!("{}/api/v1/jobs/{job}/logs?follow=true", api.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), StatusCode::OK);
+    server.stop();
+    for path in [
+        format!("/api/v1/jobs/{job}"),
+        format!("/api/v1/jobs/{job}/events?cursor=5"),
+    ] {
+        let (status, body) = api.get(&path).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {body}");
+        assert_eq!(
+            body,
+            json!({ "error": "event store unavailable" }),
+            "{path}"
+        );
+    }
+    let text = tokio::time::timeout(DEADLINE * 3, follow.text())
+        .await
+        .expect("the follow ends")
+        .unwrap();
+    assert!(
+        text.contains("event: error\ndata: event store unavailable"),
+        "{text}"
+    );
+    assert!(!text.contains("127.0.0.1"), "{text}");
+}
