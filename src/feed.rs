@@ -30,10 +30,27 @@ where
     F: FnMut(Vec<Stored>) -> Fut,
     Fut: Future<Output = ()>,
 {
+    // Pending entries come back from the oldest: when the oldest is still pending after its
+    // handling, it failed again (a job that cannot be reconciled yet). The loop moves on to new
+    // entries then, instead of spinning on it and reading nothing new; the entry comes back by
+    // the takeover below once it has been idle for `takeover_after` (XAUTOCLAIM takes a
+    // consumer's own idle entries too), and is tried again then.
+    let mut oldest = None;
     loop {
         match store.read_pending(c.group, c.name, c.batch).await {
             Ok(batch) if batch.is_empty() => break,
-            Ok(batch) => handle(batch).await,
+            Ok(batch) if oldest.as_ref() == Some(&batch[0].pos) => {
+                warn!(
+                    group = c.group,
+                    pos = %batch[0].pos,
+                    "a pending feed entry failed again; reading new entries, it is tried again later"
+                );
+                break;
+            }
+            Ok(batch) => {
+                oldest = Some(batch[0].pos.clone());
+                handle(batch).await
+            }
             Err(e) => backoff("read pending feed entries", &e).await,
         }
     }

@@ -916,3 +916,67 @@ async fn a_claim_whose_job_cannot_be_read_is_read_again_or_handed_back() {
         .collect();
     assert_eq!(held, [first], "only the first claim's lease is held");
 }
+
+/// A consumer restarted with a pending entry that keeps failing (a job it cannot reconcile
+/// yet) does not spin on it: it goes on to new entries, and the failing one comes back by the
+/// takeover once it has been idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_entry_that_keeps_failing_does_not_hold_up_new_ones() {
+    use ferry::feed::{consume, Consumer};
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    store.ensure_group("g").await.unwrap();
+    let record = |n: u32| {
+        let store = store.clone();
+        async move {
+            let e = ferry_proto::WebhookReceived {
+                action: format!("entry {n}"),
+                ..Default::default()
+            };
+            match store
+                .append(Append::new(StreamId::Webhooks, vec![e.into()]))
+                .await
+                .unwrap()
+            {
+                ferry::store::Appended::Written { positions, .. } => positions[0].clone(),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let failing = record(1).await;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<LogPos>::new()));
+    // Handles everything but `failing`, which it never acknowledges.
+    let run = || {
+        let (store, seen, failing) = (store.clone(), seen.clone(), failing.clone());
+        tokio::spawn(async move {
+            let consumer = Consumer {
+                group: "g",
+                name: "c",
+                batch: 10,
+                takeover_after: Duration::from_millis(400),
+            };
+            consume(&*store, consumer, |batch| {
+                let (store, seen, failing) = (store.clone(), seen.clone(), failing.clone());
+                async move {
+                    let positions: Vec<LogPos> = batch.into_iter().map(|s| s.pos).collect();
+                    seen.lock().unwrap().extend(positions.iter().cloned());
+                    let done: Vec<LogPos> =
+                        positions.into_iter().filter(|p| *p != failing).collect();
+                    store.ack("g", &done).await.unwrap();
+                }
+            })
+            .await
+        })
+    };
+    let count = |pos: &LogPos| seen.lock().unwrap().iter().filter(|p| *p == pos).count();
+    let first = run();
+    wait_until(DEADLINE, || async { count(&failing) == 1 }).await;
+    first.abort();
+    let _ = first.await;
+
+    // Restarted: the failing entry is pending; a new one still gets through.
+    let _second = run();
+    let new = record(2).await;
+    wait_until(DEADLINE, || async { count(&new) == 1 }).await;
+    // The failing entry is tried again, by the takeover, for as long as it fails.
+    wait_until(DEADLINE, || async { count(&failing) >= 4 }).await;
+}
