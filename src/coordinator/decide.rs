@@ -40,6 +40,10 @@ impl RetryPolicy {
     }
 }
 
+/// Attempts handed back by their agents that a step may have without their counting against
+/// `max_attempts`: enough for rolling restarts, not for an agent that hands every claim back.
+pub const FREE_RELEASES: u32 = 10;
+
 /// The events the job needs next, given its state. `now_ms` dates retries; `jitter` in `[0, 1)`
 /// spreads them. Empty when the job is waiting on something outside the coordinator (a queue,
 /// an agent) or is over.
@@ -56,9 +60,11 @@ pub fn next(job: &JobState, policy: &RetryPolicy, now_ms: u64, jitter: f64) -> V
     };
     // `delayed`: a failure the step reported backs off; an interruption (the lease expired or
     // was handed back) goes straight back to the queue, so a dead agent's step is picked up
-    // again within lease TTL + one sweep.
+    // again within lease TTL + one sweep. Attempts their agents handed back (a rolling restart
+    // of the fleet, say) are not counted against `max_attempts`, up to FREE_RELEASES of them.
+    let spent = |attempt: u32| attempt.saturating_sub(step.released.min(FREE_RELEASES));
     let retry_or_fail = |attempt: u32, why: &str, delayed: bool| -> Event {
-        if attempt < policy.max_attempts && !delayed {
+        if spent(attempt) < policy.max_attempts && !delayed {
             StepQueued {
                 step: step.step.clone(),
                 attempt: attempt + 1,
@@ -66,7 +72,7 @@ pub fn next(job: &JobState, policy: &RetryPolicy, now_ms: u64, jitter: f64) -> V
                 priority: step.priority,
             }
             .into()
-        } else if attempt < policy.max_attempts {
+        } else if spent(attempt) < policy.max_attempts {
             let next = attempt + 1;
             let delay = policy.delay(next, jitter);
             StepRetryScheduled {
@@ -237,6 +243,73 @@ mod tests {
                 assert!(matches!(&d[..], [Event::JobFailed(f)] if f.reason.contains("3 attempts")));
             }
         }
+    }
+
+    /// A stopping agent hands its running step back (`StepReleased`): a rolling restart of the
+    /// fleet must not use up the step's attempts. Up to FREE_RELEASES hand-backs are free; the
+    /// attempts that ended otherwise still count to `max_attempts` (3 here).
+    #[test]
+    fn attempts_handed_back_by_their_agents_do_not_count_up_to_a_bound() {
+        let released = |attempt: u32| -> Event {
+            StepReleased {
+                step: StepId::new("build"),
+                attempt,
+                agent: AgentId::new("a"),
+                token: FencingToken(attempt as u64),
+                reason: "shut down".into(),
+            }
+            .into()
+        };
+        let expired = |attempt: u32| -> Event {
+            LeaseExpired {
+                step: StepId::new("build"),
+                attempt,
+                agent: AgentId::new("a"),
+                token: FencingToken(attempt as u64),
+            }
+            .into()
+        };
+        let mut j = job();
+        let d = decide(&j);
+        run(&mut j, &d);
+        // Five hand-backs, then two expiries: attempt 8 is the third that counts.
+        let mut attempt = 1;
+        for hand_back in [true, true, true, true, true, false, false] {
+            let end = if hand_back {
+                released(attempt)
+            } else {
+                expired(attempt)
+            };
+            run(&mut j, &[claimed("build", attempt), end]);
+            let d = decide(&j);
+            assert!(
+                matches!(&d[..], [Event::StepQueued(q)] if q.attempt == attempt + 1),
+                "attempt {attempt}: {d:?}"
+            );
+            run(&mut j, &d);
+            attempt += 1;
+        }
+        run(&mut j, &[claimed("build", attempt), expired(attempt)]);
+        assert!(
+            matches!(&decide(&j)[..], [Event::JobFailed(_)]),
+            "attempt {attempt}"
+        );
+
+        // Past the bound, hand-backs count like any interruption.
+        let mut j = job();
+        let d = decide(&j);
+        run(&mut j, &d);
+        let mut attempt = 1;
+        loop {
+            run(&mut j, &[claimed("build", attempt), released(attempt)]);
+            match &decide(&j)[..] {
+                [Event::StepQueued(q)] => run(&mut j, &[q.clone().into()]),
+                [Event::JobFailed(_)] => break,
+                other => panic!("{other:?}"),
+            }
+            attempt += 1;
+        }
+        assert_eq!(attempt, FREE_RELEASES + 3);
     }
 
     #[test]

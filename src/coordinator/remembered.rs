@@ -167,6 +167,7 @@ mod tests {
                 priority: 0,
                 status: StepStatus::Pending,
                 attempts: 0,
+                released: 0,
                 artifact: None,
                 hosts: (0..hosts)
                     .map(|h| {

@@ -107,6 +107,10 @@ pub struct StepState {
     pub status: StepStatus,
     /// Highest attempt number seen (0 before the first queueing).
     pub attempts: u32,
+    /// Attempts handed back by their agent (`StepReleased`: a stopping agent, a claim it could
+    /// not read). Retries do not count them against `max_attempts`, up to a bound.
+    #[serde(default)]
+    pub released: u32,
     pub artifact: Option<ArtifactPublished>,
     pub hosts: BTreeMap<String, HostProgress>,
 }
@@ -233,6 +237,7 @@ impl JobState {
                         priority: p.priority,
                         status: StepStatus::Pending,
                         attempts: 0,
+                        released: 0,
                         artifact: None,
                         hosts: BTreeMap::new(),
                     })
@@ -302,14 +307,19 @@ impl JobState {
                     reason: format!("lease {} of agent {} expired", e.token, e.agent),
                 },
             ),
-            Event::StepReleased(e) => self.set(
-                &e.step,
-                e.attempt,
-                StepStatus::Interrupted {
-                    attempt: e.attempt,
-                    reason: format!("released by agent {}: {}", e.agent, e.reason),
-                },
-            ),
+            Event::StepReleased(e) => {
+                self.set(
+                    &e.step,
+                    e.attempt,
+                    StepStatus::Interrupted {
+                        attempt: e.attempt,
+                        reason: format!("released by agent {}: {}", e.agent, e.reason),
+                    },
+                );
+                if let Some(s) = self.step_mut(&e.step) {
+                    s.released += 1;
+                }
+            }
             Event::ArtifactPublished(e) => {
                 if let Some(s) = self.step_mut(&e.step) {
                     s.artifact = Some(e.clone());
