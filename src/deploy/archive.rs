@@ -2,6 +2,7 @@
 //! directory. Refuses absolute paths, `..`, and links that point out of the release (tar-slip).
 
 use flate2::read::GzDecoder;
+use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
@@ -17,19 +18,33 @@ pub enum Error {
 }
 
 /// Checks every entry of a tar.gz read from `reader`.
+///
+/// Paths are resolved the way the kernel resolves them once extracted: a symlink of the archive
+/// met before the last component is followed (`sub/up -> ..`, then `esc -> sub/up/../..` lands
+/// outside, though each looks inside on its own), so an entry or a link target that goes
+/// through links is refused only if it lands outside. Names starting with `.ferry-` at the top
+/// are ferry's own markers on the host, which the deploy scripts write.
 pub fn check(reader: impl Read) -> Result<usize, Error> {
     let mut archive = tar::Archive::new(GzDecoder::new(reader));
-    let mut n = 0;
+    // (name, path, link target and whether it is a hard link) of every entry
+    let mut entries = Vec::new();
+    let mut symlinks = HashMap::new();
     for entry in archive.entries()? {
         let entry = entry?;
         let path = entry.path()?.into_owned();
         let name = path.display().to_string();
+        let kind = entry.header().entry_type();
+        if kind.is_block_special() || kind.is_character_special() || kind.is_fifo() {
+            return Err(Error::Kind {
+                entry: name,
+                kind: "device or fifo",
+            });
+        }
         let normal = inside(&path).ok_or_else(|| Error::Escapes {
             entry: name.clone(),
             why: "absolute or through ..",
         })?;
-        let kind = entry.header().entry_type();
-        if kind.is_symlink() || kind.is_hard_link() {
+        let target = if kind.is_symlink() || kind.is_hard_link() {
             let target = entry
                 .link_name()?
                 .ok_or_else(|| Error::Escapes {
@@ -37,27 +52,89 @@ pub fn check(reader: impl Read) -> Result<usize, Error> {
                     why: "a link without a target",
                 })?
                 .into_owned();
-            // A symlink resolves relative to its own directory; a hard link to the archive root.
-            let base = if kind.is_symlink() {
-                normal.parent().map(Path::to_path_buf).unwrap_or_default()
-            } else {
-                PathBuf::new()
-            };
-            if target.is_absolute() || inside(&base.join(&target)).is_none() {
+            if target.is_absolute() {
                 return Err(Error::Escapes {
                     entry: name,
                     why: "a link pointing outside the release",
                 });
             }
-        } else if kind.is_block_special() || kind.is_character_special() || kind.is_fifo() {
-            return Err(Error::Kind {
-                entry: name,
-                kind: "device or fifo",
-            });
-        }
-        n += 1;
+            if kind.is_symlink() {
+                symlinks.insert(normal, target.clone());
+            }
+            Some((target, kind.is_hard_link()))
+        } else {
+            None
+        };
+        entries.push((name, path, target));
     }
-    Ok(n)
+    for (name, path, target) in &entries {
+        let escapes = |why| Error::Escapes {
+            entry: name.clone(),
+            why,
+        };
+        // (the last component is the entry itself, not followed)
+        let parent = path.parent().unwrap_or(Path::new(""));
+        let dir = resolve(parent, &symlinks)
+            .ok_or_else(|| escapes("through a link pointing outside the release"))?;
+        let first = dir.components().next().or_else(|| path.components().next_back());
+        if first.is_some_and(|c| c.as_os_str().to_string_lossy().starts_with(".ferry-")) {
+            return Err(escapes(
+                "a name ferry keeps for its own markers on the host",
+            ));
+        }
+        if let Some((target, hard)) = target {
+            // A symlink resolves relative to its own directory; a hard link to the archive root.
+            let from = if *hard { PathBuf::new() } else { dir };
+            if resolve(&from.join(target), &symlinks).is_none() {
+                return Err(escapes("a link pointing outside the release"));
+            }
+        }
+    }
+    Ok(entries.len())
+}
+
+/// Links followed in one resolution at most (the kernel's ELOOP bound).
+const MAX_HOPS: usize = 40;
+
+/// Where `path` (relative to the release) lands once extracted, following the archive's
+/// `symlinks` met on the way, if inside the release.
+fn resolve(path: &Path, symlinks: &HashMap<PathBuf, PathBuf>) -> Option<PathBuf> {
+    let mut todo: VecDeque<std::ffi::OsString> = VecDeque::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => todo.push_back(p.to_owned()),
+            Component::CurDir => {}
+            Component::ParentDir => todo.push_back("..".into()),
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    let mut out = PathBuf::new();
+    let mut hops = 0;
+    while let Some(c) = todo.pop_front() {
+        if c == ".." {
+            if !out.pop() {
+                return None;
+            }
+            continue;
+        }
+        out.push(&c);
+        if let Some(target) = symlinks.get(&out) {
+            hops += 1;
+            if hops > MAX_HOPS || target.is_absolute() {
+                return None;
+            }
+            out.pop();
+            for c in target.components().rev() {
+                match c {
+                    Component::Normal(p) => todo.push_front(p.to_owned()),
+                    Component::CurDir => {}
+                    Component::ParentDir => todo.push_front("..".into()),
+                    Component::RootDir | Component::Prefix(_) => return None,
+                }
+            }
+        }
+    }
+    Some(out)
 }
 
 /// `path` normalised, if it stays inside the directory it is relative to.
@@ -123,6 +200,26 @@ mod tests {
             .unwrap(),
             5
         );
+        // Links through links that stay inside (pnpm's node_modules, say) pass.
+        assert_eq!(
+            check_bytes(&[
+                (
+                    "node_modules/.pnpm/foo@1/node_modules/foo/bin/foo",
+                    Regular,
+                    None
+                ),
+                (
+                    "node_modules/foo",
+                    Symlink,
+                    Some(".pnpm/foo@1/node_modules/foo")
+                ),
+                ("node_modules/.bin/foo", Symlink, Some("../foo/bin/foo")),
+                ("here", Symlink, Some(".")),
+                ("again", Symlink, Some("here/here/bin")),
+            ])
+            .unwrap(),
+            5
+        );
     }
 
     #[test]
@@ -136,6 +233,17 @@ mod tests {
             vec![("a/link", Symlink, Some("../../etc"))],
             vec![("hard", Link, Some("../outside"))],
             vec![("dev", Char, None)],
+            // Through a link of the archive: each link alone looks inside.
+            vec![
+                ("sub/up", Symlink, Some("..")),
+                ("esc", Symlink, Some("sub/up/../..")),
+            ],
+            vec![("d", Symlink, Some("..")), ("d/x", Regular, None)],
+            vec![("l", Symlink, Some("..")), ("hard", Link, Some("l/app"))],
+            vec![("loop", Symlink, Some("loop/x"))],
+            // ferry's own markers on the host
+            vec![(".ferry-previous", Symlink, Some("bin"))],
+            vec![("./.ferry-release", Regular, None)],
         ] {
             let name = bad[0].0;
             assert!(check_bytes(&bad).is_err(), "{name} must be refused");
