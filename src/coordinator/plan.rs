@@ -31,6 +31,11 @@ pub fn deploy_step(environment: &str) -> StepId {
     StepId::new(format!("deploy:{environment}"))
 }
 
+fn is_http(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    lower.starts_with("https://") || lower.starts_with("http://")
+}
+
 /// The short name of a ref: `refs/tags/v1` → `v1`.
 pub fn short_ref(git_ref: &str) -> &str {
     git_ref
@@ -54,16 +59,25 @@ pub fn plan_job(
     if !project.auto_build {
         return Err(format!("project {} has auto_build = false", project.path));
     }
-    let clone_url = project
-        .clone_url
-        .clone()
-        .or_else(|| webhook.clone_url.clone())
-        .ok_or_else(|| {
-            format!(
+    let clone_url = match (&project.clone_url, &webhook.clone_url) {
+        (Some(configured), _) => configured.clone(),
+        // The payload's git_http_url: GitLab's is always http(s). Any other scheme (file://, a
+        // plain path, ssh:// with the agent's key) would let whoever can deliver a webhook
+        // choose what the build commands run on.
+        (None, Some(url)) if is_http(url) => url.clone(),
+        (None, Some(url)) => {
+            return Err(format!(
+                "project {}: the webhook's clone URL {url:?} is not http(s); configure clone_url",
+                project.path
+            ))
+        }
+        (None, None) => {
+            return Err(format!(
                 "project {} has no clone_url and the webhook none",
                 project.path
-            )
-        })?;
+            ))
+        }
+    };
     let mut steps = vec![StepPlan {
         step: StepId::new("build"),
         pool: project.build_pool.clone(),
@@ -179,8 +193,50 @@ mod tests {
 
         project.id = Some(7);
         let job = plan_job(&project, &webhook, JobId::new(), "t".into()).unwrap();
+        assert_eq!(
+            job.steps[0].spec,
+            StepSpec::Build(BuildSpec {
+                clone_url: "https://gitlab.example/g/app.git".into(),
+                ..project.build.clone()
+            })
+        );
         assert_eq!(job.project_id, 7, "a configured id wins");
         let deploy = plan_deploy(&project, env, &job, artifact, JobId::new(), "t".into());
         assert_eq!(deploy.unwrap().project_id, 7);
+    }
+
+    /// The payload's clone URL is used only when it is http(s), as GitLab's always is: a
+    /// forged or odd delivery cannot point the build at a local path or an ssh host.
+    #[test]
+    fn a_webhook_clone_url_that_is_not_http_is_refused() {
+        let project = ProjectPlan {
+            path: "g/app".into(),
+            auto_build: true,
+            ..Default::default()
+        };
+        for url in [
+            "file:///etc",
+            "/srv/repo",
+            "ssh://git@elsewhere/x.git",
+            "git@h:x.git",
+        ] {
+            let webhook = WebhookReceived {
+                git_ref: Some("refs/tags/v1".into()),
+                checkout_sha: Some("a".repeat(40)),
+                clone_url: Some(url.into()),
+                ..Default::default()
+            };
+            let err = plan_job(&project, &webhook, JobId::new(), "t".into()).unwrap_err();
+            assert!(
+                err.contains("is not http(s); configure clone_url"),
+                "{url}: {err}"
+            );
+            // A configured URL is the operator's choice, whatever its scheme.
+            let configured = ProjectPlan {
+                clone_url: Some("file:///srv/repo".into()),
+                ..project.clone()
+            };
+            assert!(plan_job(&configured, &webhook, JobId::new(), "t".into()).is_ok());
+        }
     }
 }

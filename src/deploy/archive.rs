@@ -76,7 +76,10 @@ pub fn check(reader: impl Read) -> Result<usize, Error> {
         let parent = path.parent().unwrap_or(Path::new(""));
         let dir = resolve(parent, &symlinks)
             .ok_or_else(|| escapes("through a link pointing outside the release"))?;
-        let first = dir.components().next().or_else(|| path.components().next_back());
+        let first = dir
+            .components()
+            .next()
+            .or_else(|| path.components().next_back());
         if first.is_some_and(|c| c.as_os_str().to_string_lossy().starts_with(".ferry-")) {
             return Err(escapes(
                 "a name ferry keeps for its own markers on the host",

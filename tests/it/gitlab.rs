@@ -828,6 +828,8 @@ async fn reconciliation_builds_recent_tags_no_webhook_reported_once() {
             projects: vec![ProjectPlan {
                 id: Some(42),
                 path: "group/app".into(),
+                // (as configured: reconciliation records the configured clone_url)
+                clone_url: Some("file:///nowhere".into()),
                 auto_build: true,
                 build_pool: "nobody".into(),
                 ..Default::default()
