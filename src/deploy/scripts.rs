@@ -19,10 +19,18 @@ mkdir -p "$FERRY_PATH/.incoming" "$FERRY_PATH/releases"
 
 /// Verifies the uploaded archive's checksum, unpacks it into a temporary directory, writes the
 /// completion marker and renames the directory into place: a release directory either is
-/// complete (with its marker) or does not exist.
+/// complete (with its marker) or does not exist. A release of the same name with other contents
+/// (the tag rebuilt into other bytes) is replaced, except when `current` points to it: `current`
+/// names the directory, so replacing it would change what runs before the switch, the restart
+/// and the health check, with no way back.
 pub const UNPACK: &str = r#"set -eu
 cd "$FERRY_PATH"
 incoming=".incoming/$FERRY_SHA256.tar.gz"
+if [ -d "releases/$FERRY_RELEASE" ] && [ "$(readlink current 2>/dev/null || true)" = "releases/$FERRY_RELEASE" ]; then
+  rm -f "$incoming"
+  echo "release $FERRY_RELEASE is live with other contents (checksum $(cat "releases/$FERRY_RELEASE/.ferry-release" 2>/dev/null || echo unknown)), and is not replaced under current: deploy another release first" >&2
+  exit 6
+fi
 sum=$(sha256sum "$incoming" | cut -d' ' -f1)
 if [ "$sum" != "$FERRY_SHA256" ]; then
   echo "checksum mismatch after upload: expected $FERRY_SHA256, got $sum" >&2

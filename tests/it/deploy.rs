@@ -595,3 +595,41 @@ async fn a_host_whose_rollback_failed_is_not_counted_as_done() {
         "{h1:?}"
     );
 }
+
+/// The same release name with other contents (the tag rebuilt into other bytes) is not
+/// unpacked over the release `current` points to: that would change what runs before the
+/// switch, the restart and the health check. The host fails, saying so, and keeps running
+/// what it ran.
+#[tokio::test]
+async fn a_live_release_is_not_replaced_by_other_contents_of_the_same_name() {
+    let hosts = Hosts::new();
+    let spec = spec(&["h1"]);
+    let (v1, s1) = artifact(hosts.dir.path(), "v1");
+    let out = deploy::deploy(
+        &spec,
+        &release("v1", &v1, &s1, 1),
+        &hosts,
+        &BTreeSet::new(),
+        &Recorder::default(),
+    )
+    .await
+    .unwrap();
+    assert!(out.failed().is_empty(), "{out:?}");
+    // Another build of v1: other bytes under the same release name.
+    let (rebuilt, s2) = artifact(hosts.dir.path(), "v1-rebuilt");
+    assert_ne!(s1, s2);
+    let out = deploy::deploy(
+        &spec,
+        &release("v1", &rebuilt, &s2, 2),
+        &hosts,
+        &BTreeSet::new(),
+        &Recorder::default(),
+    )
+    .await
+    .unwrap();
+    let error = out.failed()[0].error.clone().unwrap();
+    assert!(error.contains("is live with other contents"), "{error}");
+    assert_eq!(hosts.current("h1"), "releases/v1-0123456");
+    let app = hosts.root("h1").join("srv/app/current/app.sh");
+    assert_eq!(std::fs::read_to_string(app).unwrap(), "echo v1\n");
+}
