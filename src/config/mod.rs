@@ -1341,7 +1341,19 @@ fn validate_project(cx: &Ctx<'_>, i: usize, raw: RawProject) -> Result<Project> 
         allow_unauthenticated,
         clone_url: raw
             .clone_url
-            .map(|url| cx.url(&key("clone_url"), &url, false))
+            .map(|url| {
+                let k = key("clone_url");
+                let url = cx.url(&k, &url, false)?;
+                // Every job records its clone URL in its plan, which the API shows and which
+                // errors quote: a password in it would be a secret in the log (invariant 10).
+                if url.password().is_some() {
+                    return Err(cx.err(
+                        &k,
+                        "must not carry a password: every job records its clone URL, and the API                          shows it; clone over ssh with the agent's key (agent.ssh_key) instead",
+                    ));
+                }
+                Ok(url)
+            })
             .transpose()?,
         auto_build: raw.auto_build.unwrap_or(true),
         auto_deploy: raw.auto_deploy.unwrap_or(true),

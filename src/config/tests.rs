@@ -400,6 +400,7 @@ fn errors_name_the_key_and_the_source() {
         (BASE.replace("[projects.build]", "[projects.buid]"), vec![], f(), "/etc/ferry.toml: unknown key projects[0].buid"),
         (BASE.replace("commands =", "comands ="), vec![], f(), "/etc/ferry.toml: unknown key projects[0].build.comands"),
         (format!("{BASE}maxparallel = 2\n"), vec![], f(), "/etc/ferry.toml: unknown key projects[0].environments[0].maxparallel"),
+        (BASE.replace("path = \"group/app\"", "path = \"group/app\"\nclone_url = \"https://oauth2:glpat-x@gitlab.example/group/app.git\""), vec![], f(), "/etc/ferry.toml: projects[0].clone_url: must not carry a password"),
         (format!("{BASE}command_timeout = \"500ms\"\n"), vec![], f(), "/etc/ferry.toml: projects[0].environments[0].command_timeout: 500ms is too short: at least 1s"),
         // TOML syntax and type errors keep toml's line and column.
         ("store = ".into(), vec![], f(), "/etc/ferry.toml: TOML parse error at line 1"),
