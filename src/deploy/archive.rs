@@ -1,7 +1,7 @@
 //! Checking a release archive before it goes anywhere: every entry must stay inside the release
 //! directory. Refuses absolute paths, `..`, and links that point out of the release (tar-slip).
 
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
@@ -25,7 +25,9 @@ pub enum Error {
 /// through links is refused only if it lands outside. Names starting with `.ferry-` at the top
 /// are ferry's own markers on the host, which the deploy scripts write.
 pub fn check(reader: impl Read) -> Result<usize, Error> {
-    let mut archive = tar::Archive::new(GzDecoder::new(reader));
+    // Every gzip member, as the host's `tar -xz` reads them: with only the first, entries in a
+    // second member would reach the host unchecked.
+    let mut archive = tar::Archive::new(MultiGzDecoder::new(reader));
     // (name, path, link target and whether it is a hard link) of every entry
     let mut entries = Vec::new();
     let mut symlinks = HashMap::new();
@@ -223,6 +225,37 @@ mod tests {
             .unwrap(),
             5
         );
+    }
+
+    /// A release in two gzip members: the host's `tar -xz` reads both as one stream, so the
+    /// check must too (with the first member alone, the second's entries went unchecked).
+    #[test]
+    fn every_gzip_member_is_checked() {
+        use std::io::Write;
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut benign = tar::Header::new_gnu();
+        benign.set_size(3);
+        benign.set_mode(0o644);
+        benign.set_cksum();
+        tar.append_data(&mut benign, "app", &b"app"[..]).unwrap();
+        let mut evil = tar::Header::new_old();
+        evil.as_old_mut().name[..9].copy_from_slice(b"../escape");
+        evil.set_size(0);
+        evil.set_mode(0o644);
+        evil.set_cksum();
+        tar.append(&evil, std::io::empty()).unwrap();
+        let bytes = tar.into_inner().unwrap();
+        // the first entry (header and one block of data) in one member, the rest in another
+        let (first, rest) = bytes.split_at(1024);
+        let member = |data: &[u8]| {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(data).unwrap();
+            gz.finish().unwrap()
+        };
+        let mut both = member(first);
+        both.extend(member(rest));
+        let err = check(&both[..]).unwrap_err();
+        assert!(err.to_string().contains("../escape"), "{err}");
     }
 
     #[test]

@@ -86,10 +86,14 @@ if [ -z "$previous" ]; then
 fi
 ln -sfn "$previous" .current.tmp
 mv -T .current.tmp current
+printf '%s' "$FERRY_TOKEN" > .ferry-token
 "#;
 
-/// Removes releases beyond the newest `FERRY_KEEP`, never `current` nor the one before it.
+/// Removes releases beyond the newest `FERRY_KEEP`, never `current` nor the one before it, and
+/// what failed uploads and unpacks left behind over a day ago.
 pub const PRUNE: &str = r#"set -eu
+find "$FERRY_PATH/.incoming" -maxdepth 1 -type f -mmin +1440 -exec rm -f {} + 2>/dev/null || true
+find "$FERRY_PATH/releases" -mindepth 1 -maxdepth 1 -name '.*.tmp' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
 cd "$FERRY_PATH/releases"
 current=$(basename "$(readlink ../current 2>/dev/null || echo none)")
 previous=$(basename "$(cat "$current/.ferry-previous" 2>/dev/null || echo none)")

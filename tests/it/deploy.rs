@@ -633,3 +633,45 @@ async fn a_live_release_is_not_replaced_by_other_contents_of_the_same_name() {
     let app = hosts.root("h1").join("srv/app/current/app.sh");
     assert_eq!(std::fs::read_to_string(app).unwrap(), "echo v1\n");
 }
+
+/// What failed uploads and unpacks left on a host (an archive in `.incoming`, a half-unpacked
+/// `releases/.<name>.tmp`) is removed by a later deploy's pruning once over a day old; newer
+/// ones (another deploy's, in flight) stay.
+#[tokio::test]
+async fn leftovers_of_failed_uploads_are_pruned_after_a_day() {
+    let hosts = Hosts::new();
+    let spec = spec(&["h1"]);
+    let app = hosts.root("h1").join("srv/app");
+    let leftovers = [
+        app.join(".incoming/old.tar.gz"),
+        app.join("releases/.v0-0123456.tmp"),
+    ];
+    let fresh = app.join(".incoming/fresh.tar.gz");
+    for p in &leftovers {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    }
+    std::fs::write(&leftovers[0], "").unwrap();
+    std::fs::create_dir_all(&leftovers[1]).unwrap();
+    std::fs::write(&fresh, "").unwrap();
+    let status = std::process::Command::new("touch")
+        .args(["-d", "2 days ago"])
+        .args(&leftovers)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (v1, s1) = artifact(hosts.dir.path(), "v1");
+    let out = deploy::deploy(
+        &spec,
+        &release("v1", &v1, &s1, 1),
+        &hosts,
+        &BTreeSet::new(),
+        &Recorder::default(),
+    )
+    .await
+    .unwrap();
+    assert!(out.failed().is_empty(), "{out:?}");
+    for p in &leftovers {
+        assert!(!p.exists(), "{} left", p.display());
+    }
+    assert!(fresh.exists());
+}
