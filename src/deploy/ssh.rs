@@ -244,6 +244,73 @@ pub(crate) fn known_hosts_name(host: &str, port: u16) -> String {
     }
 }
 
+/// Entries of a `known_hosts` text that concern `name` (as [`known_hosts_name`] writes it) in a
+/// form the key lookup does not evaluate: `@revoked` and `@cert-authority` markers, wildcard
+/// (`*`, `?`) and negated (`!`) patterns, names that differ only in case. Each as `line N:
+/// why`. Under `accept-new` an unknown key is not pinned while there are any: the operator said
+/// something about the host that ferry cannot check the key against.
+fn unevaluated_entries(text: &str, name: &str) -> Vec<String> {
+    let name = name.to_ascii_lowercase();
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next().filter(|f| !f.starts_with('#')) else {
+            continue;
+        };
+        let (marker, patterns) = match first.strip_prefix('@') {
+            Some(marker) => (Some(marker), fields.next().unwrap_or("")),
+            None => (None, first),
+        };
+        // (hashed entries name one host each, and the lookup evaluates them)
+        if patterns.starts_with("|1|") {
+            continue;
+        }
+        for pattern in patterns.split(',') {
+            let (negated, pattern) = match pattern.strip_prefix('!') {
+                Some(p) => (true, p),
+                None => (false, pattern),
+            };
+            let lower = pattern.to_ascii_lowercase();
+            let wild = pattern.contains(['*', '?']);
+            if !glob(&lower, &name) {
+                continue;
+            }
+            let why = match (marker, negated, wild) {
+                (Some(m), _, _) => format!("a @{m} marker"),
+                (None, true, _) => "a negated pattern".to_string(),
+                (None, false, true) => format!("the wildcard pattern {pattern}"),
+                (None, false, false) if pattern != name => format!("{pattern}, in other case"),
+                _ => continue,
+            };
+            out.push(format!("line {}: {why}", i + 1));
+        }
+    }
+    out
+}
+
+/// OpenSSH's host pattern match: `*` any run of characters, `?` any one.
+fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
 /// Appends `name <key>` to `known_hosts` (created if missing, with its directory), on a line
 /// of its own, and syncs it to disk.
 fn pin(known_hosts: &Path, name: &str, key: &PublicKey) -> Result<(), String> {
@@ -361,6 +428,17 @@ impl HostCheck {
                      the key"
                 )),
                 HostKeyPolicy::AcceptNew => {
+                    let text = std::fs::read_to_string(&self.known_hosts).unwrap_or_default();
+                    let unevaluated = unevaluated_entries(&text, &name);
+                    if !unevaluated.is_empty() {
+                        return Err(format!(
+                            "the server presented {presented}, which is not recorded for {name} \
+                             in {file}, and {file} has entries for it that ferry cannot check a \
+                             key against ({}): not pinned under accept-new; record the host's \
+                             key as a plain `{name} <key>` line",
+                            unevaluated.join("; ")
+                        ));
+                    }
                     pin(&self.known_hosts, &name, key)
                         .map_err(|e| format!("cannot pin {presented} for {name} in {file}: {e}"))?;
                     tracing::warn!(
@@ -627,6 +705,44 @@ impl Transport for SshTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_the_lookup_does_not_evaluate_are_found() {
+        let text = "\
+# a comment naming web1
+web2 ssh-ed25519 AAAA
+@revoked web1 ssh-ed25519 BBBB
+*.example.com ssh-ed25519 CCCC
+!web1,web3 ssh-ed25519 DDDD
+WEB1 ssh-ed25519 EEEE
+[web1]:2222 ssh-ed25519 FFFF
+|1|salt=|hash= ssh-ed25519 GGGG
+@cert-authority *.internal ssh-ed25519 HHHH
+";
+        assert_eq!(
+            unevaluated_entries(text, "web1"),
+            [
+                "line 3: a @revoked marker",
+                "line 5: a negated pattern",
+                "line 6: WEB1, in other case"
+            ]
+        );
+        assert_eq!(
+            unevaluated_entries(text, "db.example.com"),
+            ["line 4: the wildcard pattern *.example.com"]
+        );
+        assert_eq!(
+            unevaluated_entries(text, "[a.internal]:2222"),
+            Vec::<String>::new(),
+            "the port form is its own name"
+        );
+        assert_eq!(
+            unevaluated_entries(text, "a.internal"),
+            ["line 9: a @cert-authority marker"]
+        );
+        assert!(unevaluated_entries(text, "web2").is_empty());
+        assert!(glob("w?b*", "web1") && glob("*", "") && !glob("w?b", "web1"));
+    }
 
     #[test]
     fn quoting_keeps_every_byte_literal() {

@@ -303,6 +303,29 @@ async fn accept_new_pins_an_unknown_key_and_later_connections_use_it() {
     assert!(status.success());
 }
 
+/// An entry ferry cannot check a key against (here a wildcard pattern that covers the host)
+/// means the operator said something about the host: accept-new does not pin past it.
+#[tokio::test]
+async fn accept_new_does_not_pin_past_an_entry_it_cannot_evaluate() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kh = dir.path().join("known_hosts");
+    let line = "[127.0.0.*]:* ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+    std::fs::write(&kh, format!("{line}\n")).unwrap();
+    let err = connector(&kh, HostKeyPolicy::AcceptNew)
+        .connect(&sshd.target())
+        .await
+        .err()
+        .expect("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("line 1: the wildcard pattern [127.0.0.*]:*")
+            && message.contains("not pinned under accept-new"),
+        "{message}"
+    );
+    assert_eq!(std::fs::read_to_string(&kh).unwrap(), format!("{line}\n"));
+}
+
 #[tokio::test]
 async fn hashed_known_hosts_entries_are_understood() {
     let sshd = Sshd::start();
