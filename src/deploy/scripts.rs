@@ -47,8 +47,12 @@ rm -f "$incoming"
 "#;
 
 /// Switches `current` to the release atomically (a symlink made under a temporary name, then
-/// renamed over `current`), remembering the release it replaces for rollback. Fenced on the
-/// host: under a lock, it refuses when a deploy with a newer fencing token already switched.
+/// renamed over `current`), remembering the release it replaces for rollback: in the release
+/// (`.ferry-previous`, which pruning spares) and, for this deploy's rollback, in
+/// `.ferry-rollback-<token>`, written once per token (a resumed switch does not overwrite it),
+/// so that redeploying the live release rolls back to it and not to what preceded it once.
+/// Fenced on the host: under a lock, it refuses when a deploy with a newer fencing token
+/// already switched.
 pub const SWITCH: &str = r#"set -eu
 cd "$FERRY_PATH"
 exec 9>>.ferry-lock
@@ -64,12 +68,14 @@ previous=$(readlink current 2>/dev/null || true)
 if [ -n "$previous" ] && [ "$previous" != "$target" ]; then
   printf '%s' "$previous" > "$target/.ferry-previous"
 fi
+[ -e ".ferry-rollback-$FERRY_TOKEN" ] || printf '%s' "$previous" > ".ferry-rollback-$FERRY_TOKEN"
 ln -sfn "$target" .current.tmp
 mv -T .current.tmp current
 printf '%s' "$FERRY_TOKEN" > .ferry-token
 "#;
 
-/// Switches `current` back to the release that this one replaced.
+/// Switches `current` back to what it was before this deploy switched it (`.ferry-rollback-<token>`;
+/// for a host a deploy of an earlier attempt switched, the release's `.ferry-previous`).
 pub const ROLLBACK: &str = r#"set -eu
 cd "$FERRY_PATH"
 exec 9>>.ferry-lock
@@ -79,7 +85,11 @@ if [ "$last" -gt "$FERRY_TOKEN" ]; then
   echo "fenced out: a deploy holding the newer token $last already switched this host" >&2
   exit 4
 fi
-previous=$(cat "releases/$FERRY_RELEASE/.ferry-previous" 2>/dev/null || true)
+if [ -e ".ferry-rollback-$FERRY_TOKEN" ]; then
+  previous=$(cat ".ferry-rollback-$FERRY_TOKEN")
+else
+  previous=$(cat "releases/$FERRY_RELEASE/.ferry-previous" 2>/dev/null || true)
+fi
 if [ -z "$previous" ]; then
   echo "no previous release to roll back to" >&2
   exit 5
@@ -94,6 +104,7 @@ printf '%s' "$FERRY_TOKEN" > .ferry-token
 pub const PRUNE: &str = r#"set -eu
 find "$FERRY_PATH/.incoming" -maxdepth 1 -type f -mmin +1440 -exec rm -f {} + 2>/dev/null || true
 find "$FERRY_PATH/releases" -mindepth 1 -maxdepth 1 -name '.*.tmp' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
+(cd "$FERRY_PATH" && ls -1t .ferry-rollback-* 2>/dev/null | tail -n +6 | while IFS= read -r f; do rm -f -- "$f"; done)
 cd "$FERRY_PATH/releases"
 current=$(basename "$(readlink ../current 2>/dev/null || echo none)")
 previous=$(basename "$(cat "$current/.ferry-previous" 2>/dev/null || echo none)")

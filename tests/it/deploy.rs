@@ -675,3 +675,38 @@ async fn leftovers_of_failed_uploads_are_pruned_after_a_day() {
     }
     assert!(fresh.exists());
 }
+
+/// Deploying the live release again (a redeploy) and failing rolls back to that release, what
+/// ran before, not to the release that preceded it once.
+#[tokio::test]
+async fn a_failed_redeploy_of_the_live_release_rolls_back_to_it() {
+    let hosts = Hosts::new();
+    let mut spec = spec(&["h1"]);
+    let (v1, s1) = artifact(hosts.dir.path(), "v1");
+    let (v2, s2) = artifact(hosts.dir.path(), "v2");
+    for (tag, art, sum, token) in [("v1", &v1, &s1, 1), ("v2", &v2, &s2, 2)] {
+        let out = deploy::deploy(
+            &spec,
+            &release(tag, art, sum, token),
+            &hosts,
+            &BTreeSet::new(),
+            &Recorder::default(),
+        )
+        .await
+        .unwrap();
+        assert!(out.failed().is_empty(), "{out:?}");
+    }
+    spec.health_check = Some("test ! -f ../../unhealthy".into());
+    std::fs::write(hosts.root("h1").join("srv/app/unhealthy"), "").unwrap();
+    let out = deploy::deploy(
+        &spec,
+        &release("v2", &v2, &s2, 3),
+        &hosts,
+        &BTreeSet::new(),
+        &Recorder::default(),
+    )
+    .await
+    .unwrap();
+    assert!(out.hosts[0].rolled_back, "{out:?}");
+    assert_eq!(hosts.current("h1"), "releases/v2-0123456");
+}
