@@ -980,3 +980,49 @@ async fn a_pending_entry_that_keeps_failing_does_not_hold_up_new_ones() {
     // The failing entry is tried again, by the takeover, for as long as it fails.
     wait_until(DEADLINE, || async { count(&failing) >= 4 }).await;
 }
+
+/// A retry is due after the delay its writer meant, on the store's clock: a coordinator whose
+/// clock is an hour behind neither lets its retries go at once nor (an hour ahead) holds them
+/// back an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_due_on_the_store_clock_whatever_the_writers_clock() {
+    let store = harness::redis_store().await;
+    let hour = 3_600_000;
+    let now = ferry::store::now_ms();
+    let retry = |job: JobId, writer_ms: u64, delay_ms: u64| {
+        let mut append = Append::new(
+            StreamId::Job(job),
+            vec![StepRetryScheduled {
+                step: "build".into(),
+                attempt: 2,
+                pool: "default".into(),
+                priority: 0,
+                due_ms: writer_ms + delay_ms,
+                reason: "test".into(),
+            }
+            .into()],
+        );
+        append.at_ms = writer_ms;
+        append
+    };
+    // Behind by an hour, a minute's delay: not due yet.
+    let behind = JobId::new();
+    store
+        .append(retry(behind, now - hour, 60_000))
+        .await
+        .unwrap();
+    assert_eq!(store.promote_due(10).await.unwrap(), 0);
+    // Ahead by an hour, no delay: due at once.
+    let ahead = JobId::new();
+    store.append(retry(ahead, now + hour, 0)).await.unwrap();
+    assert_eq!(store.promote_due(10).await.unwrap(), 1);
+    let ready: Vec<JobId> = store
+        .queued()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|q| q.due_ms.is_none())
+        .map(|q| q.job)
+        .collect();
+    assert_eq!(ready, [ahead]);
+}

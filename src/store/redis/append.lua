@@ -16,7 +16,8 @@
 --          D, then D dedupe keys (without the `{ns}:dedupe:` prefix), F, then F dedupe keys to
 --          delete once the append is written (same form),
 --          N, then N tuples of 9: kind, schema version, payload, effect, step, attempt, pool,
---          priority, due_ms; effect is '' | 'enqueue' | 'schedule' | 'finish' | 'clear' |
+--          priority, delay (for 'schedule': the event's due_ms less the envelope at_ms, ms,
+--          possibly negative; due on the store's clock = now + delay); effect is '' | 'enqueue' | 'schedule' | 'finish' | 'clear' |
 --          'index' | 'drop_logs' | 'leave' | 'join' | 'stop' | 'pause' | 'resume' (unused tuple
 --          fields are ''); for
 --          'index' the step field
@@ -113,8 +114,9 @@ for _ = 1, m do
         if effect == 'enqueue' then
           enqueue(prefix, job, member, ARGV[base + 5], ARGV[base + 6], ARGV[base + 7], now)
         elseif effect == 'schedule' then
+          -- (due: the writer's delay, from the store's clock)
           schedule(prefix, job, member, ARGV[base + 5], ARGV[base + 6], ARGV[base + 7],
-            ARGV[base + 8])
+            int(now + tonumber(ARGV[base + 8])))
         elseif effect == 'finish' then
           drop_lease(prefix, member)
           -- A member is queued or leased, never both (queueing drops the lease): when this

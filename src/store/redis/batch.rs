@@ -75,6 +75,7 @@ pub(super) fn prepare(a: &Append) -> Result<Prepared> {
         text(d.clone());
     }
     text(a.events.len().to_string());
+    let a_at_ms = a.at_ms as i64;
     for event in &a.events {
         let effect = effects_of(event);
         if let Some(why) = effect.as_ref().and_then(|e| misplaced(e, event, &a.stream)) {
@@ -104,7 +105,11 @@ pub(super) fn prepare(a: &Append) -> Result<Prepared> {
                 check_name("step", step.as_str())?;
                 check_name("pool", &pool)?;
                 let (a, p) = (attempt.to_string(), priority.to_string());
-                ("schedule", step.0, a, pool, p, due_ms.to_string())
+                // The delay the writer meant (its due time less its envelope time, both on its
+                // clock): the script adds it to the store's clock, so a writer whose clock is
+                // off neither holds retries back nor lets them go early.
+                let delay = due_ms as i64 - a_at_ms;
+                ("schedule", step.0, a, pool, p, delay.to_string())
             }
             Some(Effect::Index { keys }) => {
                 for key in &keys {
