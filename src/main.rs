@@ -19,6 +19,29 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let finish = |r: anyhow::Result<ExitCode>| match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
+        }
+    };
+    // The API clients take only --api and --token: a server's configuration (FERRY_CONFIG in an
+    // operator's shell, hook tokens it names that are not set there) is none of their business.
+    let client = match &cli.command {
+        Command::Jobs(args) => Some(runtime.block_on(ferry::client::jobs(args))),
+        Command::Agents(args) => Some(runtime.block_on(ferry::client::agents(args))),
+        Command::Deploy(args) => Some(runtime.block_on(ferry::client::deploy(args))),
+        Command::Rollback(args) => Some(runtime.block_on(ferry::client::rollback(args))),
+        _ => None,
+    };
+    if let Some(result) = client {
+        return finish(result.map(|_| ExitCode::SUCCESS));
+    }
     let config = match config::load(
         cli.config.as_deref(),
         &config::process_env,
@@ -30,17 +53,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(run(cli.command, config)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("ferry: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(runtime.block_on(run(cli.command, config)))
 }
 
 async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCode> {
@@ -96,10 +109,10 @@ async fn run(command: Command, config: config::Config) -> anyhow::Result<ExitCod
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Jobs(args) => ferry::client::jobs(&args).await?,
-        Command::Agents(args) => ferry::client::agents(&args).await?,
-        Command::Deploy(args) => ferry::client::deploy(&args).await?,
-        Command::Rollback(args) => ferry::client::rollback(&args).await?,
+        // (run in main, without loading the configuration)
+        Command::Jobs(_) | Command::Agents(_) | Command::Deploy(_) | Command::Rollback(_) => {
+            unreachable!("the API clients run before the configuration is loaded")
+        }
         Command::Migrate(args) => app::migrate(&config, &args).await?,
         Command::Reconcile(args) => {
             if !app::reconcile(&config, args.window).await? {

@@ -1073,6 +1073,18 @@ async fn cli_lists_and_shows_jobs_through_the_api() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.starts_with("ID"), "{text}");
+    // A server's configuration is none of the client's business: one that does not load (here
+    // missing altogether) does not stop it.
+    let out = ferry(
+        &[
+            &["--config", "/nonexistent/ferry.toml", "jobs", "list"][..],
+            &flags,
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), text);
     for want in [
         waiting.to_string(),
         failed_job.to_string(),
