@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::metrics::AGENT as METRICS;
 
@@ -347,13 +347,15 @@ async fn run_step(
     mut hand_back: watch::Receiver<bool>,
 ) {
     let (lost_tx, mut lost) = watch::channel(false);
-    let renewer = tokio::spawn(keep_renewed(
+    // Aborted when this function returns or unwinds: a renewer left behind would keep the
+    // lease of a step nobody runs alive for good.
+    let renewer = AbortOnDrop(tokio::spawn(keep_renewed(
         store.clone(),
         claim.clone(),
         opts.lease_ttl,
         asked,
         lost_tx,
-    ));
+    )));
     // The job as of the claim: the plan says what to run.
     let mut job = JobState::new(claim.job);
     let mut history = Ok(());
@@ -369,12 +371,41 @@ async fn run_step(
         history?;
         execute(&store, &opts, &claim, &job, spec).await
     };
+    // A bug that panics while running a step fails the attempt (retryable) instead of leaving
+    // the step with nobody running it.
+    let work = async {
+        match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work)).await {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                error!(job = %claim.job, step = %claim.step, panic = %what, "the step's run panicked");
+                let failed = ferry_proto::StepFailed {
+                    step: claim.step.clone(),
+                    attempt: claim.attempt,
+                    error: format!("the agent failed while running the step: {what}"),
+                    retryable: true,
+                    exit_code: None,
+                };
+                store
+                    .append(
+                        Append::new(StreamId::Job(claim.job), vec![failed.into()])
+                            .fenced(claim.step.clone(), claim.token),
+                    )
+                    .await?;
+                Ok("failed")
+            }
+        }
+    };
     // Dropping `work` stops the step: executors kill their process groups on drop.
     let outcome = tokio::select! {
         r = work => Some(r),
         _ = until_set(&mut lost) => None,
         _ = until_set(&mut hand_back) => {
-            renewer.abort();
+            renewer.0.abort();
             match store.release(claim.job, &claim.step, claim.token, "agent shutting down").await {
                 Ok(()) => info!(job = %claim.job, step = %claim.step, "step handed back"),
                 Err(e) => warn!(job = %claim.job, step = %claim.step, error = %e, "could not hand the step back; its lease will expire"),
@@ -384,7 +415,7 @@ async fn run_step(
             return;
         }
     };
-    renewer.abort();
+    renewer.0.abort();
     let label = match outcome {
         None => {
             warn!(job = %claim.job, step = %claim.step, token = %claim.token, "lease lost; step abandoned");
@@ -454,6 +485,15 @@ async fn execute(
         .append(Append::new(stream, outcome).fenced(claim.step.clone(), claim.token))
         .await?;
     Ok(if succeeded { "succeeded" } else { "failed" })
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Resolves once the flag is set (the guard `wait_for` returns is dropped here, not held

@@ -244,7 +244,12 @@ async fn run_in(
         env.secrets
             .iter()
             .map(|(_, v)| v.clone())
-            .chain(mask::secret_values_from_env(std::env::vars())),
+            // (vars_os: an agent started with a variable that is not UTF-8 must not panic;
+            // such values are not ferry's secrets)
+            .chain(mask::secret_values_from_env(
+                std::env::vars_os()
+                    .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+            )),
     );
 
     let src = work.join("src");

@@ -138,9 +138,20 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
     }
     /// A process that reaches the store at `store` (a proxy, say).
     fn spawn_on(&self, store: &str, role: &[&str], agent: &str) -> Proc {
+        self.spawn_with(store, role, agent, &[])
+    }
+    /// A process with `extra` environment variables besides the world's.
+    fn spawn_with(
+        &self,
+        store: &str,
+        role: &[&str],
+        agent: &str,
+        extra: &[(std::ffi::OsString, std::ffi::OsString)],
+    ) -> Proc {
         Proc(
             Command::new(env!("CARGO_BIN_EXE_ferry"))
                 .env_clear()
+                .envs(extra.iter().map(|(k, v)| (k, v)))
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("FERRY_STORE", store)
                 .env("FERRY_NAMESPACE", &self.ns)
@@ -321,7 +332,14 @@ async fn a_tag_is_built_and_deployed_through_an_s3_artifact_store() {
     let w = World::with_artifacts(Some(&s3)).await;
     let _gateway = w.spawn(&["gateway"], "gw");
     let _coordinator = w.spawn(&["coordinator"], "c1");
-    let _agent = w.spawn(&["agent"], "agent-1");
+    // (an agent started with a variable that is not UTF-8 builds as any other)
+    let odd = std::os::unix::ffi::OsStringExt::from_vec(b"caf\xe9".to_vec());
+    let _agent = w.spawn_with(
+        &w.url,
+        &["agent"],
+        "agent-1",
+        &[("FERRY_TEST_LATIN1".into(), odd)],
+    );
     let job = w.push_tag().await;
     w.open_gate();
     let events = w.succeeded(job).await;
