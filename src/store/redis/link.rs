@@ -9,9 +9,10 @@
 //! later command to it. The failing command itself returns its error at once: callers already
 //! treat [`Error::Unavailable`] as "retry with backoff", and a command is never sent twice by
 //! the link (an append that might have landed is the caller's to re-check, as with any lost
-//! connection). A cluster client learns the other nodes, follows the slot map and retries
-//! through a failover by itself; every key of a namespace is in one slot, so all of a store's
-//! traffic goes to the shard that holds it.
+//! connection). A cluster client learns the other nodes and follows the slot map; the link
+//! sends a command again only on a reply that proves it did not run (MOVED, TRYAGAIN,
+//! CLUSTERDOWN, ...), never after a dropped connection or a timeout. Every key of a namespace
+//! is in one slot, so all of a store's traffic goes to the shard that holds it.
 
 use super::urls::{multi_node_scheme, ClusterUrl, SentinelUrl, SENTINEL_SCHEMES};
 use super::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
@@ -116,11 +117,15 @@ fn cluster_clients(
         }
         b
     };
-    // Normal commands are bounded like a single server's (a failover inside the cluster
-    // is retried within the overall bound); blocking ones by their caller.
+    // Normal commands are bounded like a single server's; blocking ones by their caller. The
+    // client retries nothing by itself: it would send again a script that may have run (after
+    // a dropped connection or a response timeout), and a second append, claim or release is
+    // not the first one's answer. The link retries only the replies that prove the command did
+    // not run (see `not_run`).
     let normal = builder()
         .response_timeout(RESPONSE_TIMEOUT)
         .overall_response_timeout(Some(RESPONSE_TIMEOUT * 2))
+        .retries(0)
         .build()?;
     Ok((normal, builder().build()?))
 }
@@ -383,12 +388,59 @@ fn moved_master(e: &RedisError) -> bool {
         )
 }
 
+/// A cluster's reply that proves the command was not run (a slot that moved or is moving,
+/// a cluster or master that is down, a replica, a server loading its data): the link sends it
+/// again, after the client learned the new slot map, within [`CLUSTER_RETRY`].
+fn not_run(e: &RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind as S};
+    matches!(
+        e.kind(),
+        ErrorKind::Server(
+            S::Moved
+                | S::Ask
+                | S::TryAgain
+                | S::ClusterDown
+                | S::MasterDown
+                | S::ReadOnly
+                | S::BusyLoading
+        )
+    )
+}
+
+/// How long the link keeps sending a cluster command whose replies say it was not run.
+const CLUSTER_RETRY: Duration = Duration::from_secs(10);
+
+/// Sends a cluster command until it runs, or fails in a way that may mean it ran.
+async fn cluster_retrying<T, F, Fut>(mut send: F) -> std::result::Result<T, RedisError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, RedisError>>,
+{
+    let give_up = tokio::time::Instant::now() + CLUSTER_RETRY;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match send().await {
+            Err(e) if not_run(&e) && tokio::time::Instant::now() + pause < give_up => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+}
+
 impl ConnectionLike for Link {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let r = match self.current().0 {
                 Conn::Single(mut c) => c.req_packed_command(cmd).await,
-                Conn::Cluster(mut c) => c.req_packed_command(cmd).await,
+                Conn::Cluster(c) => {
+                    cluster_retrying(|| {
+                        let mut c = c.clone();
+                        async move { c.req_packed_command(cmd).await }
+                    })
+                    .await
+                }
             };
             self.seen(r)
         })
@@ -403,7 +455,13 @@ impl ConnectionLike for Link {
         Box::pin(async move {
             let r = match self.current().0 {
                 Conn::Single(mut c) => c.req_packed_commands(pipeline, offset, count).await,
-                Conn::Cluster(mut c) => c.req_packed_commands(pipeline, offset, count).await,
+                Conn::Cluster(c) => {
+                    cluster_retrying(|| {
+                        let mut c = c.clone();
+                        async move { c.req_packed_commands(pipeline, offset, count).await }
+                    })
+                    .await
+                }
             };
             self.seen(r)
         })
