@@ -51,7 +51,7 @@ where
                 oldest = Some(batch[0].pos.clone());
                 handle(batch).await
             }
-            Err(e) => backoff("read pending feed entries", &e).await,
+            Err(e) => recover(store, c.group, "read pending feed entries", &e).await,
         }
     }
     let mut last_takeover = tokio::time::Instant::now();
@@ -71,14 +71,30 @@ where
                     handle(batch).await
                 }
                 Ok(_) => {}
-                Err(e) => backoff("take over idle feed entries", &e).await,
+                Err(e) => recover(store, c.group, "take over idle feed entries", &e).await,
             }
         }
         match store.read_new(c.group, c.name, c.batch, BLOCK).await {
             Ok(batch) => handle(batch).await,
-            Err(e) => backoff("read the feed", &e).await,
+            Err(e) => recover(store, c.group, "read the feed", &e).await,
         }
     }
+}
+
+/// [`backoff`], and when the store says the group does not exist (a Redis that restarted
+/// without the data that held it), creates it again: nothing else would, and every entry
+/// appended from then on would wait until the process restarted.
+async fn recover(store: &dyn Store, group: &str, what: &str, e: &Error) {
+    if matches!(e, Error::Invalid(m) if m.contains("NOGROUP")) {
+        warn!(
+            group,
+            "the consumer group is gone from the store (a restart that lost its data?); creating it again"
+        );
+        if let Err(e) = store.ensure_group(group).await {
+            warn!(group, error = %e, "could not create the consumer group again");
+        }
+    }
+    backoff(what, e).await
 }
 
 /// Logs a store error and waits before the caller tries again.

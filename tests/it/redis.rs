@@ -1026,3 +1026,67 @@ async fn retries_are_due_on_the_store_clock_whatever_the_writers_clock() {
         .collect();
     assert_eq!(ready, [ahead]);
 }
+
+/// A Redis that restarts without its data loses the consumer groups with it: the feed creates
+/// its group again and goes on with what is appended from then on, instead of failing every
+/// read until the process restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_recreates_its_group_after_a_restart_that_lost_it() {
+    use ferry::feed::{consume, Consumer};
+    let server = RedisServer::start();
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect(&server.url(), &harness::namespace())
+            .await
+            .unwrap(),
+    );
+    store.ensure_group("g").await.unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let _consumer = tokio::spawn({
+        let (store, seen) = (store.clone(), seen.clone());
+        async move {
+            let consumer = Consumer {
+                group: "g",
+                name: "c",
+                batch: 10,
+                takeover_after: Duration::from_secs(60),
+            };
+            consume(&*store, consumer, |batch| {
+                let (store, seen) = (store.clone(), seen.clone());
+                async move {
+                    let positions: Vec<LogPos> = batch.iter().map(|s| s.pos.clone()).collect();
+                    for s in &batch {
+                        if let Ok(Event::WebhookReceived(w)) = s.decode() {
+                            seen.lock().unwrap().push(w.action);
+                        }
+                    }
+                    store.ack("g", &positions).await.unwrap();
+                }
+            })
+            .await
+        }
+    });
+    let record = |action: &str| {
+        let store = store.clone();
+        let e = ferry_proto::WebhookReceived {
+            action: action.into(),
+            ..Default::default()
+        };
+        async move {
+            wait_for(DEADLINE, "the append", || async {
+                store
+                    .append(Append::new(StreamId::Webhooks, vec![e.clone().into()]))
+                    .await
+                    .ok()
+            })
+            .await
+        }
+    };
+    record("before").await;
+    wait_until(DEADLINE, || async { seen.lock().unwrap().len() == 1 }).await;
+    server.restart();
+    record("after").await;
+    wait_until(DEADLINE * 2, || async {
+        seen.lock().unwrap().iter().any(|a| a == "after")
+    })
+    .await;
+}
