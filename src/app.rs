@@ -625,8 +625,8 @@ pub async fn migrate(config: &Config, args: &crate::cli::MigrateArgs) -> anyhow:
             .await
             .with_context(|| format!("migrating {from} to {to}"))?;
     println!(
-        "migrated {} events from {from} to {to}: {} written, {} already there; {} output lines copied",
-        report.read, report.written, report.skipped, report.log_lines
+        "migrated {} events from {from} to {to}: {} written, {} already there; {} output lines copied; fencing tokens go on above {}",
+        report.read, report.written, report.skipped, report.log_lines, report.fence
     );
     for (job, step) in &report.interrupted {
         println!("  job {job} step {step} was running: its lease did not move; it will run again");

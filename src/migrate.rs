@@ -13,12 +13,15 @@
 //! - **Output lines** (each job's log, not events) are copied after the events, job by job in
 //!   order; run again, a job's lines the target already has are skipped (an interrupted copy
 //!   leaves a prefix).
+//! - **The fencing-token counter** is raised to the largest token of the source's history.
 //! - **Leases** cannot move: a step that was running in the source (claimed, with no outcome)
 //!   gets a `lease_expired` in the target, and a coordinator runs it again (steps are
 //!   idempotent). Stop the agents before migrating and there are none.
 //!
 //! The envelopes' fencing tokens (who wrote an event) are not carried; the payloads are, and they
-//! are all the fold reads.
+//! are all the fold reads. The target's token counter is raised to the largest token of the
+//! source's history: tokens only grow, and the deploy hosts hold the last one that switched
+//! them.
 //!
 //! Refuses a target that holds events unless `force`. Then a job stream already in the target
 //! (job ids are unique, so it is the same job: an interrupted migration run again) is continued,
@@ -49,6 +52,10 @@ pub struct Report {
     pub interrupted: Vec<(JobId, String)>,
     /// Output lines copied (jobs' logs), after the events.
     pub log_lines: u64,
+    /// The target's fencing-token counter afterwards: at least the largest token of the
+    /// source's history, so that the target's tokens keep growing (deploy hosts refuse a switch
+    /// under a token smaller than one they saw).
+    pub fence: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +100,8 @@ pub async fn migrate(
     // Events of each stream seen so far in the source: the version the next one lands at.
     let mut versions: HashMap<String, u64> = HashMap::new();
     let mut jobs: BTreeMap<JobId, JobState> = BTreeMap::new();
+    // The largest fencing token the source's history shows.
+    let mut max_token = 0;
     let mut history = crate::replay::History::start(from).await?;
     while let Some(batch) = history.next().await? {
         for stored in &batch {
@@ -103,6 +112,10 @@ pub async fn migrate(
                 stream: name.clone(),
             })?;
             let event = stored.decode()?;
+            max_token = max_token.max(stored.envelope.token.unwrap_or(0));
+            if let Event::StepClaimed(c) = &event {
+                max_token = max_token.max(c.token.0);
+            }
             let version = versions.entry(name.clone()).or_insert(0);
             let mut append = Append::new(stream.clone(), vec![event.clone()]);
             append.at_ms = stored.envelope.at_ms;
@@ -140,6 +153,7 @@ pub async fn migrate(
             }
         }
     }
+    report.fence = to.raise_fence(max_token).await?;
     // Leases do not move: a step still running in the target's fold is interrupted there.
     for (job, state) in &jobs {
         if state.phase.is_terminal() {

@@ -117,6 +117,7 @@ macro_rules! store_conformance {
             step_claimed_event_decodes,
             a_claim_carries_the_whole_history_of_a_long_job_stream,
             renew_and_release_need_the_holder,
+            the_fence_counter_is_raised_never_lowered,
             expire_due_appends_lease_expired,
             a_lease_that_ran_out_is_dead_before_the_sweep,
             scheduled_steps_are_promoted_only_when_due,
@@ -901,6 +902,24 @@ pub async fn step_claimed_event_decodes(fx: &Fixture) {
         (leases[0].job, leases[0].token, leases[0].deadline_ms),
         (job, c.token, c.deadline_ms)
     );
+}
+
+/// `raise_fence` (what `ferry migrate` does to its target) makes later tokens, of leases and
+/// of locks, larger than the value given; it never lowers the counter.
+pub async fn the_fence_counter_is_raised_never_lowered(fx: &Fixture) {
+    let s = &**fx;
+    assert_eq!(s.raise_fence(800).await.unwrap(), 800);
+    let job = JobId::new();
+    enqueue(s, job, "a", "p", 0).await;
+    let claim = s
+        .claim(&pools(&["p"]), &"agent".into(), LONG)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claim.token, FencingToken(801));
+    assert_eq!(s.raise_fence(5).await.unwrap(), 801, "never lowered");
+    let lock = s.lock_acquire("l", "me", LONG).await.unwrap().unwrap();
+    assert_eq!(lock, FencingToken(802));
 }
 
 pub async fn renew_and_release_need_the_holder(fx: &Fixture) {

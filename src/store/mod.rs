@@ -463,6 +463,10 @@ pub trait Leases: Send + Sync {
     ) -> Result<()>;
     async fn expire_due(&self, max: usize) -> Result<Vec<Lease>>;
     async fn leases(&self) -> Result<Vec<Lease>>;
+    /// Raises the fencing-token counter to at least `at_least` (never lowers it) and returns
+    /// its value: a store that takes over another's history (`ferry migrate`) must issue tokens
+    /// above every token that history and the deploy hosts have seen.
+    async fn raise_fence(&self, at_least: u64) -> Result<u64>;
 }
 
 /// **Leader lock** for singleton duties (the lease sweep, delayed promotion).

@@ -215,6 +215,18 @@ pub async fn migrates(source: Arc<dyn Store>, target: Arc<dyn Store>) {
         vec![(running, "build".to_string())],
         "the held step's lease did not move"
     );
+    // Tokens keep growing in the target: a deploy host that saw the source's last one would
+    // refuse a switch under a smaller one.
+    let source_max = source
+        .read_log(None, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.envelope.token)
+        .max()
+        .unwrap();
+    assert!(source_max > 0);
+    assert_eq!(report.fence, source_max);
 
     // The target folds to the source's view, plus the interrupted lease.
     let after = replay::rebuild(&*target).await.unwrap();

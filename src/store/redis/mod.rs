@@ -1046,6 +1046,16 @@ impl Leases for RedisStore {
             .collect()
     }
 
+    async fn raise_fence(&self, at_least: u64) -> Result<u64> {
+        let value: String = scripts::RAISE_FENCE
+            .key(self.keys().fence())
+            .arg(at_least)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| command_error("raise the fencing token counter", e))?;
+        parse_num("fencing token counter", &value)
+    }
+
     async fn leases(&self) -> Result<Vec<Lease>> {
         let k = self.keys();
         let members: Vec<String> = self

@@ -41,6 +41,8 @@ pub(crate) static LOCK_RENEW: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lock_renew.lua")));
 pub(crate) static LOCK_RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lock_release.lua")));
+pub(crate) static RAISE_FENCE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("raise_fence.lua")));
 
 /// A script that evaluates the prelude's `queue_score(priority, ms)` for ARGV[1], ARGV[2] and
 /// returns it as an integer string: lets tests check the Lua formula against the Rust one.

@@ -1280,6 +1280,21 @@ impl Leases for SqliteStore {
         })
         .await
     }
+
+    async fn raise_fence(&self, at_least: u64) -> Result<u64> {
+        let at_least = i64::try_from(at_least)
+            .map_err(|_| Error::Invalid(format!("fencing token {at_least} is too large")))?;
+        self.write("raise the fencing token counter".into(), move |tx| {
+            let last: i64 = tx
+                .tx
+                .prepare_cached(
+                    "UPDATE fence SET last = MAX(last, ?1) WHERE id = 1 RETURNING last",
+                )?
+                .query_row([at_least], |r| r.get(0))?;
+            Ok(last as u64)
+        })
+        .await
+    }
 }
 
 /// Leases selected by `filter` (a WHERE / ORDER BY / LIMIT tail).
