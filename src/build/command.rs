@@ -164,9 +164,13 @@ async fn read_lines(
 ) {
     let mut r = BufReader::new(r);
     let mut buf = Vec::new();
+    // What a line cut for its length left for the next one (see `Masker::safe_cut`).
+    let mut carry: Vec<u8> = Vec::new();
     loop {
         buf.clear();
+        buf.append(&mut carry);
         let mut done = false;
+        let mut cut = false;
         // Read up to a newline, but never more than MAX_LINE bytes into one line.
         loop {
             let available = match r.fill_buf().await {
@@ -180,7 +184,7 @@ async fn read_lines(
                 done = true;
                 break;
             }
-            let room = MAX_LINE - buf.len();
+            let room = MAX_LINE.saturating_sub(buf.len());
             let take = available.len().min(room);
             if let Some(nl) = available[..take].iter().position(|&b| b == b'\n') {
                 buf.extend_from_slice(&available[..nl]);
@@ -190,8 +194,14 @@ async fn read_lines(
             buf.extend_from_slice(&available[..take]);
             r.consume(take);
             if buf.len() >= MAX_LINE {
+                cut = true;
                 break;
             }
+        }
+        if cut {
+            // Cut where no secret spans the cut, carrying the rest into the next line.
+            let at = masker.safe_cut(&buf, buf.len());
+            carry = buf.split_off(at);
         }
         if !buf.is_empty() || !done {
             let text = String::from_utf8_lossy(&buf);
@@ -203,6 +213,37 @@ async fn read_lines(
         }
         if done {
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line longer than MAX_LINE is cut, and a secret where the cut would fall still comes
+    /// out masked whole; multi-byte characters are not split.
+    #[tokio::test]
+    async fn a_secret_across_the_cut_of_a_long_line_is_masked() {
+        let secret = "tok-0123456789abcdef";
+        let masker = Masker::new([secret.to_string()]);
+        for pad in [MAX_LINE - 10, MAX_LINE - 1, MAX_LINE, MAX_LINE - 3] {
+            let text = format!("{}{secret}é{}\n", "x".repeat(pad), "y".repeat(10));
+            let lines = std::sync::Mutex::new(Vec::new());
+            read_lines(text.as_bytes(), Stream::Stdout, &masker, &|l: LogLine| {
+                lines.lock().unwrap().push(l.line)
+            })
+            .await;
+            let lines = lines.into_inner().unwrap();
+            let joined = lines.concat();
+            assert!(!joined.contains("tok-"), "pad {pad}: leaked");
+            assert!(
+                joined.contains("***é"),
+                "pad {pad}: {}",
+                &joined[joined.len() - 40..]
+            );
+            assert_eq!(joined.len(), pad + 3 + 2 + 10, "pad {pad}: nothing lost");
+            assert!(lines.iter().all(|l| !l.contains('\u{FFFD}')), "pad {pad}");
         }
     }
 }
