@@ -87,7 +87,11 @@ pub fn remove_stale(root: &Path) -> io::Result<Vec<PathBuf>> {
         let Some(_held) = lock_file(&lock_path, false)? else {
             continue; // a live process works in it
         };
-        remove_if_exists(&path)?;
+        // One that cannot be removed is said and left; the others are still removed.
+        if let Err(e) = remove_if_exists(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "removing a stale work directory failed");
+            continue;
+        }
         let _ = std::fs::remove_file(&lock_path);
         removed.push(path);
     }
@@ -145,10 +149,41 @@ pub(crate) fn lock_file(path: &Path, wait: bool) -> io::Result<Option<File>> {
     }
 }
 
+/// Removes `path` and everything under it. A build may leave directories without write
+/// permission (Go's module cache makes its trees read-only): on a refusal, the tree is made
+/// writable by its owner and removed again.
 fn remove_if_exists(path: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            make_writable(path);
+            match std::fs::remove_dir_all(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// Adds owner write and search permission to every directory under `path` (symlinks are not
+/// followed), so that their entries can be removed. Best effort.
+fn make_writable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o700 != 0o700 {
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o700));
+    }
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            make_writable(&entry.path());
+        }
     }
 }
 
@@ -195,6 +230,81 @@ mod tests {
         assert!(remove_stale(&root.path().join("missing"))
             .unwrap()
             .is_empty());
+    }
+
+    /// Makes this thread obey file permissions even as root: clears CAP_DAC_OVERRIDE and
+    /// CAP_DAC_READ_SEARCH from its effective set (capabilities are per thread on Linux).
+    fn obey_permissions() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut header = Header {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset with a version-3 header and two data structs, as capget(2) says.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            data[0].effective &= !((1 << 1) | (1 << 2));
+            assert_eq!(
+                libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+                0
+            );
+        }
+    }
+
+    /// Go's module cache (and other tools') leaves read-only trees: they are removed too.
+    #[test]
+    fn read_only_trees_are_removed() {
+        std::thread::spawn(read_only_trees_are_removed_here)
+            .join()
+            .unwrap();
+    }
+
+    fn read_only_trees_are_removed_here() {
+        use std::os::unix::fs::PermissionsExt;
+        obey_permissions();
+        let root = tempfile::tempdir().unwrap();
+        // (the check is meaningful only where permissions apply)
+        let elsewhere = tempfile::tempdir().unwrap();
+        let probe = elsewhere.path().join("probe");
+        std::fs::create_dir(&probe).unwrap();
+        std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o555)).unwrap();
+        assert!(
+            std::fs::write(probe.join("f"), b"x").is_err(),
+            "permissions apply"
+        );
+        std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let w = WorkDir::create(root.path(), "job-go").unwrap();
+        let cache = w.path().join("gopath/pkg/mod/example.com/m@v1");
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::write(cache.join("go.mod"), b"module m").unwrap();
+        for dir in [cache.as_path(), cache.parent().unwrap()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        let path = w.path().to_path_buf();
+        drop(w);
+        assert!(!path.exists());
+        // A stale one, left by a killed agent, too.
+        let stale = root.path().join("job-dead/ro");
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("f"), b"x").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let removed = remove_stale(root.path()).unwrap();
+        assert_eq!(removed, [root.path().join("job-dead")]);
     }
 
     #[test]
