@@ -77,6 +77,9 @@ pub(super) fn checkout(req: &Checkout, interrupt: &AtomicBool) -> Result<Checked
         source,
     })?;
 
+    // Under our lock nobody else writes the mirror: any lock file of git's in it was left by a
+    // process that died while updating a ref, and would fail every later fetch.
+    remove_git_locks(&dir);
     let (mut repo, mirror_created) = open_or_init(&dir).map_err(fetch_err)?;
     if let Some(command) = ssh_command(
         req.ssh_key.as_deref(),
@@ -283,6 +286,45 @@ fn open_or_init(dir: &Path) -> Result<(gix::Repository, bool), String> {
     gix::init_bare(dir)
         .map(|r| (r, true))
         .map_err(|e| format!("creating mirror {}: {e}", dir.display()))
+}
+
+/// Removes git's `*.lock` files from the mirror `dir` (its top level and `refs/`), saying so.
+fn remove_git_locks(dir: &Path) {
+    fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => walk(&path, found),
+                Ok(t) if t.is_file() && path.extension().is_some_and(|e| e == "lock") => {
+                    found.push(path)
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "lock") && path.is_file() {
+                found.push(path);
+            }
+        }
+    }
+    walk(&dir.join("refs"), &mut found);
+    for path in found {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::warn!(lock = %path.display(), "removed a lock file a killed fetch left in the mirror")
+            }
+            Err(e) => {
+                tracing::warn!(lock = %path.display(), error = %e, "cannot remove a stale lock file in the mirror")
+            }
+        }
+    }
 }
 
 /// An exclusive `flock` on `path`, held until the returned file is dropped.

@@ -384,6 +384,10 @@ async fn a_second_build_fetches_into_the_mirror_and_reuses_the_artifact() {
     git(&repo.path(), &["add", "."]);
     git(&repo.path(), &["commit", "-q", "-m", "third"]);
     git(&repo.path(), &["tag", "v3.0.0"]);
+    // A fetch killed while it updated refs left git's lock files: they do not stop the next.
+    let mirror = env.data_dir.join("mirrors/group_2fapp.git");
+    std::fs::write(mirror.join("packed-refs.lock"), "").unwrap();
+    std::fs::write(mirror.join("refs/tags/v3.0.0.lock"), "").unwrap();
 
     let again = run(&env, "v2.0.0", &repo.second, 2, &spec).await;
     let again_artifact = again.result.unwrap();
@@ -398,7 +402,6 @@ async fn a_second_build_fetches_into_the_mirror_and_reuses_the_artifact() {
     );
     assert_eq!(again_artifact.key, first_artifact.key);
     assert_eq!(again_artifact.sha256, first_artifact.sha256);
-    let mirror = env.data_dir.join("mirrors/group_2fapp.git");
     assert_eq!(
         git(&mirror, &["rev-parse", "refs/tags/v3.0.0"]),
         git(&repo.path(), &["rev-parse", "HEAD"])
