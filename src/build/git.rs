@@ -265,6 +265,9 @@ fn ssh_command(key: Option<&Path>, known_hosts: Option<&Path>, accept_new: bool)
             quote(file)
         );
     }
+    // A host that stops answering ends the fetch (about a minute) instead of holding the
+    // build, its lease and the mirror's lock for good.
+    command += " -o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4";
     command += " -o BatchMode=yes";
     Some(command)
 }
@@ -415,7 +418,10 @@ mod tests {
     fn ssh_command_quotes_the_paths_and_never_prompts() {
         assert_eq!(
             ssh_command(Some(Path::new("/keys/it's key")), None, false).as_deref(),
-            Some(r"ssh -i '/keys/it'\''s key' -o IdentitiesOnly=yes -o BatchMode=yes")
+            Some(
+                "ssh -i '/keys/it'\\''s key' -o IdentitiesOnly=yes -o ConnectTimeout=30 \
+                 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o BatchMode=yes"
+            )
         );
         assert_eq!(
             ssh_command(
@@ -426,14 +432,16 @@ mod tests {
             .as_deref(),
             Some(
                 "ssh -i '/k' -o IdentitiesOnly=yes -o UserKnownHostsFile='/etc/ferry/known hosts' \
-                 -o StrictHostKeyChecking=yes -o HashKnownHosts=no -o BatchMode=yes"
+                 -o StrictHostKeyChecking=yes -o HashKnownHosts=no -o ConnectTimeout=30 \
+                 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o BatchMode=yes"
             )
         );
         assert_eq!(
             ssh_command(None, Some(Path::new("/kh")), true).as_deref(),
             Some(
                 "ssh -o UserKnownHostsFile='/kh' -o StrictHostKeyChecking=accept-new \
-                 -o HashKnownHosts=no -o BatchMode=yes"
+                 -o HashKnownHosts=no -o ConnectTimeout=30 -o ServerAliveInterval=15 \
+                 -o ServerAliveCountMax=4 -o BatchMode=yes"
             )
         );
         assert_eq!(ssh_command(None, None, false), None);
