@@ -516,8 +516,12 @@ async fn keep_renewed(
 ) {
     let margin = ttl.mul_f64(0.9);
     let mut valid_until = asked + margin;
+    // After a failed renewal the next comes soon, not a third of the TTL later: a store that
+    // was away for a few seconds must not cost a healthy step its lease.
+    let mut retry_in: Option<Duration> = None;
     loop {
-        tokio::time::sleep_until((tokio::time::Instant::now() + ttl / 3).min(valid_until)).await;
+        let wait = retry_in.unwrap_or(ttl / 3);
+        tokio::time::sleep_until((tokio::time::Instant::now() + wait).min(valid_until)).await;
         let sent = tokio::time::Instant::now();
         if sent >= valid_until {
             warn!(job = %claim.job, step = %claim.step, "no lease renewal confirmed in time");
@@ -526,7 +530,10 @@ async fn keep_renewed(
         }
         let renewal = store.renew(claim.job, &claim.step, claim.token, ttl);
         match tokio::time::timeout_at(valid_until, renewal).await {
-            Ok(Ok(_)) => valid_until = sent + margin,
+            Ok(Ok(_)) => {
+                valid_until = sent + margin;
+                retry_in = None;
+            }
             Ok(Err(Error::Stale { reason, .. })) => {
                 warn!(job = %claim.job, step = %claim.step, %reason, "lease renewal refused");
                 let _ = lost.send(true);
@@ -534,6 +541,8 @@ async fn keep_renewed(
             }
             Ok(Err(e)) => {
                 warn!(job = %claim.job, step = %claim.step, error = %e, "lease renewal failed");
+                let next = retry_in.map_or(Duration::from_millis(250), |d| d * 2);
+                retry_in = Some(next.min(ttl / 3));
             }
             Err(_) => {
                 warn!(job = %claim.job, step = %claim.step, "the store did not answer the lease renewal in time");

@@ -468,10 +468,23 @@ impl LogSink {
                         _ = &mut deadline => break,
                     }
                 }
-                if let Err(e) = store.append_logs(job, &fence, &batch).await {
-                    warn!(%job, step = %fence.step, error = %e, "log lines dropped");
-                    if matches!(e, Error::Stale { .. }) {
-                        return;
+                // A store away for a moment costs no lines: the batch is tried again a few times
+                // (an append that failed may have landed: a line twice beats a line lost).
+                let mut pause = Duration::from_millis(250);
+                for tries_left in (0..4).rev() {
+                    match store.append_logs(job, &fence, &batch).await {
+                        Ok(()) => break,
+                        Err(e @ Error::Stale { .. }) => {
+                            warn!(%job, step = %fence.step, error = %e, "log lines dropped");
+                            return;
+                        }
+                        Err(e) if tries_left == 0 => {
+                            warn!(%job, step = %fence.step, error = %e, "log lines dropped");
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(pause).await;
+                            pause *= 2;
+                        }
                     }
                 }
                 batch.clear();
