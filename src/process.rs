@@ -10,7 +10,14 @@ use tokio::process::{Child, Command};
 pub(crate) struct WatchedGroup {
     pgid: Option<i32>,
     watchdog: Option<Watchdog>,
+    /// The value of [`TAG_VAR`] in the command's environment, which every process it starts
+    /// inherits: what finds those that left the group (`setsid`, `setpgid`: GNU `timeout`,
+    /// `ssh-agent`, a daemon), which the group's SIGKILL does not reach.
+    tag: String,
 }
+
+/// The environment variable that tags every process of one command (see [`WatchedGroup`]).
+pub const TAG_VAR: &str = "FERRY_PROCESS_GROUP";
 
 impl WatchedGroup {
     /// Spawns `cmd` in a new process group led by a fresh watchdog. Without a watchdog (the fork
@@ -27,8 +34,10 @@ impl WatchedGroup {
         let mut group = WatchedGroup {
             pgid: watchdog.as_ref().map(|w| w.pid),
             watchdog,
+            tag: uuid::Uuid::new_v4().to_string(),
         };
         cmd.process_group(group.pgid.unwrap_or(0));
+        cmd.env(TAG_VAR, &group.tag);
         // On an error the group (just the watchdog) is dropped: killed and reaped.
         let child = cmd.spawn()?;
         if group.pgid.is_none() {
@@ -37,13 +46,20 @@ impl WatchedGroup {
         Ok((child, group))
     }
 
-    /// Sends SIGKILL to every process of the group.
+    /// Sends SIGKILL to every process of the group, and to every process of the agent's user
+    /// that carries the group's tag in its environment (those that left the group).
     pub(crate) fn kill(&self) {
         if let Some(pgid) = self.pgid {
             // SAFETY: kill(2) with a negative pid signals the process group; no memory is
             // involved. ESRCH (the group is already gone) is the expected, harmless failure.
             unsafe {
                 libc::kill(-pgid, libc::SIGKILL);
+            }
+            // (a few rounds: one that forked while we looked is found by the next)
+            for _ in 0..3 {
+                if kill_tagged(&self.tag) == 0 {
+                    break;
+                }
             }
         }
     }
@@ -69,6 +85,39 @@ impl Drop for WatchedGroup {
             w.reap();
         }
     }
+}
+
+/// Sends SIGKILL to every process whose initial environment holds `TAG_VAR=tag` (readable: the
+/// agent's user's processes); returns how many.
+fn kill_tagged(tag: &str) -> usize {
+    let needle = format!("{TAG_VAR}={tag}\0");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+        {
+            // SAFETY: kill(2) of a pid; a process gone since is ESRCH, harmless.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            killed += 1;
+        }
+    }
+    killed
 }
 
 /// A forked child of the agent that leads a command's process group and does nothing but watch

@@ -510,10 +510,17 @@ async fn a_build_that_times_out_has_its_whole_process_group_killed() {
     let repo = Repo::new();
     let env = repo.env();
     let pidfile = repo.dir.path().join("sleep.pid");
+    let escaped = repo.dir.path().join("escaped.pid");
     let mut spec = spec(&repo.file_url());
-    spec.commands = vec![r#"sleep 1000 & echo $! > "$PIDFILE"; wait"#.into()];
+    // Besides a background child, one that leaves the process group (as GNU timeout,
+    // ssh-agent or a daemon do): the group's SIGKILL does not reach it, its tag does.
+    spec.commands = vec![r#"setsid sh -c 'echo $$ > "$ESCAPED"; exec sleep 1000' &
+sleep 1000 & echo $! > "$PIDFILE"; wait"#
+        .into()];
     spec.env
         .insert("PIDFILE".into(), pidfile.display().to_string());
+    spec.env
+        .insert("ESCAPED".into(), escaped.display().to_string());
     spec.timeout_secs = 2;
     let started = Instant::now();
     let out = run(&env, "v1.0.0", &repo.first, 1, &spec).await;
@@ -528,6 +535,12 @@ async fn a_build_that_times_out_has_its_whole_process_group_killed() {
         .parse()
         .unwrap();
     wait_until("the background sleep to be gone", || !alive(pid));
+    let pid: u32 = std::fs::read_to_string(&escaped)
+        .expect("the escaped child wrote its pid")
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until("the sleep that left the group to be gone", || !alive(pid));
 }
 
 #[tokio::test]
