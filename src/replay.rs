@@ -367,19 +367,36 @@ pub async fn verify(store: &dyn Store, view: &View) -> Result<Verification, Erro
             ));
             continue;
         }
-        let want: BTreeSet<QueueEntry> = queue_of(logged).into_iter().collect();
-        let have = live_queue.remove(&job).unwrap_or_default();
-        for missing in want.difference(&have) {
-            out.differences.push(format!(
-                "job {job}: step {} attempt {} should be queued in pool {} (due {:?}) but is not",
-                missing.step, missing.attempt, missing.pool, missing.due_ms
-            ));
+        // A delayed step is due on the store's clock (the delay its writer meant, from when
+        // the store wrote it): a little after the event's due_ms, so it is compared by being
+        // delayed, not to the millisecond.
+        let key = |e: &QueueEntry| {
+            let due = e.due_ms.is_some();
+            (e.step.clone(), e.attempt, e.pool.clone(), e.priority, due)
+        };
+        let want: BTreeMap<_, QueueEntry> =
+            queue_of(logged).into_iter().map(|e| (key(&e), e)).collect();
+        let have: BTreeMap<_, QueueEntry> = live_queue
+            .remove(&job)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (key(&e), e))
+            .collect();
+        for (k, missing) in &want {
+            if !have.contains_key(k) {
+                out.differences.push(format!(
+                    "job {job}: step {} attempt {} should be queued in pool {} (due {:?}) but is not",
+                    missing.step, missing.attempt, missing.pool, missing.due_ms
+                ));
+            }
         }
-        for extra in have.difference(&want) {
-            out.differences.push(format!(
-                "job {job}: step {} attempt {} is queued in pool {} (due {:?}) but the log says it should not be",
-                extra.step, extra.attempt, extra.pool, extra.due_ms
-            ));
+        for (k, extra) in &have {
+            if !want.contains_key(k) {
+                out.differences.push(format!(
+                    "job {job}: step {} attempt {} is queued in pool {} (due {:?}) but the log says it should not be",
+                    extra.step, extra.attempt, extra.pool, extra.due_ms
+                ));
+            }
         }
         let want: BTreeSet<LeaseEntry> = leases_of(logged).into_iter().collect();
         let have = live_leases.remove(&job).unwrap_or_default();
