@@ -114,7 +114,7 @@ fn start(
                 labels: vec![],
                 concurrency: 1,
                 // (long: a claim whose job cannot be read is read again for a third of it)
-                lease_ttl: Duration::from_secs(30),
+                lease_ttl: Duration::from_secs(60),
                 shutdown_grace: grace,
                 runner: Arc::new(Runner {
                     artifacts: Some(Arc::new(Dir(artifacts.clone()))),

@@ -179,6 +179,13 @@ fn release<'a>(tag: &'a str, artifact: &'a Path, sha256: &'a str, token: u64) ->
     }
 }
 
+/// Deploys `release` to every host of `spec`, none done before, recording nothing.
+async fn deploy_all(spec: &DeploySpec, release: &Release<'_>, hosts: &Hosts) -> deploy::Outcome {
+    deploy::deploy(spec, release, hosts, &BTreeSet::new(), &Recorder::default())
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn rolls_out_in_batches_and_a_rerun_uploads_nothing() {
     let hosts = Hosts::new();
@@ -219,15 +226,7 @@ async fn rolls_out_in_batches_and_a_rerun_uploads_nothing() {
     );
 
     // The same release again: every host already has it, nothing is uploaded.
-    let out = deploy::deploy(
-        &spec,
-        &release("v1", &art, &sum, 11),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let out = deploy_all(&spec, &release("v1", &art, &sum, 11), &hosts).await;
     assert!(out.hosts.iter().all(|h| h.ok && h.reused), "{out:?}");
     assert_eq!(hosts.uploads.load(Ordering::SeqCst), 5);
 
@@ -254,28 +253,12 @@ async fn a_failed_health_check_rolls_every_switched_host_back() {
     let names = ["h1", "h2", "h3"];
     let mut spec = spec(&names);
     let (v1, s1) = artifact(hosts.dir.path(), "v1");
-    deploy::deploy(
-        &spec,
-        &release("v1", &v1, &s1, 1),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    deploy_all(&spec, &release("v1", &v1, &s1, 1), &hosts).await;
     // v2's health check fails on h2 only.
     spec.health_check = Some("test ! -f ../../unhealthy".into());
     std::fs::write(hosts.root("h2").join("srv/app/unhealthy"), "").unwrap();
     let (v2, s2) = artifact(hosts.dir.path(), "v2");
-    let out = deploy::deploy(
-        &spec,
-        &release("v2", &v2, &s2, 2),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let out = deploy_all(&spec, &release("v2", &v2, &s2, 2), &hosts).await;
     let failed = out.failed();
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].host, "h2");
@@ -307,15 +290,7 @@ async fn an_unreachable_host_fails_alone_within_max_failures() {
     spec.max_parallel = 1;
     spec.max_failures = 1;
     let (v1, s1) = artifact(hosts.dir.path(), "v1");
-    let out = deploy::deploy(
-        &spec,
-        &release("v1", &v1, &s1, 1),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let out = deploy_all(&spec, &release("v1", &v1, &s1, 1), &hosts).await;
     let failed = out.failed();
     assert_eq!(failed.len(), 1);
     assert!(failed[0]
@@ -395,25 +370,9 @@ async fn a_deploy_with_an_older_token_cannot_switch_a_host() {
     let hosts = Hosts::new();
     let spec = spec(&["h1"]);
     let (v2, s2) = artifact(hosts.dir.path(), "v2");
-    deploy::deploy(
-        &spec,
-        &release("v2", &v2, &s2, 50),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    deploy_all(&spec, &release("v2", &v2, &s2, 50), &hosts).await;
     let (v1, s1) = artifact(hosts.dir.path(), "v1");
-    let out = deploy::deploy(
-        &spec,
-        &release("v1", &v1, &s1, 40),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let out = deploy_all(&spec, &release("v1", &v1, &s1, 40), &hosts).await;
     assert!(
         out.hosts[0]
             .error
@@ -455,15 +414,7 @@ async fn old_releases_are_pruned_but_never_current_or_previous() {
     spec.keep_releases = 2;
     for (i, v) in ["v1", "v2", "v3", "v4"].iter().enumerate() {
         let (art, sum) = artifact(hosts.dir.path(), v);
-        let out = deploy::deploy(
-            &spec,
-            &release(v, &art, &sum, i as u64 + 1),
-            &hosts,
-            &BTreeSet::new(),
-            &Recorder::default(),
-        )
-        .await
-        .unwrap();
+        let out = deploy_all(&spec, &release(v, &art, &sum, i as u64 + 1), &hosts).await;
         assert!(out.failed().is_empty(), "{out:?}");
     }
     let mut left: Vec<String> = std::fs::read_dir(hosts.root("h1").join("srv/app/releases"))
@@ -504,15 +455,7 @@ async fn a_command_that_runs_past_command_timeout_fails_its_host() {
     spec.after_switch = vec!["sleep 300".into()];
     let (v1, s1) = artifact(hosts.dir.path(), "v1");
     let started = std::time::Instant::now();
-    let out = deploy::deploy(
-        &spec,
-        &release("v1", &v1, &s1, 1),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let out = deploy_all(&spec, &release("v1", &v1, &s1, 1), &hosts).await;
     let error = out.failed()[0].error.clone().unwrap();
     assert!(
         error.contains("after_switch command \"sleep 300\" exited with status 124"),
@@ -525,15 +468,7 @@ async fn a_command_that_runs_past_command_timeout_fails_its_host() {
     spec.hosts = vec!["bare".into()];
     spec.after_switch = vec![format!("echo $$ > {}; exec sleep 300", pid_file.display())];
     let (v2, s2) = artifact(hosts.dir.path(), "v2");
-    let out = deploy::deploy(
-        &spec,
-        &release("v2", &v2, &s2, 2),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let out = deploy_all(&spec, &release("v2", &v2, &s2, 2), &hosts).await;
     let error = out.failed()[0].error.clone().unwrap();
     assert!(
         error.contains("bare: still running after 1 s (command_timeout)"),
@@ -565,29 +500,13 @@ async fn a_host_whose_rollback_failed_is_not_counted_as_done() {
             .into(),
     ];
     let (v1, s1) = artifact(hosts.dir.path(), "v1");
-    let first = deploy::deploy(
-        &spec,
-        &release("v1", &v1, &s1, 1),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let first = deploy_all(&spec, &release("v1", &v1, &s1, 1), &hosts).await;
     assert!(first.failed().is_empty(), "{first:?}");
     std::fs::write(hosts.root("h1").join("srv/app/broken"), "").unwrap();
     spec.health_check = Some("test ! -f ../../unhealthy".into());
     std::fs::write(hosts.root("h2").join("srv/app/unhealthy"), "").unwrap();
     let (v2, s2) = artifact(hosts.dir.path(), "v2");
-    let out = deploy::deploy(
-        &spec,
-        &release("v2", &v2, &s2, 2),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let out = deploy_all(&spec, &release("v2", &v2, &s2, 2), &hosts).await;
     let h1 = out.hosts.iter().find(|h| h.host == "h1").unwrap();
     assert!(!h1.ok && !h1.rolled_back, "{h1:?}");
     assert!(
@@ -605,28 +524,12 @@ async fn a_live_release_is_not_replaced_by_other_contents_of_the_same_name() {
     let hosts = Hosts::new();
     let spec = spec(&["h1"]);
     let (v1, s1) = artifact(hosts.dir.path(), "v1");
-    let out = deploy::deploy(
-        &spec,
-        &release("v1", &v1, &s1, 1),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let out = deploy_all(&spec, &release("v1", &v1, &s1, 1), &hosts).await;
     assert!(out.failed().is_empty(), "{out:?}");
     // Another build of v1: other bytes under the same release name.
     let (rebuilt, s2) = artifact(hosts.dir.path(), "v1-rebuilt");
     assert_ne!(s1, s2);
-    let out = deploy::deploy(
-        &spec,
-        &release("v1", &rebuilt, &s2, 2),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let out = deploy_all(&spec, &release("v1", &rebuilt, &s2, 2), &hosts).await;
     let error = out.failed()[0].error.clone().unwrap();
     assert!(error.contains("is live with other contents"), "{error}");
     assert_eq!(hosts.current("h1"), "releases/v1-0123456");
@@ -660,15 +563,7 @@ async fn leftovers_of_failed_uploads_are_pruned_after_a_day() {
         .unwrap();
     assert!(status.success());
     let (v1, s1) = artifact(hosts.dir.path(), "v1");
-    let out = deploy::deploy(
-        &spec,
-        &release("v1", &v1, &s1, 1),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let out = deploy_all(&spec, &release("v1", &v1, &s1, 1), &hosts).await;
     assert!(out.failed().is_empty(), "{out:?}");
     for p in &leftovers {
         assert!(!p.exists(), "{} left", p.display());
@@ -685,28 +580,12 @@ async fn a_failed_redeploy_of_the_live_release_rolls_back_to_it() {
     let (v1, s1) = artifact(hosts.dir.path(), "v1");
     let (v2, s2) = artifact(hosts.dir.path(), "v2");
     for (tag, art, sum, token) in [("v1", &v1, &s1, 1), ("v2", &v2, &s2, 2)] {
-        let out = deploy::deploy(
-            &spec,
-            &release(tag, art, sum, token),
-            &hosts,
-            &BTreeSet::new(),
-            &Recorder::default(),
-        )
-        .await
-        .unwrap();
+        let out = deploy_all(&spec, &release(tag, art, sum, token), &hosts).await;
         assert!(out.failed().is_empty(), "{out:?}");
     }
     spec.health_check = Some("test ! -f ../../unhealthy".into());
     std::fs::write(hosts.root("h1").join("srv/app/unhealthy"), "").unwrap();
-    let out = deploy::deploy(
-        &spec,
-        &release("v2", &v2, &s2, 3),
-        &hosts,
-        &BTreeSet::new(),
-        &Recorder::default(),
-    )
-    .await
-    .unwrap();
+    let out = deploy_all(&spec, &release("v2", &v2, &s2, 3), &hosts).await;
     assert!(out.hosts[0].rolled_back, "{out:?}");
     assert_eq!(hosts.current("h1"), "releases/v2-0123456");
 }
