@@ -247,9 +247,11 @@ pub async fn deploy(
     Ok(Outcome { hosts: reports })
 }
 
-/// The environment every script on a host gets.
-fn base_env(spec: &DeploySpec, release: &Release<'_>) -> Vec<(String, String)> {
-    vec![
+/// The environment every script on host `t` gets; with `FERRY_TIMEOUT` where the transport
+/// leaves what a dropped script started running (SSH): the host then stops a command itself at
+/// `command_timeout` ([`scripts::COMMAND`]).
+fn host_env(spec: &DeploySpec, release: &Release<'_>, t: &dyn Transport) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
         ("FERRY_PATH".into(), spec.path.clone()),
         ("FERRY_RELEASE".into(), release.name()),
         ("FERRY_SHA256".into(), release.sha256.to_string()),
@@ -261,22 +263,10 @@ fn base_env(spec: &DeploySpec, release: &Release<'_>) -> Vec<(String, String)> {
         ("FERRY_JOB_ID".into(), release.job.to_string()),
         ("FERRY_ATTEMPT".into(), release.attempt.to_string()),
         ("FERRY_ENVIRONMENT".into(), spec.environment.clone()),
-    ]
-}
-
-/// [`base_env`], and `FERRY_TIMEOUT` for a transport that leaves what a dropped script started
-/// running: the host stops a command itself at `command_timeout` ([`scripts::COMMAND`]).
-fn command_env(
-    spec: &DeploySpec,
-    release: &Release<'_>,
-    t: &dyn Transport,
-) -> Vec<(String, String)> {
-    let mut env = base_env(spec, release);
+    ];
     if !t.kills_on_drop() {
-        env.push((
-            "FERRY_TIMEOUT".into(),
-            command_timeout(spec).as_secs().to_string(),
-        ));
+        let secs = command_timeout(spec).as_secs();
+        env.push(("FERRY_TIMEOUT".into(), secs.to_string()));
     }
     env
 }
@@ -399,7 +389,7 @@ async fn run_host(
 ) -> Result<(), HostFailure> {
     use HostFailure::{Aborted, Failed};
     let t = connect(connector, host, progress).await?;
-    let env = command_env(spec, release, &*t);
+    let env = host_env(spec, release, &*t);
     let log = |stream: &str, line: &str| progress.log(host, stream, line);
     let run = |script: &'static str, extra: Vec<(String, String)>| {
         let mut env = env.clone();
@@ -496,7 +486,7 @@ async fn rollback_host(
         .map_err(|e| match e {
             HostFailure::Aborted(e) | HostFailure::Failed(e) => e,
         })?;
-    let env = command_env(spec, release, &*t);
+    let env = host_env(spec, release, &*t);
     let log = |stream: &str, line: &str| progress.log(host, stream, line);
     let out = exec_bounded(spec, &*t, scripts::ROLLBACK, &env, &log)
         .await

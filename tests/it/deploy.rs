@@ -474,16 +474,7 @@ async fn a_command_that_runs_past_command_timeout_fails_its_host() {
         error.contains("bare: still running after 1 s (command_timeout)"),
         "{error}"
     );
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    crate::harness::wait_until(crate::harness::DEADLINE, || async move {
-        // SAFETY: signal 0 only checks whether the process exists.
-        unsafe { libc::kill(pid, 0) != 0 }
-    })
-    .await;
+    crate::harness::wait_until_gone(&pid_file).await;
 }
 
 /// A host whose rollback failed half-way (switched back, then its `after_switch` failed) is on

@@ -229,6 +229,21 @@ impl LimitedUser {
     }
 }
 
+/// Waits until the process whose pid the file at `pid_file` holds is gone.
+#[allow(dead_code)]
+pub async fn wait_until_gone(pid_file: &std::path::Path) {
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until(DEADLINE, || async move {
+        // SAFETY: signal 0 only checks whether the process exists.
+        unsafe { libc::kill(pid, 0) != 0 }
+    })
+    .await;
+}
+
 /// A store on the shared server, in a fresh namespace.
 #[allow(dead_code)]
 pub async fn redis_store() -> RedisStore {

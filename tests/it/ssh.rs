@@ -565,14 +565,5 @@ async fn a_command_past_command_timeout_is_stopped_on_the_ssh_host() {
     .unwrap();
     let error = out.failed()[0].error.clone().unwrap();
     assert!(error.contains("exited with status 124"), "{error}");
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    crate::harness::wait_until(crate::harness::DEADLINE, || async move {
-        // SAFETY: signal 0 only checks whether the process exists.
-        unsafe { libc::kill(pid, 0) != 0 }
-    })
-    .await;
+    crate::harness::wait_until_gone(&pid_file).await;
 }
