@@ -24,18 +24,17 @@ const MAX_LINE: usize = 64 * 1024;
 /// that left the group (`setsid`) can hold them open longer; we stop listening to it.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// Runs `commands` one after another; stops at the first failure. `timeout` bounds them all
-/// together.
+/// Runs `commands` one after another; stops at the first failure. `deadline` (when, and the
+/// timeout it came from, for the error) bounds them all together.
 pub(super) async fn run_all(
     commands: &[String],
     dir: &Path,
     vars: &[(String, String)],
-    timeout: Option<Duration>,
+    deadline: Option<(Instant, Duration)>,
     masker: &Masker,
     log: &(dyn Fn(LogLine) + Send + Sync),
     mut cancel: Pin<&mut impl Future<Output = ()>>,
 ) -> Result<(), Error> {
-    let deadline = timeout.map(|t| (Instant::now() + t, t));
     for (i, command) in commands.iter().enumerate() {
         let index = i + 1;
         log(LogLine {
@@ -148,7 +147,7 @@ async fn run_one(
     }
 }
 
-async fn sleep_until(deadline: Option<(Instant, Duration)>) {
+pub(super) async fn sleep_until(deadline: Option<(Instant, Duration)>) {
     match deadline {
         Some((at, _)) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

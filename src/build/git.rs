@@ -12,11 +12,19 @@ use gix::remote::Direction;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 /// Every branch and tag, force-updated: the mirror follows the remote, moved tags included.
 /// (A bare clone saves no fetch refspec; passing them on each fetch keeps the mirror's config
 /// irrelevant and lets a project's clone URL change.)
 const REFSPECS: [&str; 2] = ["+refs/tags/*:refs/tags/*", "+refs/heads/*:refs/heads/*"];
+
+/// How long a network fetch may go without a byte from the server before it fails: a git daemon or
+/// web server that accepts the connection and then stays silent would otherwise hold the fetch,
+/// the mirror's lock and (renewed all along) the build's lease for good. Servers send progress
+/// while they count and compress, so a live fetch is never this quiet. (ssh fetches are bounded
+/// by ssh's `ServerAlive` options instead; the build's own `timeout` bounds the whole checkout.)
+pub(super) const FETCH_STALL: Duration = Duration::from_secs(120);
 
 /// Every fetch that brings objects leaves one more pack in the mirror, and gix, unlike `git
 /// fetch`, never collects them: past this many packs (git's own `gc.autoPackLimit`) the checkout
@@ -41,6 +49,8 @@ pub(super) struct Checkout {
     pub accept_new_host_keys: bool,
     /// CA certificates trusted for `https://` clone URLs besides the system's roots.
     pub ca_certs: Vec<reqwest_gix::Certificate>,
+    /// [`FETCH_STALL`], shorter in tests.
+    pub stall: Duration,
 }
 
 pub(super) struct CheckedOut {
@@ -81,11 +91,12 @@ pub(super) fn checkout(req: &Checkout, interrupt: &AtomicBool) -> Result<Checked
     // process that died while updating a ref, and would fail every later fetch.
     remove_git_locks(&dir);
     let (mut repo, mirror_created) = open_or_init(&dir).map_err(fetch_err)?;
-    if let Some(command) = ssh_command(
-        req.ssh_key.as_deref(),
-        req.known_hosts.as_deref(),
-        req.accept_new_host_keys,
-    ) {
+    {
+        let command = ssh_command(
+            req.ssh_key.as_deref(),
+            req.known_hosts.as_deref(),
+            req.accept_new_host_keys,
+        );
         let mut config = repo.config_snapshot_mut();
         config
             .set_value(&gix::config::tree::Core::SSH_COMMAND, command)
@@ -101,20 +112,25 @@ pub(super) fn checkout(req: &Checkout, interrupt: &AtomicBool) -> Result<Checked
     } else {
         req.git_ref.clone()
     };
-    let outcome = repo
+    let remote = repo
         .remote_at(req.url.as_str())
         .and_then(|r| r.with_refspecs(REFSPECS, Direction::Fetch))
         .map(|r| r.with_fetch_tags(gix::remote::fetch::Tags::None))
-        .and_then(|remote| {
-            let mut connection = remote.connect(Direction::Fetch)?;
-            if let Some(options) = https_options(&repo, &req.url, &req.ca_certs)? {
-                connection = connection.with_transport_options(options);
-            }
-            connection
-                .prepare_fetch(gix::progress::Discard, Default::default())?
-                .receive(gix::progress::Discard, interrupt)
-        })
         .map_err(|e| fetch_err(with_causes(&e)))?;
+    let daemon = git_daemon(&remote, req.stall).map_err(fetch_err)?;
+    let outcome = (|| {
+        let mut connection = match daemon {
+            Some(transport) => remote.to_connection_with_transport(transport),
+            None => remote.connect(Direction::Fetch)?,
+        };
+        if let Some(options) = http_options(&repo, &req.url, &req.ca_certs, req.stall)? {
+            connection = connection.with_transport_options(options);
+        }
+        connection
+            .prepare_fetch(gix::progress::Discard, Default::default())?
+            .receive(gix::progress::Discard, interrupt)
+    })()
+    .map_err(|e| fetch_err(with_causes(&e)))?;
     // The remote must still advertise the ref: a tag deleted upstream stays in the mirror.
     let advertised = outcome
         .ref_map
@@ -247,12 +263,9 @@ pub(super) fn mirror_name(project: &str) -> String {
 }
 
 /// The `core.sshCommand` that makes `ssh` use exactly the agent's key, check host keys against
-/// the agent's `known_hosts` (the file its deploys use) and never prompt; `None` when neither is
-/// configured (ssh's defaults then).
-fn ssh_command(key: Option<&Path>, known_hosts: Option<&Path>, accept_new: bool) -> Option<String> {
-    if key.is_none() && known_hosts.is_none() {
-        return None;
-    }
+/// the agent's `known_hosts` (the file its deploys use) when they are configured (else ssh's own
+/// defaults), give up on a host that stops answering, and never prompt.
+fn ssh_command(key: Option<&Path>, known_hosts: Option<&Path>, accept_new: bool) -> String {
     let quote = |p: &Path| format!("'{}'", p.to_string_lossy().replace('\'', r"'\''"));
     let mut command = String::from("ssh");
     if let Some(key) = key {
@@ -269,7 +282,7 @@ fn ssh_command(key: Option<&Path>, known_hosts: Option<&Path>, accept_new: bool)
     // build, its lease and the mirror's lock for good.
     command += " -o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4";
     command += " -o BatchMode=yes";
-    Some(command)
+    command
 }
 
 fn open_or_init(dir: &Path) -> Result<(gix::Repository, bool), String> {
@@ -352,17 +365,16 @@ fn with_causes(error: &dyn std::error::Error) -> String {
 }
 
 /// The http transport's options for `url` (from the repository's git configuration, as gix
-/// would use them) with `certs` trusted besides the system's roots; `None` when there are no
-/// extra certificates or `url` is not http(s).
-fn https_options(
+/// would use them): a read or write that waits longer than `stall` fails (reqwest's blocking
+/// client applies its timeout to each one), and `certs` are trusted besides the system's roots.
+/// `None` when `url` is not http(s).
+fn http_options(
     repo: &gix::Repository,
     url: &str,
     certs: &[reqwest_gix::Certificate],
+    stall: Duration,
 ) -> Result<Option<Box<dyn std::any::Any>>, gix::Error> {
     use gix::protocol::transport::client::blocking_io::http;
-    if certs.is_empty() {
-        return Ok(None);
-    }
     let Some(options) = repo.transport_options(url, None)? else {
         return Ok(None);
     };
@@ -372,12 +384,96 @@ fn https_options(
     let certs = certs.to_vec();
     let backend = http::reqwest::Options {
         configure_client: Some(Box::new(move |client| {
-            Ok(client.tls_certs_merge(certs.clone()))
+            let client = client.timeout(stall);
+            Ok(if certs.is_empty() {
+                client
+            } else {
+                client.tls_certs_merge(certs.clone())
+            })
         })),
         configure_request: None,
     };
     options.backend = Some(std::sync::Arc::new(std::sync::Mutex::new(backend)));
     Ok(Some(options))
+}
+
+/// For a `git://` remote, the connection gix would make, but on a socket whose reads and writes
+/// fail after `stall` (gix's own sets no such limit); `None` for every other scheme.
+fn git_daemon(
+    remote: &gix::Remote<'_>,
+    stall: Duration,
+) -> Result<Option<Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>>, String>
+{
+    use gix::protocol::transport::client::git;
+    let (mut url, version) = remote
+        .sanitized_url_and_version(Direction::Fetch)
+        .map_err(|e| with_causes(&e))?;
+    if url.scheme != gix::url::Scheme::Git {
+        return Ok(None);
+    }
+    if url.user().is_some() {
+        return Err(format!(
+            "{} names a user, which the git protocol has no use for",
+            url.to_bstring()
+        ));
+    }
+    let host = url
+        .host()
+        .ok_or_else(|| format!("{} names no host", url.to_bstring()))?
+        .to_owned();
+    let port = url.port;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port.unwrap_or(9418)))
+        .map_err(|e| format!("resolving {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host} resolves to no address"))?;
+    let connect = || {
+        let socket = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(30))?;
+        socket.set_read_timeout(Some(stall))?;
+        socket.set_write_timeout(Some(stall))?;
+        let write = socket.try_clone()?;
+        Ok::<_, std::io::Error>((socket, write))
+    };
+    let (read, write) = connect().map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let path = std::mem::take(&mut url.path);
+    Ok(Some(Box::new(git::blocking_io::Connection::new(
+        Stalled(read, stall),
+        Stalled(write, stall),
+        version,
+        path,
+        Some((host, port)),
+        git::ConnectMode::Daemon,
+        false,
+    ))))
+}
+
+/// A socket with read and write timeouts whose expiry reads as what it means.
+struct Stalled(std::net::TcpStream, Duration);
+
+impl Stalled {
+    fn explain(&self, e: std::io::Error) -> std::io::Error {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the server has been silent for {}s", self.1.as_secs()),
+            ),
+            _ => e,
+        }
+    }
+}
+
+impl std::io::Read for Stalled {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| self.explain(e))
+    }
+}
+
+impl std::io::Write for Stalled {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(|e| self.explain(e))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(|e| self.explain(e))
+    }
 }
 
 /// Reads the PEM certificates of `path` (one or more), refusing a file that holds none.
@@ -417,11 +513,9 @@ mod tests {
     #[test]
     fn ssh_command_quotes_the_paths_and_never_prompts() {
         assert_eq!(
-            ssh_command(Some(Path::new("/keys/it's key")), None, false).as_deref(),
-            Some(
-                "ssh -i '/keys/it'\\''s key' -o IdentitiesOnly=yes -o ConnectTimeout=30 \
-                 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o BatchMode=yes"
-            )
+            ssh_command(Some(Path::new("/keys/it's key")), None, false).as_str(),
+            ("ssh -i '/keys/it'\\''s key' -o IdentitiesOnly=yes -o ConnectTimeout=30 \
+                 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o BatchMode=yes")
         );
         assert_eq!(
             ssh_command(
@@ -429,21 +523,96 @@ mod tests {
                 Some(Path::new("/etc/ferry/known hosts")),
                 false
             )
-            .as_deref(),
-            Some(
-                "ssh -i '/k' -o IdentitiesOnly=yes -o UserKnownHostsFile='/etc/ferry/known hosts' \
+            .as_str(),
+            ("ssh -i '/k' -o IdentitiesOnly=yes -o UserKnownHostsFile='/etc/ferry/known hosts' \
                  -o StrictHostKeyChecking=yes -o HashKnownHosts=no -o ConnectTimeout=30 \
-                 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o BatchMode=yes"
-            )
+                 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o BatchMode=yes")
         );
         assert_eq!(
-            ssh_command(None, Some(Path::new("/kh")), true).as_deref(),
-            Some(
-                "ssh -o UserKnownHostsFile='/kh' -o StrictHostKeyChecking=accept-new \
+            ssh_command(None, Some(Path::new("/kh")), true).as_str(),
+            ("ssh -o UserKnownHostsFile='/kh' -o StrictHostKeyChecking=accept-new \
                  -o HashKnownHosts=no -o ConnectTimeout=30 -o ServerAliveInterval=15 \
-                 -o ServerAliveCountMax=4 -o BatchMode=yes"
-            )
+                 -o ServerAliveCountMax=4 -o BatchMode=yes")
         );
-        assert_eq!(ssh_command(None, None, false), None);
+        assert_eq!(
+            ssh_command(None, None, false),
+            "ssh -o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 \
+             -o BatchMode=yes"
+        );
+    }
+
+    /// A server that accepts connections and never says a word (nor closes them).
+    fn silent_server() -> (u16, std::sync::mpsc::Sender<()>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while stopped.try_recv() == Err(std::sync::mpsc::TryRecvError::Empty) {
+                match listener.accept() {
+                    Ok((socket, _)) => held.push(socket),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        (port, stop)
+    }
+
+    /// Runs a checkout of `url` in a thread; its result, or `None` if it has not ended after
+    /// 20 s (the test then fails instead of hanging). Well past the stalls given here, short of
+    /// reqwest's own default (30 s).
+    fn checkout_within_20s(url: String, stall: Duration) -> Option<Result<(), Error>> {
+        let dir = tempfile::tempdir().unwrap();
+        let req = Checkout {
+            mirrors: dir.path().join("mirrors"),
+            project: "group/app".into(),
+            url,
+            tag: "v1".into(),
+            git_ref: "refs/tags/v1".into(),
+            sha: "0".repeat(40),
+            dest: dir.path().join("src"),
+            ssh_key: None,
+            known_hosts: None,
+            accept_new_host_keys: false,
+            ca_certs: Vec::new(),
+            stall,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(checkout(&req, &AtomicBool::new(false)).map(|_| ()));
+            drop(dir);
+        });
+        rx.recv_timeout(Duration::from_secs(20)).ok()
+    }
+
+    #[test]
+    fn a_git_daemon_that_stays_silent_fails_the_fetch() {
+        let (port, _stop) = silent_server();
+        let out = checkout_within_20s(
+            format!("git://127.0.0.1:{port}/repo.git"),
+            Duration::from_secs(1),
+        )
+        .expect("the fetch ended");
+        let err = out.unwrap_err();
+        assert!(matches!(err, Error::Fetch { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("the server has been silent for 1s"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_web_server_that_stays_silent_fails_the_fetch() {
+        let (port, _stop) = silent_server();
+        let out = checkout_within_20s(
+            format!("http://127.0.0.1:{port}/repo.git"),
+            Duration::from_secs(1),
+        )
+        .expect("the fetch ended");
+        let err = out.unwrap_err();
+        assert!(matches!(err, Error::Fetch { .. }), "{err}");
+        assert!(err.to_string().contains("timed out"), "{err}");
     }
 }

@@ -253,6 +253,11 @@ async fn run_in(
     );
 
     let src = work.join("src");
+    // `build.timeout` bounds the whole step from here: the checkout as well as the commands.
+    let deadline = (spec.timeout_secs > 0).then(|| {
+        let after = Duration::from_secs(spec.timeout_secs);
+        (tokio::time::Instant::now() + after, after)
+    });
 
     ferry(format!("fetching {}", masker.mask(&spec.clone_url)));
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -276,6 +281,7 @@ async fn run_in(
             known_hosts: env.known_hosts.clone(),
             accept_new_host_keys: env.accept_new_host_keys,
             ca_certs: env.git_ca_certs.clone(),
+            stall: git::FETCH_STALL,
         };
         let interrupt = interrupt.clone();
         tokio::task::spawn_blocking(move || git::checkout(&req, &interrupt))
@@ -285,6 +291,17 @@ async fn run_in(
         _ = cancel.as_mut() => {
             interrupt.store(true, Ordering::Relaxed);
             return Err(Error::Cancelled);
+        }
+        _ = command::sleep_until(deadline) => {
+            interrupt.store(true, Ordering::Relaxed);
+            // Retryable: a stuck server or a slow link, not the build's own commands.
+            return Err(Error::Fetch {
+                url: masker.mask(&spec.clone_url),
+                reason: format!(
+                    "the checkout did not finish within the build's timeout ({}s)",
+                    spec.timeout_secs
+                ),
+            });
         }
     };
     // Reported whatever the fetch's outcome: a pinned key stays in known_hosts either way.
@@ -335,12 +352,11 @@ async fn run_in(
         ("FERRY_JOB_ID".into(), job.job_id.to_string()),
         ("FERRY_ATTEMPT".into(), job.attempt.to_string()),
     ]);
-    let timeout = (spec.timeout_secs > 0).then(|| Duration::from_secs(spec.timeout_secs));
     command::run_all(
         &spec.commands,
         &src,
         &vars,
-        timeout,
+        deadline,
         &masker,
         log,
         cancel.as_mut(),

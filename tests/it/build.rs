@@ -544,6 +544,30 @@ sleep 1000 & echo $! > "$PIDFILE"; wait"#
 }
 
 #[tokio::test]
+async fn a_checkout_that_hangs_ends_at_the_build_timeout() {
+    // A git daemon that accepts the connection and never answers: the fetch would wait for
+    // it (up to the agent's stall limit, two minutes); the build's timeout bounds it sooner.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("git://{}/repo.git", listener.local_addr().unwrap());
+    let repo = Repo::new();
+    let mut spec = spec(&url);
+    spec.timeout_secs = 2;
+    let started = Instant::now();
+    let out = run(&repo.env(), "v1.0.0", &repo.first, 1, &spec).await;
+    let err = out.result.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "fetching {url} failed: the checkout did not finish within the build's timeout (2s)"
+        )
+    );
+    // Worth another attempt: the server, not the build, is at fault.
+    assert!(err.retryable());
+    assert!(started.elapsed() < DEADLINE);
+    drop(listener);
+}
+
+#[tokio::test]
 async fn cancelling_a_build_kills_its_process_group() {
     let repo = Repo::new();
     let env = repo.env();
