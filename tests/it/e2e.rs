@@ -46,11 +46,15 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("repo");
         std::fs::create_dir_all(&repo).unwrap();
-        // The build waits at a gate the test opens, and leaves its pid per attempt behind. The
+        // The build waits at a gate the test opens, and leaves its pid per attempt behind, and
+        // that of a process it started outside its process group (as a daemon would). The
         // deploy's hook (dist/app.sh, which the build writes) does the same at a second gate.
         std::fs::write(
             repo.join("build.sh"),
-            "#!/bin/sh\nset -eu\necho $$ > \"$MARKS/pid-$FERRY_ATTEMPT\"\n\
+            "#!/bin/sh\nset -eu\n\
+             setsid sh -c 'echo $$ > \"$MARKS/escaped-$FERRY_ATTEMPT\"; exec sleep 1000' \
+             >/dev/null 2>&1 &\n\
+             echo $$ > \"$MARKS/pid-$FERRY_ATTEMPT\"\n\
              echo \"building $FERRY_TAG attempt $FERRY_ATTEMPT\"\n\
              while [ ! -f \"$MARKS/gate\" ]; do sleep 0.05; done\n\
              mkdir -p dist && printf 'echo $$ > %s/deploy-pid\\n\
@@ -209,6 +213,17 @@ after_switch = ["sh dist/app.sh > ../../deployed"]
         .await
     }
 
+    /// The pid of the process the build started outside its group, in attempt `attempt`.
+    async fn escaped(&self, attempt: u32) -> i32 {
+        let path = self.marks().join(format!("escaped-{attempt}"));
+        wait_for(
+            DEADLINE * 3,
+            "the build's escaped process to start",
+            || async { std::fs::read_to_string(&path).ok()?.trim().parse().ok() },
+        )
+        .await
+    }
+
     /// Opens the build's gate and the deploy's.
     fn open_gate(&self) {
         self.open("gate");
@@ -281,9 +296,12 @@ async fn an_agent_killed_mid_build_is_replaced_and_the_tag_is_built_and_deployed
     let mut a1 = w.spawn(&["agent"], "agent-1");
     let job = w.push_tag().await;
     let first = w.pid(1).await;
+    let escaped = w.escaped(1).await;
     a1.kill9();
-    // The build does not run on without its agent: the group's watchdog kills it.
+    // The build does not run on without its agent: the group's watchdog kills it, and what it
+    // started outside the group.
     wait_until(DEADLINE, || async { !alive(first) }).await;
+    wait_until(DEADLINE, || async { !alive(escaped) }).await;
     let _a2 = w.spawn(&["agent"], "agent-2");
     let second = w.pid(2).await;
     assert_ne!(first, second);
