@@ -127,3 +127,26 @@ if [ -n "${FERRY_TIMEOUT:-}" ] && timeout -k 1 5 true 2>/dev/null; then
 fi
 exec sh -c "$FERRY_COMMAND"
 "#;
+
+/// What every script runs under on an SSH host (`$1` is the script): the host's side of "kill the
+/// step's processes when its agent lets go" (design invariant 4), as the agent's watchdog is for
+/// the local transport. The agent keeps the session's input open while it wants the script to
+/// run; when it closes (the agent dropped the command on losing its lease, died, or lost the
+/// connection), a watcher kills the script's process group (made with `setsid`), with whatever
+/// the script started in it. The script itself reads no input (`/dev/null`). A script that ends
+/// by a signal ends the wrapper by the same signal, so the agent sees it as before. Hosts
+/// without `setsid` run the script as it is: it then runs on until it ends or, for a command,
+/// until its `command_timeout` ([`COMMAND`]).
+pub const WATCH: &str = r#"exec 3<&0 0</dev/null
+if ! command -v setsid >/dev/null 2>&1; then exec 3<&-; exec sh -c "$1"; fi
+setsid sh -c "$1" 3<&- &
+pid=$!
+{ while IFS= read -r _; do :; done; kill -KILL "-$pid" 2>/dev/null; } <&3 &
+watch=$!
+exec 3<&-
+wait "$pid"
+status=$?
+kill "$watch" 2>/dev/null
+if [ "$status" -gt 128 ]; then kill -s "$(kill -l "$status")" "$$"; fi
+exit "$status"
+"#;

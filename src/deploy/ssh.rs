@@ -501,6 +501,32 @@ impl SshTransport {
     }
 }
 
+/// A session channel's sending half that closes the channel when dropped before the host
+/// closed it, so that the host's [`super::scripts::WATCH`] stops the script.
+struct CloseOnDrop(Option<russh::ChannelWriteHalf<client::Msg>>);
+
+impl CloseOnDrop {
+    fn get(&self) -> &russh::ChannelWriteHalf<client::Msg> {
+        self.0.as_ref().expect("present until dropped or disarmed")
+    }
+
+    /// The host closed the channel: nothing to do on drop.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let (Some(writer), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = writer.eof().await;
+                let _ = writer.close().await;
+            });
+        }
+    }
+}
+
 /// Is `k` a plain shell variable name made of `[A-Z_][A-Z0-9_]*`?
 fn valid_name(k: &str) -> bool {
     let mut chars = k.chars();
@@ -514,7 +540,7 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 /// The command line sent to the host: `export K='v';` for each variable, then
-/// `exec sh -c '<script>'`.
+/// `exec sh -c '<WATCH>' ferry '<script>'` (see [`super::scripts::WATCH`]).
 pub fn command_line(script: &str, env: &[(String, String)]) -> Result<String, String> {
     let mut cmd = String::new();
     for (k, v) in env {
@@ -527,6 +553,8 @@ pub fn command_line(script: &str, env: &[(String, String)]) -> Result<String, St
         cmd.push_str(&format!("export {k}={};\n", shell_quote(v)));
     }
     cmd.push_str("exec sh -c ");
+    cmd.push_str(&shell_quote(super::scripts::WATCH));
+    cmd.push_str(" ferry ");
     cmd.push_str(&shell_quote(script));
     Ok(cmd)
 }
@@ -594,20 +622,21 @@ impl Transport for SshTransport {
             host: self.host.clone(),
             reason,
         })?;
-        let mut channel = self
+        let (mut channel, writer) = self
             .handle
             .channel_open_session()
             .await
-            .map_err(|e| self.io("open a session channel")(&e))?;
-        channel
+            .map_err(|e| self.io("open a session channel")(&e))?
+            .split();
+        // The session's input stays open while this call lives: when it is dropped (the lease
+        // was lost, exec_bounded gave up), the guard closes the channel and the host kills the
+        // script (scripts::WATCH; the script itself reads /dev/null).
+        let writer = CloseOnDrop(Some(writer));
+        writer
+            .get()
             .exec(true, cmd)
             .await
             .map_err(|e| self.io("start the command")(&e))?;
-        // No input: a command reading stdin gets EOF instead of hanging.
-        channel
-            .eof()
-            .await
-            .map_err(|e| self.io("close the command's stdin")(&e))?;
         let (mut stdout, mut stderr) = (Lines::new("stdout"), Lines::new("stderr"));
         let mut status = None;
         let mut signal = None;
@@ -636,6 +665,9 @@ impl Transport for SshTransport {
                 }
                 _ => {}
             }
+        }
+        if closed {
+            writer.disarm();
         }
         let (stdout, mut stderr) = (stdout.finish(log), stderr.finish(log));
         if let Some(signal) = signal {
@@ -750,7 +782,10 @@ WEB1 ssh-ed25519 EEEE
         let cmd = command_line("echo hi", &[("FERRY_TAG".into(), "a'b$c`d`\ne".into())]).unwrap();
         assert_eq!(
             cmd,
-            "export FERRY_TAG='a'\\''b$c`d`\ne';\nexec sh -c 'echo hi'"
+            format!(
+                "export FERRY_TAG='a'\\''b$c`d`\ne';\nexec sh -c {} ferry 'echo hi'",
+                shell_quote(crate::deploy::scripts::WATCH)
+            )
         );
     }
 

@@ -62,9 +62,10 @@ pub trait Transport: Send + Sync {
     ) -> Result<Output, Error>;
     /// Copies the local file to `remote` (an absolute path), replacing it.
     async fn upload(&self, local: &Path, remote: &str) -> Result<(), Error>;
-    /// Whether a script, and everything it started, is killed when its `exec` is dropped
-    /// (the local transport's process group). Where it is not (SSH), the deploy has the host
-    /// stop a command that runs past `command_timeout` itself.
+    /// Whether a script, and everything it started, is surely killed when its `exec` is
+    /// dropped (the local transport's process group). Where it is not (SSH: the host kills it
+    /// once it hears of the drop, which a frozen agent never sends, and only where it has
+    /// `setsid`), the deploy has the host stop a command that runs past `command_timeout` itself.
     fn kills_on_drop(&self) -> bool {
         false
     }

@@ -109,6 +109,43 @@ async fn exec_streams_stdout_stderr_and_the_exit_status() {
     assert!(killed.stderr.contains("TERM"), "{killed:?}");
 }
 
+/// A command whose call is dropped (its agent lost the lease, or gave up waiting) is killed on
+/// the host, with what it started, while the connection lives on; so is one whose connection
+/// goes (the agent died).
+#[tokio::test]
+async fn a_dropped_command_is_killed_on_the_host() {
+    use crate::harness::{wait_until, wait_until_gone, DEADLINE};
+    let f = Fixture::new();
+    for drop_connection in [false, true] {
+        let t = f.connect().await;
+        let (shell, child) = (
+            f.dir.path().join("shell.pid"),
+            f.dir.path().join("child.pid"),
+        );
+        let _ = (std::fs::remove_file(&shell), std::fs::remove_file(&child));
+        let script = format!(
+            "sleep 300 & echo $! > {}; echo $$ > {}; wait",
+            child.display(),
+            shell.display()
+        );
+        let seen = Seen::default();
+        let log = |s: &str, l: &str| seen.lock().unwrap().push((s.into(), l.into()));
+        let exec = t.exec(&script, &[], &log);
+        tokio::select! {
+            out = exec => panic!("the command ended: {out:?}"),
+            _ = wait_until(DEADLINE, || async { shell.exists() && child.exists() }) => {}
+        }
+        if drop_connection {
+            drop(t);
+        } else {
+            let out = run(&*t, "echo still here", &[], &Seen::default()).await;
+            assert_eq!(out.stdout, "still here\n");
+        }
+        wait_until_gone(&shell).await;
+        wait_until_gone(&child).await;
+    }
+}
+
 #[tokio::test]
 async fn env_values_arrive_verbatim_and_nothing_in_them_runs() {
     let f = Fixture::new();
@@ -519,8 +556,8 @@ async fn a_release_deploys_to_real_sshd_hosts_and_a_rerun_uploads_nothing() {
     assert_eq!(t.host(), "local");
 }
 
-/// Over SSH, dropping a command does not stop it on the host: the host's own `timeout` stops a
-/// command that runs past `command_timeout`, with everything it started (here a background
+/// Over SSH, the host's own `timeout` stops a command that runs past `command_timeout` (the
+/// agent gives up a little later, and its agent may be frozen with the connection open), with everything it started (here a background
 /// `sleep` the command waits for), and the host fails with `timeout`'s status.
 #[tokio::test]
 async fn a_command_past_command_timeout_is_stopped_on_the_ssh_host() {
