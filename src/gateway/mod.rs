@@ -346,7 +346,9 @@ impl GatewayState {
             event: event_name(kind, headers),
             job: decision.builds().then(JobId::new),
             project_id: hook.project_id.or(project.id),
-            project_path: hook.project_path.clone().or(Some(project.path.clone())),
+            // As configured: the payload may spell it in another case (or, found by id, name
+            // the project by a path it has since been renamed from).
+            project_path: Some(project.path.clone()),
             git_ref: hook.git_ref.clone(),
             before: hook.before.clone(),
             after: hook.after.clone(),

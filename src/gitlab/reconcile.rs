@@ -98,7 +98,8 @@ fn delivery(project: &ReconcileProject, tag: &Tag) -> WebhookReceived {
         project_id: Some(project.id),
         project_path: Some(project.path.clone()),
         git_ref: Some(format!("refs/tags/{}", tag.name)),
-        before: Some("0".repeat(40)),
+        // (as long as the object id: 64 zeros in a SHA-256 repository)
+        before: Some("0".repeat(tag.target.len())),
         after: Some(tag.target.clone()),
         checkout_sha: Some(tag.commit.id.clone()),
         user: None,
@@ -175,6 +176,19 @@ mod tests {
                 "content:7:refs/tags/v1:{}:{}",
                 "0".repeat(40),
                 "t".repeat(40)
+            )]
+        );
+        // A SHA-256 repository: its webhooks' `before` is 64 zeros.
+        let sha256 = Tag {
+            target: "e".repeat(64),
+            ..tag(None, None)
+        };
+        assert_eq!(
+            dedupe_keys(&delivery(&p, &sha256)),
+            [format!(
+                "content:7:refs/tags/v1:{}:{}",
+                "0".repeat(64),
+                "e".repeat(64)
             )]
         );
     }

@@ -59,6 +59,11 @@ fn projects() -> Vec<ProjectHooks> {
             on_tag_move: OnTagMove::Rebuild,
             ..ProjectHooks::new("group/signed")
         },
+        // Configured without an id: found by its path, whatever its case.
+        ProjectHooks {
+            webhook_token: Some(Secret::new(TOKEN)),
+            ..ProjectHooks::new("group/by-path")
+        },
     ]
 }
 
@@ -481,6 +486,29 @@ async fn a_tag_pushed_again_after_its_deletion_is_a_new_delivery() {
 /// of projects ferry does not serve get 200 (GitLab disables a hook after four failures in a
 /// row, and would then drop the events of the projects ferry serves), whatever their
 /// credentials, and nothing is stored.
+/// A project found by its path records the path as configured, not as the payload spells it:
+/// the coordinator (and every index keyed by the path) compares it exactly.
+#[tokio::test]
+async fn a_project_found_by_path_is_recorded_under_its_configured_path() {
+    let gw = Gateway::on_shared_redis().await;
+    let body = edit(
+        TAG_CREATE,
+        &[
+            ("project_id", json!(998)),
+            (
+                "project",
+                json!({"id": 998, "path_with_namespace": "Group/By-Path"}),
+            ),
+        ],
+    );
+    let (status, answer) = gw.deliver(TAG, &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let stored = gw.stored().await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].1.project_path.as_deref(), Some("group/by-path"));
+    assert_eq!(stored[0].1.project_id, Some(998));
+}
+
 #[tokio::test]
 async fn deliveries_for_projects_not_served_are_ignored_with_200() {
     let gw = Gateway::on_shared_redis().await;
