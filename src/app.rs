@@ -9,6 +9,7 @@ use crate::coordinator::{self, decide::RetryPolicy, plan::ProjectPlan};
 use crate::gateway::{self, GatewayOptions, GatewayState, ProjectHooks, SigningKey};
 use crate::gitlab;
 use crate::replay;
+use crate::store::redis::urls::redact;
 use crate::store::{redis::RedisStore, sqlite::SqliteStore, Store};
 use anyhow::{bail, Context};
 use ferry_proto::{AgentId, BuildSpec, DeploySpec};
@@ -113,53 +114,6 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     StoreLocation::of(config)?
         .open(&config.namespace, config.store_ca_file.as_deref())
         .await
-}
-
-/// A store URL without its passwords, for messages.
-fn redact(url: &str) -> String {
-    let Some(scheme) = crate::store::redis::urls::multi_node_scheme(url) else {
-        return match url::Url::parse(url) {
-            Ok(mut u) if u.password().is_some() => {
-                let _ = u.set_password(Some("***"));
-                u.to_string()
-            }
-            _ => url.to_string(),
-        };
-    };
-    // SCHEME[user:password@]hosts[/path][?query], with `*_password=` parameters
-    let rest = &url[scheme.len()..];
-    let (rest, query) = match rest.split_once('?') {
-        Some((r, q)) => (r, Some(q)),
-        None => (rest, None),
-    };
-    let (authority, path) = match rest.split_once('/') {
-        Some((a, p)) => (a, Some(p)),
-        None => (rest, None),
-    };
-    let mut out = scheme.to_string();
-    match authority.rsplit_once('@') {
-        Some((info, hosts)) if info.contains(':') => {
-            let user = info.split_once(':').map_or("", |(u, _)| u);
-            out.push_str(&format!("{user}:***@{hosts}"));
-        }
-        _ => out.push_str(authority),
-    }
-    if let Some(path) = path {
-        out.push('/');
-        out.push_str(path);
-    }
-    if let Some(query) = query {
-        let pairs: Vec<String> = query
-            .split('&')
-            .map(|p| match p.split_once('=') {
-                Some((k, _)) if k.ends_with("password") => format!("{k}=***"),
-                _ => p.to_string(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&pairs.join("&"));
-    }
-    out
 }
 
 /// Resolves when SIGINT or SIGTERM arrives (or `stop` is set), for graceful shutdown.

@@ -102,6 +102,11 @@ pub mod env {
 }
 
 /// Defaults, for the docs and for the tests.
+use crate::store::redis::urls::redact;
+
+/// The longest duration a setting takes.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 pub mod defaults {
     /// `namespace`
     pub const NAMESPACE: &str = "ferry";
@@ -797,10 +802,19 @@ impl Ctx<'_> {
         }
     }
 
+    /// A duration of at most [`MAX_DURATION`] (longer ones overflow the clocks they are added
+    /// to) and, unless zero, of at least a millisecond (the stores count in milliseconds).
     fn duration(&self, key: &str, value: Option<String>, default: &str) -> Result<Duration> {
         let value = value.unwrap_or_else(|| default.to_owned());
-        humantime::parse_duration(value.trim())
-            .map_err(|e| self.err(key, format!("invalid duration {value:?}: {e}")))
+        let d = humantime::parse_duration(value.trim())
+            .map_err(|e| self.err(key, format!("invalid duration {value:?}: {e}")))?;
+        if d > MAX_DURATION {
+            return Err(self.err(key, format!("{value:?} is too long: at most 100 years")));
+        }
+        if !d.is_zero() && d < Duration::from_millis(1) {
+            return Err(self.err(key, format!("{value:?} is too short: at least 1ms")));
+        }
+        Ok(d)
     }
 
     /// An optional `ip:port` setting.
@@ -835,7 +849,7 @@ impl Ctx<'_> {
         let value = value.unwrap_or(default).trim();
         match humantime::parse_duration(value) {
             _ if value == "forever" => Ok(None),
-            Ok(d) if !d.is_zero() => Ok(Some(d)),
+            Ok(d) if d >= Duration::from_millis(1) && d <= MAX_DURATION => Ok(Some(d)),
             _ => Err(self.err(
                 key,
                 format!(
@@ -855,12 +869,12 @@ impl Ctx<'_> {
     }
 
     fn url(&self, key: &str, value: &str, web: bool) -> Result<Url> {
-        let url =
-            Url::parse(value).map_err(|e| self.err(key, format!("invalid url {value:?}: {e}")))?;
+        let url = Url::parse(value)
+            .map_err(|e| self.err(key, format!("invalid url {:?}: {e}", redact(value))))?;
         if web && !matches!(url.scheme(), "http" | "https") {
             return Err(self.err(
                 key,
-                format!("invalid url {value:?}: expected http or https"),
+                format!("invalid url {:?}: expected http or https", redact(value)),
             ));
         }
         Ok(url)
@@ -941,7 +955,7 @@ fn build(
             if !matches!(url.scheme(), "redis" | "rediss" | "sqlite") {
                 return Err(cx.err(
                     "store",
-                    format!("unsupported store {store:?}: expected redis://HOST:PORT/DB, rediss://…, redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB], redis+cluster://HOST:PORT[,HOST:PORT…], sqlite://PATH or a *.db file path (omit it for the embedded store in <data_dir>/ferry.db)"),
+                    format!("unsupported store {:?}: expected redis://HOST:PORT/DB, rediss://…, redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB], redis+cluster://HOST:PORT[,HOST:PORT…], sqlite://PATH or a *.db file path (omit it for the embedded store in <data_dir>/ferry.db)", redact(&store)),
                 ));
             }
             Some(store)
@@ -1308,11 +1322,15 @@ fn validate_project(cx: &Ctx<'_>, i: usize, raw: RawProject) -> Result<Project> 
         }
     }
     let build = Build {
-        timeout: cx.positive_duration(
-            &key("build.timeout"),
-            build_raw.timeout,
-            defaults::BUILD_TIMEOUT,
-        )?,
+        timeout: {
+            // (counted in whole seconds in the plan, where 0 would mean no limit)
+            let k = key("build.timeout");
+            let d = cx.duration(&k, build_raw.timeout, defaults::BUILD_TIMEOUT)?;
+            if d < Duration::from_secs(1) {
+                return Err(cx.err(&k, format!("{d:?} is too short: at least 1s")));
+            }
+            d
+        },
         pool,
         commands,
         artifacts,

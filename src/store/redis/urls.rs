@@ -196,6 +196,52 @@ impl<'a> Parts<'a> {
 }
 
 /// `host[:port]` or `[v6]:port`.
+/// A store URL without its passwords (`user:password@` and `*password=` query parameters), for
+/// messages; read as text, so that a URL too broken to parse is redacted too.
+pub fn redact(url: &str) -> String {
+    let Some(end) = multi_node_scheme(url)
+        .map(str::len)
+        .or_else(|| url.find("://").map(|i| i + 3))
+    else {
+        return url.to_string();
+    };
+    let scheme = &url[..end];
+    // SCHEME[user:password@]hosts[/path][?query], with `*_password=` parameters
+    let rest = &url[scheme.len()..];
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match rest.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (rest, None),
+    };
+    let mut out = scheme.to_string();
+    match authority.rsplit_once('@') {
+        Some((info, hosts)) if info.contains(':') => {
+            let user = info.split_once(':').map_or("", |(u, _)| u);
+            out.push_str(&format!("{user}:***@{hosts}"));
+        }
+        _ => out.push_str(authority),
+    }
+    if let Some(path) = path {
+        out.push('/');
+        out.push_str(path);
+    }
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.ends_with("password") => format!("{k}=***"),
+                _ => p.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}
+
 fn parse_host(text: &str, node: &str, default_port: u16) -> Result<(String, u16), String> {
     let bad = || format!("{node} address {text:?} is not HOST[:PORT]");
     if text.is_empty() {
