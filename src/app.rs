@@ -242,26 +242,57 @@ pub async fn run_up(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<()
         None => println!("ferry up: API tokens from the configuration"),
     }
     let config = &config;
-    let stop = shutdown_signal();
-    let coordinator = tokio::spawn(coordinator::run(
-        store.clone(),
-        coordinator_options(config)?,
-        until(stop.clone()),
-    ));
-    let agent = tokio::spawn(agent::run(
-        store.clone(),
-        agent_options(config)?,
-        until(stop.clone()),
-    ));
-    let reporter = gitlab_reporter_options(config)
-        .map(|o| tokio::spawn(gitlab::run(store.clone(), o, until(stop.clone()))));
-    let gateway = serve(config, store, listener, stop.clone()).await;
-    coordinator.await??;
-    agent.await??;
-    if let Some(reporter) = reporter {
-        reporter.await??;
+    // Stopped by SIGINT/SIGTERM, or by the first role that fails: the others then end too, and
+    // the error is returned (not kept until Ctrl-C while the process runs on without it).
+    let (stop_all, stop) = watch::channel(false);
+    {
+        let signal = shutdown_signal();
+        let stop_all = stop_all.clone();
+        tokio::spawn(async move {
+            until(signal).await;
+            let _ = stop_all.send(true);
+        });
     }
-    gateway
+    let role = |task: tokio::task::JoinHandle<anyhow::Result<()>>| {
+        let stop_all = stop_all.clone();
+        async move {
+            let result = task.await.map_err(anyhow::Error::from).and_then(|r| r);
+            if result.is_err() {
+                let _ = stop_all.send(true);
+            }
+            result
+        }
+    };
+    let coordinator = {
+        let (store, options, stop) = (store.clone(), coordinator_options(config)?, stop.clone());
+        role(tokio::spawn(async move {
+            Ok(coordinator::run(store, options, until(stop)).await?)
+        }))
+    };
+    let agent = {
+        let (store, options, stop) = (store.clone(), agent_options(config)?, stop.clone());
+        role(tokio::spawn(async move {
+            Ok(agent::run(store, options, until(stop)).await?)
+        }))
+    };
+    let reporter = {
+        let (store, options, stop) = (store.clone(), gitlab_reporter_options(config), stop.clone());
+        role(tokio::spawn(async move {
+            match options {
+                Some(o) => Ok(gitlab::run(store, o, until(stop)).await?),
+                None => Ok(()),
+            }
+        }))
+    };
+    let gateway = {
+        let (config, stop) = (config.clone(), stop.clone());
+        role(tokio::spawn(async move {
+            serve(&config, store, listener, stop).await
+        }))
+    };
+    let (gateway, coordinator, agent, reporter) =
+        tokio::join!(gateway, coordinator, agent, reporter);
+    gateway.and(coordinator).and(agent).and(reporter)
 }
 
 /// The commit-status reporter's options, when `[gitlab]` is configured (with tag
@@ -592,6 +623,43 @@ pub async fn migrate(config: &Config, args: &crate::cli::MigrateArgs) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A role of `ferry up` that fails ends the whole process with its error, instead of
+    /// leaving the others running until Ctrl-C (here the gateway, given a signing token it
+    /// cannot decode, which the configuration's own check now refuses).
+    #[tokio::test]
+    async fn ferry_up_ends_with_the_error_of_a_role_that_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            r#"
+data_dir = "{}"
+[gateway]
+listen = "127.0.0.1:0"
+[[projects]]
+id = 1
+path = "g/app"
+allow_unauthenticated = true
+build = {{ commands = ["make"] }}
+"#,
+            dir.path().display()
+        );
+        let mut config = crate::config::load_str(
+            &toml,
+            std::path::Path::new("/etc/ferry.toml"),
+            &|_: &str| None,
+            &crate::config::Overrides::default(),
+        )
+        .unwrap();
+        config.projects[0].signing_token = Some(crate::config::Secret::new("whsec_abc"));
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open(&dir.path().join("ferry.db")).unwrap(),
+        );
+        let ended = tokio::time::timeout(Duration::from_secs(60), run_up(&config, store))
+            .await
+            .expect("ferry up ended");
+        let error = format!("{:#}", ended.unwrap_err());
+        assert!(error.contains("signing"), "{error}");
+    }
 
     #[test]
     fn only_projects_with_an_id_and_a_clone_url_are_reconciled() {

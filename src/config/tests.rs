@@ -472,6 +472,8 @@ fn errors_name_the_key_and_the_source() {
         (BASE.replace("webhook_token_env = \"APP_HOOK\"", ""), vec![], f(), "/etc/ferry.toml: projects[0].webhook_token_env: the project has no webhook_token(_env) or signing_token(_env)"),
         (BASE.replace("id = 42", "id = 42\nwebhook_token = \"lit\""), vec![], f(), "/etc/ferry.toml: projects[0].webhook_token_env: set only one of webhook_token and webhook_token_env"),
         (BASE.replace("id = 42", "id = 42\nsigning_token = \"not-whsec\""), vec![], f(), "/etc/ferry.toml: projects[0].signing_token: expected whsec_ followed by base64 (the value is not shown)"),
+        // base64 characters, but unpadded: the gateway could not decode it
+        (BASE.replace("id = 42", "id = 42\nsigning_token = \"whsec_abc\""), vec![], f(), "/etc/ferry.toml: projects[0].signing_token: expected whsec_ followed by base64 (the value is not shown)"),
         (BASE.replace("id = 42", "id = 42\nsecrets = [\"NOT-A-NAME\"]"), vec![], f(), "/etc/ferry.toml: projects[0].secrets[0]: invalid environment variable name \"NOT-A-NAME\""),
         ("[gitlab]\nurl = \"https://gitlab.example.com\"".into(), vec![], f(), "/etc/ferry.toml: gitlab.token_env: environment variable FERRY_GITLAB_TOKEN is not set"),
         ("[gitlab]\ntoken_env = \"T\"".into(), vec![], f(), "/etc/ferry.toml: gitlab.url: missing required key (gitlab.token_env is set)"),
