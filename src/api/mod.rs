@@ -1153,6 +1153,28 @@ async fn retry_job(State(state): State<ApiState>, Path(id): Path<String>) -> Ans
     let Some(plan) = old.plan else {
         return Err(ApiError::Conflict(format!("job {id} has no plan to retry")));
     };
+    // Design invariant 5: the retry would be the newest job, so its deploy would land over a
+    // newer tag's (GitLab's "outdated deployment jobs"). Shipping an older release on purpose
+    // is a manual deploy or a rollback.
+    for environment in plan.steps.iter().filter_map(|s| match &s.spec {
+        ferry_proto::StepSpec::Deploy(d) => Some(&d.environment),
+        _ => None,
+    }) {
+        if let Some(newer) = newer_deploy(store, &plan.project, environment, id).await? {
+            return Err(ApiError::Conflict(format!(
+                "job {id} deploys {} to {environment}, where the newer job {} ({}, tag {}) \
+                 deploys too: a retry would land the older release over it; to ship {} there on \
+                 purpose use `ferry deploy {} {} --env {environment}` (or `ferry rollback`)",
+                plan.tag,
+                newer.id,
+                newer.phase.as_str(),
+                newer.plan.as_ref().map_or("?", |p| p.tag.as_str()),
+                plan.tag,
+                plan.project,
+                plan.tag,
+            )));
+        }
+    }
     let shipped = plan.artifact.clone();
     let created = JobCreated {
         job: JobId::new(),
@@ -1183,6 +1205,33 @@ async fn retry_job(State(state): State<ApiState>, Path(id): Path<String>) -> Ans
     let mut body = job_summary(&fresh);
     body["retry_of"] = json!(id);
     answer(StatusCode::ACCEPTED, body)
+}
+
+/// The newest job after `than` that deploys to `environment` of `project` and has not failed
+/// or been cancelled or superseded (queued, running or succeeded): what the deploy gate lets
+/// win over `than`.
+async fn newer_deploy(
+    store: &dyn Store,
+    project: &str,
+    environment: &str,
+    than: JobId,
+) -> Result<Option<JobState>, ApiError> {
+    let mut ids = store
+        .indexed(&store::environment_index(project, environment))
+        .await?;
+    ids.retain(|id| *id > than);
+    for id in ids.into_iter().rev() {
+        let Some(job) = crate::coordinator::releases::fold(store, id).await? else {
+            continue;
+        };
+        if matches!(
+            job.phase,
+            JobPhase::Queued | JobPhase::Running | JobPhase::Succeeded
+        ) {
+            return Ok(Some(job));
+        }
+    }
+    Ok(None)
 }
 
 /// Appends a new job's plan and returns its state. Its steps are queued by the coordinators,

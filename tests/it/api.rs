@@ -853,6 +853,57 @@ async fn retry_of_a_failed_job_runs_a_new_job_with_the_same_plan() {
     assert_eq!(old_shown["state"], "failed");
 }
 
+/// A job whose deploy would land over a newer tag's (queued, running or deployed) is not
+/// retried (design invariant 5; GitLab's "outdated deployment jobs"): the answer names the
+/// newer job and the manual deploy that ships the older release on purpose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_never_deploys_an_older_tag_over_a_newer_one() {
+    let api = Api::start(&[TOKEN]).await;
+    let deploy = |env: &str| {
+        StepSpec::Deploy(DeploySpec {
+            environment: env.into(),
+            hosts: vec!["local".into()],
+            path: "/srv/app".into(),
+            ..Default::default()
+        })
+    };
+    let old = api
+        .queued_job_with("g/app", "deploys", deploy("production"))
+        .await;
+    api.end(old, failed()).await;
+    let newer = api
+        .queued_job_with("g/app", "deploys", deploy("production"))
+        .await;
+    let retry = |job: JobId| {
+        let api = &api;
+        async move { api.post(&format!("/api/v1/jobs/{job}/retry"), None).await }
+    };
+    // while the newer job is queued, and once it deployed
+    for end in [None, Some(JobSucceeded {}.into())] {
+        if let Some(event) = end {
+            api.end(newer, event).await;
+        }
+        let (status, body) = retry(old).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        let error = error_of(&body);
+        assert!(error.contains(&format!("the newer job {newer}")), "{error}");
+        assert!(
+            error.contains("ferry deploy g/app v1.2.3 --env production"),
+            "{error}"
+        );
+    }
+    // Another environment's deploys do not stand in the way; a newer job that failed does not.
+    let staging = api
+        .queued_job_with("g/app", "deploys", deploy("staging"))
+        .await;
+    api.end(staging, failed()).await;
+    let (status, body) = retry(staging).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    // The newest deploy may be retried (it deploys its own release again).
+    let (status, body) = retry(newer).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+}
+
 /// Log retention: once a job has been over for `keep_logs`, the coordinator holding the sweep
 /// lock records `logs_expired` and its lines are gone; the API answers 410 Gone naming when,
 /// the job and its events stay, and a running job's lines are untouched. The CLI says so too.
