@@ -8,7 +8,8 @@
 //! - 409, 429, 5xx, timeouts and connection errors: retried with exponential backoff and jitter.
 //!   A 429 waits for `Retry-After`, else `RateLimit-Reset`, else the backoff. After
 //!   [`Retry::attempts`] attempts, or when the next wait would pass [`Retry::budget`], the call
-//!   gives up with [`Error::GaveUp`].
+//!   gives up with [`Error::GaveUp`], and the client sends nothing more for the `Retry-After`
+//!   (else [`Retry::max_delay`]): calls made meanwhile give up at once, unsent.
 //! - 401, 403, 404 and every other 4xx: [`Error::Rejected`] at once, with GitLab's message.
 //!
 //! The token is only ever written into the `PRIVATE-TOKEN` header: it is not part of any URL,
@@ -236,6 +237,10 @@ pub struct Client {
     api: String,
     token: Secret,
     retry: Retry,
+    /// Until when calls are not sent: set when a call gave up (for GitLab's `Retry-After`, else
+    /// [`Retry::max_delay`]), so that a GitLab that is down or rate-limiting is not called by
+    /// every caller at once; shared by the clones.
+    hold: std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl Client {
@@ -280,6 +285,7 @@ impl Client {
                 attempts: retry.attempts.max(1),
                 ..retry
             },
+            hold: Default::default(),
         })
     }
 
@@ -404,6 +410,18 @@ impl Client {
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<(u16, Vec<u8>, Option<String>)> {
         let started = tokio::time::Instant::now();
+        let held = *self.hold.lock().expect("hold lock");
+        if let Some(until) = held.filter(|until| *until > started) {
+            return Err(Error::GaveUp {
+                what: what.to_string(),
+                attempts: 0,
+                status: None,
+                last: format!(
+                    "not sent: gitlab failed a call just before; calls resume in {} ms",
+                    (until - started).as_millis()
+                ),
+            });
+        }
         let mut attempt = 1;
         loop {
             let (last_status, last, asked_wait) = match build()
@@ -461,6 +479,10 @@ impl Client {
             let wait = asked_wait.unwrap_or(backoff);
             let out_of_time = started.elapsed() + wait > self.retry.budget;
             if attempt >= self.retry.attempts || out_of_time {
+                let until =
+                    tokio::time::Instant::now() + asked_wait.unwrap_or(self.retry.max_delay);
+                let mut hold = self.hold.lock().expect("hold lock");
+                *hold = Some(hold.map_or(until, |h| h.max(until)));
                 return Err(Error::GaveUp {
                     what: what.to_string(),
                     attempts: attempt,

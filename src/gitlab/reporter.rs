@@ -5,14 +5,17 @@
 //!
 //! It is deliberately apart from the coordinators: it reads the feed in its own consumer group,
 //! decides nothing about jobs, and its appends (`Expected::Any`) never compete with decisions for
-//! long. A GitLab that is down costs each entry a bounded retry budget, after which the failure is
-//! recorded and the entry acknowledged: pipelines never wait for GitLab.
+//! long: pipelines never wait for GitLab. A GitLab that is down or rate-limiting costs an entry a
+//! bounded retry budget, after which the entry stays pending (nothing recorded) and is handled
+//! again when it is taken over (`takeover_after`), until GitLab takes it; meanwhile the client
+//! holds further calls for GitLab's `Retry-After`. A refusal for good (4xx) is recorded and the
+//! entry acknowledged.
 //!
 //! Delivery is at least once, and several reporters may run. Effects stay idempotent because a
 //! status is not posted when the job's stream already holds, after the event being handled, a
-//! report for that status name at the same or a later stage (`pending` < `running` < final): a
-//! redelivered entry finds its own reports, and a slow reporter cannot move a finished status back
-//! to `running`. Within one reporter, the entries of one job are handled in log order; different
+//! report for that status name at the same or a later stage (`pending` < `running` < final), or
+//! an event that calls for one: a redelivered entry finds its own reports, and a slow reporter,
+//! or an entry back from an outage, cannot move a finished status back to `running`. Within one reporter, the entries of one job are handled in log order; different
 //! jobs are handled concurrently.
 
 use super::client::{
@@ -427,8 +430,18 @@ struct JobReporter {
     job: JobId,
 }
 
+/// Why an entry was not reported, and stays pending to be handled again.
+#[derive(Debug, thiserror::Error)]
+enum Unreported {
+    #[error("{0}")]
+    Store(#[from] Error),
+    /// GitLab could not be reached or kept failing: the entry is tried again later.
+    #[error("{0}")]
+    Gitlab(client::Error),
+}
+
 impl JobReporter {
-    async fn handle(&self, stored: &Stored) -> Result<(), Error> {
+    async fn handle(&self, stored: &Stored) -> Result<(), Unreported> {
         let event = match stored.decode() {
             Ok(e) => e,
             Err(e) => {
@@ -453,13 +466,25 @@ impl JobReporter {
         let Some(plan) = plan.cloned() else {
             return Ok(());
         };
-        // Reports made after this event: what GitLab was already told since.
+        // What GitLab was told after this event, or will be told by a later entry (handled
+        // by another reporter, or before this one came back from a GitLab outage): a status is
+        // never moved back to an earlier stage.
         let mut reported: HashMap<String, u8> = HashMap::new();
+        let mut raise = |name: &str, state: &str| {
+            let st = reported.entry(name.to_string()).or_insert(0);
+            *st = (*st).max(stage(state));
+        };
+        let mut later = before.clone();
+        later.evolve(&event, stored.envelope.at_ms);
         for s in &stream[at + 1..] {
-            if let Ok(Event::CommitStatusReported(r)) = s.decode() {
-                let st = reported.entry(r.name.clone()).or_insert(0);
-                *st = (*st).max(stage(&r.state));
+            let Ok(e) = s.decode() else { continue };
+            if let Event::CommitStatusReported(r) = &e {
+                raise(&r.name, &r.state);
             }
+            for t in transitions(&later, &e) {
+                raise(&t.name, t.state.as_str());
+            }
+            later.evolve(&e, s.envelope.at_ms);
         }
         for t in transitions(&before, &event) {
             if reported
@@ -486,7 +511,7 @@ impl JobReporter {
         stream: &[Stored],
         at: usize,
         t: DeploymentTransition,
-    ) -> Result<(), Error> {
+    ) -> Result<(), Unreported> {
         let mut known: Option<u64> = None;
         let mut reported_after: Option<u8> = None;
         for (i, s) in stream.iter().enumerate() {
@@ -528,6 +553,11 @@ impl JobReporter {
             None => return Ok(()),
         };
         let event = match result {
+            // An update is safe to send again; a creation that failed is recorded (it may have
+            // reached GitLab, and creating one is not idempotent).
+            Err(e @ client::Error::GaveUp { .. }) if known.is_some() => {
+                return Err(Unreported::Gitlab(e))
+            }
             Ok(d) => DeploymentReported {
                 environment: t.environment,
                 deployment_id: Some(d.id),
@@ -552,8 +582,10 @@ impl JobReporter {
         Ok(())
     }
 
-    /// Posts one status and records the outcome in the job's stream.
-    async fn report(&self, plan: &JobCreated, t: Transition) -> Result<(), Error> {
+    /// Posts one status and records the outcome in the job's stream. When GitLab could not be
+    /// reached or kept failing, nothing is recorded and the entry stays pending: the status is
+    /// posted once GitLab is back.
+    async fn report(&self, plan: &JobCreated, t: Transition) -> Result<(), Unreported> {
         let request = StatusRequest {
             state: t.state,
             ref_: plan.tag.clone(),
@@ -572,6 +604,7 @@ impl JobReporter {
                 }
                 (Some(outcome.http_status()), None)
             }
+            Err(e @ client::Error::GaveUp { .. }) => return Err(Unreported::Gitlab(e)),
             Err(e) => {
                 warn!(job = %self.job, name = %t.name, state = t.state.as_str(), error = %e, "commit status not accepted by gitlab");
                 (e.http_status(), Some(e.to_string()))

@@ -473,9 +473,12 @@ async fn each_step_goes_pending_running_success_on_the_tagged_commit() {
         })
     })
     .await;
-    let recorded = wait_for(DEADLINE, "six recorded reports", || async {
+    let recorded = wait_for(DEADLINE, "both successes recorded", || async {
         let r = reports(&store, job).await;
-        (r.len() >= 6).then_some(r)
+        let done = NAMES
+            .iter()
+            .all(|n| r.iter().any(|r| r.name == *n && r.state == "success"));
+        done.then_some(r)
     })
     .await;
     // The last step's success is reported when it succeeds; the job ends a moment later.
@@ -493,7 +496,7 @@ async fn each_step_goes_pending_running_success_on_the_tagged_commit() {
             .filter(|c| c.field("name") == Some(name))
             .map(|c| c.field("state").unwrap())
             .collect();
-        assert_eq!(states, ["pending", "running", "success"], "{name}");
+        assert_in_order(&states, name);
     }
     let link = format!("http://ferry.test:8080/api/v1/jobs/{job}");
     for c in &calls {
@@ -502,7 +505,7 @@ async fn each_step_goes_pending_running_success_on_the_tagged_commit() {
         assert_eq!(c.field("target_url"), Some(link.as_str()));
         assert_eq!(c.token.as_deref(), Some(TOKEN));
     }
-    assert_eq!(recorded.len(), 6, "{recorded:?}");
+    assert_eq!(recorded.len(), calls.len(), "{recorded:?}");
     for r in &recorded {
         assert_eq!(
             (r.sha.as_str(), r.http_status, &r.error),
@@ -519,40 +522,146 @@ async fn each_step_goes_pending_running_success_on_the_tagged_commit() {
     }
 }
 
+/// A status's states as GitLab got them: `pending`, `running`, `success` in that order, ending
+/// with `success`; a state may be left out (a step over before its start was reported: a
+/// status never goes back to an earlier stage).
+fn assert_in_order(states: &[&str], name: &str) {
+    let order = ["pending", "running", "success"];
+    let ranks: Vec<usize> = states
+        .iter()
+        .map(|s| order.iter().position(|o| o == s).expect("a known state"))
+        .collect();
+    assert!(ranks.windows(2).all(|w| w[0] < w[1]), "{name}: {states:?}");
+    assert_eq!(states.last(), Some(&"success"), "{name}: {states:?}");
+}
+
+/// GitLab down (500 to every call) does not stall the pipeline, and nothing is recorded as
+/// reported meanwhile; once GitLab is back, every status reaches its final state there, none
+/// moved back to an earlier one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gitlab_answering_500_does_not_stall_the_pipeline_and_failures_are_recorded() {
+async fn a_gitlab_that_was_down_gets_every_final_status_once_it_is_back() {
     let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
     let mock = GitlabMock::start(TOKEN).await;
     mock.fail_next(500, usize::MAX);
-    let roles = Roles::start(&store, reporter_options(&mock, 2));
+    let mut options = reporter_options(&mock, 2);
+    options.takeover_after = Duration::from_millis(500);
+    let roles = Roles::start(&store, options);
     let job = noop_job(&store).await;
 
     wait_until(DEADLINE * 3, || async {
         phase(&store, job).await == Some(JobPhase::Succeeded)
     })
     .await;
-    let recorded = wait_for(DEADLINE * 3, "six recorded failures", || async {
+    // Every status was tried, and given up on for now.
+    wait_until(DEADLINE, || async { mock.calls().len() >= 4 }).await;
+    assert!(mock.accepted_statuses().is_empty());
+    assert!(reports(&store, job).await.is_empty());
+
+    mock.fail_next(500, 0);
+    let recorded = wait_for(DEADLINE * 3, "both successes recorded", || async {
         let r = reports(&store, job).await;
-        (r.len() >= 6).then_some(r)
+        let done = NAMES
+            .iter()
+            .all(|n| r.iter().any(|r| r.name == *n && r.state == "success"));
+        done.then_some(r)
     })
     .await;
     roles.stop().await;
-
-    assert_eq!(recorded.len(), 6, "{recorded:?}");
     for r in &recorded {
-        assert_eq!(r.http_status, Some(500), "{r:?}");
-        let error = r.error.as_deref().unwrap_or_default();
-        assert!(error.contains("after 2 attempts"), "{error}");
+        assert_eq!((r.http_status, &r.error), (Some(201), &None), "{r:?}");
     }
+    let accepted = mock.accepted_statuses();
     for name in NAMES {
-        let states: Vec<&str> = recorded
+        let states: Vec<&str> = accepted
             .iter()
-            .filter(|r| r.name == name)
-            .map(|r| r.state.as_str())
+            .filter(|c| c.field("name") == Some(name))
+            .map(|c| c.field("state").unwrap())
             .collect();
-        assert_eq!(states, ["pending", "running", "success"], "{name}");
+        assert_in_order(&states, name);
     }
-    assert_eq!(mock.calls().len(), 12, "two attempts per status");
+}
+
+/// An entry handled after later events of its job are in the stream (a reporter behind, or an
+/// entry back from a GitLab outage) posts no state those events have gone past: GitLab gets
+/// `success` alone, never `pending` or `running` after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_entry_does_not_post_a_state_its_job_has_gone_past() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let mock = GitlabMock::start(TOKEN).await;
+    let job = noop_job(&store).await;
+    let build = StepId::new("build");
+    let later: Vec<Event> = vec![
+        StepStarted {
+            step: build.clone(),
+            attempt: 1,
+            agent: AgentId::new("a"),
+        }
+        .into(),
+        StepSucceeded {
+            step: build,
+            attempt: 1,
+        }
+        .into(),
+    ];
+    store
+        .append(Append::new(StreamId::Job(job), later))
+        .await
+        .unwrap();
+    let (stop, rx) = watch::channel(false);
+    let reporter = tokio::spawn(gitlab::run(
+        store.clone(),
+        reporter_options(&mock, 2),
+        async move {
+            let mut rx = rx;
+            let _ = rx.wait_for(|s| *s).await;
+        },
+    ));
+    wait_until(DEADLINE * 3, || async {
+        reports(&store, job)
+            .await
+            .iter()
+            .any(|r| r.name == NAMES[0])
+    })
+    .await;
+    let _ = stop.send(true);
+    reporter.await.unwrap().unwrap();
+    let states: Vec<String> = mock
+        .calls()
+        .iter()
+        .filter(|c| c.field("name") == Some(NAMES[0]))
+        .map(|c| c.field("state").unwrap().to_string())
+        .collect();
+    assert_eq!(states, ["success"]);
+}
+
+/// A 429 whose `Retry-After` is past the retry budget: the client sends nothing more until
+/// then (the other entries do not hammer a GitLab that asked to wait), and the statuses go
+/// once it has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_reporter_waits_for_retry_after_and_then_reports() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let mock = GitlabMock::start(TOKEN).await;
+    mock.set_retry_after(3);
+    mock.fail_next(429, 1);
+    let mut options = reporter_options(&mock, 2);
+    options.retry.budget = Duration::from_secs(1);
+    options.takeover_after = Duration::from_millis(500);
+    let roles = Roles::start(&store, options);
+    let job = noop_job(&store).await;
+    wait_for(DEADLINE * 3, "both successes recorded", || async {
+        let r = reports(&store, job).await;
+        let done = NAMES
+            .iter()
+            .all(|n| r.iter().any(|r| r.name == *n && r.state == "success"));
+        done.then_some(r)
+    })
+    .await;
+    roles.stop().await;
+    let calls = mock.calls();
+    assert_eq!(calls[0].answer, 429, "{calls:?}");
+    // The next call waited for the Retry-After (3 s) the 429 asked for.
+    let waited = calls[1].at.duration_since(calls[0].at);
+    assert!(waited >= Duration::from_secs(3), "{waited:?} {calls:?}");
 }
 
 /// Deploy steps become GitLab deployments of the tag: created `running` when the step starts,
