@@ -68,6 +68,8 @@ pub enum MigrateError {
         target: u64,
         source_len: u64,
     },
+    #[error("stream {stream}: event {index} is not the same in the source and the target (the source went on after an earlier migration, which interrupted its running steps in the target); the stores have diverged")]
+    Differs { stream: String, index: u64 },
     #[error("source event at {pos} has an unknown stream {stream:?}")]
     UnknownStream { pos: String, stream: String },
     #[error(transparent)]
@@ -135,7 +137,22 @@ pub async fn migrate(
                 Ok(Appended::Written { .. }) => report.written += 1,
                 // Its dedupe key is already in the target: the delivery is there.
                 Ok(Appended::Duplicate { .. }) => report.skipped += 1,
-                Err(Error::Conflict { actual, .. }) if actual > *version => report.skipped += 1,
+                // The target's stream is longer: an earlier run wrote this event, unless the
+                // source went on since (its event here is another than the target's).
+                Err(Error::Conflict { actual, .. }) if actual > *version => {
+                    let theirs = to.read_stream(&stream, *version).await?;
+                    let same = theirs.first().is_some_and(|t| {
+                        t.envelope.at_ms == stored.envelope.at_ms
+                            && t.decode().ok().as_ref() == Some(&event)
+                    });
+                    if !same {
+                        return Err(MigrateError::Differs {
+                            stream: name.clone(),
+                            index: *version,
+                        });
+                    }
+                    report.skipped += 1
+                }
                 Err(Error::Conflict { actual, .. }) => {
                     return Err(MigrateError::Diverged {
                         stream: name.clone(),

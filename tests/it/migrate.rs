@@ -271,6 +271,30 @@ pub async fn migrates(source: Arc<dyn Store>, target: Arc<dyn Store>) {
     assert!(again.interrupted.is_empty());
     same_fold(&replay::rebuild(&*target).await.unwrap(), &after);
 
+    // The source went on after the migration (here the held job is cancelled there): a run
+    // again is refused, not quietly missing what the target cannot take.
+    let version = source
+        .read_stream(&StreamId::Job(running), 0)
+        .await
+        .unwrap()
+        .len() as u64;
+    let cancelled = JobCancelled {
+        reason: "went on in the source".into(),
+        by: "test".into(),
+    };
+    source
+        .append(Append::new(StreamId::Job(running), vec![cancelled.into()]).expect(version))
+        .await
+        .unwrap();
+    match migrate(&*source, &*target, true, WINDOW).await {
+        Err(MigrateError::Differs { stream, index }) => {
+            assert_eq!(stream, StreamId::Job(running).name());
+            assert_eq!(index, version);
+        }
+        other => panic!("{other:?}"),
+    }
+    same_fold(&replay::rebuild(&*target).await.unwrap(), &after);
+
     // The interrupted step runs again in the target and the job finishes there.
     let roles = roles(&target, "held");
     wait_until(DEADLINE * 2, || async {
