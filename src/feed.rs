@@ -75,6 +75,8 @@ where
             }
         }
         match store.read_new(c.group, c.name, c.batch, BLOCK).await {
+            // (a wait that found nothing is no batch)
+            Ok(batch) if batch.is_empty() => {}
             Ok(batch) => handle(batch).await,
             Err(e) => recover(store, c.group, "read the feed", &e).await,
         }

@@ -1101,3 +1101,44 @@ async fn the_feed_recreates_its_group_after_a_restart_that_lost_it() {
     })
     .await;
 }
+
+/// The feed hands its consumer only batches that hold entries: a read that waited and found
+/// nothing is no batch (an idle coordinator's batch-time histogram counted every empty wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_hands_over_no_empty_batches() {
+    let store = harness::redis_store().await;
+    store.ensure_group("g").await.unwrap();
+    let batches = std::sync::Mutex::new(Vec::<usize>::new());
+    let consumer = ferry::feed::Consumer {
+        group: "g",
+        name: "c",
+        batch: 10,
+        takeover_after: Duration::from_secs(60),
+    };
+    let consume = ferry::feed::consume(&store, consumer.clone(), |batch| {
+        batches.lock().unwrap().push(batch.len());
+        async {}
+    });
+    // (waits of the feed's read run out every 500 ms: three of them)
+    let _ = tokio::time::timeout(Duration::from_millis(1600), consume).await;
+    assert_eq!(*batches.lock().unwrap(), Vec::<usize>::new());
+
+    let job = JobId::new();
+    let created = noop_job(job, "v1", "default", &["build"]);
+    store
+        .append(Append::new(StreamId::Job(job), vec![created.into()]))
+        .await
+        .unwrap();
+    let consume = ferry::feed::consume(&store, consumer, |batch| {
+        batches.lock().unwrap().push(batch.len());
+        async {}
+    });
+    let _ = tokio::time::timeout(DEADLINE, async {
+        tokio::select! {
+            _ = consume => {}
+            _ = wait_until(DEADLINE, || async { !batches.lock().unwrap().is_empty() }) => {}
+        }
+    })
+    .await;
+    assert_eq!(*batches.lock().unwrap(), vec![1]);
+}
