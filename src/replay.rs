@@ -11,8 +11,15 @@ use futures_util::{StreamExt, TryStreamExt};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-/// Name under which `ferry replay --save-snapshot` stores the view.
+/// Name under which `ferry replay --save-snapshot` stores the view, followed by the fold's
+/// version ([`snapshot_name`]).
 pub const SNAPSHOT: &str = "view";
+
+/// The snapshot's name for this build's fold: `view-fold<FOLD_VERSION>`. A snapshot of another
+/// fold (saved under another name; the first ones under `view` alone) is not read.
+pub fn snapshot_name() -> String {
+    format!("{SNAPSHOT}-fold{}", crate::domain::FOLD_VERSION)
+}
 
 const BATCH: usize = 1000;
 
@@ -235,22 +242,22 @@ pub async fn rebuild(store: &dyn Store) -> Result<View, Error> {
 /// Stores `view` as the snapshot, with the position it reflects inside it.
 pub async fn save_snapshot(store: &dyn Store, view: &View) -> Result<(), Error> {
     let bytes = rmp_serde::to_vec_named(view).map_err(|e| Error::Snapshot {
-        name: SNAPSHOT.into(),
+        name: snapshot_name(),
         reason: e.to_string(),
     })?;
-    store.put_snapshot(SNAPSHOT, &bytes).await?;
+    store.put_snapshot(&snapshot_name(), &bytes).await?;
     Ok(())
 }
 
-/// The stored snapshot, if there is one.
+/// The stored snapshot of this build's fold, if there is one.
 pub async fn load_snapshot(store: &dyn Store) -> Result<Option<View>, Error> {
-    let Some(bytes) = store.get_snapshot(SNAPSHOT).await? else {
+    let Some(bytes) = store.get_snapshot(&snapshot_name()).await? else {
         return Ok(None);
     };
     rmp_serde::from_slice(&bytes)
         .map(Some)
         .map_err(|e| Error::Snapshot {
-            name: SNAPSHOT.into(),
+            name: snapshot_name(),
             reason: e.to_string(),
         })
 }

@@ -8,6 +8,14 @@ pub mod job;
 pub mod view;
 
 pub use job::{JobPhase, JobState, StepState, StepStatus};
+
+/// The fold's version: raise it whenever the same events fold to another state (a field added to
+/// the state, an event read another way). Snapshots are stored under it, so that a snapshot a
+/// build with another fold saved is never resumed from (it would carry that fold's state on for
+/// good, and `replay --verify` would report the difference as the store's).
+///
+/// 2: steps count their hand-backs (`StepState::released`).
+pub const FOLD_VERSION: u32 = 2;
 pub use view::{AgentState, View};
 
 #[cfg(test)]

@@ -246,4 +246,22 @@ async fn replay_from_a_snapshot_equals_a_full_replay() {
     assert!(resumed.jobs.len() < jobs.len());
     replay::catch_up(&*store, &mut resumed).await.unwrap();
     assert_eq!(resumed, replay::rebuild(&*store).await.unwrap());
+
+    // A snapshot another fold saved is not resumed from: the state it carries is that fold's.
+    let bytes = store
+        .get_snapshot(&replay::snapshot_name())
+        .await
+        .unwrap()
+        .unwrap();
+    use ferry::store::Snapshots;
+    let other = harness::redis_store().await;
+    for older in [replay::SNAPSHOT.to_string(), "view-fold1".to_string()] {
+        other.put_snapshot(&older, &bytes).await.unwrap();
+    }
+    assert_eq!(replay::load_snapshot(&other).await.unwrap(), None);
+    other
+        .put_snapshot(&replay::snapshot_name(), &bytes)
+        .await
+        .unwrap();
+    assert!(replay::load_snapshot(&other).await.unwrap().is_some());
 }
