@@ -122,23 +122,42 @@ fn environment_known(project: &ProjectPlan, environment: &str) -> Result<(), Api
     )))
 }
 
-/// The newest job of `project` that built (or shipped) an artifact for `tag`.
+/// The newest job of `project` that built (or shipped) an artifact for `tag` at the commit the
+/// tag points to now: that of the tag's newest job. A tag moved to another commit whose build
+/// has no artifact (failed, or still running) is a conflict, not a reason to ship the commit
+/// the tag left.
 async fn built(store: &dyn Store, project: &str, tag: &str) -> Result<Deployed, ApiError> {
     let mut ids = store.indexed(&tag_index(project, tag)).await?;
     ids.reverse();
+    let mut newest: Option<JobState> = None;
     for id in ids {
         let Some(job) = fold_job(store, id).await? else {
             continue;
         };
+        let sha = |j: &JobState| j.plan.as_ref().map(|p| p.sha.clone());
+        match &newest {
+            None => newest = Some(job.clone()),
+            Some(n) if sha(n) != sha(&job) => continue,
+            Some(_) => {}
+        }
         if let Some(artifact) = job.artifact() {
             let built = Deployed { job, artifact };
             built.check_kept()?;
             return Ok(built);
         }
     }
-    Err(ApiError::NotFound(format!(
-        "tag {tag} of {project} has no built artifact: build it first (push the tag)"
-    )))
+    match newest {
+        Some(n) => Err(ApiError::Conflict(format!(
+            "tag {tag} of {project} points to {} since job {} ({}), which has built no \
+             artifact: wait for its build to succeed (or push the tag again)",
+            n.plan.as_ref().map_or("?", |p| p.sha.as_str()),
+            n.id,
+            n.phase.as_str()
+        ))),
+        None => Err(ApiError::NotFound(format!(
+            "tag {tag} of {project} has no built artifact: build it first (push the tag)"
+        ))),
+    }
 }
 
 /// The releases `environment` of `project` had that are `matching`, newest first, from deploy

@@ -34,9 +34,19 @@ impl Api {
     }
 
     async fn over(store: Arc<dyn Store>, tokens: &[&str]) -> Api {
+        Api::serving(store, tokens, Vec::new()).await
+    }
+
+    /// The same, knowing `projects` (for manual deploys and rollbacks).
+    async fn serving(
+        store: Arc<dyn Store>,
+        tokens: &[&str],
+        projects: Vec<ferry::coordinator::plan::ProjectPlan>,
+    ) -> Api {
         let gw = GatewayState::new(store.clone(), vec![], GatewayOptions::default()).unwrap();
         let tokens: Vec<Secret> = tokens.iter().map(|t| Secret::new(*t)).collect();
-        let router = gateway::router(gw).merge(api::router(ApiState::new(store.clone(), &tokens)));
+        let state = ApiState::new(store.clone(), &tokens).with_projects(projects);
+        let router = gateway::router(gw).merge(api::router(state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -902,6 +912,81 @@ async fn a_retry_never_deploys_an_older_tag_over_a_newer_one() {
     // The newest deploy may be retried (it deploys its own release again).
     let (status, body) = retry(newer).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+}
+
+/// A manual deploy ships the tag's build at the commit the tag points to now: a tag moved to a
+/// commit whose build failed (or has not finished) is a conflict naming that commit, not the
+/// old commit's artifact shipped under the tag's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_deploy_never_ships_the_commit_a_tag_moved_away_from() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let deploy = DeploySpec {
+        environment: "production".into(),
+        hosts: vec!["local".into()],
+        path: "/srv/app".into(),
+        ..Default::default()
+    };
+    let project = ferry::coordinator::plan::ProjectPlan {
+        id: Some(42),
+        path: "g/app".into(),
+        priority: 0,
+        deploy_priority: 10,
+        auto_build: true,
+        auto_deploy: true,
+        clone_url: None,
+        build_pool: "default".into(),
+        build: BuildSpec::default(),
+        environments: vec![("default".into(), deploy)],
+    };
+    let api = Api::serving(store.clone(), &[TOKEN], vec![project]).await;
+    let job = |sha: &str, artifact: bool| {
+        let job = JobId::new();
+        let created = JobCreated {
+            artifact: artifact.then(|| ArtifactRef {
+                job,
+                name: "app.tar.gz".into(),
+                key: format!("sha256/{}", "e".repeat(64)),
+                size: 1,
+                sha256: "e".repeat(64),
+            }),
+            job,
+            project_id: 42,
+            project: "g/app".into(),
+            tag: "v1.2.3".into(),
+            git_ref: "refs/tags/v1.2.3".into(),
+            sha: sha.into(),
+            priority: 0,
+            trigger: "test".into(),
+            steps: vec![],
+        };
+        (job, created)
+    };
+    let (first, created) = job(&"a".repeat(40), true);
+    store
+        .append(Append::new(StreamId::Job(first), vec![created.into()]).expect(0))
+        .await
+        .unwrap();
+    let (moved, created) = job(&"b".repeat(40), false);
+    store
+        .append(Append::new(StreamId::Job(moved), vec![created.into()]).expect(0))
+        .await
+        .unwrap();
+    api.end(moved, failed()).await;
+    let (status, body) = api
+        .post(
+            "/api/v1/deploys",
+            Some(json!({"project": "g/app", "tag": "v1.2.3", "environment": "production"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let error = error_of(&body);
+    assert!(
+        error.contains(&format!(
+            "points to {} since job {moved} (failed)",
+            "b".repeat(40)
+        )),
+        "{error}"
+    );
 }
 
 /// Log retention: once a job has been over for `keep_logs`, the coordinator holding the sweep
