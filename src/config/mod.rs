@@ -93,6 +93,10 @@ pub mod env {
     pub const ARTIFACTS_KEEP: &str = "FERRY_ARTIFACTS_KEEP";
     /// `gitlab.url`
     pub const GITLAB_URL: &str = "FERRY_GITLAB_URL";
+    /// `gitlab.reconcile_interval`
+    pub const GITLAB_RECONCILE_INTERVAL: &str = "FERRY_GITLAB_RECONCILE_INTERVAL";
+    /// `gitlab.reconcile_window`
+    pub const GITLAB_RECONCILE_WINDOW: &str = "FERRY_GITLAB_RECONCILE_WINDOW";
     /// Default for `gitlab.token_env`: the GitLab API token.
     pub const GITLAB_TOKEN: &str = "FERRY_GITLAB_TOKEN";
     /// The API base URL the `ferry jobs` client talks to.
@@ -700,6 +704,8 @@ const ENV_SETTINGS: &[EnvSetting] = &[
     EnvSetting { key: "artifacts.url", var: env::ARTIFACTS_URL, slot: |r| Slot::Text(&mut r.artifacts.get_or_insert_with(Default::default).url) },
     EnvSetting { key: "artifacts.keep", var: env::ARTIFACTS_KEEP, slot: |r| Slot::Text(&mut r.artifacts.get_or_insert_with(Default::default).keep) },
     EnvSetting { key: "gitlab.url", var: env::GITLAB_URL, slot: |r| Slot::Text(&mut r.gitlab.get_or_insert_with(Default::default).url) },
+    EnvSetting { key: "gitlab.reconcile_interval", var: env::GITLAB_RECONCILE_INTERVAL, slot: |r| Slot::Text(&mut r.gitlab.get_or_insert_with(Default::default).reconcile_interval) },
+    EnvSetting { key: "gitlab.reconcile_window", var: env::GITLAB_RECONCILE_WINDOW, slot: |r| Slot::Text(&mut r.gitlab.get_or_insert_with(Default::default).reconcile_window) },
 ];
 
 /// The environment variables that set scalar settings, as `(key, variable)` pairs.

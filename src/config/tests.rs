@@ -697,3 +697,46 @@ fn a_store_without_a_scheme_must_name_a_database_file() {
     let c = ok("store = \"state/ferry.db\"", &[], &no_flags());
     assert_eq!(c.store.as_deref(), Some("state/ferry.db"));
 }
+
+/// Every scalar key outside `[[projects]]` has its `FERRY_<SECTION>_<KEY>` variable, as the
+/// example configuration promises (secrets excepted: `*_env` keys name the variable that holds
+/// one, and `api.tokens` has `api.tokens_env`).
+#[test]
+fn every_scalar_key_outside_projects_has_an_environment_variable() {
+    use super::raw::*;
+    let have: std::collections::BTreeSet<&str> = env_settings().map(|(k, _)| k).collect();
+    let sections: [(&str, &[&str]); 7] = [
+        ("", RawConfig::KEYS),
+        ("gateway.", RawGateway::KEYS),
+        ("api.", RawApi::KEYS),
+        ("coordinator.", RawCoordinator::KEYS),
+        ("agent.", RawAgent::KEYS),
+        ("artifacts.", RawArtifacts::KEYS),
+        ("gitlab.", RawGitlab::KEYS),
+    ];
+    let tables = [
+        "gateway",
+        "api",
+        "coordinator",
+        "agent",
+        "artifacts",
+        "gitlab",
+        "projects",
+    ];
+    for (prefix, keys) in sections {
+        for key in keys {
+            let full = format!("{prefix}{key}");
+            if (prefix.is_empty() && tables.contains(key))
+                || key.ends_with("_env")
+                || full == "api.tokens"
+            {
+                continue;
+            }
+            let var = format!("FERRY_{}", full.replace('.', "_").to_ascii_uppercase());
+            assert!(
+                env_settings().any(|(k, v)| k == full && v == var),
+                "{full} has no {var} ({have:?})"
+            );
+        }
+    }
+}
