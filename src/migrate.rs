@@ -101,7 +101,9 @@ pub async fn migrate(
     let mut report = Report::default();
     // Events of each stream seen so far in the source: the version the next one lands at.
     let mut versions: HashMap<String, u64> = HashMap::new();
-    let mut jobs: BTreeMap<JobId, JobState> = BTreeMap::new();
+    // Each job of the source, and whether it ended there (no more than that: the whole state of
+    // every job of a long history would not fit in memory).
+    let mut jobs: BTreeMap<JobId, bool> = BTreeMap::new();
     // The largest fencing token the source's history shows.
     let mut max_token = 0;
     let mut history = crate::replay::History::start(from).await?;
@@ -164,16 +166,14 @@ pub async fn migrate(
             }
             *version += 1;
             if let StreamId::Job(job) = stream {
-                jobs.entry(job)
-                    .or_insert_with(|| JobState::new(job))
-                    .evolve(&event, stored.envelope.at_ms);
+                *jobs.entry(job).or_default() |= crate::domain::job::ends_job(&event);
             }
         }
     }
     report.fence = to.raise_fence(max_token).await?;
     // Leases do not move: a step still running in the target's fold is interrupted there.
-    for (job, state) in &jobs {
-        if state.phase.is_terminal() {
+    for (job, ended) in &jobs {
+        if *ended {
             continue;
         }
         let stream = StreamId::Job(*job);

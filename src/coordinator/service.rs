@@ -283,7 +283,11 @@ impl Coordinator {
         // The job's end has come through the feed and been handled: nothing waking is left to
         // come for it, so its memory goes to jobs still running. (An end this coordinator
         // appended just now is still remembered: its own feed entry is yet to come.)
-        if entries.events.iter().any(|(_, e)| ends_job(e)) {
+        if entries
+            .events
+            .iter()
+            .any(|(_, e)| crate::domain::job::ends_job(e))
+        {
             self.known.lock().expect("known-state lock").forget(&job);
         }
         Ok(())
@@ -628,17 +632,6 @@ fn frees_environment(job: &JobState, event: &Event) -> bool {
     }
 }
 
-/// The terminal job events.
-fn ends_job(event: &Event) -> bool {
-    matches!(
-        event,
-        Event::JobSucceeded(_)
-            | Event::JobFailed(_)
-            | Event::JobCancelled(_)
-            | Event::JobSuperseded(_)
-    )
-}
-
 /// Job events after which the coordinator may have something to decide.
 fn wakes_coordinator(event: &Event) -> bool {
     matches!(
@@ -648,7 +641,7 @@ fn wakes_coordinator(event: &Event) -> bool {
             | Event::StepFailed(_)
             | Event::LeaseExpired(_)
             | Event::StepReleased(_)
-    ) || ends_job(event)
+    ) || crate::domain::job::ends_job(event)
 }
 
 /// One coordinator at a time expires leases, promotes due retries, records agents whose

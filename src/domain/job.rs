@@ -130,6 +130,17 @@ impl StepState {
     }
 }
 
+/// The terminal job events: after one, a job's phase is terminal.
+pub fn ends_job(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::JobSucceeded(_)
+            | Event::JobFailed(_)
+            | Event::JobCancelled(_)
+            | Event::JobSuperseded(_)
+    )
+}
+
 /// The state of one job: a fold of its stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobState {
