@@ -280,8 +280,9 @@ impl Verification {
 }
 
 /// Compares `view` (a fold of the global log) with the live projection: each job's stream
-/// folded on its own, the store's queues, its leases and its list of ended jobs whose logs are
-/// kept (`logs_to_expire`).
+/// folded on its own, the store's queues, its leases, its list of ended jobs whose logs are
+/// kept (`logs_to_expire`) and its tag and environment indexes (`live:` ones hold the jobs
+/// that have not ended).
 ///
 /// Every change to a job's queue entries or lease is made atomically with an append to that
 /// job's stream, and streams only grow. So a job whose stream still has the version the view
@@ -318,6 +319,23 @@ pub async fn verify(store: &dyn Store, view: &View) -> Result<Verification, Erro
             token: l.token,
         });
     }
+
+    // The tag and environment indexes the view's jobs belong in (the deploy gate reads the
+    // environments'), read before the streams, as the queues and leases are.
+    let index_keys: BTreeSet<String> = view
+        .jobs
+        .values()
+        .filter_map(|j| j.plan.as_ref())
+        .flat_map(checked_index_keys)
+        .collect();
+    let indexes: BTreeMap<String, BTreeSet<JobId>> =
+        futures_util::stream::iter(index_keys.into_iter().map(|key| async move {
+            let members = store.indexed(&key).await?;
+            Ok::<_, store::Error>((key, members.into_iter().collect()))
+        }))
+        .buffered(JOBS_AT_ONCE)
+        .try_collect()
+        .await?;
 
     let mut jobs: BTreeSet<JobId> = view.jobs.keys().copied().collect();
     let mut after = None;
@@ -419,6 +437,18 @@ pub async fn verify(store: &dyn Store, view: &View) -> Result<Verification, Erro
                 extra.step, extra.agent, extra.token
             ));
         }
+        for key in logged.plan.iter().flat_map(checked_index_keys) {
+            let live_only = key.starts_with(store::LIVE);
+            let want = !live_only || !logged.phase.is_terminal();
+            let have = indexes.get(&key).is_some_and(|m| m.contains(&job));
+            if want != have {
+                out.differences.push(if want {
+                    format!("job {job}: missing from index {key}")
+                } else {
+                    format!("job {job}: ended, but still in index {key}")
+                });
+            }
+        }
         let listed = kept.remove(&job);
         let ended = logged.phase.is_terminal();
         let expired = logged.logs_expired_at_ms.is_some();
@@ -441,6 +471,19 @@ pub async fn verify(store: &dyn Store, view: &View) -> Result<Verification, Erro
         out.checked += 1;
     }
     Ok(out)
+}
+
+/// The index keys of a job's plan that `verify` checks: its tag's and its environments', with
+/// their `live:` twins (an artifact's index also gains the builds that publish it, by another
+/// event).
+fn checked_index_keys(plan: &ferry_proto::JobCreated) -> Vec<String> {
+    store::index_keys(plan)
+        .into_iter()
+        .filter(|k| {
+            let k = k.strip_prefix(store::LIVE).unwrap_or(k);
+            k.starts_with("tag:") || k.starts_with("env:")
+        })
+        .collect()
 }
 
 /// Orders two log positions of the same store: `<ms>-<seq>` (Redis) or a plain sequence

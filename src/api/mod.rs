@@ -1153,32 +1153,51 @@ async fn retry_job(State(state): State<ApiState>, Path(id): Path<String>) -> Ans
     let Some(plan) = old.plan else {
         return Err(ApiError::Conflict(format!("job {id} has no plan to retry")));
     };
-    // Design invariant 5: the retry would be the newest job, so its deploy would land over a
-    // newer tag's (GitLab's "outdated deployment jobs"). Shipping an older release on purpose
-    // is a manual deploy or a rollback.
-    for environment in plan.steps.iter().filter_map(|s| match &s.spec {
-        ferry_proto::StepSpec::Deploy(d) => Some(&d.environment),
-        _ => None,
-    }) {
-        if let Some(newer) = newer_deploy(store, &plan.project, environment, id).await? {
-            return Err(ApiError::Conflict(format!(
-                "job {id} deploys {} to {environment}, where the newer job {} ({}, tag {}) \
-                 deploys too: a retry would land the older release over it; to ship {} there on \
-                 purpose use `ferry deploy {} {} --env {environment}` (or `ferry rollback`)",
-                plan.tag,
-                newer.id,
-                newer.phase.as_str(),
-                newer.plan.as_ref().map_or("?", |p| p.tag.as_str()),
-                plan.tag,
-                plan.project,
-                plan.tag,
-            )));
+    // Design invariant 5: the retry is the newest job, so its deploy would land over a newer
+    // tag's. Such deploys are left out of it (GitLab's "outdated deployment jobs"): the build
+    // runs again, and shipping the older release on purpose is a manual deploy or a rollback.
+    let mut left_out = Vec::new();
+    let mut steps = Vec::with_capacity(plan.steps.len());
+    for step in &plan.steps {
+        if let ferry_proto::StepSpec::Deploy(d) = &step.spec {
+            if let Some(newer) = newer_deploy(store, &plan.project, &d.environment, id).await? {
+                left_out.push(json!({
+                    "step": step.step.to_string(),
+                    "environment": d.environment,
+                    "newer_job": newer.id,
+                    "newer_tag": newer.plan.as_ref().map(|p| p.tag.clone()),
+                    "newer_state": newer.phase.as_str(),
+                }));
+                continue;
+            }
         }
+        steps.push(step.clone());
+    }
+    if steps.is_empty() {
+        if let (Some(a), Some(at)) = (&plan.artifact, old.artifact_expired_at_ms) {
+            let release = crate::deploy::release_name(&plan.tag, &plan.sha);
+            return Err(releases::expired(&release, id, a.job, at));
+        }
+        let newer = &left_out[0];
+        return Err(ApiError::Conflict(format!(
+            "job {id} deploys {} to {}, where the newer job {} ({}) deploys too: a retry \
+             would land the older release over it; to ship {} there on purpose use \
+             `ferry deploy {} {} --env {}` (or `ferry rollback`)",
+            plan.tag,
+            newer["environment"].as_str().unwrap_or("?"),
+            newer["newer_job"].as_str().unwrap_or("?"),
+            newer["newer_state"].as_str().unwrap_or("?"),
+            plan.tag,
+            plan.project,
+            plan.tag,
+            newer["environment"].as_str().unwrap_or("?"),
+        )));
     }
     let shipped = plan.artifact.clone();
     let created = JobCreated {
         job: JobId::new(),
         trigger: format!("retry:{id}"),
+        steps,
         ..plan
     };
     let dedupe = (vec![format!("retry:{id}")], RETRY_DEDUPE);
@@ -1204,6 +1223,10 @@ async fn retry_job(State(state): State<ApiState>, Path(id): Path<String>) -> Ans
     info!(job = %fresh.id, retry_of = %id, "job retried through the api");
     let mut body = job_summary(&fresh);
     body["retry_of"] = json!(id);
+    if !left_out.is_empty() {
+        info!(job = %fresh.id, left_out = ?left_out, "deploys a newer job made outdated left out of the retry");
+        body["left_out"] = json!(left_out);
+    }
     answer(StatusCode::ACCEPTED, body)
 }
 

@@ -881,6 +881,36 @@ async fn a_retry_never_deploys_an_older_tag_over_a_newer_one() {
         .queued_job_with("g/app", "deploys", deploy("production"))
         .await;
     api.end(old, failed()).await;
+    let older = {
+        let job = JobId::new();
+        let step = |name: &str, spec: StepSpec| StepPlan {
+            step: StepId::new(name),
+            pool: "deploys".into(),
+            priority: 0,
+            spec,
+        };
+        let created = JobCreated {
+            artifact: None,
+            job,
+            project_id: 42,
+            project: "g/app".into(),
+            tag: "v1.2.0".into(),
+            git_ref: "refs/tags/v1.2.0".into(),
+            sha: "82b3d5ae55f7080f1e6022629cdb57bfae7cccc7".into(),
+            priority: 0,
+            trigger: "test".into(),
+            steps: vec![
+                step("build", StepSpec::Noop),
+                step("deploy:production", deploy("production")),
+            ],
+        };
+        api.store
+            .append(Append::new(StreamId::Job(job), vec![created.into()]).expect(0))
+            .await
+            .unwrap();
+        api.end(job, failed()).await;
+        job
+    };
     let newer = api
         .queued_job_with("g/app", "deploys", deploy("production"))
         .await;
@@ -912,6 +942,28 @@ async fn a_retry_never_deploys_an_older_tag_over_a_newer_one() {
     // The newest deploy may be retried (it deploys its own release again).
     let (status, body) = retry(newer).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert!(body.get("left_out").is_none(), "{body}");
+    let newest = body["id"].clone();
+
+    // A job that builds and deploys is retried without its outdated deploy: the build runs
+    // again (an expired artifact is built again so), the answer says what was left out.
+    let (status, body) = retry(older).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["left_out"][0]["environment"], "production", "{body}");
+    assert_eq!(body["left_out"][0]["newer_job"], newest);
+    let fresh: JobId = body["id"].as_str().unwrap().parse().unwrap();
+    let first = api
+        .store
+        .read_stream(&StreamId::Job(fresh), 0)
+        .await
+        .unwrap();
+    match first[0].decode().unwrap() {
+        Event::JobCreated(c) => {
+            let steps: Vec<String> = c.steps.iter().map(|s| s.step.to_string()).collect();
+            assert_eq!(steps, ["build"]);
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// A manual deploy ships the tag's build at the commit the tag points to now: a tag moved to a

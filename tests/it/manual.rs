@@ -461,14 +461,33 @@ async fn an_artifact_no_environment_keeps_expires_and_is_no_longer_offered() {
     );
     assert_eq!(w.current(), w.release("v2.0.0"));
 
-    // Built again (the job retried), the same bytes are stored again under the same key, and
-    // v1 deploys.
+    // Built again (the job retried), the same bytes are stored again under the same key. The
+    // retry leaves out its deploy to production, where v2 is newer (it would land v1 over it);
+    // v1 then deploys by hand.
     let out = w
         .cli(&["jobs", "retry", &built[0].to_string(), "--json"])
         .await;
-    let rebuilt: JobId = json_of(&out)["id"].as_str().unwrap().parse().unwrap();
+    let answer = json_of(&out);
+    assert_eq!(
+        answer["left_out"][0]["environment"], "production",
+        "{answer}"
+    );
+    let rebuilt: JobId = answer["id"].as_str().unwrap().parse().unwrap();
     let events = w.succeeded(rebuilt).await;
     assert_eq!(key_of(&events), v1);
     assert!(artifacts.exists(&v1).await.unwrap());
+    assert_eq!(w.current(), w.release("v2.0.0"));
+    let out = w
+        .cli(&[
+            "deploy",
+            "group/app",
+            "v1.0.0",
+            "--env",
+            "production",
+            "--json",
+        ])
+        .await;
+    let job: JobId = json_of(&out)["id"].as_str().unwrap().parse().unwrap();
+    w.succeeded(job).await;
     assert_eq!(w.current(), w.release("v1.0.0"));
 }
