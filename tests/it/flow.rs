@@ -226,6 +226,26 @@ async fn a_step_with_no_agent_stays_queued_and_verify_catches_tampering() {
         "{:?}",
         check.differences
     );
+
+    // ... and takes the job out of its tag's live index (where the deploy gate would look for
+    // it, had it a deploy): verify names the index.
+    let live = format!("live:{}", ferry::store::tag_index("group/app", "v1"));
+    let removed: i64 = redis::cmd("SREM")
+        .arg(format!("{{{ns}}}:idx:{live}"))
+        .arg(job.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    let check = replay::verify(&*store, &view).await.unwrap();
+    assert!(
+        check
+            .differences
+            .iter()
+            .any(|d| d == &format!("job {job}: missing from index {live}")),
+        "{:?}",
+        check.differences
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
