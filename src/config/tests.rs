@@ -323,6 +323,8 @@ fn every_env_setting_is_read() {
         (env::ARTIFACTS_KEEP, "90d"),
         (env::GITLAB_URL, "https://gitlab.test"),
         (env::GITLAB_TOKEN, "glpat"),
+        (env::GITLAB_RECONCILE_INTERVAL, "5m"),
+        (env::GITLAB_RECONCILE_WINDOW, "2d"),
         (env::API_TOKENS, "t1, t2"),
         (env::STORE_CA_FILE, "/etc/ferry/ca.pem"),
     ]
@@ -375,8 +377,7 @@ fn every_env_setting_is_read() {
     );
     assert_eq!(
         (gitlab.reconcile_interval, gitlab.reconcile_window),
-        (Duration::from_secs(600), Duration::from_secs(24 * 3600)),
-        "reconciliation defaults"
+        (Duration::from_secs(300), Duration::from_secs(2 * 24 * 3600)),
     );
     let tokens: Vec<&str> = c.api.tokens.iter().map(Secret::expose).collect();
     assert_eq!(tokens, ["t1", "t2"]);
@@ -739,4 +740,18 @@ fn every_scalar_key_outside_projects_has_an_environment_variable() {
             );
         }
     }
+}
+
+#[test]
+fn gitlab_reconciliation_has_defaults() {
+    let c = ok(
+        "[gitlab]\nurl = \"https://gitlab.test\"",
+        &[(env::GITLAB_TOKEN, "glpat")],
+        &no_flags(),
+    );
+    let gitlab = c.gitlab.unwrap();
+    assert_eq!(
+        (gitlab.reconcile_interval, gitlab.reconcile_window),
+        (Duration::from_secs(600), Duration::from_secs(24 * 3600)),
+    );
 }
