@@ -716,6 +716,12 @@ build = { commands = ["make"] }
             "redis+sentinel://s1/main"
         );
         assert_eq!(redact("redis://:secret@h:6379/0"), "redis://:***@h:6379/0");
+        // a password with / ? @ in it, unencoded (a url too broken to parse)
+        assert_eq!(
+            redact("redis://u:pa/s?s@w@h:99999/0"),
+            "redis://u:***@h:99999/0"
+        );
+        assert_eq!(redact("rediss://h:6380/2"), "rediss://h:6380/2");
         let e = StoreLocation::parse("memcached://h")
             .unwrap_err()
             .to_string();

@@ -32,7 +32,7 @@
 
 use crate::domain::{JobState, StepStatus};
 use crate::gateway::{dedupe_keys, forget_keys};
-use crate::store::{self, Append, Appended, Error, Store, StreamId};
+use crate::store::{self, Append, Appended, Error, Store, Stored, StreamId};
 use ferry_proto::{Event, JobId, LeaseExpired};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -104,6 +104,8 @@ pub async fn migrate(
     // Each job of the source, and whether it ended there (no more than that: the whole state of
     // every job of a long history would not fit in memory).
     let mut jobs: BTreeMap<JobId, bool> = BTreeMap::new();
+    // Target streams read on a run again (an event the target already holds), by name.
+    let mut targets: HashMap<String, Vec<Stored>> = HashMap::new();
     // The largest fencing token the source's history shows.
     let mut max_token = 0;
     let mut history = crate::replay::History::start(from).await?;
@@ -142,8 +144,15 @@ pub async fn migrate(
                 // The target's stream is longer: an earlier run wrote this event, unless the
                 // source went on since (its event here is another than the target's).
                 Err(Error::Conflict { actual, .. }) if actual > *version => {
-                    let theirs = to.read_stream(&stream, *version).await?;
-                    let same = theirs.first().is_some_and(|t| {
+                    // (read once per stream; a few hundred kept at most, jobs that ended in
+                    // the source dropped)
+                    if !targets.contains_key(name) {
+                        if targets.len() >= 256 {
+                            targets.clear();
+                        }
+                        targets.insert(name.clone(), to.read_stream(&stream, 0).await?);
+                    }
+                    let same = targets[name].get(*version as usize).is_some_and(|t| {
                         t.envelope.at_ms == stored.envelope.at_ms
                             && t.decode().ok().as_ref() == Some(&event)
                     });
@@ -166,7 +175,11 @@ pub async fn migrate(
             }
             *version += 1;
             if let StreamId::Job(job) = stream {
-                *jobs.entry(job).or_default() |= crate::domain::job::ends_job(&event);
+                let ended = crate::domain::job::ends_job(&event);
+                *jobs.entry(job).or_default() |= ended;
+                if ended {
+                    targets.remove(name);
+                }
             }
         }
     }

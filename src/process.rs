@@ -91,7 +91,7 @@ fn needle(tag: &str) -> Vec<u8> {
 
 /// Sends SIGKILL to every process whose initial environment holds `needle` (readable: the
 /// agent's user's processes), in a few rounds (one that forked while we looked is found by the
-/// next); returns how many it killed.
+/// next); returns how many signals it sent (a process killed but not yet gone is found again).
 ///
 /// # Safety
 /// None beyond the function's own: it makes only raw system calls on buffers of its stack (no
@@ -327,11 +327,12 @@ mod tests {
         let mut tagged = spawn(&tag);
         let mut other = spawn(&uuid::Uuid::new_v4().to_string());
         // SAFETY: a needle under 256 bytes.
+        // (a process sent SIGKILL is found again by a later round until it is gone: at least 1)
         let killed = unsafe { kill_tagged(&needle(&tag)) };
-        if killed != 1 {
+        if killed == 0 {
             let _ = tagged.kill();
         }
-        assert_eq!(killed, 1);
+        assert!(killed >= 1);
         let status = tagged.wait().unwrap();
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&status),

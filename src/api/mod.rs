@@ -1173,12 +1173,11 @@ async fn retry_job(State(state): State<ApiState>, Path(id): Path<String>) -> Ans
         }
         steps.push(step.clone());
     }
-    if steps.is_empty() {
+    if let (true, Some(newer)) = (steps.is_empty(), left_out.first()) {
         if let (Some(a), Some(at)) = (&plan.artifact, old.artifact_expired_at_ms) {
             let release = crate::deploy::release_name(&plan.tag, &plan.sha);
             return Err(releases::expired(&release, id, a.job, at));
         }
-        let newer = &left_out[0];
         return Err(ApiError::Conflict(format!(
             "job {id} deploys {} to {}, where the newer job {} ({}) deploys too: a retry \
              would land the older release over it; to ship {} there on purpose use \

@@ -422,18 +422,30 @@ fn git_daemon(
         .ok_or_else(|| format!("{} names no host", url.to_bstring()))?
         .to_owned();
     let port = url.port;
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port.unwrap_or(9418)))
-        .map_err(|e| format!("resolving {host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{host} resolves to no address"))?;
-    let connect = || {
-        let socket = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(30))?;
+    let addrs: Vec<_> =
+        std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port.unwrap_or(9418)))
+            .map_err(|e| format!("resolving {host}: {e}"))?
+            .collect();
+    let connect = |addr| {
+        let socket = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(30))?;
         socket.set_read_timeout(Some(stall))?;
         socket.set_write_timeout(Some(stall))?;
         let write = socket.try_clone()?;
         Ok::<_, std::io::Error>((socket, write))
     };
-    let (read, write) = connect().map_err(|e| format!("connecting to {addr}: {e}"))?;
+    // Each address in turn (a dual-stack name whose first address is unreachable), as gix would.
+    let mut last = format!("{host} resolves to no address");
+    let mut connected = None;
+    for addr in &addrs {
+        match connect(addr) {
+            Ok(pair) => {
+                connected = Some(pair);
+                break;
+            }
+            Err(e) => last = format!("connecting to {addr}: {e}"),
+        }
+    }
+    let (read, write) = connected.ok_or(last)?;
     let path = std::mem::take(&mut url.path);
     Ok(Some(Box::new(git::blocking_io::Connection::new(
         Stalled(read, stall),

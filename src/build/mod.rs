@@ -295,13 +295,13 @@ async fn run_in(
         _ = command::sleep_until(deadline) => {
             interrupt.store(true, Ordering::Relaxed);
             // Retryable: a stuck server or a slow link, not the build's own commands.
-            return Err(Error::Fetch {
+            Ok(Err(Error::Fetch {
                 url: masker.mask(&spec.clone_url),
                 reason: format!(
                     "the checkout did not finish within the build's timeout ({}s)",
                     spec.timeout_secs
                 ),
-            });
+            }))
         }
     };
     // Reported whatever the fetch's outcome: a pinned key stays in known_hosts either way.

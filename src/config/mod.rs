@@ -15,6 +15,7 @@ mod raw;
 #[cfg(test)]
 mod tests;
 
+use crate::store::redis::urls::redact;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
@@ -105,12 +106,10 @@ pub mod env {
     pub const API_TOKEN: &str = "FERRY_API_TOKEN";
 }
 
-/// Defaults, for the docs and for the tests.
-use crate::store::redis::urls::redact;
-
 /// The longest duration a setting takes.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
+/// Defaults, for the docs and for the tests.
 pub mod defaults {
     /// `namespace`
     pub const NAMESPACE: &str = "ferry";

@@ -134,7 +134,9 @@ exec sh -c "$FERRY_COMMAND"
 /// run; when it closes (the agent dropped the command on losing its lease, died, or lost the
 /// connection), a watcher kills the script's process group (made with `setsid`), with whatever
 /// the script started in it. The script itself reads no input (`/dev/null`). A script that ends
-/// by a signal ends the wrapper by the same signal, so the agent sees it as before. Hosts
+/// by a signal that ends processes (HUP, INT, QUIT, ABRT, KILL, PIPE, TERM: the shell's status
+/// 128 + n) ends the wrapper by the same signal, so the agent sees it as before; other statuses
+/// are passed on as they are. Hosts
 /// without `setsid` run the script as it is: it then runs on until it ends or, for a command,
 /// until its `command_timeout` ([`COMMAND`]).
 pub const WATCH: &str = r#"exec 3<&0 0</dev/null
@@ -147,6 +149,6 @@ exec 3<&-
 wait "$pid"
 status=$?
 kill "$watch" 2>/dev/null
-if [ "$status" -gt 128 ]; then kill -s "$(kill -l "$status")" "$$"; fi
+case "$status" in 129|130|131|134|137|141|143) kill -s "$(kill -l "$status")" "$$" ;; esac
 exit "$status"
 "#;

@@ -9,7 +9,8 @@
 //!   A 429 waits for `Retry-After`, else `RateLimit-Reset`, else the backoff. After
 //!   [`Retry::attempts`] attempts, or when the next wait would pass [`Retry::budget`], the call
 //!   gives up with [`Error::GaveUp`], and the client sends nothing more for the `Retry-After`
-//!   (else [`Retry::max_delay`]): calls made meanwhile give up at once, unsent.
+//!   (at most an hour; else [`Retry::max_delay`]): calls made meanwhile fail at once, unsent
+//!   ([`Error::Held`]).
 //! - 401, 403, 404 and every other 4xx: [`Error::Rejected`] at once, with GitLab's message.
 //!
 //! The token is only ever written into the `PRIVATE-TOKEN` header: it is not part of any URL,
@@ -43,6 +44,9 @@ pub enum Error {
         status: Option<u16>,
         last: String,
     },
+    /// Not sent: a call gave up a moment ago, and the client holds calls until then.
+    #[error("{what} not sent: gitlab failed a call just before; calls resume in {resume_ms} ms")]
+    Held { what: String, resume_ms: u64 },
     /// The request itself is not valid (never sent).
     #[error("invalid {field} for {what}: {reason}")]
     Invalid {
@@ -61,7 +65,7 @@ impl Error {
         match self {
             Error::Rejected { status, .. } => Some(*status),
             Error::GaveUp { status, .. } => *status,
-            Error::Invalid { .. } | Error::Unreadable { .. } => None,
+            Error::Held { .. } | Error::Invalid { .. } | Error::Unreadable { .. } => None,
         }
     }
 }
@@ -412,14 +416,9 @@ impl Client {
         let started = tokio::time::Instant::now();
         let held = *self.hold.lock().expect("hold lock");
         if let Some(until) = held.filter(|until| *until > started) {
-            return Err(Error::GaveUp {
+            return Err(Error::Held {
                 what: what.to_string(),
-                attempts: 0,
-                status: None,
-                last: format!(
-                    "not sent: gitlab failed a call just before; calls resume in {} ms",
-                    (until - started).as_millis()
-                ),
+                resume_ms: (until - started).as_millis() as u64,
             });
         }
         let mut attempt = 1;
@@ -531,18 +530,25 @@ fn requested_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let number = |name: &str| -> Option<u64> {
         headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok()
     };
-    if let Some(secs) = number("retry-after") {
-        return Some(Duration::from_secs(secs));
-    }
-    let reset = number("ratelimit-reset")?;
-    // Anything past 2001-09-09 is a timestamp; smaller values are a delay in seconds.
-    if reset >= 1_000_000_000 {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
-        Some(Duration::from_secs(reset.saturating_sub(now)))
-    } else {
-        Some(Duration::from_secs(reset))
-    }
+    let secs = match number("retry-after") {
+        Some(secs) => secs,
+        None => {
+            let reset = number("ratelimit-reset")?;
+            // Anything past 2001-09-09 is a timestamp; smaller values are a delay in seconds.
+            if reset >= 1_000_000_000 {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+                reset.saturating_sub(now)
+            } else {
+                reset
+            }
+        }
+    };
+    // (a proxy's absurd value would hold every call until a restart, or overflow the clock)
+    Some(Duration::from_secs(secs.min(MAX_REQUESTED_WAIT_SECS)))
 }
+
+/// The longest wait GitLab (or a proxy before it) may ask for: an hour.
+const MAX_REQUESTED_WAIT_SECS: u64 = 3600;
 
 /// GitLab's error text: `{"message": "..."}`, `{"message": {"field": [...]}}`, `{"error": "..."}`,
 /// or the start of the body.
@@ -639,6 +645,28 @@ mod tests {
         );
         check("<html>bad gateway</html>", "<html>bad gateway</html>");
         check("", "(no message)");
+    }
+
+    #[test]
+    fn a_requested_wait_is_read_and_held_to_an_hour() {
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut h = reqwest::header::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().unwrap());
+            }
+            h
+        };
+        let wait = |pairs| requested_wait(&headers(pairs));
+        assert_eq!(wait(&[("retry-after", "7")]), Some(Duration::from_secs(7)));
+        assert_eq!(
+            wait(&[("retry-after", "999999999999")]),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            wait(&[("ratelimit-reset", "30")]),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(wait(&[]), None);
     }
 
     #[test]

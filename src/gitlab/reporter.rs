@@ -7,9 +7,9 @@
 //! decides nothing about jobs, and its appends (`Expected::Any`) never compete with decisions for
 //! long: pipelines never wait for GitLab. A GitLab that is down or rate-limiting costs an entry a
 //! bounded retry budget, after which the entry stays pending (nothing recorded) and is handled
-//! again when it is taken over (`takeover_after`), until GitLab takes it; meanwhile the client
-//! holds further calls for GitLab's `Retry-After`. A refusal for good (4xx) is recorded and the
-//! entry acknowledged.
+//! again when it is taken over (`takeover_after`), until GitLab takes it, for a day at most (then
+//! the failure is recorded and the entry acknowledged); meanwhile the client holds further calls
+//! for GitLab's `Retry-After`. A refusal for good (4xx) is recorded and the entry acknowledged.
 //!
 //! Delivery is at least once, and several reporters may run. Effects stay idempotent because a
 //! status is not posted when the job's stream already holds, after the event being handled, a
@@ -430,6 +430,9 @@ struct JobReporter {
     job: JobId,
 }
 
+/// How long an entry GitLab does not take stays pending before its failure is recorded.
+const GIVE_UP_AFTER_MS: u64 = 24 * 3600 * 1000;
+
 /// Why an entry was not reported, and stays pending to be handled again.
 #[derive(Debug, thiserror::Error)]
 enum Unreported {
@@ -449,6 +452,11 @@ impl JobReporter {
                 return Ok(());
             }
         };
+        // An entry GitLab has not taken for a day is recorded as failed and acknowledged: a
+        // GitLab that is gone for good (or a wrong gitlab.url) must not keep every entry pending,
+        // and the log from being trimmed, for ever.
+        let give_up =
+            crate::store::now_ms().saturating_sub(stored.envelope.at_ms) > GIVE_UP_AFTER_MS;
         let stream_id = StreamId::Job(self.job);
         let stream = self.store.read_stream(&stream_id, 0).await?;
         let Some(at) = stream.iter().position(|s| s.pos == stored.pos) else {
@@ -494,10 +502,10 @@ impl JobReporter {
                 debug!(job = %self.job, name = %t.name, state = t.state.as_str(), "already reported");
                 continue;
             }
-            self.report(&plan, t).await?;
+            self.report(&plan, t, give_up).await?;
         }
         for t in deployment_transitions(&before, &event) {
-            self.deployment(&plan, &stream, at, t).await?;
+            self.deployment(&plan, &stream, at, t, give_up).await?;
         }
         Ok(())
     }
@@ -511,6 +519,7 @@ impl JobReporter {
         stream: &[Stored],
         at: usize,
         t: DeploymentTransition,
+        give_up: bool,
     ) -> Result<(), Unreported> {
         let mut known: Option<u64> = None;
         let mut reported_after: Option<u8> = None;
@@ -555,7 +564,8 @@ impl JobReporter {
         let event = match result {
             // An update is safe to send again; a creation that failed is recorded (it may have
             // reached GitLab, and creating one is not idempotent).
-            Err(e @ client::Error::GaveUp { .. }) if known.is_some() => {
+            Err(e @ client::Error::Held { .. }) if !give_up => return Err(Unreported::Gitlab(e)),
+            Err(e @ client::Error::GaveUp { .. }) if known.is_some() && !give_up => {
                 return Err(Unreported::Gitlab(e))
             }
             Ok(d) => DeploymentReported {
@@ -585,7 +595,12 @@ impl JobReporter {
     /// Posts one status and records the outcome in the job's stream. When GitLab could not be
     /// reached or kept failing, nothing is recorded and the entry stays pending: the status is
     /// posted once GitLab is back.
-    async fn report(&self, plan: &JobCreated, t: Transition) -> Result<(), Unreported> {
+    async fn report(
+        &self,
+        plan: &JobCreated,
+        t: Transition,
+        give_up: bool,
+    ) -> Result<(), Unreported> {
         let request = StatusRequest {
             state: t.state,
             ref_: plan.tag.clone(),
@@ -604,7 +619,9 @@ impl JobReporter {
                 }
                 (Some(outcome.http_status()), None)
             }
-            Err(e @ client::Error::GaveUp { .. }) => return Err(Unreported::Gitlab(e)),
+            Err(e @ (client::Error::GaveUp { .. } | client::Error::Held { .. })) if !give_up => {
+                return Err(Unreported::Gitlab(e))
+            }
             Err(e) => {
                 warn!(job = %self.job, name = %t.name, state = t.state.as_str(), error = %e, "commit status not accepted by gitlab");
                 (e.http_status(), Some(e.to_string()))

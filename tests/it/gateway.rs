@@ -482,10 +482,6 @@ async fn a_tag_pushed_again_after_its_deletion_is_a_new_delivery() {
     assert_ne!(jobs[0], jobs[1], "each push gets its own job");
 }
 
-/// A group hook delivers the events of every project of the group, and the group's own: those
-/// of projects ferry does not serve get 200 (GitLab disables a hook after four failures in a
-/// row, and would then drop the events of the projects ferry serves), whatever their
-/// credentials, and nothing is stored.
 /// A project found by its path records the path as configured, not as the payload spells it:
 /// the coordinator (and every index keyed by the path) compares it exactly.
 #[tokio::test]
@@ -509,6 +505,10 @@ async fn a_project_found_by_path_is_recorded_under_its_configured_path() {
     assert_eq!(stored[0].1.project_id, Some(998));
 }
 
+/// A group hook delivers the events of every project of the group, and the group's own: those
+/// of projects ferry does not serve get 200 (GitLab disables a hook after four failures in a
+/// row, and would then drop the events of the projects ferry serves), whatever their
+/// credentials, and nothing is stored.
 #[tokio::test]
 async fn deliveries_for_projects_not_served_are_ignored_with_200() {
     let gw = Gateway::on_shared_redis().await;

@@ -999,3 +999,121 @@ async fn reconciliation_builds_recent_tags_no_webhook_reported_once() {
     coordinator.await.unwrap();
     assert_eq!(store.jobs(None, 10, Order::Oldest).await.unwrap().len(), 2);
 }
+
+/// A job of project 42 whose one step deploys to `env`, its step started, appended at `at_ms`.
+async fn started_deploy(store: &Arc<dyn Store>, env: &str, at_ms: u64) -> JobId {
+    let job = JobId::new();
+    let step = StepId::new(format!("deploy:{env}"));
+    let created = JobCreated {
+        artifact: None,
+        job,
+        project_id: 42,
+        project: "group/app".into(),
+        tag: "v1.2.3".into(),
+        git_ref: "refs/tags/v1.2.3".into(),
+        sha: SHA.into(),
+        priority: 0,
+        trigger: "test".into(),
+        steps: vec![StepPlan {
+            step: step.clone(),
+            pool: "nobody".into(),
+            priority: 0,
+            spec: StepSpec::Deploy(DeploySpec {
+                environment: env.into(),
+                ..Default::default()
+            }),
+        }],
+    };
+    let started = StepStarted {
+        step,
+        attempt: 1,
+        agent: AgentId::new("a"),
+    };
+    let mut append = Append::new(StreamId::Job(job), vec![created.into(), started.into()]);
+    append.at_ms = at_ms;
+    store.append(append).await.unwrap();
+    job
+}
+
+async fn deployment_reports(store: &Arc<dyn Store>, job: JobId) -> Vec<DeploymentReported> {
+    store
+        .read_stream(&StreamId::Job(job), 0)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|s| match s.decode().unwrap() {
+            Event::DeploymentReported(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A deployment whose creation comes while the client holds its calls (a 429 asked to wait) is
+/// created once the hold is over, not recorded as failed and lost; and an entry GitLab has not
+/// taken for a day is recorded as failed and acknowledged, not kept pending for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_deployments_are_created_later_and_day_old_entries_are_given_up() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let mock = GitlabMock::start(TOKEN).await;
+    mock.set_retry_after(5);
+    mock.fail_next(429, 1);
+    let mut options = reporter_options(&mock, 2);
+    options.retry.budget = Duration::from_millis(500);
+    options.takeover_after = Duration::from_millis(500);
+    let (stop, rx) = watch::channel(false);
+    let reporter = tokio::spawn(gitlab::run(store.clone(), options, async move {
+        let mut rx = rx;
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    // A job whose first status gets the 429; then, while the client holds, a job whose only
+    // call is its deployment's creation (its running status was already reported).
+    noop_job(&store).await;
+    wait_until(DEADLINE, || async {
+        mock.calls().iter().any(|c| c.answer == 429)
+    })
+    .await;
+    let job = started_deploy(&store, "production", ferry::store::now_ms()).await;
+    let reported = CommitStatusReported {
+        name: NAMES[1].into(),
+        state: "running".into(),
+        sha: SHA.into(),
+        http_status: Some(201),
+        error: None,
+    };
+    store
+        .append(Append::new(StreamId::Job(job), vec![reported.into()]))
+        .await
+        .unwrap();
+    let created = wait_for(DEADLINE * 3, "the deployment created", || async {
+        deployment_reports(&store, job)
+            .await
+            .into_iter()
+            .find(|r| r.error.is_none())
+    })
+    .await;
+    assert!(created.deployment_id.is_some(), "{created:?}");
+    assert!(
+        deployment_reports(&store, job)
+            .await
+            .iter()
+            .all(|r| r.error.is_none()),
+        "no failure recorded on the way"
+    );
+
+    // GitLab down for good, and an entry from two days ago: recorded as failed, let go.
+    mock.fail_next(500, usize::MAX);
+    let old = started_deploy(
+        &store,
+        "staging",
+        ferry::store::now_ms() - 2 * 24 * 3600 * 1000,
+    )
+    .await;
+    let failed = wait_for(DEADLINE * 3, "the old entry's failure recorded", || async {
+        let r = reports(&store, old).await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert!(failed[0].error.is_some(), "{failed:?}");
+    let _ = stop.send(true);
+    reporter.await.unwrap().unwrap();
+}

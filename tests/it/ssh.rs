@@ -107,11 +107,19 @@ async fn exec_streams_stdout_stderr_and_the_exit_status() {
     let killed = run(&*t, "kill -TERM $$", &[], &Seen::default()).await;
     assert_eq!(killed.status, None);
     assert!(killed.stderr.contains("TERM"), "{killed:?}");
+    // Statuses above 128 that no killing signal gives are passed on as they are (147 would
+    // be SIGSTOP's, 255 is ssh's own failure).
+    for code in [147, 200, 255] {
+        let out = run(&*t, &format!("exit {code}"), &[], &Seen::default()).await;
+        assert_eq!((out.status, out.stderr.as_str()), (Some(code), ""));
+    }
 }
 
 /// A command whose call is dropped (its agent lost the lease, or gave up waiting) is killed on
-/// the host, with what it started, while the connection lives on; so is one whose connection
-/// goes (the agent died).
+/// the host, with what it started, whether the connection lives on or is closed with it. (The
+/// connection closing alone, as when the agent process dies, ends the script's input the same
+/// way on the host; it is not isolated here: in process, the dropped call closes its channel
+/// first.)
 #[tokio::test]
 async fn a_dropped_command_is_killed_on_the_host() {
     use crate::harness::{wait_until, wait_until_gone, DEADLINE};

@@ -195,9 +195,9 @@ impl<'a> Parts<'a> {
     }
 }
 
-/// `host[:port]` or `[v6]:port`.
 /// A store URL without its passwords (`user:password@` and `*password=` query parameters), for
-/// messages; read as text, so that a URL too broken to parse is redacted too.
+/// messages; read as text, so that a URL too broken to parse is redacted too. The user part ends
+/// at the last `@` (a password may hold `/`, `?` or `@` unencoded).
 pub fn redact(url: &str) -> String {
     let Some(end) = multi_node_scheme(url)
         .map(str::len)
@@ -205,29 +205,20 @@ pub fn redact(url: &str) -> String {
     else {
         return url.to_string();
     };
-    let scheme = &url[..end];
     // SCHEME[user:password@]hosts[/path][?query], with `*_password=` parameters
-    let rest = &url[scheme.len()..];
+    let mut out = url[..end].to_string();
+    let mut rest = &url[end..];
+    if let Some((info, after)) = rest.rsplit_once('@') {
+        if let Some((user, _)) = info.split_once(':') {
+            out.push_str(&format!("{user}:***@"));
+            rest = after;
+        }
+    }
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, Some(q)),
         None => (rest, None),
     };
-    let (authority, path) = match rest.split_once('/') {
-        Some((a, p)) => (a, Some(p)),
-        None => (rest, None),
-    };
-    let mut out = scheme.to_string();
-    match authority.rsplit_once('@') {
-        Some((info, hosts)) if info.contains(':') => {
-            let user = info.split_once(':').map_or("", |(u, _)| u);
-            out.push_str(&format!("{user}:***@{hosts}"));
-        }
-        _ => out.push_str(authority),
-    }
-    if let Some(path) = path {
-        out.push('/');
-        out.push_str(path);
-    }
+    out.push_str(rest);
     if let Some(query) = query {
         let pairs: Vec<String> = query
             .split('&')
@@ -242,6 +233,7 @@ pub fn redact(url: &str) -> String {
     out
 }
 
+/// `host[:port]` or `[v6]:port`.
 fn parse_host(text: &str, node: &str, default_port: u16) -> Result<(String, u16), String> {
     let bad = || format!("{node} address {text:?} is not HOST[:PORT]");
     if text.is_empty() {
