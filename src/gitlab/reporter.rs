@@ -430,6 +430,30 @@ struct JobReporter {
     job: JobId,
 }
 
+/// The deployment GitLab was told of for `environment` in `stream` (its id), and the highest
+/// stage reported after the entry at `at`.
+fn deployment_state(stream: &[Stored], at: usize, environment: &str) -> (Option<u64>, Option<u8>) {
+    let mut known: Option<u64> = None;
+    let mut reported_after: Option<u8> = None;
+    for (i, s) in stream.iter().enumerate() {
+        if let Ok(Event::DeploymentReported(r)) = s.decode() {
+            if r.environment != environment {
+                continue;
+            }
+            known = r.deployment_id.or(known);
+            if i > at {
+                let st = stage(&r.status);
+                reported_after = Some(reported_after.map_or(st, |x| x.max(st)));
+            }
+        }
+    }
+    (known, reported_after)
+}
+
+/// How long the lock on creating one deployment is held at most: past a creation's retry budget
+/// and request timeouts. A reporter that died holding it delays that deployment by this much.
+const CREATE_LOCK_TTL: Duration = Duration::from_secs(120);
+
 /// How long an entry GitLab does not take stays pending before its failure is recorded.
 const GIVE_UP_AFTER_MS: u64 = 24 * 3600 * 1000;
 
@@ -441,6 +465,9 @@ enum Unreported {
     /// GitLab could not be reached or kept failing: the entry is tried again later.
     #[error("{0}")]
     Gitlab(client::Error),
+    /// Another reporter is creating this job's deployment to the environment.
+    #[error("another reporter is creating the deployment to {0}")]
+    Busy(String),
 }
 
 impl JobReporter {
@@ -521,25 +548,35 @@ impl JobReporter {
         t: DeploymentTransition,
         give_up: bool,
     ) -> Result<(), Unreported> {
-        let mut known: Option<u64> = None;
-        let mut reported_after: Option<u8> = None;
-        for (i, s) in stream.iter().enumerate() {
-            if let Ok(Event::DeploymentReported(r)) = s.decode() {
-                if r.environment != t.environment {
-                    continue;
-                }
-                known = r.deployment_id.or(known);
-                if i > at {
-                    let st = stage(&r.status);
-                    reported_after = Some(reported_after.map_or(st, |x| x.max(st)));
-                }
-            }
-        }
         let wanted = stage(t.status.as_str());
-        if reported_after.is_some_and(|st| st >= wanted)
-            || (t.status == DeploymentStatus::Running && known.is_some())
-        {
+        let done = |known: Option<u64>, reported_after: Option<u8>| {
+            reported_after.is_some_and(|st| st >= wanted)
+                || (t.status == DeploymentStatus::Running && known.is_some())
+        };
+        let (mut known, mut reported_after) = deployment_state(stream, at, &t.environment);
+        // Creating a deployment is not idempotent: one reporter at a time creates a job's
+        // deployment to an environment (another reporter may have taken over this entry while
+        // this one still works on it), and it looks again once it holds the lock.
+        let mut lock = None;
+        if known.is_none() && t.create && !done(known, reported_after) {
+            let name = format!("gitlab-deployment:{}:{}", self.job, t.environment);
+            let holder = uuid::Uuid::new_v4().to_string();
+            let Some(token) = self
+                .store
+                .lock_acquire(&name, &holder, CREATE_LOCK_TTL)
+                .await?
+            else {
+                return Err(Unreported::Busy(t.environment));
+            };
+            lock = Some((name, holder, token));
+            let fresh = self.store.read_stream(&StreamId::Job(self.job), 0).await?;
+            (known, reported_after) = deployment_state(&fresh, at, &t.environment);
+        }
+        if done(known, reported_after) {
             debug!(job = %self.job, environment = %t.environment, status = t.status.as_str(), "deployment already reported");
+            if let Some((name, holder, token)) = lock {
+                let _ = self.store.lock_release(&name, &holder, token).await;
+            }
             return Ok(());
         }
         let result = match known {
@@ -589,6 +626,10 @@ impl JobReporter {
         self.store
             .append(Append::new(StreamId::Job(self.job), vec![event.into()]))
             .await?;
+        // (an error before this leaves the lock to run out)
+        if let Some((name, holder, token)) = lock {
+            let _ = self.store.lock_release(&name, &holder, token).await;
+        }
         Ok(())
     }
 

@@ -1117,3 +1117,60 @@ async fn held_deployments_are_created_later_and_day_old_entries_are_given_up() {
     let _ = stop.send(true);
     reporter.await.unwrap().unwrap();
 }
+
+/// One reporter at a time creates a job's deployment to an environment: while another holds
+/// the creation lock (a reporter that took the entry over while this one still works on it),
+/// nothing is created; once it is free, the deployment is created once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_is_created_by_one_reporter_at_a_time() {
+    let store: Arc<dyn Store> = Arc::new(harness::redis_store().await);
+    let mock = GitlabMock::start(TOKEN).await;
+    let mut options = reporter_options(&mock, 2);
+    options.takeover_after = Duration::from_millis(500);
+    let job = started_deploy(&store, "production", ferry::store::now_ms()).await;
+    let lock = format!("gitlab-deployment:{job}:production");
+    let token = store
+        .lock_acquire(&lock, "another-reporter", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let (stop, rx) = watch::channel(false);
+    let reporter = tokio::spawn(gitlab::run(store.clone(), options, async move {
+        let mut rx = rx;
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    // The entry got as far as the deployment: its running status is reported.
+    wait_until(DEADLINE, || async {
+        reports(&store, job)
+            .await
+            .iter()
+            .any(|r| r.name == NAMES[1] && r.state == "running")
+    })
+    .await;
+    let posts = || {
+        mock.calls()
+            .into_iter()
+            .filter(|c| c.path.ends_with("/deployments") && c.method == "POST")
+            .count()
+    };
+    // An absence, watched over a few takeovers of the entry (cannot fail on correct code
+    // whatever the machine's speed).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(posts(), 0, "created while another reporter held the lock");
+    assert!(deployment_reports(&store, job).await.is_empty());
+    assert!(store
+        .lock_release(&lock, "another-reporter", token)
+        .await
+        .unwrap());
+    let created = wait_for(DEADLINE * 3, "the deployment created", || async {
+        deployment_reports(&store, job).await.into_iter().next()
+    })
+    .await;
+    assert!(
+        created.deployment_id.is_some() && created.error.is_none(),
+        "{created:?}"
+    );
+    let _ = stop.send(true);
+    reporter.await.unwrap().unwrap();
+    assert_eq!(posts(), 1);
+}
