@@ -568,17 +568,37 @@ impl JobReporter {
             else {
                 return Err(Unreported::Busy(t.environment));
             };
+            let fresh = match self.store.read_stream(&StreamId::Job(self.job), 0).await {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    let _ = self.store.lock_release(&name, &holder, token).await;
+                    return Err(e.into());
+                }
+            };
             lock = Some((name, holder, token));
-            let fresh = self.store.read_stream(&StreamId::Job(self.job), 0).await?;
             (known, reported_after) = deployment_state(&fresh, at, &t.environment);
         }
-        if done(known, reported_after) {
+        let result = if done(known, reported_after) {
             debug!(job = %self.job, environment = %t.environment, status = t.status.as_str(), "deployment already reported");
-            if let Some((name, holder, token)) = lock {
-                let _ = self.store.lock_release(&name, &holder, token).await;
-            }
-            return Ok(());
+            Ok(())
+        } else {
+            self.send_deployment(plan, t, known, give_up).await
+        };
+        // (released whatever the outcome: held on, it would keep the next try out for long)
+        if let Some((name, holder, token)) = lock {
+            let _ = self.store.lock_release(&name, &holder, token).await;
         }
+        result
+    }
+
+    /// Creates (or moves) the deployment and records the outcome.
+    async fn send_deployment(
+        &self,
+        plan: &JobCreated,
+        t: DeploymentTransition,
+        known: Option<u64>,
+        give_up: bool,
+    ) -> Result<(), Unreported> {
         let result = match known {
             Some(id) => {
                 self.client
@@ -626,10 +646,6 @@ impl JobReporter {
         self.store
             .append(Append::new(StreamId::Job(self.job), vec![event.into()]))
             .await?;
-        // (an error before this leaves the lock to run out)
-        if let Some((name, holder, token)) = lock {
-            let _ = self.store.lock_release(&name, &holder, token).await;
-        }
         Ok(())
     }
 
