@@ -229,7 +229,39 @@ impl LimitedUser {
     }
 }
 
-/// Waits until the process whose pid the file at `pid_file` holds is gone.
+/// A `sleep` duration unique to this call, `300.<digits>`: a process running `sleep <it>` (or a
+/// shell whose script names it) is found by its command line, in whatever PID namespace it runs
+/// (a pid a process writes inside a test sshd's namespace means another process out here).
+#[allow(dead_code)]
+pub fn sleep_marker() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("300.{:06}{:03}", std::process::id() % 1_000_000, n % 1000)
+}
+
+/// The processes whose command line holds `marker`.
+#[allow(dead_code)]
+pub fn processes_with(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(marker))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Waits until no process's command line holds `marker`.
+#[allow(dead_code)]
+pub async fn wait_until_none_with(marker: &str) {
+    wait_until(DEADLINE, || async { processes_with(marker).is_empty() }).await;
+}
+
+/// Waits until the process whose pid the file at `pid_file` holds is gone (a pid of this
+/// machine's namespace: not one written inside a test sshd, see [`sleep_marker`]).
 #[allow(dead_code)]
 pub async fn wait_until_gone(pid_file: &std::path::Path) {
     let pid: i32 = std::fs::read_to_string(pid_file)

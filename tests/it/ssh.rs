@@ -122,26 +122,25 @@ async fn exec_streams_stdout_stderr_and_the_exit_status() {
 /// first.)
 #[tokio::test]
 async fn a_dropped_command_is_killed_on_the_host() {
-    use crate::harness::{wait_until, wait_until_gone, DEADLINE};
+    use crate::harness::DEADLINE;
+    use crate::harness::{processes_with, sleep_marker, wait_until, wait_until_none_with};
     let f = Fixture::new();
     for drop_connection in [false, true] {
         let t = f.connect().await;
-        let (shell, child) = (
-            f.dir.path().join("shell.pid"),
-            f.dir.path().join("child.pid"),
-        );
-        let _ = (std::fs::remove_file(&shell), std::fs::remove_file(&child));
-        let script = format!(
-            "sleep 300 & echo $! > {}; echo $$ > {}; wait",
-            child.display(),
-            shell.display()
-        );
+        // (found by their command lines: pids written inside the sshd's PID namespace would
+        // name other processes out here)
+        let (background, foreground) = (sleep_marker(), sleep_marker());
+        let script = format!("sleep {background} & sleep {foreground}; wait");
         let seen = Seen::default();
         let log = |s: &str, l: &str| seen.lock().unwrap().push((s.into(), l.into()));
         let exec = t.exec(&script, &[], &log);
         tokio::select! {
             out = exec => panic!("the command ended: {out:?}"),
-            _ = wait_until(DEADLINE, || async { shell.exists() && child.exists() }) => {}
+            _ = wait_until(DEADLINE, || async {
+                // (the sleeps themselves: their command lines are `sleep\0<marker>`)
+                processes_with(&format!("sleep\0{background}")).len() == 1
+                    && processes_with(&format!("sleep\0{foreground}")).len() == 1
+            }) => {}
         }
         if drop_connection {
             drop(t);
@@ -149,8 +148,9 @@ async fn a_dropped_command_is_killed_on_the_host() {
             let out = run(&*t, "echo still here", &[], &Seen::default()).await;
             assert_eq!(out.stdout, "still here\n");
         }
-        wait_until_gone(&shell).await;
-        wait_until_gone(&child).await;
+        // the sleeps, and the shells whose scripts name them
+        wait_until_none_with(&background).await;
+        wait_until_none_with(&foreground).await;
     }
 }
 
@@ -574,15 +574,14 @@ async fn a_command_past_command_timeout_is_stopped_on_the_ssh_host() {
     let kh = dir.path().join("known_hosts");
     sshd::known_hosts(&kh, &[&server]);
     let hosts = Hosts::new(Some(connector(&kh, HostKeyPolicy::Strict)));
-    let pid_file = dir.path().join("sleeper.pid");
+    // (found by its command line: a pid written inside the sshd's PID namespace would name
+    // another process out here)
+    let marker = crate::harness::sleep_marker();
     let spec = DeploySpec {
         environment: "production".into(),
         hosts: vec![server.target()],
         path: dir.path().join("srv/app").display().to_string(),
-        after_switch: vec![format!(
-            "sleep 300 & echo $! > {}; wait",
-            pid_file.display()
-        )],
+        after_switch: vec![format!("sleep {marker} & wait")],
         keep_releases: 5,
         rollback_on_failure: false,
         command_timeout_secs: 1,
@@ -610,5 +609,5 @@ async fn a_command_past_command_timeout_is_stopped_on_the_ssh_host() {
     .unwrap();
     let error = out.failed()[0].error.clone().unwrap();
     assert!(error.contains("exited with status 124"), "{error}");
-    crate::harness::wait_until_gone(&pid_file).await;
+    crate::harness::wait_until_none_with(&marker).await;
 }

@@ -39,19 +39,6 @@ fn ssh(fleet: &Fleet, target: &str, script: &str) -> std::process::Output {
         .unwrap()
 }
 
-fn processes_with(marker: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(marker))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 #[test]
 fn fleet_hosts_share_one_path_but_write_to_their_own_roots_and_die_with_the_fleet() {
     let fleet = Fleet::start(3);
@@ -134,13 +121,13 @@ fn fleet_hosts_share_one_path_but_write_to_their_own_roots_and_die_with_the_flee
     );
     assert!(out.status.success(), "{out:?}");
     let end = Instant::now() + Duration::from_secs(30);
-    while processes_with(&marker).is_empty() {
+    while crate::harness::processes_with(&marker).is_empty() {
         assert!(Instant::now() < end, "the session's process never appeared");
         std::thread::sleep(Duration::from_millis(20));
     }
     fleet.host(0).stop();
     assert!(
-        processes_with(&marker).is_empty(),
+        crate::harness::processes_with(&marker).is_empty(),
         "a session's process outlived its sshd"
     );
 

@@ -504,7 +504,16 @@ fn spawn(port: u16, dir: &Path, mount: Option<&(PathBuf, PathBuf)>) -> Option<Ch
                  openssh-server. Its log:\n{new}"
             );
         }
-        if banner(port) {
+        // Answering on the port is not enough: another test's sshd may have taken the same
+        // free port a moment before (this one then exits with "Address already in use"). Only
+        // this server's own log says it listens.
+        let listening = || {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            text.get(start_len as usize..)
+                .unwrap_or(&text)
+                .contains("Server listening on")
+        };
+        if listening() && banner(port) {
             return Some(child);
         }
         if Instant::now() > end {
