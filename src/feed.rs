@@ -87,7 +87,7 @@ where
 /// without the data that held it), creates it again: nothing else would, and every entry
 /// appended from then on would wait until the process restarted.
 async fn recover(store: &dyn Store, group: &str, what: &str, e: &Error) {
-    if matches!(e, Error::Invalid(m) if m.contains("NOGROUP")) {
+    if matches!(e, Error::NoGroup(_)) {
         warn!(
             group,
             "the consumer group is gone from the store (a restart that lost its data?); creating it again"

@@ -180,7 +180,10 @@ impl From<store::Error> for ApiError {
             }
             store::Error::Conflict { .. } => ApiError::Conflict(e.to_string()),
             store::Error::Invalid(m) => ApiError::BadRequest(m),
-            store::Error::Stale { .. } | store::Error::Decode { .. } | store::Error::Corrupt(_) => {
+            store::Error::Stale { .. }
+            | store::Error::Decode { .. }
+            | store::Error::Corrupt(_)
+            | store::Error::NoGroup(_) => {
                 error!(error = %e, "api request failed");
                 ApiError::Internal
             }

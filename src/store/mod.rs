@@ -282,6 +282,10 @@ pub enum Error {
     Decode { pos: LogPos, source: DecodeError },
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A consumer group the call names does not exist (a Redis that restarted without the data
+    /// that held it): the feed creates it again.
+    #[error("no such consumer group: {0}")]
+    NoGroup(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
 }

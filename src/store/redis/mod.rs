@@ -280,7 +280,7 @@ fn client_for(url: &str, ca: Option<Vec<u8>>) -> Result<redis::Client> {
 
 fn command_error(what: &str, e: RedisError) -> Error {
     match e.code() {
-        Some("NOGROUP") => Error::Invalid(format!("{what}: {e}")),
+        Some("NOGROUP") => Error::NoGroup(format!("{what}: {e}")),
         Some("WRONGTYPE") => Error::Corrupt(format!("{what}: {e}")),
         _ => Error::Unavailable(format!("{what}: {e}")),
     }
