@@ -437,17 +437,35 @@ async fn noop_job(store: &Arc<dyn Store>) -> JobId {
     job
 }
 
-async fn reports(store: &Arc<dyn Store>, job: JobId) -> Vec<CommitStatusReported> {
+/// The events of `job`'s stream that `pick` keeps.
+async fn picked<T>(
+    store: &Arc<dyn Store>,
+    job: JobId,
+    pick: impl Fn(Event) -> Option<T>,
+) -> Vec<T> {
     store
         .read_stream(&StreamId::Job(job), 0)
         .await
         .unwrap()
         .iter()
-        .filter_map(|s| match s.decode().unwrap() {
-            Event::CommitStatusReported(r) => Some(r),
-            _ => None,
-        })
+        .filter_map(|s| pick(s.decode().unwrap()))
         .collect()
+}
+
+async fn reports(store: &Arc<dyn Store>, job: JobId) -> Vec<CommitStatusReported> {
+    picked(store, job, |e| match e {
+        Event::CommitStatusReported(r) => Some(r),
+        _ => None,
+    })
+    .await
+}
+
+async fn deployment_reports(store: &Arc<dyn Store>, job: JobId) -> Vec<DeploymentReported> {
+    picked(store, job, |e| match e {
+        Event::DeploymentReported(r) => Some(r),
+        _ => None,
+    })
+    .await
 }
 
 async fn phase(store: &Arc<dyn Store>, job: JobId) -> Option<JobPhase> {
@@ -728,21 +746,7 @@ async fn deploy_steps_become_gitlab_deployments_created_running_then_finished() 
             .filter(|c| c.path.contains("/deployments"))
             .collect::<Vec<_>>()
     };
-    let recorded = || {
-        let store = store.clone();
-        async move {
-            store
-                .read_stream(&StreamId::Job(job), 0)
-                .await
-                .unwrap()
-                .iter()
-                .filter_map(|s| match s.decode().unwrap() {
-                    Event::DeploymentReported(r) => Some(r),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        }
-    };
+    let recorded = || deployment_reports(&store, job);
 
     append(vec![created.into(), started("staging")]).await;
     let first = wait_for(DEADLINE, "the staging deployment", || async {
@@ -1033,19 +1037,6 @@ async fn started_deploy(store: &Arc<dyn Store>, env: &str, at_ms: u64) -> JobId 
     append.at_ms = at_ms;
     store.append(append).await.unwrap();
     job
-}
-
-async fn deployment_reports(store: &Arc<dyn Store>, job: JobId) -> Vec<DeploymentReported> {
-    store
-        .read_stream(&StreamId::Job(job), 0)
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|s| match s.decode().unwrap() {
-            Event::DeploymentReported(r) => Some(r),
-            _ => None,
-        })
-        .collect()
 }
 
 /// A deployment whose creation comes while the client holds its calls (a 429 asked to wait) is
