@@ -215,7 +215,9 @@ impl Coordinator {
         }
         if !done.is_empty() {
             match self.store.ack(GROUP, &done).await {
-                Ok(()) => METRICS.feed_entries.inc_by(done.len() as u64),
+                // (what this coordinator acknowledged: an entry another one took over and
+                // acknowledged first is not counted twice)
+                Ok(acked) => METRICS.feed_entries.inc_by(acked),
                 Err(e) => {
                     warn!(error = %e, "could not acknowledge feed entries; they will be handled again")
                 }

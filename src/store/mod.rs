@@ -372,7 +372,9 @@ pub trait Feed: Send + Sync {
         block: Duration,
     ) -> Result<Vec<Stored>>;
     async fn read_pending(&self, group: &str, consumer: &str, count: usize) -> Result<Vec<Stored>>;
-    async fn ack(&self, group: &str, positions: &[LogPos]) -> Result<()>;
+    /// Acknowledges `positions` in `group`; returns how many were pending (an entry another
+    /// consumer already acknowledged counts 0).
+    async fn ack(&self, group: &str, positions: &[LogPos]) -> Result<u64>;
     async fn claim_idle(
         &self,
         group: &str,

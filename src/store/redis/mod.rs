@@ -725,17 +725,16 @@ impl Feed for RedisStore {
         parse::read_group(v)
     }
 
-    async fn ack(&self, group: &str, positions: &[LogPos]) -> Result<()> {
+    async fn ack(&self, group: &str, positions: &[LogPos]) -> Result<u64> {
         if positions.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut cmd = redis::cmd("XACK");
         cmd.arg(self.keys().log()).arg(group);
         for p in positions {
             cmd.arg(&p.0);
         }
-        let _: i64 = self.query(&format!("ack in group {group}"), &cmd).await?;
-        Ok(())
+        self.query(&format!("ack in group {group}"), &cmd).await
     }
 
     async fn claim_idle(

@@ -967,9 +967,9 @@ impl Feed for SqliteStore {
         .await
     }
 
-    async fn ack(&self, group: &str, positions: &[LogPos]) -> Result<()> {
+    async fn ack(&self, group: &str, positions: &[LogPos]) -> Result<u64> {
         if positions.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let positions = positions
             .iter()
@@ -980,10 +980,11 @@ impl Feed for SqliteStore {
             let mut stmt = tx
                 .tx
                 .prepare_cached("DELETE FROM feed_pending WHERE grp = ?1 AND pos = ?2")?;
+            let mut acked = 0;
             for p in positions {
-                stmt.execute(params![group, p])?;
+                acked += stmt.execute(params![group, p])? as u64;
             }
-            Ok(())
+            Ok(acked)
         })
         .await
     }
